@@ -1,0 +1,37 @@
+//! Records build facts (version, git commit, enabled features, profile) as
+//! compile-time environment variables read by `src/build_info.rs`.
+
+use std::process::Command;
+
+fn main() {
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+
+    let mut features: Vec<String> = std::env::vars()
+        .filter_map(|(k, _)| k.strip_prefix("CARGO_FEATURE_").map(|f| f.to_lowercase().replace('_', "-")))
+        .filter(|f| f != "default")
+        .collect();
+    features.sort();
+    let features = if features.is_empty() { "none".to_owned() } else { features.join(",") };
+
+    let profile = std::env::var("PROFILE").unwrap_or_else(|_| "unknown".to_owned());
+    let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".to_owned());
+
+    println!("cargo:rustc-env=AEI_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=AEI_FEATURES={features}");
+    println!("cargo:rustc-env=AEI_PROFILE={profile}");
+    println!("cargo:rustc-env=AEI_TARGET={target}");
+    println!("cargo:rerun-if-changed=build.rs");
+    for path in [".git/HEAD", ".git/refs/heads"] {
+        if std::path::Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Inference backends behind one contract, dispatched statically.
+//!
+//! Owns: the `Backend` trait, the `Engine` enum that dispatches over the
+//! compiled backends, and the typed errors. Each backend lives in its own
+//! module; when its Cargo feature is off, a stub module of the same shape
+//! answers "not compiled into this build" instead, so nothing here carries a
+//! `#[cfg]` below the module declarations. Nothing outside `src/backend/`
+//! names candle or ort.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::build_info;
+use crate::config::model::{BackendKind, ModelConfig};
+
+#[cfg(feature = "candle")]
+mod candle;
+#[cfg(not(feature = "candle"))]
+#[path = "candle_stub.rs"]
+mod candle;
+
+#[cfg(feature = "onnx")]
+mod onnx;
+#[cfg(not(feature = "onnx"))]
+#[path = "onnx_stub.rs"]
+mod onnx;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    /// The backend's Cargo feature is off in this build.
+    NotCompiled { backend: &'static str },
+    /// Compiled in, but cannot run this model (yet, or at all).
+    Unsupported { backend: &'static str, reason: String },
+    Load { path: String, reason: String },
+    Run(String),
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::NotCompiled { backend } => write!(
+                f,
+                "backend `{backend}` is not compiled into this build (features: {}); rebuild with `--features {backend}`",
+                build_info::FEATURES
+            ),
+            BackendError::Unsupported { backend, reason } => write!(f, "backend `{backend}`: {reason}"),
+            BackendError::Load { path, reason } => write!(f, "cannot load model {path}: {reason}"),
+            BackendError::Run(why) => write!(f, "inference failed: {why}"),
+        }
+    }
+}
+
+/// Raw model outputs for the post-processing stage.
+#[derive(Debug, Default)]
+pub struct Outputs {
+    /// Flattened first output tensor.
+    pub values: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+/// What every backend does: run the preprocessed tensor through a loaded model.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// `input` is the frame slot's tensor (layout and size from the model config).
+    fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError>;
+}
+
+/// The compiled backends; `match` arms carry no `#[cfg]`.
+pub enum Engine {
+    Candle(candle::CandleBackend),
+    Onnx(onnx::OnnxBackend),
+}
+
+impl Engine {
+    /// Loads `config`'s model on its backend.
+    pub fn load(config: &ModelConfig) -> Result<Engine, BackendError> {
+        let path = config.model_path.as_deref().unwrap_or(Path::new(""));
+        match config.backend {
+            BackendKind::Candle => candle::CandleBackend::load(path, config).map(Engine::Candle),
+            BackendKind::Onnx => onnx::OnnxBackend::load(path, config).map(Engine::Onnx),
+            BackendKind::Dual => {
+                // Both must be present; the comparison itself arrives with the Candle backend.
+                candle::CandleBackend::load(path, config)?;
+                onnx::OnnxBackend::load(path, config)?;
+                Err(BackendError::Unsupported { backend: "dual", reason: "dual comparison is not implemented yet".into() })
+            }
+            BackendKind::Builtin => Err(BackendError::Unsupported {
+                backend: "builtin",
+                reason: "built-in models need no ML engine".into(),
+            }),
+        }
+    }
+}
+
+impl Backend for Engine {
+    fn name(&self) -> &'static str {
+        match self {
+            Engine::Candle(b) => b.name(),
+            Engine::Onnx(b) => b.name(),
+        }
+    }
+    fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
+        match self {
+            Engine::Candle(b) => b.infer(input, out),
+            Engine::Onnx(b) => b.infer(input, out),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Service settings: environment variables overridden by command-line flags,
+//! all described by one table that also writes `--help`.
+//!
+//! Owns: the option table, parsing and validating service-wide settings.
+//! Model configs (YAML) live in `model.rs` beside this file.
+
+pub mod model;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+
+pub use model::{BackendKind, ModelConfig, ModelType};
+
+/// One setting: its environment variable, its flag, its default and its help.
+pub struct Opt {
+    pub env: &'static str,
+    pub flag: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every service setting. `--help` and the README's table are written from this.
+pub const OPTIONS: &[Opt] = &[
+    Opt { env: "MODEL_CONFIG_PATH", flag: "--model-config", default: "", help: "Model config YAML file, or a directory of them. Empty: the built-in camera-health job on MQTT_INPUT_TOPICS." },
+    Opt { env: "DEFAULT_BACKEND", flag: "--backend", default: "candle", help: "Backend for model configs that name none: candle | onnx | dual." },
+    Opt { env: "ENABLE_DUAL_BACKEND", flag: "--dual", default: "false", help: "Run every ML model on both backends and publish comparisons (true | false)." },
+    Opt { env: "GPU_ENABLED", flag: "--gpu", default: "false", help: "Allow backends to use a GPU when the model config allows it (true | false)." },
+    Opt { env: "AIO_BROKER_HOSTNAME", flag: "--broker-host", default: "localhost", help: "MQTT broker host. Empty: no MQTT (HTTP /infer only)." },
+    Opt { env: "AIO_BROKER_TCP_PORT", flag: "--broker-port", default: "1883", help: "MQTT broker TCP port." },
+    Opt { env: "AIO_MQTT_CLIENT_ID", flag: "--client-id", default: "ai-edge-inference", help: "MQTT client id; also fills {client_id} in the status and error topics." },
+    Opt { env: "MQTT_KEEP_ALIVE_S", flag: "--keep-alive", default: "30", help: "MQTT keep-alive interval in seconds (5..=3600)." },
+    Opt { env: "MQTT_INPUT_TOPICS", flag: "--input-topics", default: "edge-ai/+/+/+/camera/snapshots", help: "Comma-separated input filters for models whose config has none. `+` levels may be named `{name}`." },
+    Opt { env: "MQTT_OUTPUT_TOPIC_TEMPLATE", flag: "--output-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision", help: "Result topic template for models whose config has none." },
+    Opt { env: "MQTT_STATUS_TOPIC", flag: "--status-topic", default: "edge-ai/services/{client_id}/ai/status", help: "Retained service status topic: `online` on connect, `offline` as last will." },
+    Opt { env: "MQTT_ERROR_TOPIC", flag: "--error-topic", default: "edge-ai/services/{client_id}/ai/errors", help: "Topic for error results (bad payloads, corrupt JPEGs, dropped frames)." },
+    Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for /healthz, /readyz, /metrics and POST /infer. Empty: no HTTP." },
+    Opt { env: "QUEUE_DEPTH", flag: "--queue-depth", default: "4", help: "Frame slots (preallocated buffers) in the ring (1..=256)." },
+    Opt { env: "WORKERS", flag: "--workers", default: "0", help: "Worker tasks decoding and inferring in parallel; 0: one per CPU core." },
+    Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
+    Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
+    Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
+    Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsError(pub String);
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Validated service settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub model_config_path: Option<PathBuf>,
+    pub default_backend: BackendKind,
+    pub enable_dual: bool,
+    pub gpu_enabled: bool,
+    /// `None`: MQTT is off.
+    pub broker: Option<(String, u16)>,
+    pub client_id: String,
+    pub keep_alive_s: u64,
+    pub input_topics: Vec<String>,
+    pub output_topic_template: String,
+    pub status_topic: String,
+    pub error_topic: String,
+    /// `None`: HTTP is off.
+    pub http_addr: Option<String>,
+    pub queue_depth: usize,
+    pub workers: usize,
+    pub max_payload_bytes: usize,
+    pub max_image_width: u32,
+    pub max_image_height: u32,
+    pub log: String,
+}
+
+impl Settings {
+    /// Reads the environment, then applies `--flag value` / `--flag=value`
+    /// pairs from `args`; returns the settings and the arguments that are not
+    /// setting flags (subcommand, files).
+    pub fn from_env_and_args(
+        env: impl Fn(&str) -> Option<String>,
+        args: &[String],
+    ) -> Result<(Settings, Vec<String>), SettingsError> {
+        let mut values: HashMap<&'static str, String> = HashMap::new();
+        for o in OPTIONS {
+            values.insert(o.env, env(o.env).unwrap_or_else(|| o.default.to_owned()));
+        }
+        let mut rest = Vec::new();
+        let mut i = 0;
+        while i < args.len() {
+            let a = &args[i];
+            let (flag, inline) = match a.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f, Some(v.to_owned())),
+                _ => (a.as_str(), None),
+            };
+            if let Some(o) = OPTIONS.iter().find(|o| o.flag == flag) {
+                let v = match inline {
+                    Some(v) => v,
+                    None => {
+                        i += 1;
+                        args.get(i).cloned().ok_or_else(|| SettingsError(format!("{flag} needs a value")))?
+                    }
+                };
+                values.insert(o.env, v);
+            } else {
+                rest.push(a.clone());
+            }
+            i += 1;
+        }
+        let get = |k: &str| values[k].trim().to_owned();
+        let s = Settings {
+            model_config_path: non_empty(get("MODEL_CONFIG_PATH")).map(PathBuf::from),
+            default_backend: match get("DEFAULT_BACKEND").as_str() {
+                "candle" => BackendKind::Candle,
+                "onnx" => BackendKind::Onnx,
+                "dual" => BackendKind::Dual,
+                other => return Err(bad("DEFAULT_BACKEND", "candle, onnx or dual", other)),
+            },
+            enable_dual: parse_bool("ENABLE_DUAL_BACKEND", &get("ENABLE_DUAL_BACKEND"))?,
+            gpu_enabled: parse_bool("GPU_ENABLED", &get("GPU_ENABLED"))?,
+            broker: match non_empty(get("AIO_BROKER_HOSTNAME")) {
+                None => None,
+                Some(h) => Some((h, parse_num("AIO_BROKER_TCP_PORT", &get("AIO_BROKER_TCP_PORT"), 1, 65535)? as u16)),
+            },
+            client_id: non_empty(get("AIO_MQTT_CLIENT_ID"))
+                .ok_or_else(|| bad("AIO_MQTT_CLIENT_ID", "a non-empty client id", ""))?,
+            keep_alive_s: parse_num("MQTT_KEEP_ALIVE_S", &get("MQTT_KEEP_ALIVE_S"), 5, 3600)?,
+            input_topics: get("MQTT_INPUT_TOPICS")
+                .split(',')
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            output_topic_template: get("MQTT_OUTPUT_TOPIC_TEMPLATE"),
+            status_topic: get("MQTT_STATUS_TOPIC"),
+            error_topic: get("MQTT_ERROR_TOPIC"),
+            http_addr: non_empty(get("HTTP_ADDR")),
+            queue_depth: parse_num("QUEUE_DEPTH", &get("QUEUE_DEPTH"), 1, 256)? as usize,
+            workers: match parse_num("WORKERS", &get("WORKERS"), 0, 256)? as usize {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                n => n,
+            },
+            max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &get("MAX_PAYLOAD_BYTES"), 1024, 256 << 20)? as usize,
+            max_image_width: parse_num("MAX_IMAGE_WIDTH", &get("MAX_IMAGE_WIDTH"), 16, 16384)? as u32,
+            max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
+            log: get("RUST_LOG"),
+        };
+        if s.input_topics.is_empty() {
+            return Err(bad("MQTT_INPUT_TOPICS", "at least one topic filter", ""));
+        }
+        for (k, t) in [("MQTT_STATUS_TOPIC", &s.status_topic), ("MQTT_ERROR_TOPIC", &s.error_topic)] {
+            let tpl = crate::topic::TopicTemplate::parse(t).map_err(|e| SettingsError(format!("{k}: {e}")))?;
+            let other = tpl.var_names().find(|v| *v != "client_id").map(str::to_owned);
+            if let Some(v) = other {
+                return Err(SettingsError(format!("{k}: only {{client_id}} can be used here, found {{{v}}}")));
+            }
+        }
+        Ok((s, rest))
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn bad(key: &str, expected: &str, found: &str) -> SettingsError {
+    let flag = OPTIONS.iter().find(|o| o.env == key).map(|o| o.flag).unwrap_or("");
+    SettingsError(format!("{key} ({flag}): expected {expected}, found `{found}`"))
+}
+
+fn parse_bool(key: &str, v: &str) -> Result<bool, SettingsError> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        _ => Err(bad(key, "true or false", v)),
+    }
+}
+
+fn parse_num(key: &str, v: &str, min: u64, max: u64) -> Result<u64, SettingsError> {
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(bad(key, &format!("a whole number in {min}..={max}"), v)),
+    }
+}
+
+/// The `--help` text for the settings, one block per option.
+pub fn help_text() -> String {
+    let mut s = String::new();
+    for o in OPTIONS {
+        let default = if o.default.is_empty() { "(empty)" } else { o.default };
+        s.push_str(&format!("  {:<16} {:<28} default: {}\n      {}\n", o.flag, o.env, default, o.help));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_env_and_flags_layer_in_that_order() {
+        let env = |k: &str| match k {
+            "AIO_BROKER_TCP_PORT" => Some("1884".to_owned()),
+            "QUEUE_DEPTH" => Some("3".to_owned()),
+            _ => None,
+        };
+        let (s, rest) =
+            Settings::from_env_and_args(env, &args(&["infer", "--queue-depth", "9", "--http-addr=", "a.jpg"])).unwrap();
+        assert_eq!(rest, ["infer", "a.jpg"]);
+        assert_eq!(s.broker, Some(("localhost".to_owned(), 1884)));
+        assert_eq!(s.queue_depth, 9);
+        assert_eq!(s.http_addr, None);
+        assert_eq!(s.default_backend, BackendKind::Candle);
+        assert_eq!(s.input_topics, ["edge-ai/+/+/+/camera/snapshots"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_flag() {
+        let err = Settings::from_env_and_args(|k| (k == "DEFAULT_BACKEND").then(|| "tflite".into()), &[]).unwrap_err();
+        assert_eq!(err.0, "DEFAULT_BACKEND (--backend): expected candle, onnx or dual, found `tflite`");
+        let err = Settings::from_env_and_args(|_| None, &args(&["--queue-depth", "0"])).unwrap_err();
+        assert!(err.0.starts_with("QUEUE_DEPTH (--queue-depth): expected a whole number in 1..=256"), "{err}");
+        let err = Settings::from_env_and_args(|_| None, &args(&["--status-topic", "s/{facility}"])).unwrap_err();
+        assert!(err.0.contains("only {client_id}"), "{err}");
+        assert!(Settings::from_env_and_args(|_| None, &args(&["--broker-port"])).is_err());
+    }
+}

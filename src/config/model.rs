@@ -1,0 +1,649 @@
+//! Model configs: one YAML file per model, validated into typed values.
+//!
+//! Owns: the YAML schema, defaults and validation messages (file, key, what
+//! was expected). Does not load model weights; `backend/` does that.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::Settings;
+use crate::topic::{TopicFilter, TopicTemplate};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Candle,
+    Onnx,
+    Dual,
+    /// Built-in analysis without an ML backend (camera health).
+    Builtin,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Candle => "candle",
+            BackendKind::Onnx => "onnx",
+            BackendKind::Dual => "dual",
+            BackendKind::Builtin => "builtin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    Classification,
+    Detection,
+    CameraHealth,
+}
+
+impl ModelType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Classification => "image-classification",
+            ModelType::Detection => "object-detection",
+            ModelType::CameraHealth => "camera-health",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Labels {
+    /// Taken from the model's metadata (or class indices when it has none).
+    FromModel,
+    Inline(Vec<String>),
+    /// One label per line.
+    File(PathBuf, Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ResizeMode {
+    Stretch,
+    Letterbox { pad_value: u8 },
+    /// Resize so the short side is `resize_short`, then crop the centre.
+    CenterCrop { resize_short: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocessing {
+    pub width: u32,
+    pub height: u32,
+    pub mode: ResizeMode,
+    /// Scale pixels to [0, 1] before mean/std; otherwise they stay 0..255.
+    pub normalize: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub channel_order: ChannelOrder,
+    pub layout: Layout,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inference {
+    pub confidence_threshold: f32,
+    pub iou_threshold: f32,
+    pub max_detections: usize,
+    pub batch_size: usize,
+    pub gpu_enabled: bool,
+}
+
+/// Thresholds of the camera-health job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// Mean luma (0..255) below which a frame counts as black.
+    pub black_threshold: f32,
+    /// Variance of the Laplacian below which a frame counts as blurry.
+    pub blur_threshold: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    /// The YAML file, or `None` for the built-in default.
+    pub source: Option<PathBuf>,
+    pub backend: BackendKind,
+    pub model_path: Option<PathBuf>,
+    pub model_type: ModelType,
+    pub labels: Labels,
+    pub preprocessing: Preprocessing,
+    pub inference: Inference,
+    pub health: Health,
+    pub input_topics: Vec<TopicFilter>,
+    pub output_topic: TopicTemplate,
+}
+
+/// A config error: which file, which key, what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: `{}`: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+const TOP_KEYS: &[&str] =
+    &["name", "backend", "model_path", "model_type", "labels", "preprocessing", "inference", "health", "mqtt"];
+const PRE_KEYS: &[&str] =
+    &["resize", "mode", "pad_value", "resize_short", "normalize", "mean", "std", "channel_order", "layout"];
+const INF_KEYS: &[&str] = &["confidence_threshold", "iou_threshold", "max_detections", "batch_size", "gpu_enabled"];
+const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
+const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template"];
+
+/// Loads `path`: one YAML file, or every `*.yaml`/`*.yml` in a directory
+/// (sorted by name). Without a path, the built-in camera-health model.
+pub fn load(path: Option<&Path>, settings: &Settings) -> Result<Vec<ModelConfig>, ConfigError> {
+    let Some(path) = path else {
+        return Ok(vec![builtin_camera_health(settings)?]);
+    };
+    let files = if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| io_err(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ConfigError {
+                file: path.display().to_string(),
+                key: String::new(),
+                message: "directory holds no *.yaml or *.yml model config".into(),
+            });
+        }
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut models: Vec<ModelConfig> = Vec::new();
+    for f in files {
+        let m = load_file(&f, settings)?;
+        if let Some(other) = models.iter().find(|o| o.name == m.name) {
+            return Err(ConfigError {
+                file: f.display().to_string(),
+                key: "name".into(),
+                message: format!(
+                    "`{}` is already used by {}",
+                    m.name,
+                    other.source.as_deref().unwrap_or(Path::new("?")).display()
+                ),
+            });
+        }
+        models.push(m);
+    }
+    Ok(models)
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> ConfigError {
+    ConfigError { file: path.display().to_string(), key: String::new(), message: format!("cannot read: {e}") }
+}
+
+/// The default job when no model config is given: camera health on the
+/// service-wide input topics.
+pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigError> {
+    let ctx = Ctx { file: "built-in camera-health model (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into() };
+    let (input_topics, output_topic) = ctx.topics(&Yaml::BadValue, settings)?;
+    Ok(ModelConfig {
+        name: "camera-health".into(),
+        source: None,
+        backend: BackendKind::Builtin,
+        model_path: None,
+        model_type: ModelType::CameraHealth,
+        labels: Labels::FromModel,
+        preprocessing: ctx.preprocessing(&Yaml::BadValue, ModelType::CameraHealth)?,
+        inference: ctx.inference(&Yaml::BadValue, settings)?,
+        health: ctx.health(&Yaml::BadValue)?,
+        input_topics,
+        output_topic,
+    })
+}
+
+pub fn load_file(path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    parse(&text, path, settings)
+}
+
+/// Parses one config's text; `path` names it in errors and anchors relative paths.
+pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
+    let ctx = Ctx { file: path.display().to_string() };
+    let docs = YamlLoader::load_from_str(text).map_err(|e| ctx.err("", format!("not valid YAML: {e}")))?;
+    let doc = match docs.as_slice() {
+        [d] => d,
+        [] => return Err(ctx.err("", "the file is empty".into())),
+        _ => return Err(ctx.err("", "expected one YAML document, found several".into())),
+    };
+    ctx.known_keys(doc, "", TOP_KEYS)?;
+    let name = ctx.string(&doc["name"], "name")?.ok_or_else(|| ctx.err("name", "is required".into()))?;
+    if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
+        return Err(ctx.err("name", format!("expected letters, digits, `-`, `_` or `.`, found `{name}`")));
+    }
+    let model_type = match ctx.string(&doc["model_type"], "model_type")?.as_deref() {
+        Some("image-classification") => ModelType::Classification,
+        Some("object-detection") => ModelType::Detection,
+        Some("camera-health") => ModelType::CameraHealth,
+        Some(other) => {
+            return Err(ctx.err(
+                "model_type",
+                format!("expected image-classification, object-detection or camera-health, found `{other}`"),
+            ))
+        }
+        None => return Err(ctx.err("model_type", "is required".into())),
+    };
+    let backend = match (model_type, ctx.string(&doc["backend"], "backend")?.as_deref()) {
+        (ModelType::CameraHealth, None | Some("builtin")) => BackendKind::Builtin,
+        (ModelType::CameraHealth, Some(other)) => {
+            return Err(ctx.err("backend", format!("camera-health needs no ML backend; omit it (found `{other}`)")))
+        }
+        (_, _) if settings.enable_dual => BackendKind::Dual,
+        (_, None) => settings.default_backend,
+        (_, Some("candle")) => BackendKind::Candle,
+        (_, Some("onnx")) => BackendKind::Onnx,
+        (_, Some("dual")) => BackendKind::Dual,
+        (_, Some(other)) => return Err(ctx.err("backend", format!("expected candle, onnx or dual, found `{other}`"))),
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let model_path = ctx.string(&doc["model_path"], "model_path")?.map(|p| base.join(p));
+    if model_path.is_none() && model_type != ModelType::CameraHealth {
+        return Err(ctx.err("model_path", format!("is required for {}", model_type.as_str())));
+    }
+    let labels = match &doc["labels"] {
+        Yaml::BadValue | Yaml::Null => Labels::FromModel,
+        Yaml::Array(items) => Labels::Inline(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    scalar_text(v).ok_or_else(|| ctx.err(&format!("labels[{i}]"), "expected a label string".into()))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Yaml::String(p) => {
+            let file = base.join(p);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| ctx.err("labels", format!("cannot read labels file {}: {e}", file.display())))?;
+            let labels: Vec<String> =
+                text.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect();
+            if labels.is_empty() {
+                return Err(ctx.err("labels", format!("labels file {} holds no labels", file.display())));
+            }
+            Labels::File(file, labels)
+        }
+        other => return Err(ctx.err("labels", format!("expected a list or a file path, found {}", kind(other)))),
+    };
+    let (input_topics, output_topic) = ctx.topics(&doc["mqtt"], settings)?;
+    Ok(ModelConfig {
+        name,
+        source: Some(path.to_path_buf()),
+        backend,
+        model_path,
+        model_type,
+        labels,
+        preprocessing: ctx.preprocessing(&doc["preprocessing"], model_type)?,
+        inference: ctx.inference(&doc["inference"], settings)?,
+        health: ctx.health(&doc["health"])?,
+        input_topics,
+        output_topic,
+    })
+}
+
+struct Ctx {
+    file: String,
+}
+
+impl Ctx {
+    fn err(&self, key: &str, message: String) -> ConfigError {
+        ConfigError { file: self.file.clone(), key: key.to_owned(), message }
+    }
+
+    fn known_keys(&self, v: &Yaml, prefix: &str, known: &[&str]) -> Result<(), ConfigError> {
+        let hash = match v {
+            Yaml::Hash(h) => h,
+            Yaml::BadValue => return Ok(()),
+            other => {
+                let key = prefix.trim_end_matches('.');
+                return Err(self.err(key, format!("expected a mapping, found {}", kind(other))));
+            }
+        };
+        for k in hash.keys() {
+            let name = scalar_text(k).unwrap_or_default();
+            if !known.contains(&name.as_str()) {
+                return Err(self.err(
+                    &format!("{prefix}{name}"),
+                    format!("unknown key (expected one of: {})", known.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn string(&self, v: &Yaml, key: &str) -> Result<Option<String>, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(None),
+            Yaml::String(s) => Ok(Some(s.trim().to_owned())),
+            other => Err(self.err(key, format!("expected a string, found {}", kind(other)))),
+        }
+    }
+
+    fn float(&self, v: &Yaml, key: &str, default: f32, min: f32, max: f32) -> Result<f32, ConfigError> {
+        let x = match v {
+            Yaml::BadValue | Yaml::Null => return Ok(default),
+            Yaml::Integer(i) => *i as f64,
+            Yaml::Real(_) => v.as_f64().unwrap_or(f64::NAN),
+            other => return Err(self.err(key, format!("expected a number, found {}", kind(other)))),
+        };
+        if !(min as f64..=max as f64).contains(&x) {
+            return Err(self.err(key, format!("expected a number in {min}..={max}, found {x}")));
+        }
+        Ok(x as f32)
+    }
+
+    fn int(&self, v: &Yaml, key: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(default),
+            Yaml::Integer(i) if (min as i64..=max as i64).contains(i) => Ok(*i as u64),
+            other => Err(self.err(key, format!("expected a whole number in {min}..={max}, found {}", kind(other)))),
+        }
+    }
+
+    fn boolean(&self, v: &Yaml, key: &str, default: bool) -> Result<bool, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(default),
+            Yaml::Boolean(b) => Ok(*b),
+            other => Err(self.err(key, format!("expected true or false, found {}", kind(other)))),
+        }
+    }
+
+    fn triple(&self, v: &Yaml, key: &str, default: [f32; 3]) -> Result<[f32; 3], ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(default),
+            Yaml::Array(a) if a.len() == 3 => {
+                let mut out = [0.0; 3];
+                for (i, x) in a.iter().enumerate() {
+                    out[i] = self.float(x, &format!("{key}[{i}]"), 0.0, -1e6, 1e6)?;
+                }
+                Ok(out)
+            }
+            other => Err(self.err(key, format!("expected a list of 3 numbers, found {}", kind(other)))),
+        }
+    }
+
+    fn preprocessing(&self, v: &Yaml, model_type: ModelType) -> Result<Preprocessing, ConfigError> {
+        self.known_keys(v, "preprocessing.", PRE_KEYS)?;
+        let (dw, dh, dmode) = match model_type {
+            ModelType::Detection => (640, 640, "letterbox"),
+            _ => (224, 224, "center-crop"),
+        };
+        let (width, height) = match &v["resize"] {
+            Yaml::BadValue | Yaml::Null => (dw, dh),
+            Yaml::Array(a) if a.len() == 2 => (
+                self.int(&a[0], "preprocessing.resize[0]", 0, 8, 8192)? as u32,
+                self.int(&a[1], "preprocessing.resize[1]", 0, 8, 8192)? as u32,
+            ),
+            other => {
+                return Err(self.err(
+                    "preprocessing.resize",
+                    format!("expected [width, height], found {}", kind(other)),
+                ))
+            }
+        };
+        let mode_name = self.string(&v["mode"], "preprocessing.mode")?.unwrap_or_else(|| dmode.to_owned());
+        let mode = match mode_name.as_str() {
+            "stretch" => ResizeMode::Stretch,
+            "letterbox" => ResizeMode::Letterbox {
+                pad_value: self.int(&v["pad_value"], "preprocessing.pad_value", 114, 0, 255)? as u8,
+            },
+            "center-crop" | "resize-short-side-center-crop" => {
+                let default_short = (width.max(height) as f32 / 0.875).round() as u64;
+                let short =
+                    self.int(&v["resize_short"], "preprocessing.resize_short", default_short, 8, 16384)? as u32;
+                if short < width.max(height) {
+                    return Err(self.err(
+                        "preprocessing.resize_short",
+                        format!("must be at least the crop size {}, found {short}", width.max(height)),
+                    ));
+                }
+                ResizeMode::CenterCrop { resize_short: short }
+            }
+            other => {
+                return Err(self.err(
+                    "preprocessing.mode",
+                    format!("expected stretch, letterbox or center-crop, found `{other}`"),
+                ))
+            }
+        };
+        let std = self.triple(&v["std"], "preprocessing.std", [1.0; 3])?;
+        if std.iter().any(|s| *s == 0.0) {
+            return Err(self.err("preprocessing.std", "must not contain 0".into()));
+        }
+        Ok(Preprocessing {
+            width,
+            height,
+            mode,
+            normalize: self.boolean(&v["normalize"], "preprocessing.normalize", true)?,
+            mean: self.triple(&v["mean"], "preprocessing.mean", [0.0; 3])?,
+            std,
+            channel_order: match self.string(&v["channel_order"], "preprocessing.channel_order")?.as_deref() {
+                None | Some("rgb" | "RGB") => ChannelOrder::Rgb,
+                Some("bgr" | "BGR") => ChannelOrder::Bgr,
+                Some(o) => return Err(self.err("preprocessing.channel_order", format!("expected rgb or bgr, found `{o}`"))),
+            },
+            layout: match self.string(&v["layout"], "preprocessing.layout")?.as_deref() {
+                None | Some("nchw" | "NCHW") => Layout::Nchw,
+                Some("nhwc" | "NHWC") => Layout::Nhwc,
+                Some(o) => return Err(self.err("preprocessing.layout", format!("expected nchw or nhwc, found `{o}`"))),
+            },
+        })
+    }
+
+    fn inference(&self, v: &Yaml, settings: &Settings) -> Result<Inference, ConfigError> {
+        self.known_keys(v, "inference.", INF_KEYS)?;
+        let batch_size = self.int(&v["batch_size"], "inference.batch_size", 1, 1, 1)? as usize;
+        Ok(Inference {
+            confidence_threshold: self.float(&v["confidence_threshold"], "inference.confidence_threshold", 0.25, 0.0, 1.0)?,
+            iou_threshold: self.float(&v["iou_threshold"], "inference.iou_threshold", 0.45, 0.0, 1.0)?,
+            max_detections: self.int(&v["max_detections"], "inference.max_detections", 100, 1, 10000)? as usize,
+            batch_size,
+            gpu_enabled: self.boolean(&v["gpu_enabled"], "inference.gpu_enabled", settings.gpu_enabled)?
+                && settings.gpu_enabled,
+        })
+    }
+
+    fn health(&self, v: &Yaml) -> Result<Health, ConfigError> {
+        self.known_keys(v, "health.", HEALTH_KEYS)?;
+        Ok(Health {
+            black_threshold: self.float(&v["black_threshold"], "health.black_threshold", 16.0, 0.0, 255.0)?,
+            blur_threshold: self.float(&v["blur_threshold"], "health.blur_threshold", 20.0, 0.0, 1e9)?,
+        })
+    }
+
+    fn topics(&self, v: &Yaml, settings: &Settings) -> Result<(Vec<TopicFilter>, TopicTemplate), ConfigError> {
+        self.known_keys(v, "mqtt.", MQTT_KEYS)?;
+        let (texts, key): (Vec<String>, &str) = match &v["input_topics"] {
+            Yaml::BadValue | Yaml::Null => (settings.input_topics.clone(), "MQTT_INPUT_TOPICS"),
+            Yaml::Array(a) if !a.is_empty() => (
+                a.iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        scalar_text(t)
+                            .ok_or_else(|| self.err(&format!("mqtt.input_topics[{i}]"), "expected a topic filter".into()))
+                    })
+                    .collect::<Result<_, _>>()?,
+                "mqtt.input_topics",
+            ),
+            Yaml::String(s) => (vec![s.clone()], "mqtt.input_topics"),
+            other => {
+                return Err(self.err("mqtt.input_topics", format!("expected a list of topic filters, found {}", kind(other))))
+            }
+        };
+        let filters: Vec<TopicFilter> = texts
+            .iter()
+            .map(|t| TopicFilter::parse(t).map_err(|e| self.err(key, e.0)))
+            .collect::<Result<_, _>>()?;
+        let (tpl_text, tkey) = match self.string(&v["output_topic_template"], "mqtt.output_topic_template")? {
+            Some(t) => (t, "mqtt.output_topic_template"),
+            None => (settings.output_topic_template.clone(), "MQTT_OUTPUT_TOPIC_TEMPLATE"),
+        };
+        let tpl = TopicTemplate::parse(&tpl_text).map_err(|e| self.err(tkey, e.0))?;
+        for f in &filters {
+            tpl.check_against(f).map_err(|e| self.err(tkey, e.0))?;
+        }
+        Ok((filters, tpl))
+    }
+}
+
+fn scalar_text(v: &Yaml) -> Option<String> {
+    match v {
+        Yaml::String(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Real(r) => Some(r.clone()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn kind(v: &Yaml) -> String {
+    match v {
+        Yaml::Real(r) => format!("the number {r}"),
+        Yaml::Integer(i) => format!("the number {i}"),
+        Yaml::String(s) => format!("the string `{s}`"),
+        Yaml::Boolean(b) => format!("`{b}`"),
+        Yaml::Array(_) => "a list".into(),
+        Yaml::Hash(_) => "a mapping".into(),
+        Yaml::Alias(_) => "an alias".into(),
+        Yaml::Null => "null".into(),
+        Yaml::BadValue => "nothing".into(),
+    }
+}
+
+/// The effective configuration as YAML-like text, for `check-config`.
+pub fn describe(m: &ModelConfig) -> String {
+    let p = &m.preprocessing;
+    let mode = match p.mode {
+        ResizeMode::Stretch => "stretch".to_owned(),
+        ResizeMode::Letterbox { pad_value } => format!("letterbox\n  pad_value: {pad_value}"),
+        ResizeMode::CenterCrop { resize_short } => format!("center-crop\n  resize_short: {resize_short}"),
+    };
+    let labels = match &m.labels {
+        Labels::FromModel => "from model metadata".to_owned(),
+        Labels::Inline(v) => format!("{} inline", v.len()),
+        Labels::File(f, v) => format!("{} from {}", v.len(), f.display()),
+    };
+    let i = &m.inference;
+    let inputs: Vec<&str> = m.input_topics.iter().map(|t| t.subscription()).collect();
+    format!(
+        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
+        m.name,
+        m.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()),
+        m.backend.as_str(),
+        m.model_type.as_str(),
+        m.model_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
+        p.width,
+        p.height,
+        p.normalize,
+        p.mean,
+        p.std,
+        p.channel_order,
+        p.layout,
+        i.confidence_threshold,
+        i.iou_threshold,
+        i.max_detections,
+        i.batch_size,
+        i.gpu_enabled,
+        m.health.black_threshold,
+        m.health.blur_threshold,
+        inputs.join(", "),
+        m.output_topic.as_str(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings::from_env_and_args(|_| None, &[]).unwrap().0
+    }
+
+    fn parse_str(text: &str) -> Result<ModelConfig, ConfigError> {
+        parse(text, Path::new("/cfg/m.yaml"), &settings())
+    }
+
+    #[test]
+    fn full_schema_parses() {
+        let m = parse_str(
+            r#"
+name: "industrial-safety-detector"
+backend: "onnx"
+model_path: "models/x.onnx"
+model_type: "object-detection"
+labels: ["person", "helmet"]
+preprocessing: { resize: [640, 480], mode: letterbox, pad_value: 0, normalize: true, mean: [0, 0, 0], std: [1, 1, 1], channel_order: bgr, layout: nhwc }
+inference: { confidence_threshold: 0.7, iou_threshold: 0.45, max_detections: 100, batch_size: 1, gpu_enabled: true }
+mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(m.backend, BackendKind::Onnx);
+        assert_eq!(m.model_path.as_deref(), Some(Path::new("/cfg/models/x.onnx")));
+        assert_eq!(m.preprocessing.mode, ResizeMode::Letterbox { pad_value: 0 });
+        assert_eq!((m.preprocessing.width, m.preprocessing.height), (640, 480));
+        assert_eq!(m.preprocessing.channel_order, ChannelOrder::Bgr);
+        assert_eq!(m.labels, Labels::Inline(vec!["person".into(), "helmet".into()]));
+        assert!((m.inference.confidence_threshold - 0.7).abs() < 1e-6);
+        assert!(!m.inference.gpu_enabled, "GPU_ENABLED=false overrides the model's wish");
+        assert!(describe(&m).contains("mode: letterbox"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_expectation() {
+        let cases = [
+            ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
+            ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection or camera-health, found `foo`"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, model_type, labels, preprocessing, inference, health, mqtt)"),
+            ("name: a\nmodel_type: camera-health\ninference: { iou_threshold: 2 }\n", "/cfg/m.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 2"),
+            ("name: a\nmodel_type: camera-health\npreprocessing: { resize: 224 }\n", "/cfg/m.yaml: `preprocessing.resize`: expected [width, height], found the number 224"),
+            ("name: a\nmodel_type: image-classification\nmodel_path: m\nbackend: tflite\n", "/cfg/m.yaml: `backend`: expected candle, onnx or dual, found `tflite`"),
+            ("name: [\n", "/cfg/m.yaml: not valid YAML"),
+            ("name: a\nmodel_type: camera-health\nmqtt: { input_topics: [\"azure-iot-operations/data/+/+\"] }\n", "/cfg/m.yaml: `MQTT_OUTPUT_TOPIC_TEMPLATE`: template `edge-ai/{business_unit}"),
+        ];
+        for (text, want) in cases {
+            let got = parse_str(text).unwrap_err().to_string();
+            assert!(got.starts_with(want), "got:  {got}\nwant: {want}");
+        }
+    }
+
+    #[test]
+    fn defaults_follow_model_type_and_settings() {
+        let m = parse_str("name: cls\nmodel_type: image-classification\nmodel_path: m.safetensors\n").unwrap();
+        assert_eq!(m.backend, BackendKind::Candle);
+        assert_eq!(m.preprocessing.mode, ResizeMode::CenterCrop { resize_short: 256 });
+        let d = parse_str("name: det\nmodel_type: object-detection\nmodel_path: m.onnx\n").unwrap();
+        assert_eq!(d.preprocessing.mode, ResizeMode::Letterbox { pad_value: 114 });
+        assert_eq!((d.preprocessing.width, d.preprocessing.height), (640, 640));
+        let mut s = settings();
+        s.enable_dual = true;
+        let m = parse("name: c\nmodel_type: image-classification\nmodel_path: m\nbackend: onnx\n", Path::new("x.yaml"), &s);
+        assert_eq!(m.unwrap().backend, BackendKind::Dual);
+        let h = builtin_camera_health(&settings()).unwrap();
+        assert_eq!(h.input_topics[0].subscription(), "edge-ai/+/+/+/camera/snapshots");
+    }
+}

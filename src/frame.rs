@@ -1,0 +1,293 @@
+//! Frame slots and the ring that recycles them.
+//!
+//! Owns: the preallocated per-frame buffers (message copy, JPEG bytes,
+//! decoded RGB, model tensor, scratch, result JSON) and the ring that moves
+//! slots between "free" and "waiting for a worker", dropping the oldest
+//! waiting frame of the same source when every slot is taken. Every buffer
+//! is sized once at start-up; nothing here grows on the frame path.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::decode::Decoded;
+use crate::envelope::Form;
+use crate::health;
+use crate::metrics::{DropReason, Metrics};
+use crate::models::{Route, MAX_MODELS};
+use crate::preprocess;
+
+/// Longest topic and device id a slot holds (longer ones are refused).
+pub const MAX_TOPIC_LEN: usize = 1024;
+pub const MAX_DEVICE_LEN: usize = 256;
+/// Room for one result message.
+pub const RESULT_CAPACITY: usize = 64 * 1024;
+
+/// Sizes every slot is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_payload: usize,
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Largest model tensor, in f32 values.
+    pub max_tensor: usize,
+    /// Widest model input, in pixels.
+    pub max_input_width: usize,
+}
+
+/// Who waits for the frame's answer.
+#[derive(Debug, Default)]
+pub enum Origin {
+    #[default]
+    Mqtt,
+    /// `POST /infer` (or the CLI): the answer goes back on this channel.
+    Reply(async_channel::Sender<Reply>),
+}
+
+/// The answer to a one-shot request: HTTP status and JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// One frame's buffers and identity.
+pub struct Slot {
+    pub origin: Origin,
+    pub form: Form,
+    pub received_at: Instant,
+    pub topic: String,
+    pub device: String,
+    pub routes: Vec<Route>,
+    /// Copy of the incoming message; envelope fields are ranges into it.
+    pub payload: Vec<u8>,
+    pub payload_len: usize,
+    pub timestamp_json: Option<Range<usize>>,
+    pub metadata_json: Option<Range<usize>>,
+    pub correlation_id_json: Option<Range<usize>>,
+    pub location_json: Option<Range<usize>>,
+    /// Where the JPEG is: in `payload` (raw form) or decoded from base64 into `jpeg`.
+    pub jpeg_range: Range<usize>,
+    pub jpeg_in_payload: bool,
+    pub jpeg: Vec<u8>,
+    pub b64_scratch: Vec<u8>,
+    pub rgb: Vec<u8>,
+    pub decoded: Decoded,
+    pub tensor: Vec<f32>,
+    pub pre_scratch: preprocess::Scratch,
+    pub health_scratch: health::Scratch,
+    /// The result message being built.
+    pub out: Vec<u8>,
+    pub out_topic: String,
+}
+
+impl Slot {
+    pub fn new(l: &Limits) -> Slot {
+        Slot {
+            origin: Origin::Mqtt,
+            form: Form::RawJpeg,
+            received_at: Instant::now(),
+            topic: String::with_capacity(MAX_TOPIC_LEN),
+            device: String::with_capacity(MAX_DEVICE_LEN),
+            routes: Vec::with_capacity(MAX_MODELS),
+            payload: vec![0; l.max_payload],
+            payload_len: 0,
+            timestamp_json: None,
+            metadata_json: None,
+            correlation_id_json: None,
+            location_json: None,
+            jpeg_range: 0..0,
+            jpeg_in_payload: true,
+            // Base64 decodes to at most 3/4 of the payload.
+            jpeg: vec![0; l.max_payload / 4 * 3 + 3],
+            b64_scratch: Vec::with_capacity(l.max_payload),
+            rgb: vec![0; l.max_width as usize * l.max_height as usize * 3],
+            decoded: Decoded::default(),
+            tensor: vec![0.0; l.max_tensor],
+            pre_scratch: preprocess::Scratch::with_capacity(l.max_input_width),
+            health_scratch: health::Scratch::with_capacity(l.max_width as usize),
+            out: Vec::with_capacity(RESULT_CAPACITY),
+            out_topic: String::with_capacity(MAX_TOPIC_LEN),
+        }
+    }
+
+    /// The JPEG bytes of this frame.
+    pub fn jpeg_bytes(&self) -> &[u8] {
+        if self.jpeg_in_payload {
+            &self.payload[self.jpeg_range.clone()]
+        } else {
+            &self.jpeg[self.jpeg_range.clone()]
+        }
+    }
+
+    /// Raw JSON of an envelope field kept as a range into the payload.
+    pub fn field(&self, r: &Option<Range<usize>>) -> Option<&[u8]> {
+        r.as_ref().map(|r| &self.payload[r.clone()])
+    }
+
+    /// Forgets the previous frame (keeps every buffer).
+    pub fn reset(&mut self) {
+        self.origin = Origin::Mqtt;
+        self.topic.clear();
+        self.device.clear();
+        self.routes.clear();
+        self.payload_len = 0;
+        self.timestamp_json = None;
+        self.metadata_json = None;
+        self.correlation_id_json = None;
+        self.location_json = None;
+        self.jpeg_range = 0..0;
+        self.jpeg_in_payload = true;
+        self.decoded = Decoded::default();
+    }
+}
+
+/// The ring: free slots, and frames waiting for a worker.
+pub struct Ring {
+    free_tx: async_channel::Sender<Box<Slot>>,
+    free_rx: async_channel::Receiver<Box<Slot>>,
+    waiting: Mutex<VecDeque<Box<Slot>>>,
+    /// One token per waiting frame (at most; a stolen frame may leave a spare).
+    ready_tx: async_channel::Sender<()>,
+    ready_rx: async_channel::Receiver<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl Ring {
+    pub fn new(slots: usize, limits: &Limits, metrics: Arc<Metrics>) -> Ring {
+        let (free_tx, free_rx) = async_channel::bounded(slots);
+        for _ in 0..slots {
+            let _ = free_tx.try_send(Box::new(Slot::new(limits)));
+        }
+        let (ready_tx, ready_rx) = async_channel::bounded(slots);
+        metrics.slots_total.store(slots as u64, Relaxed);
+        metrics.slots_free.store(slots as u64, Relaxed);
+        Ring { free_tx, free_rx, waiting: Mutex::new(VecDeque::with_capacity(slots)), ready_tx, ready_rx, metrics }
+    }
+
+    fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<Slot>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free slot, or the waiting frame that must give way for a new frame
+    /// from `device`: its oldest own frame, else the oldest frame of all.
+    /// `None` when every slot is being worked on (wait with [`Ring::free`]).
+    pub fn take_or_evict(&self, device: &str) -> Option<(Box<Slot>, Option<DropReason>)> {
+        if let Ok(s) = self.free_rx.try_recv() {
+            self.metrics.slots_free.fetch_sub(1, Relaxed);
+            return Some((s, None));
+        }
+        let mut w = self.waiting();
+        let (i, reason) = match w.iter().position(|s| s.device == device) {
+            Some(i) => (i, DropReason::Superseded),
+            None if !w.is_empty() => (0, DropReason::QueueFull),
+            None => return None,
+        };
+        let slot = w.remove(i)?;
+        // Its token stays behind unless we take one; a spare token only costs a worker a look.
+        let _ = self.ready_rx.try_recv();
+        self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
+        self.metrics.dropped(reason);
+        Some((slot, Some(reason)))
+    }
+
+    /// Waits for a slot to come back from a worker.
+    pub async fn free(&self) -> Option<Box<Slot>> {
+        let s = self.free_rx.recv().await.ok()?;
+        self.metrics.slots_free.fetch_sub(1, Relaxed);
+        Some(s)
+    }
+
+    /// Queues a filled slot for the workers.
+    pub fn push(&self, slot: Box<Slot>) {
+        let mut w = self.waiting();
+        w.push_back(slot);
+        self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
+        drop(w);
+        let _ = self.ready_tx.try_send(());
+    }
+
+    /// The oldest waiting frame; `None` once the ring is closed and drained.
+    pub async fn next(&self) -> Option<Box<Slot>> {
+        loop {
+            if self.ready_rx.recv().await.is_err() {
+                let mut w = self.waiting();
+                let s = w.pop_front();
+                self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
+                return s;
+            }
+            let mut w = self.waiting();
+            if let Some(s) = w.pop_front() {
+                self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
+                return Some(s);
+            }
+        }
+    }
+
+    /// Returns a slot to the free pool.
+    pub fn release(&self, mut slot: Box<Slot>) {
+        slot.reset();
+        if self.free_tx.try_send(slot).is_ok() {
+            self.metrics.slots_free.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Stops the workers once the waiting frames are done.
+    pub fn close(&self) {
+        self.ready_tx.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_payload: 1024, max_width: 8, max_height: 8, max_tensor: 12, max_input_width: 2 }
+    }
+
+    fn filled(ring: &Ring, device: &str) -> Option<DropReason> {
+        let (mut s, reason) = ring.take_or_evict(device).expect("a slot");
+        s.reset();
+        s.device.push_str(device);
+        ring.push(s);
+        reason
+    }
+
+    #[test]
+    fn evicts_oldest_of_same_source_then_oldest_overall() {
+        let m = Arc::new(Metrics::default());
+        let ring = Ring::new(3, &limits(), m.clone());
+        assert_eq!(filled(&ring, "a"), None);
+        assert_eq!(filled(&ring, "b"), None);
+        assert_eq!(filled(&ring, "a"), None);
+        // Full: a new frame from `b` replaces b's waiting frame.
+        assert_eq!(filled(&ring, "b"), Some(DropReason::Superseded));
+        // A new source takes the oldest frame of all (the first `a`).
+        assert_eq!(filled(&ring, "c"), Some(DropReason::QueueFull));
+        let order: Vec<String> = smol::block_on(async {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                let s = ring.next().await.unwrap();
+                v.push(s.device.clone());
+                ring.release(s);
+            }
+            v
+        });
+        assert_eq!(order, ["a", "b", "c"]);
+        assert_eq!(m.dropped[DropReason::Superseded as usize].load(Relaxed), 1);
+        assert_eq!(m.slots_free.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn nothing_to_evict_while_all_slots_are_in_workers() {
+        let ring = Ring::new(1, &limits(), Arc::new(Metrics::default()));
+        filled(&ring, "a");
+        let s = smol::block_on(ring.next()).unwrap();
+        assert!(ring.take_or_evict("a").is_none());
+        ring.release(s);
+        assert!(ring.take_or_evict("a").is_some());
+    }
+}

@@ -1,0 +1,178 @@
+//! Ingest: one incoming message -> a filled frame slot, or an error result.
+//!
+//! Owns: payload limits, envelope detection, device identity, routing a
+//! topic to models, and copying the message into a slot (base64 decoded in
+//! place). Runs before a worker sees the frame; does not decode JPEG.
+
+use std::fmt;
+use std::time::{Instant, SystemTime};
+
+use crate::envelope::{self, Envelope, EnvelopeError, Form, Image};
+use crate::frame::{Origin, Slot, MAX_DEVICE_LEN, MAX_TOPIC_LEN};
+use crate::metrics::FailReason;
+use crate::models::{Models, Route};
+use crate::result::{self, Source};
+
+/// Why a frame gets an error result; `detail` is for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub reason: FailReason,
+    pub detail: String,
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason.as_str(), self.detail)
+    }
+}
+
+impl FrameError {
+    pub fn new(reason: FailReason, detail: impl fmt::Display) -> FrameError {
+        FrameError { reason, detail: detail.to_string() }
+    }
+
+    /// HTTP status for a one-shot request that failed this way.
+    pub fn http_status(&self) -> u16 {
+        match self.reason {
+            FailReason::PayloadTooLarge | FailReason::ImageTooLarge => 413,
+            FailReason::InferenceFailed => 500,
+            _ => 422,
+        }
+    }
+}
+
+impl From<EnvelopeError> for FrameError {
+    fn from(e: EnvelopeError) -> FrameError {
+        let reason = match e {
+            EnvelopeError::BadJson(_) => FailReason::BadJson,
+            EnvelopeError::BadBase64(_) => FailReason::BadBase64,
+            EnvelopeError::BadField { .. } | EnvelopeError::UnsupportedSchema => FailReason::BadEnvelope,
+        };
+        FrameError::new(reason, e)
+    }
+}
+
+/// A message that passed the checks that need no slot.
+pub struct Admitted<'a> {
+    pub envelope: Envelope<'a>,
+    pub device: &'a str,
+}
+
+/// Checks size and envelope of a message on `topic` (already routed into
+/// `routes`). `oneshot_device` marks a `/infer` body or CLI file: raw JPEG
+/// from that device, no envelope.
+pub fn admit<'a>(
+    topic: &'a str,
+    payload: &'a [u8],
+    oneshot_device: Option<&'a str>,
+    max_payload: usize,
+    models: &'a Models,
+    routes: &[Route],
+) -> Result<Admitted<'a>, FrameError> {
+    if payload.len() > max_payload {
+        return Err(FrameError::new(
+            FailReason::PayloadTooLarge,
+            format_args!("payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}", payload.len()),
+        ));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(FrameError::new(FailReason::BadEnvelope, format_args!("topic is longer than {MAX_TOPIC_LEN} bytes")));
+    }
+    let (envelope, device) = match oneshot_device {
+        Some(d) => (Envelope { form: Form::OneShot, ..raw(payload) }, d),
+        None => {
+            let e = envelope::parse(payload)?;
+            (e, e.device_id.unwrap_or_else(|| device_from_topic(topic, models, routes)))
+        }
+    };
+    if device.len() > MAX_DEVICE_LEN {
+        return Err(FrameError::new(FailReason::BadEnvelope, format_args!("device id is longer than {MAX_DEVICE_LEN} bytes")));
+    }
+    Ok(Admitted { envelope, device })
+}
+
+fn raw(payload: &[u8]) -> Envelope<'_> {
+    Envelope {
+        form: Form::RawJpeg,
+        device_id: None,
+        image: Image::Raw(payload),
+        timestamp_json: None,
+        metadata_json: None,
+        correlation_id_json: None,
+        location_json: None,
+    }
+}
+
+/// A raw JPEG names its camera by topic: `{device_id}` or `{asset}` (AIO's
+/// `azure-iot-operations/data/<asset>/<stream>`), else the whole topic.
+pub fn device_from_topic<'a>(topic: &'a str, models: &Models, routes: &[Route]) -> &'a str {
+    for r in routes {
+        let f = &models.list[r.model as usize].config.input_topics[r.filter as usize];
+        if let Some(v) = f.var(topic, "device_id").or_else(|| f.var(topic, "asset")) {
+            return v;
+        }
+    }
+    topic
+}
+
+/// Copies an admitted message into `slot` and decodes base64 in place.
+/// On error the slot keeps the identity fields, so the error can be reported from it.
+pub fn fill(slot: &mut Slot, topic: &str, payload: &[u8], a: &Admitted<'_>, origin: Origin) -> Result<(), FrameError> {
+    slot.origin = origin;
+    slot.form = a.envelope.form;
+    slot.received_at = Instant::now();
+    slot.topic.clear();
+    slot.topic.push_str(topic);
+    slot.device.clear();
+    slot.device.push_str(a.device);
+    slot.payload[..payload.len()].copy_from_slice(payload);
+    slot.payload_len = payload.len();
+    let base = payload.as_ptr() as usize;
+    let range = |s: Option<&[u8]>| s.map(|s| s.as_ptr() as usize - base..s.as_ptr() as usize - base + s.len());
+    let e = &a.envelope;
+    slot.timestamp_json = range(e.timestamp_json);
+    slot.metadata_json = range(e.metadata_json);
+    slot.correlation_id_json = range(e.correlation_id_json);
+    slot.location_json = range(e.location_json);
+    match e.image {
+        Image::Raw(bytes) => {
+            slot.jpeg_in_payload = true;
+            slot.jpeg_range = range(Some(bytes)).unwrap_or(0..0);
+        }
+        Image::Base64 { text, escaped } => {
+            slot.jpeg_in_payload = false;
+            let n = envelope::decode_base64(text, escaped, &mut slot.b64_scratch, &mut slot.jpeg)?;
+            slot.jpeg_range = 0..n;
+        }
+    }
+    Ok(())
+}
+
+/// The `Source` of a frame held in a slot.
+pub fn slot_source(slot: &Slot) -> Source<'_> {
+    Source {
+        device_id: Some(slot.device.as_str()),
+        form: slot.form.as_str(),
+        topic: &slot.topic,
+        timestamp_json: slot.field(&slot.timestamp_json),
+        correlation_id_json: slot.field(&slot.correlation_id_json),
+        location_json: slot.field(&slot.location_json),
+        metadata_json: slot.field(&slot.metadata_json),
+    }
+}
+
+/// An error result for a message that never reached a slot.
+pub fn write_early_error(buf: &mut Vec<u8>, topic: &str, payload: &[u8], http: bool, err: &FrameError) {
+    // Echo what can be read of the envelope (its correlation id above all).
+    let env = if http || payload.len() > 64 << 20 { None } else { envelope::parse(payload).ok() };
+    let src = Source {
+        device_id: env.and_then(|e| e.device_id),
+        form: env.map(|e| e.form.as_str()).unwrap_or(if http { "oneshot" } else { "unknown" }),
+        topic,
+        timestamp_json: env.and_then(|e| e.timestamp_json),
+        correlation_id_json: env.and_then(|e| e.correlation_id_json),
+        location_json: env.and_then(|e| e.location_json),
+        metadata_json: env.and_then(|e| e.metadata_json),
+    };
+    result::write_error(buf, SystemTime::now(), &src, err.reason.as_str(), format_args!("{}", err.detail));
+}

@@ -1,0 +1,26 @@
+//! ai-edge-inference: camera snapshots in over MQTT (or HTTP), JSON results out.
+//!
+//! See `ARCHITECTURE.md` for the map; each module's first comment says what
+//! it owns. The binary (`main.rs`) only parses the command line and calls
+//! into `service`.
+
+pub mod alloc_count;
+pub mod backend;
+pub mod build_info;
+pub mod config;
+pub mod decode;
+pub mod envelope;
+pub mod frame;
+pub mod health;
+pub mod http;
+pub mod ingest;
+pub mod json;
+pub mod metrics;
+pub mod models;
+pub mod mqtt;
+pub mod pipeline;
+pub mod preprocess;
+pub mod process;
+pub mod result;
+pub mod service;
+pub mod topic;

@@ -1,0 +1,110 @@
+//! The command line: parses arguments and hands over to `service`.
+
+use std::process::ExitCode;
+
+use ai_edge_inference::config::{self, Settings};
+use ai_edge_inference::{alloc_count, build_info, service};
+
+#[global_allocator]
+static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
+
+const USAGE: &str = "\
+Usage: ai-edge-inference [COMMAND] [OPTIONS]
+
+Commands:
+  run                     Run the service (the default): MQTT in, results out, HTTP probes
+  infer FILE... [--model NAME]
+                          Run JPEG files through a model once and print JSON results
+  check-config [PATH]     Validate model config(s) and print the effective configuration
+  bench decode FILE [--iters N] [--size S]
+                          Time JPEG decode + letterbox preprocess to SxS (default 640)
+  --version               Print build facts
+  --help                  Print this help
+
+Options (flags override environment variables):
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}{}", config::help_text());
+        return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--version" || a == "-V") {
+        println!("{}", build_info::line());
+        return ExitCode::SUCCESS;
+    }
+    let (settings, rest) = match Settings::from_env_and_args(|k| std::env::var(k).ok(), &args) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("configuration: {e}")),
+    };
+    env_logger::Builder::new().parse_filters(&settings.log).format_timestamp_millis().init();
+
+    let (cmd, rest) = match rest.split_first() {
+        Some((c, r)) => (c.as_str(), r),
+        None => ("run", &[][..]),
+    };
+    match cmd {
+        "run" if rest.is_empty() => match service::run(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
+        "infer" => {
+            let (model, files) = take_flag(rest, "--model");
+            if files.is_empty() {
+                return fail("infer: name at least one JPEG file");
+            }
+            match service::infer_files(&settings, model.as_deref(), &files) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => fail(&e),
+            }
+        }
+        "check-config" if rest.len() <= 1 => match service::check_config(&settings, rest.first().map(String::as_str)) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        "bench" if rest.first().map(String::as_str) == Some("decode") => {
+            let (iters, rest) = take_flag(&rest[1..], "--iters");
+            let (size, files) = take_flag(&rest, "--size");
+            let iters = iters.and_then(|v| v.parse().ok()).unwrap_or(50usize).max(1);
+            let size = size.and_then(|v| v.parse().ok()).unwrap_or(640u32).clamp(8, 8192);
+            let [file] = files.as_slice() else {
+                return fail("bench decode: name one JPEG file");
+            };
+            match service::bench_decode(file, iters, size) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        _ => fail(&format!("cannot understand `{}` (see --help)", args.join(" "))),
+    }
+}
+
+/// Splits `--flag VALUE` out of `args`.
+fn take_flag(args: &[String], flag: &str) -> (Option<String>, Vec<String>) {
+    let mut value = None;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            value = it.next().cloned();
+        } else if let Some(v) = a.strip_prefix(flag).and_then(|v| v.strip_prefix('=')) {
+            value = Some(v.to_owned());
+        } else {
+            rest.push(a.clone());
+        }
+    }
+    (value, rest)
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,258 @@
+//! Prometheus metrics: lock-free counters and histograms with fixed label
+//! sets, rendered as text exposition format for `/metrics`.
+//!
+//! Owns: what is counted and how it is named. Recording is an atomic add
+//! (no allocation, usable on the frame path); rendering allocates and runs
+//! only when scraped.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use crate::build_info;
+use crate::envelope::Form;
+
+/// Why a frame got an error result instead of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    PayloadTooLarge,
+    BadJson,
+    BadEnvelope,
+    BadBase64,
+    NotJpeg,
+    CorruptJpeg,
+    ImageTooLarge,
+    InferenceFailed,
+}
+
+impl FailReason {
+    pub const ALL: [FailReason; 8] = [
+        FailReason::PayloadTooLarge,
+        FailReason::BadJson,
+        FailReason::BadEnvelope,
+        FailReason::BadBase64,
+        FailReason::NotJpeg,
+        FailReason::CorruptJpeg,
+        FailReason::ImageTooLarge,
+        FailReason::InferenceFailed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::PayloadTooLarge => "payload_too_large",
+            FailReason::BadJson => "bad_json",
+            FailReason::BadEnvelope => "bad_envelope",
+            FailReason::BadBase64 => "bad_base64",
+            FailReason::NotJpeg => "not_jpeg",
+            FailReason::CorruptJpeg => "corrupt_jpeg",
+            FailReason::ImageTooLarge => "image_too_large",
+            FailReason::InferenceFailed => "inference_failed",
+        }
+    }
+}
+
+/// Why a frame was dropped unprocessed (it still gets an error result).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// A newer frame of the same source needed the slot.
+    Superseded,
+    /// All slots were taken; the oldest waiting frame of another source gave way.
+    QueueFull,
+    /// The service was shutting down.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [DropReason::Superseded, DropReason::QueueFull, DropReason::Shutdown];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Superseded => "superseded",
+            DropReason::QueueFull => "queue_full",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Ingest,
+    Decode,
+    Preprocess,
+    Infer,
+    Total,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [Stage::Ingest, Stage::Decode, Stage::Preprocess, Stage::Infer, Stage::Total];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest",
+            Stage::Decode => "decode",
+            Stage::Preprocess => "preprocess",
+            Stage::Infer => "infer",
+            Stage::Total => "total",
+        }
+    }
+}
+
+const BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| s <= *b) {
+            self.counts[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+}
+
+/// Every metric of the service.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub messages_received: AtomicU64,
+    pub received: [AtomicU64; Form::ALL.len()],
+    pub decoded: AtomicU64,
+    pub failed: [AtomicU64; FailReason::ALL.len()],
+    pub dropped: [AtomicU64; DropReason::ALL.len()],
+    pub results_published: AtomicU64,
+    pub errors_published: AtomicU64,
+    /// Outgoing messages refused by the MQTT client.
+    pub publish_failed: AtomicU64,
+    pub stages: [Histogram; Stage::ALL.len()],
+    pub queue_waiting: AtomicU64,
+    pub slots_total: AtomicU64,
+    pub slots_free: AtomicU64,
+    pub mqtt_connected: AtomicBool,
+    pub mqtt_connects: AtomicU64,
+    pub mqtt_connection_errors: AtomicU64,
+    pub http_requests: AtomicU64,
+}
+
+impl Metrics {
+    pub fn received(&self, f: Form) {
+        self.received[f as usize].fetch_add(1, Relaxed);
+    }
+    pub fn failed(&self, r: FailReason) {
+        self.failed[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn dropped(&self, r: DropReason) {
+        self.dropped[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn stage(&self, s: Stage, d: std::time::Duration) {
+        self.stages[s as usize].observe(d);
+    }
+    pub fn failed_count(&self, r: FailReason) -> u64 {
+        self.failed[r as usize].load(Relaxed)
+    }
+
+    /// Prometheus text exposition. `models` are (name, backend, type, ready).
+    pub fn render(&self, models: &[(String, &str, &str, bool)]) -> String {
+        let mut o = String::with_capacity(8192);
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        head(&mut o, "aei_build_info", "gauge", "Build facts of the running binary; always 1.");
+        let _ = writeln!(
+            o,
+            "aei_build_info{{version=\"{}\",commit=\"{}\",features=\"{}\",profile=\"{}\"}} 1",
+            build_info::VERSION,
+            build_info::GIT_COMMIT,
+            build_info::FEATURES,
+            build_info::PROFILE
+        );
+        head(&mut o, "aei_messages_received_total", "counter", "Messages received (MQTT and /infer), well-formed or not.");
+        let _ = writeln!(o, "aei_messages_received_total {}", self.messages_received.load(Relaxed));
+        head(&mut o, "aei_frames_received_total", "counter", "Frames accepted for processing, by payload form.");
+        for f in Form::ALL {
+            let _ = writeln!(o, "aei_frames_received_total{{form=\"{}\"}} {}", f.as_str(), self.received[f as usize].load(Relaxed));
+        }
+        head(&mut o, "aei_frames_decoded_total", "counter", "Frames whose JPEG decoded.");
+        let _ = writeln!(o, "aei_frames_decoded_total {}", self.decoded.load(Relaxed));
+        head(&mut o, "aei_frames_failed_total", "counter", "Frames answered with an error result, by reason.");
+        for r in FailReason::ALL {
+            let _ = writeln!(o, "aei_frames_failed_total{{reason=\"{}\"}} {}", r.as_str(), self.failed[r as usize].load(Relaxed));
+        }
+        head(&mut o, "aei_frames_dropped_total", "counter", "Frames dropped unprocessed under load, by reason.");
+        for r in DropReason::ALL {
+            let _ = writeln!(o, "aei_frames_dropped_total{{reason=\"{}\"}} {}", r.as_str(), self.dropped[r as usize].load(Relaxed));
+        }
+        head(&mut o, "aei_messages_published_total", "counter", "Messages handed to the MQTT client, by kind.");
+        let _ = writeln!(o, "aei_messages_published_total{{kind=\"result\"}} {}", self.results_published.load(Relaxed));
+        let _ = writeln!(o, "aei_messages_published_total{{kind=\"error\"}} {}", self.errors_published.load(Relaxed));
+        head(&mut o, "aei_publish_failures_total", "counter", "Messages the MQTT client refused.");
+        let _ = writeln!(o, "aei_publish_failures_total {}", self.publish_failed.load(Relaxed));
+        head(&mut o, "aei_stage_duration_seconds", "histogram", "Time spent per frame in each pipeline stage.");
+        for s in Stage::ALL {
+            let h = &self.stages[s as usize];
+            let mut cum = 0;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += h.counts[i].load(Relaxed);
+                let _ = writeln!(o, "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"{b}\"}} {cum}", s.as_str());
+            }
+            let n = h.count.load(Relaxed);
+            let _ = writeln!(o, "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"+Inf\"}} {n}", s.as_str());
+            let _ = writeln!(o, "aei_stage_duration_seconds_sum{{stage=\"{}\"}} {}", s.as_str(), h.sum_ns.load(Relaxed) as f64 / 1e9);
+            let _ = writeln!(o, "aei_stage_duration_seconds_count{{stage=\"{}\"}} {n}", s.as_str());
+        }
+        head(&mut o, "aei_queue_waiting_frames", "gauge", "Frames waiting for a worker.");
+        let _ = writeln!(o, "aei_queue_waiting_frames {}", self.queue_waiting.load(Relaxed));
+        head(&mut o, "aei_frame_slots", "gauge", "Preallocated frame slots, by state.");
+        let free = self.slots_free.load(Relaxed);
+        let _ = writeln!(o, "aei_frame_slots{{state=\"free\"}} {free}");
+        let _ = writeln!(o, "aei_frame_slots{{state=\"busy\"}} {}", self.slots_total.load(Relaxed).saturating_sub(free));
+        head(&mut o, "aei_mqtt_connected", "gauge", "1 while connected to the MQTT broker.");
+        let _ = writeln!(o, "aei_mqtt_connected {}", self.mqtt_connected.load(Relaxed) as u8);
+        head(&mut o, "aei_mqtt_connects_total", "counter", "Successful MQTT connections (CONNACK received).");
+        let _ = writeln!(o, "aei_mqtt_connects_total {}", self.mqtt_connects.load(Relaxed));
+        head(&mut o, "aei_mqtt_connection_errors_total", "counter", "MQTT connection errors (each followed by a reconnect).");
+        let _ = writeln!(o, "aei_mqtt_connection_errors_total {}", self.mqtt_connection_errors.load(Relaxed));
+        head(&mut o, "aei_http_requests_total", "counter", "HTTP requests served.");
+        let _ = writeln!(o, "aei_http_requests_total {}", self.http_requests.load(Relaxed));
+        head(&mut o, "aei_model_ready", "gauge", "1 when the model is loaded and warmed up.");
+        for (name, backend, kind, ready) in models {
+            let _ = writeln!(
+                o,
+                "aei_model_ready{{model=\"{}\",backend=\"{backend}\",type=\"{kind}\"}} {}",
+                escape_label(name),
+                *ready as u8
+            );
+        }
+        o
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let m = Metrics::default();
+        m.stage(Stage::Decode, Duration::from_micros(300));
+        m.stage(Stage::Decode, Duration::from_millis(7));
+        m.stage(Stage::Decode, Duration::from_secs(60));
+        m.failed(FailReason::NotJpeg);
+        let text = m.render(&[("m\"1".into(), "builtin", "camera-health", true)]);
+        assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.0005\"} 1\n"));
+        assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.01\"} 2\n"));
+        assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"+Inf\"} 3\n"));
+        assert!(text.contains("aei_frames_failed_total{reason=\"not_jpeg\"} 1\n"));
+        assert!(text.contains("aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\"} 1\n"));
+    }
+}

@@ -1,0 +1,301 @@
+//! The frame pipeline: an executor we own drives one ingest task and a fixed
+//! set of worker tasks over the slot ring; MQTT and HTTP threads talk to it
+//! through bounded channels.
+//!
+//! ```text
+//! mqtt thread ─┐                    ┌─ worker ─┐
+//! http threads ┴─> incoming ─> ingest ─> ring ─┼─ worker ─┼─> outbound ─> mqtt publisher
+//!                                              └─ worker ─┘   (or the request's reply)
+//! ```
+//!
+//! Owns: task wiring, slot acquisition with drop-oldest, delivery of results
+//! and error results to their destination. The work on a frame is
+//! `process.rs`; message checks are `ingest.rs`.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::frame::{Limits, Origin, Reply, Ring, Slot, RESULT_CAPACITY};
+use crate::ingest;
+use crate::metrics::{DropReason, Metrics, Stage};
+use crate::models::{Models, Route, MAX_MODELS};
+use crate::process::{self, Ctx, Emitted};
+use crate::result;
+
+/// A message for the pipeline.
+pub struct Incoming {
+    pub topic: Bytes,
+    pub payload: Bytes,
+    /// `Some` for one-shot requests: the answer goes back here.
+    pub reply: Option<async_channel::Sender<Reply>>,
+    /// One-shot requests name their model (by index); MQTT messages are routed by topic.
+    pub model: Option<usize>,
+}
+
+/// A message for the MQTT publisher.
+#[derive(Debug)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub error: bool,
+}
+
+/// Everything the tasks share.
+pub struct Shared {
+    pub models: Arc<Models>,
+    pub metrics: Arc<Metrics>,
+    pub ring: Ring,
+    pub limits: Limits,
+    pub error_topic: String,
+    /// `None`: MQTT is off and MQTT-origin results have nowhere to go.
+    pub outbound: Option<async_channel::Sender<Outbound>>,
+}
+
+impl Shared {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            models: &self.models,
+            metrics: &self.metrics,
+            max_width: self.limits.max_width,
+            max_height: self.limits.max_height,
+            error_topic: &self.error_topic,
+        }
+    }
+}
+
+/// Slot sizes for a set of models and settings.
+pub fn limits(models: &Models, max_payload: usize, max_width: u32, max_height: u32) -> Limits {
+    let pre = models.list.iter().map(|m| &m.config.preprocessing);
+    Limits {
+        max_payload,
+        max_width,
+        max_height,
+        max_tensor: models
+            .list
+            .iter()
+            .filter(|m| matches!(m.runner, crate::models::Runner::Ml(_)))
+            .map(|m| crate::preprocess::tensor_len(&m.config.preprocessing))
+            .max()
+            .unwrap_or(0),
+        max_input_width: pre.map(|p| p.width as usize).max().unwrap_or(0),
+    }
+}
+
+/// Runs the pipeline until `incoming` closes: spawns the executor threads
+/// and returns their handles.
+pub fn start(
+    shared: Arc<Shared>,
+    incoming: async_channel::Receiver<Incoming>,
+    workers: usize,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let ex = Arc::new(smol::Executor::new());
+    let mut tasks = Vec::with_capacity(workers + 1);
+    {
+        let shared = shared.clone();
+        tasks.push(ex.spawn(async move {
+            ingest_loop(&shared, incoming).await;
+            shared.ring.close();
+        }));
+    }
+    for _ in 0..workers {
+        let shared = shared.clone();
+        tasks.push(ex.spawn(async move { worker_loop(&shared).await }));
+    }
+    let (done_tx, done_rx) = async_channel::bounded::<()>(1);
+    {
+        let ex = ex.clone();
+        std::thread::Builder::new()
+            .name("pipeline-join".into())
+            .spawn(move || {
+                smol::block_on(ex.run(async {
+                    for t in tasks {
+                        t.await;
+                    }
+                }));
+                done_tx.close();
+            })
+            .expect("spawn pipeline thread")
+    };
+    (0..workers.saturating_sub(1).max(1))
+        .map(|i| {
+            let ex = ex.clone();
+            let done = done_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("pipeline-{i}"))
+                .spawn(move || {
+                    let _ = smol::block_on(ex.run(done.recv()));
+                })
+                .expect("spawn pipeline thread")
+        })
+        .collect()
+}
+
+async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming>) {
+    let mut routes: Vec<Route> = Vec::with_capacity(MAX_MODELS);
+    let mut err_buf: Vec<u8> = Vec::with_capacity(RESULT_CAPACITY);
+    while let Ok(msg) = incoming.recv().await {
+        let t0 = Instant::now();
+        shared.metrics.messages_received.fetch_add(1, Relaxed);
+        let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
+        match msg.model {
+            Some(m) => {
+                routes.clear();
+                routes.push(Route { model: m as u16, filter: 0 });
+            }
+            None => shared.models.route(topic, &mut routes),
+        }
+        if routes.is_empty() {
+            log::warn!("message on `{topic}` matches no model's input topics; ignored");
+            continue;
+        }
+        let oneshot = msg.reply.as_ref().map(|_| "http");
+        let admitted = ingest::admit(topic, &msg.payload, oneshot, shared.limits.max_payload, &shared.models, &routes);
+        let a = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                shared.metrics.failed(e.reason);
+                log::debug!("message on `{topic}` refused: {e}");
+                ingest::write_early_error(&mut err_buf, topic, &msg.payload, oneshot.is_some(), &e);
+                let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
+                deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(e.http_status())).await;
+                continue;
+            }
+        };
+        shared.metrics.received(a.envelope.form);
+        let mut slot = match shared.ring.take_or_evict(a.device) {
+            Some((mut slot, dropped)) => {
+                if let Some(reason) = dropped {
+                    report_drop(shared, &mut slot, reason).await;
+                }
+                slot
+            }
+            None => match shared.ring.free().await {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        slot.reset();
+        slot.routes.extend_from_slice(&routes);
+        let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
+        match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
+            Ok(()) => shared.ring.push(slot),
+            Err(e) => {
+                emit_all(shared, &mut slot, |slot, ctx, c| process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k)))
+                    .await;
+                shared.ring.release(slot);
+            }
+        }
+        shared.metrics.stage(Stage::Ingest, t0.elapsed());
+    }
+}
+
+/// Tells the owner of a dropped frame why it got no result.
+async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
+    let why = match reason {
+        DropReason::Superseded => "a newer frame from the same source arrived while every frame slot was busy",
+        DropReason::QueueFull => "every frame slot was busy and this was the oldest waiting frame",
+        DropReason::Shutdown => "the service is shutting down",
+    };
+    log::debug!("dropped frame from `{}`: {}", slot.device, reason.as_str());
+    let mut out = std::mem::take(&mut slot.out);
+    result::write_error(
+        &mut out,
+        std::time::SystemTime::now(),
+        &ingest::slot_source(slot),
+        "dropped",
+        format_args!("{}: {why}", reason.as_str()),
+    );
+    slot.out = out;
+    let origin = std::mem::take(&mut slot.origin);
+    deliver(shared, &origin, &shared.error_topic, &slot.out, Emitted::Error(503)).await;
+}
+
+async fn worker_loop(shared: &Shared) {
+    while let Some(mut slot) = shared.ring.next().await {
+        emit_all(shared, &mut slot, |slot, ctx, c| process::process(slot, ctx, |s, k| c.push(s, k))).await;
+        shared.ring.release(slot);
+    }
+}
+
+/// Runs `work` on the slot, then delivers what it emitted. Messages are
+/// copied out once (the MQTT client needs owned buffers) so the slot can
+/// be reused as soon as its work is done.
+async fn emit_all(shared: &Shared, slot: &mut Slot, work: impl FnOnce(&mut Slot, &Ctx<'_>, &mut Collect)) {
+    let mut pending = Collect(Vec::new());
+    let origin = std::mem::take(&mut slot.origin);
+    work(slot, &shared.ctx(), &mut pending);
+    for (o, kind) in pending.0 {
+        deliver_owned(shared, &origin, o, kind).await;
+    }
+}
+
+/// Messages a frame produced, owned, waiting for delivery.
+struct Collect(Vec<(Outbound, Emitted)>);
+
+impl Collect {
+    fn push(&mut self, s: &Slot, kind: Emitted) {
+        let o = Outbound { topic: s.out_topic.clone(), payload: s.out.clone(), error: kind != Emitted::Result };
+        self.0.push((o, kind));
+    }
+}
+
+async fn deliver(shared: &Shared, origin: &Origin, topic: &str, body: &[u8], kind: Emitted) {
+    let o = Outbound { topic: topic.to_owned(), payload: body.to_vec(), error: kind != Emitted::Result };
+    deliver_owned(shared, origin, o, kind).await;
+}
+
+async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emitted) {
+    match origin {
+        Origin::Reply(tx) => {
+            let status = match kind {
+                Emitted::Result => 200,
+                Emitted::Error(s) => s,
+            };
+            let _ = tx.try_send(Reply { status, body: o.payload });
+        }
+        Origin::Mqtt => match &shared.outbound {
+            Some(out) => {
+                let counter = if o.error { &shared.metrics.errors_published } else { &shared.metrics.results_published };
+                if out.send(o).await.is_ok() {
+                    counter.fetch_add(1, Relaxed);
+                }
+            }
+            None => log::debug!("MQTT is off; result for `{}` not published", o.topic),
+        },
+    }
+}
+
+/// Runs one JPEG through `model` synchronously on `slot` (the CLI's
+/// one-shot path): the same ingest and processing as the service. Returns
+/// the message and whether it is a result or an error result.
+pub fn run_oneshot(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    max_payload: usize,
+    model: usize,
+    name: &str,
+    jpeg: &[u8],
+) -> (Vec<u8>, Emitted) {
+    let routes = [Route { model: model as u16, filter: 0 }];
+    let a = match ingest::admit(name, jpeg, Some(name), max_payload, ctx.models, &routes) {
+        Ok(a) => a,
+        Err(e) => {
+            ctx.metrics.failed(e.reason);
+            let mut buf = Vec::new();
+            ingest::write_early_error(&mut buf, name, jpeg, true, &e);
+            return (buf, Emitted::Error(e.http_status()));
+        }
+    };
+    slot.reset();
+    slot.routes.extend_from_slice(&routes);
+    let mut out = (Vec::new(), Emitted::Error(500));
+    let mut keep = |s: &Slot, kind| out = (s.out.clone(), kind);
+    match ingest::fill(slot, name, jpeg, &a, Origin::Mqtt) {
+        Ok(()) => process::process(slot, ctx, keep),
+        Err(e) => process::fail(slot, ctx, &e, &mut keep),
+    }
+    out
+}

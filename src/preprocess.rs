@@ -1,0 +1,295 @@
+//! Preprocessing: packed RGB8 -> the model's f32 input tensor, in one pass.
+//!
+//! Owns: resize geometry (stretch, letterbox, short-side resize + centre
+//! crop), bilinear sampling, channel order, layout and normalisation, and the
+//! mapping of model coordinates back to original pixels. Writes only into
+//! buffers it is handed; allocates nothing.
+
+use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
+
+/// Where the source image lands in the model input, per axis:
+/// `dst = src * scale + offset` (pixel edges), so
+/// `src = (dst - offset) / scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Geometry {
+    pub src_w: u32,
+    pub src_h: u32,
+    pub dst_w: u32,
+    pub dst_h: u32,
+    pub scale_x: f32,
+    pub scale_y: f32,
+    pub offset_x: f32,
+    pub offset_y: f32,
+    /// Destination pixels covered by the image: `[x0, x1) x [y0, y1)`;
+    /// the rest is padding.
+    pub content: [u32; 4],
+}
+
+impl Geometry {
+    pub fn new(src_w: u32, src_h: u32, p: &Preprocessing) -> Geometry {
+        let (dw, dh) = (p.width, p.height);
+        let (sw, sh) = (src_w.max(1) as f32, src_h.max(1) as f32);
+        match p.mode {
+            ResizeMode::Stretch => Geometry {
+                src_w,
+                src_h,
+                dst_w: dw,
+                dst_h: dh,
+                scale_x: dw as f32 / sw,
+                scale_y: dh as f32 / sh,
+                offset_x: 0.0,
+                offset_y: 0.0,
+                content: [0, 0, dw, dh],
+            },
+            ResizeMode::Letterbox { .. } => {
+                // As Ultralytics' LetterBox: one ratio, rounded new size, padding split evenly.
+                let r = (dw as f32 / sw).min(dh as f32 / sh);
+                let nw = ((sw * r).round() as u32).clamp(1, dw);
+                let nh = ((sh * r).round() as u32).clamp(1, dh);
+                let left = (dw - nw) / 2;
+                let top = (dh - nh) / 2;
+                Geometry {
+                    src_w,
+                    src_h,
+                    dst_w: dw,
+                    dst_h: dh,
+                    scale_x: nw as f32 / sw,
+                    scale_y: nh as f32 / sh,
+                    offset_x: left as f32,
+                    offset_y: top as f32,
+                    content: [left, top, left + nw, top + nh],
+                }
+            }
+            ResizeMode::CenterCrop { resize_short } => {
+                // As torchvision's Resize(short) + CenterCrop(size).
+                let r = resize_short as f32 / sw.min(sh);
+                let rw = ((sw * r).round() as u32).max(dw);
+                let rh = ((sh * r).round() as u32).max(dh);
+                let left = ((rw - dw) as f32 / 2.0).round();
+                let top = ((rh - dh) as f32 / 2.0).round();
+                Geometry {
+                    src_w,
+                    src_h,
+                    dst_w: dw,
+                    dst_h: dh,
+                    scale_x: rw as f32 / sw,
+                    scale_y: rh as f32 / sh,
+                    offset_x: -left,
+                    offset_y: -top,
+                    content: [0, 0, dw, dh],
+                }
+            }
+        }
+    }
+
+    /// Maps a point in model-input pixels back to original image pixels,
+    /// clamped to the image.
+    pub fn to_source(&self, x: f32, y: f32) -> (f32, f32) {
+        (
+            ((x - self.offset_x) / self.scale_x).clamp(0.0, self.src_w as f32),
+            ((y - self.offset_y) / self.scale_y).clamp(0.0, self.src_h as f32),
+        )
+    }
+}
+
+/// Number of f32 values a config's tensor holds.
+pub fn tensor_len(p: &Preprocessing) -> usize {
+    p.width as usize * p.height as usize * 3
+}
+
+/// One bilinear tap pair along an axis.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tap {
+    i0: u32,
+    i1: u32,
+    w1: f32,
+}
+
+/// Scratch for one frame's sampling tables (capacity fixed at start-up).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    xs: Vec<Tap>,
+    row: Vec<f32>,
+}
+
+impl Scratch {
+    pub fn with_capacity(max_dst_w: usize) -> Scratch {
+        Scratch { xs: Vec::with_capacity(max_dst_w), row: Vec::with_capacity(max_dst_w * 3) }
+    }
+}
+
+fn tap(d: u32, scale: f32, offset: f32, n: u32) -> Tap {
+    // Half-pixel centres, as OpenCV's INTER_LINEAR and PIL without antialias.
+    let s = ((d as f32 + 0.5 - offset) / scale - 0.5).max(0.0);
+    let i0 = (s.floor() as u32).min(n - 1);
+    let i1 = (i0 + 1).min(n - 1);
+    Tap { i0, i1, w1: if i1 == i0 { 0.0 } else { s - i0 as f32 } }
+}
+
+/// Fills `out` (exactly `tensor_len(p)` values) from packed RGB8 `rgb`.
+pub fn preprocess_into(rgb: &[u8], g: &Geometry, p: &Preprocessing, scratch: &mut Scratch, out: &mut [f32]) {
+    let (dw, dh) = (g.dst_w as usize, g.dst_h as usize);
+    let sw = g.src_w as usize;
+    debug_assert_eq!(out.len(), dw * dh * 3);
+    debug_assert!(rgb.len() >= sw * g.src_h as usize * 3);
+
+    // value = pixel * a[c] + b[c], for output channel c.
+    let unit = if p.normalize { 1.0 / 255.0 } else { 1.0 };
+    let a: [f32; 3] = std::array::from_fn(|c| unit / p.std[c]);
+    let b: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
+    // Source channel feeding output channel c.
+    let src_c: [usize; 3] = match p.channel_order {
+        ChannelOrder::Rgb => [0, 1, 2],
+        ChannelOrder::Bgr => [2, 1, 0],
+    };
+    let pad_px = match p.mode {
+        ResizeMode::Letterbox { pad_value } => pad_value as f32,
+        _ => 0.0,
+    };
+    let pad: [f32; 3] = std::array::from_fn(|c| pad_px * a[c] + b[c]);
+    let [cx0, cy0, cx1, cy1] = g.content.map(|v| v as usize);
+
+    scratch.xs.clear();
+    scratch.xs.extend((cx0..cx1).map(|x| tap(x as u32, g.scale_x, g.offset_x, g.src_w)));
+    scratch.row.clear();
+    scratch.row.resize(dw * 3, 0.0);
+
+    let plane = dw * dh;
+    for y in 0..dh {
+        let row = &mut scratch.row;
+        if y < cy0 || y >= cy1 {
+            for x in 0..dw {
+                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
+            }
+        } else {
+            let t = tap(y as u32, g.scale_y, g.offset_y, g.src_h);
+            let r0 = &rgb[t.i0 as usize * sw * 3..(t.i0 as usize + 1) * sw * 3];
+            let r1 = &rgb[t.i1 as usize * sw * 3..(t.i1 as usize + 1) * sw * 3];
+            let wy1 = t.w1;
+            let wy0 = 1.0 - wy1;
+            for x in 0..cx0 {
+                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
+            }
+            for x in cx1..dw {
+                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
+            }
+            for (k, tx) in scratch.xs.iter().enumerate() {
+                let (p0, p1) = (tx.i0 as usize * 3, tx.i1 as usize * 3);
+                let wx1 = tx.w1;
+                let wx0 = 1.0 - wx1;
+                let o = (cx0 + k) * 3;
+                for c in 0..3 {
+                    let s = src_c[c];
+                    let top = r0[p0 + s] as f32 * wx0 + r0[p1 + s] as f32 * wx1;
+                    let bot = r1[p0 + s] as f32 * wx0 + r1[p1 + s] as f32 * wx1;
+                    row[o + c] = (top * wy0 + bot * wy1) * a[c] + b[c];
+                }
+            }
+        }
+        match p.layout {
+            Layout::Nhwc => out[y * dw * 3..(y + 1) * dw * 3].copy_from_slice(row),
+            Layout::Nchw => {
+                for c in 0..3 {
+                    let dst = &mut out[c * plane + y * dw..c * plane + (y + 1) * dw];
+                    for (x, d) in dst.iter_mut().enumerate() {
+                        *d = row[x * 3 + c];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pre(w: u32, h: u32, mode: ResizeMode) -> Preprocessing {
+        Preprocessing {
+            width: w,
+            height: h,
+            mode,
+            normalize: false,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            channel_order: ChannelOrder::Rgb,
+            layout: Layout::Nchw,
+        }
+    }
+
+    #[test]
+    fn letterbox_geometry_matches_ultralytics() {
+        // 1920x1080 -> 640x640: ratio 1/3, 640x360 content, 140 px bars top and bottom.
+        let g = Geometry::new(1920, 1080, &pre(640, 640, ResizeMode::Letterbox { pad_value: 114 }));
+        assert_eq!(g.content, [0, 140, 640, 500]);
+        assert_eq!(g.offset_y, 140.0);
+        let (x, y) = g.to_source(320.0, 140.0);
+        assert!((x - 960.0).abs() < 1e-3 && y.abs() < 1e-3);
+        let (x, y) = g.to_source(640.0, 500.0);
+        assert!((x - 1920.0).abs() < 1e-3 && (y - 1080.0).abs() < 1e-3);
+        // Odd padding: 451x300 -> 640: ratio 1.419, 640x426, 214 px of padding: 107 above.
+        let g = Geometry::new(451, 300, &pre(640, 640, ResizeMode::Letterbox { pad_value: 114 }));
+        assert_eq!(g.content, [0, 107, 640, 533]);
+        // Portrait: bars left and right.
+        let g = Geometry::new(300, 600, &pre(640, 640, ResizeMode::Letterbox { pad_value: 114 }));
+        assert_eq!(g.content, [160, 0, 480, 640]);
+    }
+
+    #[test]
+    fn center_crop_geometry_matches_torchvision() {
+        // 600x400, short side -> 256: 384x256, crop 224 at left=80, top=16.
+        let g = Geometry::new(600, 400, &pre(224, 224, ResizeMode::CenterCrop { resize_short: 256 }));
+        assert_eq!((g.offset_x, g.offset_y), (-80.0, -16.0));
+        assert!((g.scale_x - 0.64).abs() < 1e-6);
+        let (x, y) = g.to_source(0.0, 0.0);
+        assert!((x - 125.0).abs() < 1e-3 && (y - 25.0).abs() < 1e-3);
+    }
+
+    #[test]
+    fn letterbox_pads_and_normalises() {
+        // 2x1 image: red, blue -> 4x4 letterbox: content rows 1..3.
+        let rgb = [255, 0, 0, 0, 0, 255];
+        let mut p = pre(4, 4, ResizeMode::Letterbox { pad_value: 114 });
+        p.normalize = true;
+        let g = Geometry::new(2, 1, &p);
+        assert_eq!(g.content, [0, 1, 4, 3]);
+        let mut out = vec![0.0; tensor_len(&p)];
+        preprocess_into(&rgb, &g, &p, &mut Scratch::with_capacity(4), &mut out);
+        let at = |c: usize, y: usize, x: usize| out[c * 16 + y * 4 + x];
+        assert!((at(0, 0, 0) - 114.0 / 255.0).abs() < 1e-6, "padding row");
+        assert!((at(0, 1, 0) - 1.0).abs() < 1e-6, "left edge is pure red");
+        assert!(at(2, 1, 0).abs() < 1e-6);
+        assert!((at(2, 2, 3) - 1.0).abs() < 1e-6, "right edge is pure blue");
+        assert!((at(0, 1, 1) - 0.75).abs() < 1e-6, "bilinear: 3/4 red at x=1");
+    }
+
+    #[test]
+    fn bgr_nhwc_and_mean_std() {
+        let rgb = [10, 20, 30];
+        let mut p = pre(2, 1, ResizeMode::Stretch);
+        p.channel_order = ChannelOrder::Bgr;
+        p.layout = Layout::Nhwc;
+        p.mean = [1.0, 2.0, 3.0];
+        p.std = [2.0, 2.0, 2.0];
+        let g = Geometry::new(1, 1, &p);
+        let mut out = vec![0.0; 6];
+        preprocess_into(&rgb, &g, &p, &mut Scratch::with_capacity(2), &mut out);
+        assert_eq!(out, [14.5, 9.0, 3.5, 14.5, 9.0, 3.5]);
+    }
+
+    #[test]
+    fn identity_stretch_reproduces_pixels() {
+        let rgb: Vec<u8> = (0..5 * 3 * 3).map(|i| (i * 5) as u8).collect();
+        let p = pre(5, 3, ResizeMode::Stretch);
+        let g = Geometry::new(5, 3, &p);
+        let mut out = vec![0.0; tensor_len(&p)];
+        preprocess_into(&rgb, &g, &p, &mut Scratch::with_capacity(5), &mut out);
+        for y in 0..3 {
+            for x in 0..5 {
+                for c in 0..3 {
+                    assert_eq!(out[c * 15 + y * 5 + x], rgb[(y * 5 + x) * 3 + c] as f32);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Result messages: `ai_inference_result`, `camera_health` and
+//! `inference_error`, written into a reused buffer with `json::Writer`.
+//!
+//! Owns: the output schemas (README "Message schemas"). Takes plain values;
+//! knows nothing of slots, models or MQTT.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::health::HealthReport;
+use crate::json::Writer;
+
+/// Where a frame came from, echoed in every message about it.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    pub device_id: Option<&'a str>,
+    pub form: &'a str,
+    pub topic: &'a str,
+    /// Raw JSON values from the input envelope, passed through unchanged.
+    pub timestamp_json: Option<&'a [u8]>,
+    pub correlation_id_json: Option<&'a [u8]>,
+    pub location_json: Option<&'a [u8]>,
+    pub metadata_json: Option<&'a [u8]>,
+}
+
+/// Timings of one frame, in the order the stages ran.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub decode: Duration,
+    pub preprocess: Duration,
+    pub infer: Duration,
+}
+
+/// One prediction of a classifier or detector.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction<'a> {
+    pub class_id: usize,
+    pub label: &'a str,
+    pub confidence: f32,
+    /// `[x1, y1, x2, y2]` in original image pixels, for detections.
+    pub bbox: Option<[f32; 4]>,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Option<&str>) {
+    w.begin_object();
+    w.key("message_type").str(message_type);
+    w.key("timestamp");
+    write_rfc3339(w, now);
+    w.key("device_id");
+    match device_id {
+        Some(d) => w.str(d),
+        None => w.null(),
+    };
+}
+
+fn source(w: &mut Writer<'_>, s: &Source<'_>) {
+    w.key("source").begin_object();
+    w.key("form").str(s.form);
+    w.key("topic").str(s.topic);
+    for (k, v) in [
+        ("timestamp", s.timestamp_json),
+        ("correlation_id", s.correlation_id_json),
+        ("location", s.location_json),
+        ("metadata", s.metadata_json),
+    ] {
+        if let Some(v) = v {
+            w.key(k).raw(v);
+        }
+    }
+    w.end_object();
+}
+
+/// Classification or detection result (the design's `ai_inference_result`).
+#[allow(clippy::too_many_arguments)]
+pub fn write_inference(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    backend: &str,
+    t: &Timings,
+    image: (u32, u32),
+    predictions: &[Prediction<'_>],
+    alert: bool,
+) {
+    let mut w = Writer::new(buf);
+    header(&mut w, "ai_inference_result", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("backend_used").str(backend);
+    w.key("inference_time_ms").f64(ms(t.infer), 3);
+    w.key("predictions").begin_array();
+    for p in predictions {
+        w.begin_object();
+        w.key("class_id").u64(p.class_id as u64);
+        w.key("label").str(p.label);
+        w.key("confidence").f64(p.confidence as f64, 4);
+        if let Some(b) = p.bbox {
+            w.key("bbox").begin_array();
+            for v in b {
+                w.f64(v as f64, 1);
+            }
+            w.end_array();
+        }
+        w.end_object();
+    }
+    w.end_array();
+    w.key("metadata").begin_object();
+    w.key("decode_time_ms").f64(ms(t.decode), 3);
+    w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
+    w.key("image_width").u64(image.0 as u64);
+    w.key("image_height").u64(image.1 as u64);
+    w.key("total_objects_detected").u64(predictions.iter().filter(|p| p.bbox.is_some()).count() as u64);
+    w.key("alert_triggered").bool(alert);
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
+/// Camera-health result (`camera_health`).
+pub fn write_health(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, model_name: &str, t: &Timings, r: &HealthReport) {
+    let mut w = Writer::new(buf);
+    header(&mut w, "camera_health", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("backend_used").str("builtin");
+    w.key("inference_time_ms").f64(ms(t.infer), 3);
+    w.key("health").begin_object();
+    w.key("width").u64(r.width as u64);
+    w.key("height").u64(r.height as u64);
+    w.key("mean_brightness").f64(r.mean_brightness as f64, 2);
+    w.key("blur_score").f64(r.blur_score as f64, 2);
+    w.key("black_frame").bool(r.black_frame);
+    w.key("blurry").bool(r.blurry);
+    w.key("frozen").bool(r.frozen);
+    w.key("issues").begin_array();
+    for (bad, name) in [(r.black_frame, "black_frame"), (r.blurry, "blurry"), (r.frozen, "frozen")] {
+        if bad {
+            w.str(name);
+        }
+    }
+    w.end_array();
+    w.end_object();
+    w.key("metadata").begin_object();
+    w.key("decode_time_ms").f64(ms(t.decode), 3);
+    w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
+    w.key("total_objects_detected").u64(0);
+    w.key("alert_triggered").bool(r.alert());
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
+/// Error result (`inference_error`): `error` is a stable code, `reason` says why.
+pub fn write_error(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, code: &str, reason: std::fmt::Arguments<'_>) {
+    let mut w = Writer::new(buf);
+    header(&mut w, "inference_error", now, src.device_id);
+    w.key("error").str(code);
+    w.key("reason").fmt_str(reason);
+    source(&mut w, src);
+    w.end_object();
+}
+
+/// Writes `now` as an RFC 3339 UTC string with milliseconds.
+pub fn write_rfc3339(w: &mut Writer<'_>, now: SystemTime) {
+    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (y, m, day) = civil_from_days(days);
+    w.fmt_str(format_args!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    ));
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + (m <= 2) as i64, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use miniserde::json::{self, Value};
+
+    fn src() -> Source<'static> {
+        Source {
+            device_id: Some("cam-1"),
+            form: "image_snapshot",
+            topic: "edge-ai/a/b/c/camera/snapshots",
+            timestamp_json: Some(b"1767225600"),
+            correlation_id_json: Some(b"\"corr-9\""),
+            location_json: None,
+            metadata_json: Some(br#"{"zone":"A"}"#),
+        }
+    }
+
+    fn get<'v>(v: &'v Value, path: &[&str]) -> &'v Value {
+        path.iter().fold(v, |v, k| match v {
+            Value::Object(o) => o.get(*k).unwrap_or_else(|| panic!("missing {k}")),
+            _ => panic!("not an object at {k}"),
+        })
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let mut buf = Vec::new();
+        write_rfc3339(&mut Writer::new(&mut buf), UNIX_EPOCH + Duration::from_millis(1_767_225_600_123));
+        assert_eq!(buf, b"\"2026-01-01T00:00:00.123Z\"");
+        write_rfc3339(&mut Writer::new(&mut buf), UNIX_EPOCH + Duration::from_secs(951_782_400));
+        assert_eq!(buf, b"\"2000-02-29T00:00:00.000Z\"");
+    }
+
+    #[test]
+    fn inference_result_schema() {
+        let mut buf = Vec::new();
+        let preds = [Prediction { class_id: 0, label: "person", confidence: 0.8123, bbox: Some([1.0, 2.0, 30.5, 40.25]) }];
+        let t = Timings { decode: Duration::from_micros(1500), preprocess: Duration::from_micros(700), infer: Duration::from_millis(3) };
+        write_inference(&mut buf, SystemTime::now(), &src(), "yolo", "onnx", &t, (640, 480), &preds, true);
+        let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
+        assert!(matches!(get(&v, &["message_type"]), Value::String(s) if s == "ai_inference_result"));
+        assert!(matches!(get(&v, &["metadata", "total_objects_detected"]), Value::Number(_)));
+        assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
+        assert!(matches!(get(&v, &["metadata", "source", "correlation_id"]), Value::String(s) if s == "corr-9"));
+        assert!(matches!(get(&v, &["metadata", "source", "metadata", "zone"]), Value::String(s) if s == "A"));
+        let Value::Array(p) = get(&v, &["predictions"]) else { panic!() };
+        assert!(matches!(get(&p[0], &["label"]), Value::String(s) if s == "person"));
+    }
+
+    #[test]
+    fn health_and_error_schemas() {
+        let mut buf = Vec::new();
+        let r = HealthReport { width: 4, height: 2, mean_brightness: 3.0, black_frame: true, ..Default::default() };
+        write_health(&mut buf, SystemTime::now(), &src(), "camera-health", &Timings::default(), &r);
+        let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
+        let Value::Array(issues) = get(&v, &["health", "issues"]) else { panic!() };
+        assert_eq!(issues.len(), 1);
+        assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
+
+        let mut s = src();
+        s.device_id = None;
+        write_error(&mut buf, SystemTime::now(), &s, "not_jpeg", format_args!("payload \"x\" is {}", "a PNG"));
+        let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
+        assert!(matches!(get(&v, &["device_id"]), Value::Null));
+        assert!(matches!(get(&v, &["reason"]), Value::String(s) if s == "payload \"x\" is a PNG"));
+    }
+}

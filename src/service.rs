@@ -1,0 +1,202 @@
+//! Wiring: settings -> models -> pipeline, MQTT and HTTP threads; and the
+//! command-line jobs (`infer`, `check-config`, `bench`).
+//!
+//! Owns: start-up order and start-up errors. Every long-lived thread and
+//! channel is created here, once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{model, Settings};
+use crate::frame::{Limits, Ring, Slot};
+use crate::metrics::Metrics;
+use crate::models::Models;
+use crate::pipeline::{self, Shared};
+use crate::process::{Ctx, Emitted};
+use crate::topic::TopicTemplate;
+use crate::{build_info, http, mqtt};
+
+/// Loads and validates the model configs, then the models.
+pub fn load_models(settings: &Settings) -> Result<Models, String> {
+    let configs = model::load(settings.model_config_path.as_deref(), settings).map_err(|e| e.to_string())?;
+    Models::load(configs).map_err(|e| e.to_string())
+}
+
+fn render_service_topic(t: &str, client_id: &str) -> Result<String, String> {
+    Ok(TopicTemplate::parse(t).map_err(|e| e.0)?.render_client(client_id))
+}
+
+/// Runs the service until its threads end (they run until the process is stopped).
+pub fn run(settings: Settings) -> Result<(), String> {
+    log::info!("{}", build_info::line());
+    let models = Arc::new(load_models(&settings)?);
+    for m in &models.list {
+        log::info!(
+            "model `{}`: {} on {}, inputs {:?} -> {}",
+            m.config.name,
+            m.config.model_type.as_str(),
+            m.backend_name(),
+            m.config.input_topics.iter().map(|f| f.subscription()).collect::<Vec<_>>(),
+            m.config.output_topic.as_str()
+        );
+    }
+    let metrics = Arc::new(Metrics::default());
+    let limits = pipeline::limits(&models, settings.max_payload_bytes, settings.max_image_width, settings.max_image_height);
+    let status_topic = render_service_topic(&settings.status_topic, &settings.client_id)?;
+    let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
+
+    let (in_tx, in_rx) = async_channel::bounded(settings.queue_depth.max(16));
+    let (out_tx, out_rx) = async_channel::bounded(settings.queue_depth * 4 + 16);
+    let mqtt_on = settings.broker.is_some();
+    let shared = Arc::new(Shared {
+        models: models.clone(),
+        metrics: metrics.clone(),
+        ring: Ring::new(settings.queue_depth, &limits, metrics.clone()),
+        limits,
+        error_topic,
+        outbound: mqtt_on.then_some(out_tx),
+    });
+    let mut threads = Vec::new();
+    if let Some(addr) = &settings.http_addr {
+        let state = http::HttpState {
+            models: models.clone(),
+            metrics: metrics.clone(),
+            incoming: in_tx.clone(),
+            mqtt_enabled: mqtt_on,
+            max_body: settings.max_payload_bytes,
+        };
+        let (bound, handles) = http::start(addr, state)?;
+        log::info!("HTTP listening on http://{bound} (/healthz /readyz /metrics POST /infer)");
+        threads.extend(handles);
+    }
+    threads.extend(pipeline::start(shared, in_rx, settings.workers));
+    if let Some((host, port)) = settings.broker.clone() {
+        let cfg = mqtt::MqttConfig {
+            host,
+            port,
+            client_id: settings.client_id.clone(),
+            keep_alive: Duration::from_secs(settings.keep_alive_s),
+            subscriptions: models.subscriptions(),
+            status_topic,
+            max_payload: settings.max_payload_bytes,
+        };
+        threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx));
+    } else {
+        log::info!("AIO_BROKER_HOSTNAME is empty: MQTT is off");
+        drop(in_tx);
+    }
+    log::info!(
+        "ready: {} model(s), {} frame slots, {} workers",
+        models.list.len(),
+        settings.queue_depth,
+        settings.workers
+    );
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+/// `infer FILE...`: one JSON line per file on stdout. Returns whether every file got a result.
+pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -> Result<bool, String> {
+    let models = load_models(settings)?;
+    let idx = match model {
+        Some(name) => models.find(name).ok_or_else(|| format!("no model named `{name}`"))?,
+        None => 0,
+    };
+    let metrics = Metrics::default();
+    let limits = pipeline::limits(&models, settings.max_payload_bytes, settings.max_image_width, settings.max_image_height);
+    let mut slot = Slot::new(&limits);
+    let ctx = Ctx {
+        models: &models,
+        metrics: &metrics,
+        max_width: limits.max_width,
+        max_height: limits.max_height,
+        error_topic: "",
+    };
+    let mut all_ok = true;
+    for f in files {
+        let bytes = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
+        let (body, kind) = pipeline::run_oneshot(&mut slot, &ctx, limits.max_payload, idx, f, &bytes);
+        all_ok &= kind == Emitted::Result;
+        println!("{}", String::from_utf8_lossy(&body));
+    }
+    Ok(all_ok)
+}
+
+/// `check-config [PATH]`: the effective configuration, or the first error.
+pub fn check_config(settings: &Settings, path: Option<&str>) -> Result<String, String> {
+    let path = path.map(std::path::PathBuf::from).or_else(|| settings.model_config_path.clone());
+    let configs = model::load(path.as_deref(), settings).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    for (i, c) in configs.iter().enumerate() {
+        if i > 0 {
+            out.push_str("---\n");
+        }
+        out.push_str(&model::describe(c));
+    }
+    Ok(out)
+}
+
+/// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
+/// on this thread, reporting the median and allocations per frame.
+pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {
+    use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
+    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let pre = Preprocessing {
+        width: size,
+        height: size,
+        mode: ResizeMode::Letterbox { pad_value: 114 },
+        normalize: true,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        channel_order: ChannelOrder::Rgb,
+        layout: Layout::Nchw,
+    };
+    let limits = Limits {
+        max_payload: jpeg.len(),
+        max_width: 7680,
+        max_height: 4320,
+        max_tensor: crate::preprocess::tensor_len(&pre),
+        max_input_width: size as usize,
+    };
+    let mut slot = Slot::new(&limits);
+    let (mut dec, mut prep, mut allocs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iters + 3 {
+        let (a0, b0) = crate::alloc_count::snapshot();
+        let t0 = Instant::now();
+        let d = crate::decode::decode_into(&jpeg, &mut slot.rgb, limits.max_width, limits.max_height)
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let (a1, b1) = crate::alloc_count::snapshot();
+        let g = crate::preprocess::Geometry::new(d.width, d.height, &pre);
+        crate::preprocess::preprocess_into(&slot.rgb, &g, &pre, &mut slot.pre_scratch, &mut slot.tensor);
+        let t2 = Instant::now();
+        let (a2, b2) = crate::alloc_count::snapshot();
+        if i >= 3 {
+            dec.push(t1 - t0);
+            prep.push(t2 - t1);
+            allocs.push((a1 - a0, a2 - a1));
+            bytes.push((b1 - b0, b2 - b1));
+        }
+        if i == 0 {
+            log::info!("{file}: {}x{} -> {size}x{size} letterbox NCHW f32", d.width, d.height);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let total: Vec<Duration> = dec.iter().zip(&prep).map(|(a, b)| *a + *b).collect();
+    let (mut total, md, mp) = (total, median(&mut dec), median(&mut prep));
+    let mt = median(&mut total);
+    let p = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap_or(0);
+    Ok(format!(
+        "frames: {iters}\nmedian decode_ms: {md:.3}\nmedian preprocess_ms: {mp:.3}\nmedian total_ms: {mt:.3}\n\
+         allocations per frame (max): decode {} ({} bytes), preprocess {} ({} bytes)\n",
+        p(&allocs, |a| a.0),
+        p(&bytes, |a| a.0),
+        p(&allocs, |a| a.1),
+        p(&bytes, |a| a.1),
+    ))
+}
