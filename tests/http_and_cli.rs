@@ -1,0 +1,136 @@
+//! The HTTP one-shot path and probes, the CLI jobs, and start-up errors.
+
+mod support;
+
+use support::*;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn http_probes_and_oneshot_infer() {
+    let svc = Service::start(&[("AIO_BROKER_HOSTNAME", ""), ("MAX_PAYLOAD_BYTES", "200000")]);
+    assert_eq!(svc.get("/healthz"), (200, "ok\n".to_owned()));
+    let (code, body) = svc.get("/readyz");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"enabled\":false") && body.contains("\"name\":\"camera-health\""), "{body}");
+
+    let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("astronaut.jpg"));
+    assert_eq!(code, 200, "{}", text(&body));
+    let v: miniserde::json::Value = miniserde::json::from_str(&text(&body)).unwrap();
+    assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
+    assert_eq!(get_str(&v, &["metadata", "source", "form"]).as_deref(), Some("oneshot"));
+    assert!(matches!(get(&v, &["health", "width"]), Some(miniserde::json::Value::Number(_))));
+
+    let (code, body) = http_request(svc.http(), "POST", "/infer?model=camera-health", b"\x89PNG\r\n\x1a\nxxxx");
+    assert_eq!(code, 422);
+    assert!(text(&body).contains("\"error\":\"not_jpeg\""), "{}", text(&body));
+
+    let mut truncated = fixture("coffee.jpg");
+    truncated.truncate(5000);
+    let (code, body) = http_request(svc.http(), "POST", "/infer", &truncated);
+    assert_eq!(code, 422);
+    assert!(text(&body).contains("\"error\":\"corrupt_jpeg\""), "{}", text(&body));
+
+    let (code, _) = http_request(svc.http(), "POST", "/infer", &fixture("rocket-1080p.jpg"));
+    assert_eq!(code, 413);
+    let (code, body) = http_request(svc.http(), "POST", "/infer?model=nope", &fixture("astronaut.jpg"));
+    assert_eq!(code, 404, "{}", text(&body));
+    assert_eq!(http_request(svc.http(), "GET", "/infer", b"").0, 405);
+    assert_eq!(svc.get("/nowhere").0, 404);
+
+    // Good frames after bad ones still work, and everything was counted.
+    assert_eq!(http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg")).0, 200);
+    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"not_jpeg\"}"), 1.0);
+    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"corrupt_jpeg\"}"), 1.0);
+    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"payload_too_large\"}"), 1.0);
+    assert_eq!(svc.metric("aei_frames_received_total{form=\"oneshot\"}"), 4.0);
+    let (_, metrics) = svc.get("/metrics");
+    assert!(metrics.contains("aei_build_info{version=\"0.1.0\""), "{metrics}");
+}
+
+#[test]
+fn cli_infer_prints_one_result_per_file() {
+    let out = binary()
+        .args(["infer", "tests/fixtures/astronaut.jpg", "tests/fixtures/black.jpg"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("MODEL_CONFIG_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(lines.len(), 2);
+    let black: miniserde::json::Value = miniserde::json::from_str(&lines[1]).unwrap();
+    assert_eq!(get_bool(&black, &["health", "black_frame"]), Some(true));
+
+    // A file that is not a JPEG: an error result and a failing exit code.
+    let out = binary().args(["infer", "Cargo.toml"]).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stdout).contains("\"error\":\"not_jpeg\""), "{}", text(&out.stdout));
+}
+
+#[test]
+fn config_errors_name_file_key_and_expectation() {
+    let dir = TempDir::new("badcfg");
+    let bad = dir.write("bad.yaml", "name: x\nmodel_type: object-detection\nmodel_path: m.onnx\ninference:\n  iou_threshold: 3\n");
+    let out = binary().args(["check-config", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("bad.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 3"), "{err}");
+
+    let good = dir.write("good.yaml", "name: gate\nmodel_type: camera-health\nhealth: { blur_threshold: 55 }\n");
+    let out = binary().args(["check-config", good.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("blur_threshold: 55"), "{}", text(&out.stdout));
+
+    // The service refuses to start on a bad config, with the same message.
+    let out = binary().env("MODEL_CONFIG_PATH", &bad).env("HTTP_ADDR", "").env("AIO_BROKER_HOSTNAME", "").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("`inference.iou_threshold`"), "{}", text(&out.stderr));
+
+    let out = binary().env("QUEUE_DEPTH", "lots").arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("QUEUE_DEPTH (--queue-depth): expected a whole number"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn a_backend_missing_from_the_build_is_a_clear_startup_error() {
+    let dir = TempDir::new("backend");
+    // Pick a backend this build lacks; a dual build has both, and says what it cannot do yet.
+    let (backend, want) = if !cfg!(feature = "onnx") {
+        ("onnx", "backend `onnx` is not compiled into this build (features: ".to_owned())
+    } else if !cfg!(feature = "candle") {
+        ("candle", "backend `candle` is not compiled into this build (features: ".to_owned())
+    } else {
+        ("onnx", "backend `onnx`: ".to_owned())
+    };
+    let cfg = dir.write(
+        "m.yaml",
+        &format!("name: det\nbackend: {backend}\nmodel_type: object-detection\nmodel_path: yolo.onnx\n"),
+    );
+    let out = binary()
+        .env("MODEL_CONFIG_PATH", &cfg)
+        .env("HTTP_ADDR", "")
+        .env("AIO_BROKER_HOSTNAME", "")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "must fail at start-up, not panic");
+    let err = text(&out.stderr);
+    assert!(err.contains(&want), "{err}");
+    if want.contains("not compiled") {
+        assert!(err.contains(&format!("rebuild with `--features {backend}`")), "{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn help_and_version() {
+    let out = binary().arg("--help").output().unwrap();
+    let help = text(&out.stdout);
+    for var in ["MODEL_CONFIG_PATH", "DEFAULT_BACKEND", "ENABLE_DUAL_BACKEND", "AIO_BROKER_HOSTNAME", "MQTT_INPUT_TOPICS", "HTTP_ADDR", "QUEUE_DEPTH", "MAX_PAYLOAD_BYTES", "GPU_ENABLED", "RUST_LOG"] {
+        assert!(help.contains(var), "--help must document {var}");
+    }
+    let out = binary().arg("--version").output().unwrap();
+    assert!(text(&out.stdout).starts_with("ai-edge-inference 0.1.0 (commit "), "{}", text(&out.stdout));
+}
