@@ -15,11 +15,18 @@ fn main() {
         .unwrap_or_else(|| "unknown".to_owned());
 
     let mut features: Vec<String> = std::env::vars()
-        .filter_map(|(k, _)| k.strip_prefix("CARGO_FEATURE_").map(|f| f.to_lowercase().replace('_', "-")))
+        .filter_map(|(k, _)| {
+            k.strip_prefix("CARGO_FEATURE_")
+                .map(|f| f.to_lowercase().replace('_', "-"))
+        })
         .filter(|f| f != "default")
         .collect();
     features.sort();
-    let features = if features.is_empty() { "none".to_owned() } else { features.join(",") };
+    let features = if features.is_empty() {
+        "none".to_owned()
+    } else {
+        features.join(",")
+    };
 
     let profile = std::env::var("PROFILE").unwrap_or_else(|_| "unknown".to_owned());
     let target = std::env::var("TARGET").unwrap_or_else(|_| "unknown".to_owned());

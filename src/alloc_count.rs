@@ -44,5 +44,8 @@ fn note(bytes: usize) {
 
 /// (allocations, bytes) made by this thread so far.
 pub fn snapshot() -> (u64, u64) {
-    (COUNT.try_with(Cell::get).unwrap_or(0), BYTES.try_with(Cell::get).unwrap_or(0))
+    (
+        COUNT.try_with(Cell::get).unwrap_or(0),
+        BYTES.try_with(Cell::get).unwrap_or(0),
+    )
 }

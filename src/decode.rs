@@ -16,7 +16,12 @@ pub enum DecodeError {
     /// Not a JPEG at all (no SOI marker); names what it looks like.
     NotJpeg(&'static str),
     /// Larger than the slots were sized for.
-    TooLarge { width: usize, height: usize, max_width: u32, max_height: u32 },
+    TooLarge {
+        width: usize,
+        height: usize,
+        max_width: u32,
+        max_height: u32,
+    },
     /// Truncated or corrupt JPEG data.
     Corrupt(String),
 }
@@ -25,7 +30,12 @@ impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecodeError::NotJpeg(what) => write!(f, "payload is not a JPEG image ({what})"),
-            DecodeError::TooLarge { width, height, max_width, max_height } => write!(
+            DecodeError::TooLarge {
+                width,
+                height,
+                max_width,
+                max_height,
+            } => write!(
                 f,
                 "image is {width}x{height}, larger than MAX_IMAGE_WIDTH x MAX_IMAGE_HEIGHT = {max_width}x{max_height}"
             ),
@@ -76,14 +86,29 @@ pub fn decode_into(jpeg: &[u8], rgb: &mut [u8], max_width: u32, max_height: u32)
         .set_max_height(16384);
     let mut dec = JpegDecoder::new_with_options(ZCursor::new(jpeg), options);
     dec.decode_headers().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    let (width, height) = dec.dimensions().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
+    let (width, height) = dec
+        .dimensions()
+        .ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
     if width > max_width as usize || height > max_height as usize {
-        return Err(DecodeError::TooLarge { width, height, max_width, max_height });
+        return Err(DecodeError::TooLarge {
+            width,
+            height,
+            max_width,
+            max_height,
+        });
     }
-    let need = dec.output_buffer_size().ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
+    let need = dec
+        .output_buffer_size()
+        .ok_or_else(|| DecodeError::Corrupt("no frame header".into()))?;
     if need != width * height * 3 || need > rgb.len() {
-        return Err(DecodeError::Corrupt(format!("unexpected output size {need} for {width}x{height}")));
+        return Err(DecodeError::Corrupt(format!(
+            "unexpected output size {need} for {width}x{height}"
+        )));
     }
-    dec.decode_into(&mut rgb[..need]).map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    Ok(Decoded { width: width as u32, height: height as u32 })
+    dec.decode_into(&mut rgb[..need])
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    Ok(Decoded {
+        width: width as u32,
+        height: height as u32,
+    })
 }

@@ -51,7 +51,10 @@ impl Form {
 pub enum Image<'a> {
     Raw(&'a [u8]),
     /// Base64 text, still JSON-escaped when `escaped`.
-    Base64 { text: &'a [u8], escaped: bool },
+    Base64 {
+        text: &'a [u8],
+        escaped: bool,
+    },
 }
 
 /// A parsed message, borrowing from the payload. `*_json` fields are raw,
@@ -71,7 +74,10 @@ pub struct Envelope<'a> {
 pub enum EnvelopeError {
     BadJson(json::SyntaxError),
     /// A field is missing or has the wrong type.
-    BadField { field: &'static str, expected: &'static str },
+    BadField {
+        field: &'static str,
+        expected: &'static str,
+    },
     UnsupportedSchema,
     BadBase64(String),
 }
@@ -79,8 +85,12 @@ pub enum EnvelopeError {
 impl fmt::Display for EnvelopeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EnvelopeError::BadJson(e) => write!(f, "payload starts like JSON but is not valid: {e}"),
-            EnvelopeError::BadField { field, expected } => write!(f, "envelope field `{field}`: expected {expected}"),
+            EnvelopeError::BadJson(e) => {
+                write!(f, "payload starts like JSON but is not valid: {e}")
+            }
+            EnvelopeError::BadField { field, expected } => {
+                write!(f, "envelope field `{field}`: expected {expected}")
+            }
             EnvelopeError::UnsupportedSchema => {
                 f.write_str("image_snapshot envelope with a schema_version other than 1.x")
             }
@@ -132,21 +142,46 @@ pub fn parse(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
             }
         }
         let dev = plain_str(f.camera_id, "camera_id")?.or(plain_str(f.device_name, "device_name")?);
-        (Form::ImageSnapshot, dev.ok_or(EnvelopeError::BadField { field: "camera_id", expected: "a string" })?)
+        (
+            Form::ImageSnapshot,
+            dev.ok_or(EnvelopeError::BadField {
+                field: "camera_id",
+                expected: "a string",
+            })?,
+        )
     } else {
         let dev = plain_str(f.device_id, "device_id")?;
-        (Form::Design, dev.ok_or(EnvelopeError::BadField { field: "device_id", expected: "a string" })?)
+        (
+            Form::Design,
+            dev.ok_or(EnvelopeError::BadField {
+                field: "device_id",
+                expected: "a string",
+            })?,
+        )
     };
     if device.is_empty() {
-        return Err(EnvelopeError::BadField { field: "device_id", expected: "a non-empty string" });
+        return Err(EnvelopeError::BadField {
+            field: "device_id",
+            expected: "a non-empty string",
+        });
     }
     let image = match f.image_data {
         Some(Value::Str { raw, escaped }) => Image::Base64 { text: raw, escaped },
-        _ => return Err(EnvelopeError::BadField { field: "image_data", expected: "a base64 JPEG string" }),
+        _ => {
+            return Err(EnvelopeError::BadField {
+                field: "image_data",
+                expected: "a base64 JPEG string",
+            })
+        }
     };
     let metadata = match f.metadata {
         None | Some(Value::Null) | Some(Value::Object(_)) => raw_json(f.metadata, payload),
-        Some(_) => return Err(EnvelopeError::BadField { field: "metadata", expected: "an object" }),
+        Some(_) => {
+            return Err(EnvelopeError::BadField {
+                field: "metadata",
+                expected: "an object",
+            })
+        }
     };
     Ok(Envelope {
         form,
@@ -181,17 +216,22 @@ fn raw_json<'a>(v: Option<Value<'a>>, payload: &'a [u8]) -> Option<&'a [u8]> {
 fn plain_str<'a>(v: Option<Value<'a>>, field: &'static str) -> Result<Option<&'a str>, EnvelopeError> {
     match v {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_plain_str()
-            .map(Some)
-            .ok_or(EnvelopeError::BadField { field, expected: "a plain string without escape sequences" }),
+        Some(v) => v.as_plain_str().map(Some).ok_or(EnvelopeError::BadField {
+            field,
+            expected: "a plain string without escape sequences",
+        }),
     }
 }
 
 /// Decodes base64 `text` into `out` (whose length is its fixed capacity);
 /// `scratch` takes the unescaped text when the JSON string had escapes.
 /// Returns the decoded length.
-pub fn decode_base64(text: &[u8], escaped: bool, scratch: &mut Vec<u8>, out: &mut [u8]) -> Result<usize, EnvelopeError> {
+pub fn decode_base64(
+    text: &[u8],
+    escaped: bool,
+    scratch: &mut Vec<u8>,
+    out: &mut [u8],
+) -> Result<usize, EnvelopeError> {
     let text = if escaped {
         if !json::unescape_ascii_into(text, scratch) {
             return Err(EnvelopeError::BadBase64("escape sequence that is not base64".into()));
@@ -212,9 +252,13 @@ pub fn decode_base64(text: &[u8], escaped: bool, scratch: &mut Vec<u8>, out: &mu
         return Err(EnvelopeError::BadBase64("it is empty".into()));
     }
     if text.len() / 4 * 3 > out.len() + 3 {
-        return Err(EnvelopeError::BadBase64(format!("decoded image would exceed the {} byte buffer", out.len())));
+        return Err(EnvelopeError::BadBase64(format!(
+            "decoded image would exceed the {} byte buffer",
+            out.len()
+        )));
     }
-    B64.decode_slice(text, out).map_err(|e| EnvelopeError::BadBase64(e.to_string()))
+    B64.decode_slice(text, out)
+        .map_err(|e| EnvelopeError::BadBase64(e.to_string()))
 }
 
 #[cfg(test)]
@@ -223,17 +267,32 @@ mod tests {
 
     #[test]
     fn detects_all_three_forms() {
-        let d = parse(br#"{"device_id":"cam-1","timestamp":"2026-01-01T00:00:00Z","image_data":"/9j/","metadata":{"line":2}}"#).unwrap();
+        let d = parse(
+            br#"{"device_id":"cam-1","timestamp":"2026-01-01T00:00:00Z","image_data":"/9j/","metadata":{"line":2}}"#,
+        )
+        .unwrap();
         assert_eq!(d.form, Form::Design);
         assert_eq!(d.device_id, Some("cam-1"));
-        assert_eq!(d.image, Image::Base64 { text: b"/9j/", escaped: false });
+        assert_eq!(
+            d.image,
+            Image::Base64 {
+                text: b"/9j/",
+                escaped: false
+            }
+        );
         assert_eq!(d.metadata_json, Some(&br#"{"line":2}"#[..]));
         assert_eq!(d.timestamp_json, Some(&br#""2026-01-01T00:00:00Z""#[..]));
 
         let s = parse(br#"{"message_type":"image_snapshot","schema_version":"1.0","camera_id":"c7","device_name":"dock","timestamp":1767225600,"image_data":"\/9j\/","correlation_id":"abc","location":{"zone":"A"}}"#).unwrap();
         assert_eq!(s.form, Form::ImageSnapshot);
         assert_eq!(s.device_id, Some("c7"));
-        assert_eq!(s.image, Image::Base64 { text: br"\/9j\/", escaped: true });
+        assert_eq!(
+            s.image,
+            Image::Base64 {
+                text: br"\/9j\/",
+                escaped: true
+            }
+        );
         assert_eq!(s.correlation_id_json, Some(&br#""abc""#[..]));
         assert_eq!(s.timestamp_json, Some(&b"1767225600"[..]));
 
@@ -244,14 +303,23 @@ mod tests {
 
     #[test]
     fn refuses_bad_envelopes_with_reasons() {
-        assert!(matches!(parse(b"{\"device_id\": \"x\", "), Err(EnvelopeError::BadJson(_))));
+        assert!(matches!(
+            parse(b"{\"device_id\": \"x\", "),
+            Err(EnvelopeError::BadJson(_))
+        ));
         assert_eq!(
             parse(br#"{"device_id":"x"}"#).unwrap_err(),
-            EnvelopeError::BadField { field: "image_data", expected: "a base64 JPEG string" }
+            EnvelopeError::BadField {
+                field: "image_data",
+                expected: "a base64 JPEG string"
+            }
         );
         assert_eq!(
             parse(br#"{"image_data":"AAAA"}"#).unwrap_err(),
-            EnvelopeError::BadField { field: "device_id", expected: "a string" }
+            EnvelopeError::BadField {
+                field: "device_id",
+                expected: "a string"
+            }
         );
         assert_eq!(
             parse(br#"{"message_type":"image_snapshot","schema_version":"2.0","camera_id":"c","image_data":""}"#)
@@ -260,7 +328,10 @@ mod tests {
         );
         assert_eq!(
             parse(br#"{"device_id":"x","image_data":"AAAA","metadata":[1]}"#).unwrap_err(),
-            EnvelopeError::BadField { field: "metadata", expected: "an object" }
+            EnvelopeError::BadField {
+                field: "metadata",
+                expected: "an object"
+            }
         );
     }
 
@@ -272,8 +343,17 @@ mod tests {
         assert_eq!(&out[..n], &[0xFF, 0xD8, 0xFF, 0xE0]);
         let n = decode_base64(b"data:image/jpeg;base64,/9j/4A", false, &mut scratch, &mut out).unwrap();
         assert_eq!(&out[..n], &[0xFF, 0xD8, 0xFF, 0xE0]);
-        assert!(matches!(decode_base64(b"!!!!", false, &mut scratch, &mut out), Err(EnvelopeError::BadBase64(_))));
-        assert!(matches!(decode_base64(&[b'A'; 64], false, &mut scratch, &mut out), Err(EnvelopeError::BadBase64(_))));
-        assert!(matches!(decode_base64(b"", false, &mut scratch, &mut out), Err(EnvelopeError::BadBase64(_))));
+        assert!(matches!(
+            decode_base64(b"!!!!", false, &mut scratch, &mut out),
+            Err(EnvelopeError::BadBase64(_))
+        ));
+        assert!(matches!(
+            decode_base64(&[b'A'; 64], false, &mut scratch, &mut out),
+            Err(EnvelopeError::BadBase64(_))
+        ));
+        assert!(matches!(
+            decode_base64(b"", false, &mut scratch, &mut out),
+            Err(EnvelopeError::BadBase64(_))
+        ));
     }
 }

@@ -164,7 +164,14 @@ impl Ring {
         let (ready_tx, ready_rx) = async_channel::bounded(slots);
         metrics.slots_total.store(slots as u64, Relaxed);
         metrics.slots_free.store(slots as u64, Relaxed);
-        Ring { free_tx, free_rx, waiting: Mutex::new(VecDeque::with_capacity(slots)), ready_tx, ready_rx, metrics }
+        Ring {
+            free_tx,
+            free_rx,
+            waiting: Mutex::new(VecDeque::with_capacity(slots)),
+            ready_tx,
+            ready_rx,
+            metrics,
+        }
     }
 
     fn waiting(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<Slot>>> {
@@ -245,7 +252,13 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_payload: 1024, max_width: 8, max_height: 8, max_tensor: 12, max_input_width: 2 }
+        Limits {
+            max_payload: 1024,
+            max_width: 8,
+            max_height: 8,
+            max_tensor: 12,
+            max_input_width: 2,
+        }
     }
 
     fn filled(ring: &Ring, device: &str) -> Option<DropReason> {

@@ -42,7 +42,9 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn with_capacity(max_width: usize) -> Scratch {
-        Scratch { rows: std::array::from_fn(|_| Vec::with_capacity(max_width)) }
+        Scratch {
+            rows: std::array::from_fn(|_| Vec::with_capacity(max_width)),
+        }
     }
 }
 
@@ -73,7 +75,11 @@ pub fn analyse(rgb: &[u8], width: u32, height: u32, t: &Health, scratch: &mut Sc
             lap_n += (w - 2) as i64;
         }
     }
-    let mean = if w * h > 0 { luma_sum as f64 / (w * h) as f64 } else { 0.0 };
+    let mean = if w * h > 0 {
+        luma_sum as f64 / (w * h) as f64
+    } else {
+        0.0
+    };
     let blur = if lap_n > 0 {
         let m = lap_sum as f64 / lap_n as f64;
         (lap_sq as f64 / lap_n as f64 - m * m).max(0.0)
@@ -135,7 +141,10 @@ impl Monitor {
 mod tests {
     use super::*;
 
-    const T: Health = Health { black_threshold: 16.0, blur_threshold: 20.0 };
+    const T: Health = Health {
+        black_threshold: 16.0,
+        blur_threshold: 20.0,
+    };
 
     #[test]
     fn black_flat_and_textured_frames() {
@@ -150,8 +159,12 @@ mod tests {
         assert!((r.mean_brightness - 128.0).abs() < 1.0);
 
         // A checkerboard is as sharp as it gets: Laplacian +-1020 everywhere.
-        let checker: Vec<u8> =
-            (0..64 * 48).flat_map(|i| { let v = if (i % 64 + i / 64) % 2 == 0 { 255 } else { 0 }; [v, v, v] }).collect();
+        let checker: Vec<u8> = (0..64 * 48)
+            .flat_map(|i| {
+                let v = if (i % 64 + i / 64) % 2 == 0 { 255 } else { 0 };
+                [v, v, v]
+            })
+            .collect();
         let r = analyse(&checker, 64, 48, &T, &mut s);
         assert!(!r.blurry && r.blur_score > 1e5, "{r:?}");
     }

@@ -31,7 +31,11 @@ pub struct HttpState {
 /// Binds `addr` (errors name it) and serves on background threads.
 pub fn start(addr: &str, state: HttpState) -> Result<(String, Vec<std::thread::JoinHandle<()>>), String> {
     let server = Server::http(addr).map_err(|e| format!("cannot listen on HTTP_ADDR `{addr}`: {e}"))?;
-    let bound = server.server_addr().to_ip().map(|a| a.to_string()).unwrap_or_else(|| addr.to_owned());
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| addr.to_owned());
     let server = Arc::new(server);
     let state = Arc::new(state);
     let handles = (0..THREADS)
@@ -57,7 +61,9 @@ fn header(k: &str, v: &str) -> Header {
 }
 
 fn json_response(status: u16, body: Vec<u8>) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(body).with_status_code(status).with_header(header("Content-Type", "application/json"))
+    Response::from_data(body)
+        .with_status_code(status)
+        .with_header(header("Content-Type", "application/json"))
 }
 
 fn error_body(message: &str) -> Vec<u8> {
@@ -80,12 +86,17 @@ fn handle(state: &HttpState, mut rq: Request) {
             let (ready, body) = readiness(state);
             json_response(if ready { 200 } else { 503 }, body)
         }
-        (Method::Get | Method::Head, "/metrics") => Response::from_string(state.metrics.render(&state.models.summary()))
-            .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")),
+        (Method::Get | Method::Head, "/metrics") => {
+            Response::from_string(state.metrics.render(&state.models.summary()))
+                .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"))
+        }
         (Method::Post, "/infer") => infer(state, &mut rq, query),
         (_, "/healthz" | "/readyz" | "/metrics") => json_response(405, error_body("method not allowed; use GET")),
         (_, "/infer") => json_response(405, error_body("method not allowed; POST a JPEG body")),
-        _ => json_response(404, error_body("not found; try /healthz, /readyz, /metrics or POST /infer")),
+        _ => json_response(
+            404,
+            error_body("not found; try /healthz, /readyz, /metrics or POST /infer"),
+        ),
     };
     if let Err(e) = rq.respond(resp) {
         log::debug!("HTTP response to {method} {path} failed: {e}");
@@ -119,9 +130,17 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
             .models
             .summary()
             .into_iter()
-            .map(|(name, backend, kind, ready)| Model { name, backend: backend.into(), model_type: kind.into(), ready })
+            .map(|(name, backend, kind, ready)| Model {
+                name,
+                backend: backend.into(),
+                model_type: kind.into(),
+                ready,
+            })
             .collect(),
-        mqtt: Mqtt { enabled: state.mqtt_enabled, connected },
+        mqtt: Mqtt {
+            enabled: state.mqtt_enabled,
+            connected,
+        },
     };
     (ready, miniserde::json::to_string(&body).into_bytes())
 }
@@ -136,7 +155,10 @@ fn infer(state: &HttpState, rq: &mut Request, query: &str) -> Response<std::io::
     };
     if rq.body_length().is_some_and(|n| n > state.max_body) {
         state.metrics.failed(crate::metrics::FailReason::PayloadTooLarge);
-        return json_response(413, error_body(&format!("body over MAX_PAYLOAD_BYTES = {}", state.max_body)));
+        return json_response(
+            413,
+            error_body(&format!("body over MAX_PAYLOAD_BYTES = {}", state.max_body)),
+        );
     }
     // Read at most one byte past the limit, so chunked bodies are bounded too.
     let mut body = Vec::with_capacity(rq.body_length().unwrap_or(64 * 1024).min(state.max_body + 1));
@@ -144,7 +166,12 @@ fn infer(state: &HttpState, rq: &mut Request, query: &str) -> Response<std::io::
         return json_response(400, error_body(&format!("cannot read body: {e}")));
     }
     let (tx, rx) = async_channel::bounded(1);
-    let msg = Incoming { topic: Bytes::from_static(b"http/infer"), payload: Bytes::from(body), reply: Some(tx), model: Some(model) };
+    let msg = Incoming {
+        topic: Bytes::from_static(b"http/infer"),
+        payload: Bytes::from(body),
+        reply: Some(tx),
+        model: Some(model),
+    };
     if state.incoming.send_blocking(msg).is_err() {
         return json_response(503, error_body("the pipeline is shutting down"));
     }

@@ -28,7 +28,10 @@ impl fmt::Display for FrameError {
 
 impl FrameError {
     pub fn new(reason: FailReason, detail: impl fmt::Display) -> FrameError {
-        FrameError { reason, detail: detail.to_string() }
+        FrameError {
+            reason,
+            detail: detail.to_string(),
+        }
     }
 
     /// HTTP status for a one-shot request that failed this way.
@@ -72,21 +75,39 @@ pub fn admit<'a>(
     if payload.len() > max_payload {
         return Err(FrameError::new(
             FailReason::PayloadTooLarge,
-            format_args!("payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}", payload.len()),
+            format_args!(
+                "payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}",
+                payload.len()
+            ),
         ));
     }
     if topic.len() > MAX_TOPIC_LEN {
-        return Err(FrameError::new(FailReason::BadEnvelope, format_args!("topic is longer than {MAX_TOPIC_LEN} bytes")));
+        return Err(FrameError::new(
+            FailReason::BadEnvelope,
+            format_args!("topic is longer than {MAX_TOPIC_LEN} bytes"),
+        ));
     }
     let (envelope, device) = match oneshot_device {
-        Some(d) => (Envelope { form: Form::OneShot, ..raw(payload) }, d),
+        Some(d) => (
+            Envelope {
+                form: Form::OneShot,
+                ..raw(payload)
+            },
+            d,
+        ),
         None => {
             let e = envelope::parse(payload)?;
-            (e, e.device_id.unwrap_or_else(|| device_from_topic(topic, models, routes)))
+            (
+                e,
+                e.device_id.unwrap_or_else(|| device_from_topic(topic, models, routes)),
+            )
         }
     };
     if device.len() > MAX_DEVICE_LEN {
-        return Err(FrameError::new(FailReason::BadEnvelope, format_args!("device id is longer than {MAX_DEVICE_LEN} bytes")));
+        return Err(FrameError::new(
+            FailReason::BadEnvelope,
+            format_args!("device id is longer than {MAX_DEVICE_LEN} bytes"),
+        ));
     }
     Ok(Admitted { envelope, device })
 }
@@ -164,15 +185,27 @@ pub fn slot_source(slot: &Slot) -> Source<'_> {
 /// An error result for a message that never reached a slot.
 pub fn write_early_error(buf: &mut Vec<u8>, topic: &str, payload: &[u8], http: bool, err: &FrameError) {
     // Echo what can be read of the envelope (its correlation id above all).
-    let env = if http || payload.len() > 64 << 20 { None } else { envelope::parse(payload).ok() };
+    let env = if http || payload.len() > 64 << 20 {
+        None
+    } else {
+        envelope::parse(payload).ok()
+    };
     let src = Source {
         device_id: env.and_then(|e| e.device_id),
-        form: env.map(|e| e.form.as_str()).unwrap_or(if http { "oneshot" } else { "unknown" }),
+        form: env
+            .map(|e| e.form.as_str())
+            .unwrap_or(if http { "oneshot" } else { "unknown" }),
         topic,
         timestamp_json: env.and_then(|e| e.timestamp_json),
         correlation_id_json: env.and_then(|e| e.correlation_id_json),
         location_json: env.and_then(|e| e.location_json),
         metadata_json: env.and_then(|e| e.metadata_json),
     };
-    result::write_error(buf, SystemTime::now(), &src, err.reason.as_str(), format_args!("{}", err.detail));
+    result::write_error(
+        buf,
+        SystemTime::now(),
+        &src,
+        err.reason.as_str(),
+        format_args!("{}", err.detail),
+    );
 }

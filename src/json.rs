@@ -30,7 +30,10 @@ impl std::fmt::Display for SyntaxError {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Value<'a> {
     /// String contents between the quotes, still escaped when `escaped`.
-    Str { raw: &'a [u8], escaped: bool },
+    Str {
+        raw: &'a [u8],
+        escaped: bool,
+    },
     /// The number's text, validated.
     Number(&'a [u8]),
     Bool(bool),
@@ -67,10 +70,7 @@ impl<'a> Value<'a> {
 
 /// Walks the members of a top-level JSON object, calling `member(key, value)`
 /// for each. The whole document is validated, trailing bytes included.
-pub fn for_each_member<'a>(
-    input: &'a [u8],
-    mut member: impl FnMut(&'a [u8], Value<'a>),
-) -> Result<(), SyntaxError> {
+pub fn for_each_member<'a>(input: &'a [u8], mut member: impl FnMut(&'a [u8], Value<'a>)) -> Result<(), SyntaxError> {
     let mut s = Scanner { b: input, i: 0 };
     s.ws();
     s.expect(b'{', "expected a JSON object")?;
@@ -161,7 +161,10 @@ impl<'a> Scanner<'a> {
         }
         let raw = &self.b[start..self.i - 1];
         if std::str::from_utf8(raw).is_err() {
-            return Err(SyntaxError { offset: start, what: "string is not UTF-8" });
+            return Err(SyntaxError {
+                offset: start,
+                what: "string is not UTF-8",
+            });
         }
         Ok((raw, escaped))
     }
@@ -246,7 +249,11 @@ impl<'a> Scanner<'a> {
                     }
                 }
                 let raw = &self.b[start..self.i];
-                Ok(if open == b'{' { Value::Object(raw) } else { Value::Array(raw) })
+                Ok(if open == b'{' {
+                    Value::Object(raw)
+                } else {
+                    Value::Array(raw)
+                })
             }
             _ => Err(self.err("expected a value")),
         }
@@ -297,7 +304,12 @@ impl<'a> Writer<'a> {
     /// Clears `buf` and starts writing into it.
     pub fn new(buf: &'a mut Vec<u8>) -> Self {
         buf.clear();
-        Writer { buf, nonempty: 0, depth: 0, after_key: false }
+        Writer {
+            buf,
+            nonempty: 0,
+            depth: 0,
+            after_key: false,
+        }
     }
 
     fn value_start(&mut self) {
@@ -444,7 +456,9 @@ mod tests {
 
     fn members(s: &str) -> Result<Vec<(String, Value<'_>)>, SyntaxError> {
         let mut v = Vec::new();
-        for_each_member(s.as_bytes(), |k, val| v.push((String::from_utf8(k.to_vec()).unwrap(), val)))?;
+        for_each_member(s.as_bytes(), |k, val| {
+            v.push((String::from_utf8(k.to_vec()).unwrap(), val))
+        })?;
         Ok(v)
     }
 
@@ -452,7 +466,13 @@ mod tests {
     fn scans_members_and_validates() {
         let m = members(r#" {"a": "x\/y", "b": -1.5e3, "c": {"d": [1, {"e": null}]}, "f": true} "#).unwrap();
         assert_eq!(m.len(), 4);
-        assert_eq!(m[0].1, Value::Str { raw: br"x\/y", escaped: true });
+        assert_eq!(
+            m[0].1,
+            Value::Str {
+                raw: br"x\/y",
+                escaped: true
+            }
+        );
         assert_eq!(m[1].1, Value::Number(b"-1.5e3"));
         assert_eq!(m[2].1, Value::Object(br#"{"d": [1, {"e": null}]}"#));
         assert_eq!(m[3].1, Value::Bool(true));
@@ -462,8 +482,19 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         for bad in [
-            "", "[]", "{", "{\"a\"}", "{\"a\":}", "{\"a\":1,}", "{\"a\":1} x", "{\"a\":01}", "{\"a\":\"\u{1}\"}",
-            "{\"a\":tru}", "{\"a\":[1,]}", "{\"a\":\"\\x\"}", "{\"a\":{\"b\" 1}}",
+            "",
+            "[]",
+            "{",
+            "{\"a\"}",
+            "{\"a\":}",
+            "{\"a\":1,}",
+            "{\"a\":1} x",
+            "{\"a\":01}",
+            "{\"a\":\"\u{1}\"}",
+            "{\"a\":tru}",
+            "{\"a\":[1,]}",
+            "{\"a\":\"\\x\"}",
+            "{\"a\":{\"b\" 1}}",
         ] {
             assert!(members(bad).is_err(), "accepted {bad:?}");
         }
@@ -498,7 +529,10 @@ mod tests {
         w.key("nan").f64(f64::NAN, 3);
         w.key("arr").begin_array();
         w.i64(-1).bool(true).null();
-        w.begin_object().key("x").fmt_str(format_args!("{}-{}", 1, "a\"b")).end_object();
+        w.begin_object()
+            .key("x")
+            .fmt_str(format_args!("{}-{}", 1, "a\"b"))
+            .end_object();
         w.end_array();
         w.key("raw").raw(br#"{"z":[1]}"#);
         w.end_object();

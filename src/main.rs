@@ -38,7 +38,10 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&format!("configuration: {e}")),
     };
-    env_logger::Builder::new().parse_filters(&settings.log).format_timestamp_millis().init();
+    env_logger::Builder::new()
+        .parse_filters(&settings.log)
+        .format_timestamp_millis()
+        .init();
 
     let (cmd, rest) = match rest.split_first() {
         Some((c, r)) => (c.as_str(), r),

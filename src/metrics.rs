@@ -81,7 +81,13 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [Stage::Ingest, Stage::Decode, Stage::Preprocess, Stage::Infer, Stage::Total];
+    pub const ALL: [Stage; 5] = [
+        Stage::Ingest,
+        Stage::Decode,
+        Stage::Preprocess,
+        Stage::Infer,
+        Stage::Total,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Ingest => "ingest",
@@ -93,8 +99,9 @@ impl Stage {
     }
 }
 
-const BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -162,7 +169,12 @@ impl Metrics {
         let head = |o: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        head(&mut o, "aei_build_info", "gauge", "Build facts of the running binary; always 1.");
+        head(
+            &mut o,
+            "aei_build_info",
+            "gauge",
+            "Build facts of the running binary; always 1.",
+        );
         let _ = writeln!(
             o,
             "aei_build_info{{version=\"{}\",commit=\"{}\",features=\"{}\",profile=\"{}\"}} 1",
@@ -171,55 +183,173 @@ impl Metrics {
             build_info::FEATURES,
             build_info::PROFILE
         );
-        head(&mut o, "aei_messages_received_total", "counter", "Messages received (MQTT and /infer), well-formed or not.");
-        let _ = writeln!(o, "aei_messages_received_total {}", self.messages_received.load(Relaxed));
-        head(&mut o, "aei_frames_received_total", "counter", "Frames accepted for processing, by payload form.");
+        head(
+            &mut o,
+            "aei_messages_received_total",
+            "counter",
+            "Messages received (MQTT and /infer), well-formed or not.",
+        );
+        let _ = writeln!(
+            o,
+            "aei_messages_received_total {}",
+            self.messages_received.load(Relaxed)
+        );
+        head(
+            &mut o,
+            "aei_frames_received_total",
+            "counter",
+            "Frames accepted for processing, by payload form.",
+        );
         for f in Form::ALL {
-            let _ = writeln!(o, "aei_frames_received_total{{form=\"{}\"}} {}", f.as_str(), self.received[f as usize].load(Relaxed));
+            let _ = writeln!(
+                o,
+                "aei_frames_received_total{{form=\"{}\"}} {}",
+                f.as_str(),
+                self.received[f as usize].load(Relaxed)
+            );
         }
-        head(&mut o, "aei_frames_decoded_total", "counter", "Frames whose JPEG decoded.");
+        head(
+            &mut o,
+            "aei_frames_decoded_total",
+            "counter",
+            "Frames whose JPEG decoded.",
+        );
         let _ = writeln!(o, "aei_frames_decoded_total {}", self.decoded.load(Relaxed));
-        head(&mut o, "aei_frames_failed_total", "counter", "Frames answered with an error result, by reason.");
+        head(
+            &mut o,
+            "aei_frames_failed_total",
+            "counter",
+            "Frames answered with an error result, by reason.",
+        );
         for r in FailReason::ALL {
-            let _ = writeln!(o, "aei_frames_failed_total{{reason=\"{}\"}} {}", r.as_str(), self.failed[r as usize].load(Relaxed));
+            let _ = writeln!(
+                o,
+                "aei_frames_failed_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.failed[r as usize].load(Relaxed)
+            );
         }
-        head(&mut o, "aei_frames_dropped_total", "counter", "Frames dropped unprocessed under load, by reason.");
+        head(
+            &mut o,
+            "aei_frames_dropped_total",
+            "counter",
+            "Frames dropped unprocessed under load, by reason.",
+        );
         for r in DropReason::ALL {
-            let _ = writeln!(o, "aei_frames_dropped_total{{reason=\"{}\"}} {}", r.as_str(), self.dropped[r as usize].load(Relaxed));
+            let _ = writeln!(
+                o,
+                "aei_frames_dropped_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.dropped[r as usize].load(Relaxed)
+            );
         }
-        head(&mut o, "aei_messages_published_total", "counter", "Messages handed to the MQTT client, by kind.");
-        let _ = writeln!(o, "aei_messages_published_total{{kind=\"result\"}} {}", self.results_published.load(Relaxed));
-        let _ = writeln!(o, "aei_messages_published_total{{kind=\"error\"}} {}", self.errors_published.load(Relaxed));
-        head(&mut o, "aei_publish_failures_total", "counter", "Messages the MQTT client refused.");
+        head(
+            &mut o,
+            "aei_messages_published_total",
+            "counter",
+            "Messages handed to the MQTT client, by kind.",
+        );
+        let _ = writeln!(
+            o,
+            "aei_messages_published_total{{kind=\"result\"}} {}",
+            self.results_published.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "aei_messages_published_total{{kind=\"error\"}} {}",
+            self.errors_published.load(Relaxed)
+        );
+        head(
+            &mut o,
+            "aei_publish_failures_total",
+            "counter",
+            "Messages the MQTT client refused.",
+        );
         let _ = writeln!(o, "aei_publish_failures_total {}", self.publish_failed.load(Relaxed));
-        head(&mut o, "aei_stage_duration_seconds", "histogram", "Time spent per frame in each pipeline stage.");
+        head(
+            &mut o,
+            "aei_stage_duration_seconds",
+            "histogram",
+            "Time spent per frame in each pipeline stage.",
+        );
         for s in Stage::ALL {
             let h = &self.stages[s as usize];
             let mut cum = 0;
             for (i, b) in BUCKETS.iter().enumerate() {
                 cum += h.counts[i].load(Relaxed);
-                let _ = writeln!(o, "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"{b}\"}} {cum}", s.as_str());
+                let _ = writeln!(
+                    o,
+                    "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"{b}\"}} {cum}",
+                    s.as_str()
+                );
             }
             let n = h.count.load(Relaxed);
-            let _ = writeln!(o, "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"+Inf\"}} {n}", s.as_str());
-            let _ = writeln!(o, "aei_stage_duration_seconds_sum{{stage=\"{}\"}} {}", s.as_str(), h.sum_ns.load(Relaxed) as f64 / 1e9);
+            let _ = writeln!(
+                o,
+                "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"+Inf\"}} {n}",
+                s.as_str()
+            );
+            let _ = writeln!(
+                o,
+                "aei_stage_duration_seconds_sum{{stage=\"{}\"}} {}",
+                s.as_str(),
+                h.sum_ns.load(Relaxed) as f64 / 1e9
+            );
             let _ = writeln!(o, "aei_stage_duration_seconds_count{{stage=\"{}\"}} {n}", s.as_str());
         }
-        head(&mut o, "aei_queue_waiting_frames", "gauge", "Frames waiting for a worker.");
+        head(
+            &mut o,
+            "aei_queue_waiting_frames",
+            "gauge",
+            "Frames waiting for a worker.",
+        );
         let _ = writeln!(o, "aei_queue_waiting_frames {}", self.queue_waiting.load(Relaxed));
-        head(&mut o, "aei_frame_slots", "gauge", "Preallocated frame slots, by state.");
+        head(
+            &mut o,
+            "aei_frame_slots",
+            "gauge",
+            "Preallocated frame slots, by state.",
+        );
         let free = self.slots_free.load(Relaxed);
         let _ = writeln!(o, "aei_frame_slots{{state=\"free\"}} {free}");
-        let _ = writeln!(o, "aei_frame_slots{{state=\"busy\"}} {}", self.slots_total.load(Relaxed).saturating_sub(free));
-        head(&mut o, "aei_mqtt_connected", "gauge", "1 while connected to the MQTT broker.");
+        let _ = writeln!(
+            o,
+            "aei_frame_slots{{state=\"busy\"}} {}",
+            self.slots_total.load(Relaxed).saturating_sub(free)
+        );
+        head(
+            &mut o,
+            "aei_mqtt_connected",
+            "gauge",
+            "1 while connected to the MQTT broker.",
+        );
         let _ = writeln!(o, "aei_mqtt_connected {}", self.mqtt_connected.load(Relaxed) as u8);
-        head(&mut o, "aei_mqtt_connects_total", "counter", "Successful MQTT connections (CONNACK received).");
+        head(
+            &mut o,
+            "aei_mqtt_connects_total",
+            "counter",
+            "Successful MQTT connections (CONNACK received).",
+        );
         let _ = writeln!(o, "aei_mqtt_connects_total {}", self.mqtt_connects.load(Relaxed));
-        head(&mut o, "aei_mqtt_connection_errors_total", "counter", "MQTT connection errors (each followed by a reconnect).");
-        let _ = writeln!(o, "aei_mqtt_connection_errors_total {}", self.mqtt_connection_errors.load(Relaxed));
+        head(
+            &mut o,
+            "aei_mqtt_connection_errors_total",
+            "counter",
+            "MQTT connection errors (each followed by a reconnect).",
+        );
+        let _ = writeln!(
+            o,
+            "aei_mqtt_connection_errors_total {}",
+            self.mqtt_connection_errors.load(Relaxed)
+        );
         head(&mut o, "aei_http_requests_total", "counter", "HTTP requests served.");
         let _ = writeln!(o, "aei_http_requests_total {}", self.http_requests.load(Relaxed));
-        head(&mut o, "aei_model_ready", "gauge", "1 when the model is loaded and warmed up.");
+        head(
+            &mut o,
+            "aei_model_ready",
+            "gauge",
+            "1 when the model is loaded and warmed up.",
+        );
         for (name, backend, kind, ready) in models {
             let _ = writeln!(
                 o,

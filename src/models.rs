@@ -65,7 +65,10 @@ impl Models {
             return Err(LoadError {
                 model: configs[MAX_MODELS].name.clone(),
                 source: "model configs".into(),
-                error: BackendError::Unsupported { backend: "any", reason: format!("at most {MAX_MODELS} models") },
+                error: BackendError::Unsupported {
+                    backend: "any",
+                    reason: format!("at most {MAX_MODELS} models"),
+                },
             });
         }
         let mut list = Vec::with_capacity(configs.len());
@@ -88,7 +91,11 @@ impl Models {
                 },
             };
             // Built-in analyses need no warm-up; engines warm up in `Engine::load`.
-            list.push(Model { config, runner, ready: AtomicBool::new(true) });
+            list.push(Model {
+                config,
+                runner,
+                ready: AtomicBool::new(true),
+            });
         }
         Ok(Models { list })
     }
@@ -103,7 +110,10 @@ impl Models {
         out.clear();
         for (mi, m) in self.list.iter().enumerate() {
             if let Some(fi) = m.config.input_topics.iter().position(|f| f.matches(topic)) {
-                out.push(Route { model: mi as u16, filter: fi as u16 });
+                out.push(Route {
+                    model: mi as u16,
+                    filter: fi as u16,
+                });
             }
         }
     }
@@ -130,7 +140,14 @@ impl Models {
     pub fn summary(&self) -> Vec<(String, &'static str, &'static str, bool)> {
         self.list
             .iter()
-            .map(|m| (m.config.name.clone(), m.backend_name(), m.config.model_type.as_str(), m.ready.load(Ordering::Relaxed)))
+            .map(|m| {
+                (
+                    m.config.name.clone(),
+                    m.backend_name(),
+                    m.config.model_type.as_str(),
+                    m.ready.load(Ordering::Relaxed),
+                )
+            })
             .collect()
     }
 }

@@ -100,18 +100,29 @@ pub fn start(
                                 }
                             }
                             let online = status_message(true, &cfg.client_id);
-                            if let Err(e) = client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online) {
+                            if let Err(e) =
+                                client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online)
+                            {
                                 log::warn!("cannot publish online status: {e}");
                             }
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
-                            let msg = Incoming { topic: p.topic, payload: p.payload, reply: None, model: None };
+                            let msg = Incoming {
+                                topic: p.topic,
+                                payload: p.payload,
+                                reply: None,
+                                model: None,
+                            };
                             if incoming.send_blocking(msg).is_err() {
                                 break;
                             }
                         }
                         Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                            if ack.return_codes.iter().any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_))) {
+                            if ack
+                                .return_codes
+                                .iter()
+                                .any(|c| !matches!(c, rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)))
+                            {
                                 log::error!("broker refused a subscription: {:?}", ack.return_codes);
                             }
                         }
@@ -125,7 +136,11 @@ pub fn start(
                             if was {
                                 log::warn!("MQTT connection lost: {e}; reconnecting");
                             } else {
-                                log::debug!("MQTT connect to {}:{} failed: {e}; retry in {backoff:?}", cfg.host, cfg.port);
+                                log::debug!(
+                                    "MQTT connect to {}:{} failed: {e}; retry in {backoff:?}",
+                                    cfg.host,
+                                    cfg.port
+                                );
                             }
                             std::thread::sleep(backoff);
                             backoff = (backoff * 2).min(Duration::from_secs(5));

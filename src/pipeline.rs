@@ -143,7 +143,10 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         match msg.model {
             Some(m) => {
                 routes.clear();
-                routes.push(Route { model: m as u16, filter: 0 });
+                routes.push(Route {
+                    model: m as u16,
+                    filter: 0,
+                });
             }
             None => shared.models.route(topic, &mut routes),
         }
@@ -152,7 +155,14 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             continue;
         }
         let oneshot = msg.reply.as_ref().map(|_| "http");
-        let admitted = ingest::admit(topic, &msg.payload, oneshot, shared.limits.max_payload, &shared.models, &routes);
+        let admitted = ingest::admit(
+            topic,
+            &msg.payload,
+            oneshot,
+            shared.limits.max_payload,
+            &shared.models,
+            &routes,
+        );
         let a = match admitted {
             Ok(a) => a,
             Err(e) => {
@@ -160,7 +170,14 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 log::debug!("message on `{topic}` refused: {e}");
                 ingest::write_early_error(&mut err_buf, topic, &msg.payload, oneshot.is_some(), &e);
                 let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
-                deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(e.http_status())).await;
+                deliver(
+                    shared,
+                    &origin,
+                    &shared.error_topic,
+                    &err_buf,
+                    Emitted::Error(e.http_status()),
+                )
+                .await;
                 continue;
             }
         };
@@ -183,8 +200,10 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
             Ok(()) => shared.ring.push(slot),
             Err(e) => {
-                emit_all(shared, &mut slot, |slot, ctx, c| process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k)))
-                    .await;
+                emit_all(shared, &mut slot, |slot, ctx, c| {
+                    process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k))
+                })
+                .await;
                 shared.ring.release(slot);
             }
         }
@@ -215,7 +234,10 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
 
 async fn worker_loop(shared: &Shared) {
     while let Some(mut slot) = shared.ring.next().await {
-        emit_all(shared, &mut slot, |slot, ctx, c| process::process(slot, ctx, |s, k| c.push(s, k))).await;
+        emit_all(shared, &mut slot, |slot, ctx, c| {
+            process::process(slot, ctx, |s, k| c.push(s, k))
+        })
+        .await;
         shared.ring.release(slot);
     }
 }
@@ -237,13 +259,21 @@ struct Collect(Vec<(Outbound, Emitted)>);
 
 impl Collect {
     fn push(&mut self, s: &Slot, kind: Emitted) {
-        let o = Outbound { topic: s.out_topic.clone(), payload: s.out.clone(), error: kind != Emitted::Result };
+        let o = Outbound {
+            topic: s.out_topic.clone(),
+            payload: s.out.clone(),
+            error: kind != Emitted::Result,
+        };
         self.0.push((o, kind));
     }
 }
 
 async fn deliver(shared: &Shared, origin: &Origin, topic: &str, body: &[u8], kind: Emitted) {
-    let o = Outbound { topic: topic.to_owned(), payload: body.to_vec(), error: kind != Emitted::Result };
+    let o = Outbound {
+        topic: topic.to_owned(),
+        payload: body.to_vec(),
+        error: kind != Emitted::Result,
+    };
     deliver_owned(shared, origin, o, kind).await;
 }
 
@@ -254,11 +284,18 @@ async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emit
                 Emitted::Result => 200,
                 Emitted::Error(s) => s,
             };
-            let _ = tx.try_send(Reply { status, body: o.payload });
+            let _ = tx.try_send(Reply {
+                status,
+                body: o.payload,
+            });
         }
         Origin::Mqtt => match &shared.outbound {
             Some(out) => {
-                let counter = if o.error { &shared.metrics.errors_published } else { &shared.metrics.results_published };
+                let counter = if o.error {
+                    &shared.metrics.errors_published
+                } else {
+                    &shared.metrics.results_published
+                };
                 if out.send(o).await.is_ok() {
                     counter.fetch_add(1, Relaxed);
                 }
@@ -279,7 +316,10 @@ pub fn run_oneshot(
     name: &str,
     jpeg: &[u8],
 ) -> (Vec<u8>, Emitted) {
-    let routes = [Route { model: model as u16, filter: 0 }];
+    let routes = [Route {
+        model: model as u16,
+        filter: 0,
+    }];
     let a = match ingest::admit(name, jpeg, Some(name), max_payload, ctx.models, &routes) {
         Ok(a) => a,
         Err(e) => {

@@ -114,7 +114,10 @@ pub struct Scratch {
 
 impl Scratch {
     pub fn with_capacity(max_dst_w: usize) -> Scratch {
-        Scratch { xs: Vec::with_capacity(max_dst_w), row: Vec::with_capacity(max_dst_w * 3) }
+        Scratch {
+            xs: Vec::with_capacity(max_dst_w),
+            row: Vec::with_capacity(max_dst_w * 3),
+        }
     }
 }
 
@@ -123,7 +126,11 @@ fn tap(d: u32, scale: f32, offset: f32, n: u32) -> Tap {
     let s = ((d as f32 + 0.5 - offset) / scale - 0.5).max(0.0);
     let i0 = (s.floor() as u32).min(n - 1);
     let i1 = (i0 + 1).min(n - 1);
-    Tap { i0, i1, w1: if i1 == i0 { 0.0 } else { s - i0 as f32 } }
+    Tap {
+        i0,
+        i1,
+        w1: if i1 == i0 { 0.0 } else { s - i0 as f32 },
+    }
 }
 
 /// Fills `out` (exactly `tensor_len(p)` values) from packed RGB8 `rgb`.
@@ -150,7 +157,9 @@ pub fn preprocess_into(rgb: &[u8], g: &Geometry, p: &Preprocessing, scratch: &mu
     let [cx0, cy0, cx1, cy1] = g.content.map(|v| v as usize);
 
     scratch.xs.clear();
-    scratch.xs.extend((cx0..cx1).map(|x| tap(x as u32, g.scale_x, g.offset_x, g.src_w)));
+    scratch
+        .xs
+        .extend((cx0..cx1).map(|x| tap(x as u32, g.scale_x, g.offset_x, g.src_w)));
     scratch.row.clear();
     scratch.row.resize(dw * 3, 0.0);
 

@@ -41,8 +41,19 @@ pub enum Emitted {
 pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitted)) {
     let t0 = Instant::now();
     let decoded = {
-        let Slot { payload, jpeg, jpeg_in_payload, jpeg_range, rgb, .. } = slot;
-        let src = if *jpeg_in_payload { &payload[jpeg_range.clone()] } else { &jpeg[jpeg_range.clone()] };
+        let Slot {
+            payload,
+            jpeg,
+            jpeg_in_payload,
+            jpeg_range,
+            rgb,
+            ..
+        } = slot;
+        let src = if *jpeg_in_payload {
+            &payload[jpeg_range.clone()]
+        } else {
+            &jpeg[jpeg_range.clone()]
+        };
         decode::decode_into(src, rgb, ctx.max_width, ctx.max_height)
     };
     let decode_time = t0.elapsed();
@@ -65,7 +76,10 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
     for i in 0..slot.routes.len() {
         let route = slot.routes[i];
         let model = &ctx.models.list[route.model as usize];
-        let mut t = Timings { decode: decode_time, ..Timings::default() };
+        let mut t = Timings {
+            decode: decode_time,
+            ..Timings::default()
+        };
         let (w, h) = (slot.decoded.width, slot.decoded.height);
         let outcome = match &model.runner {
             Runner::Health(monitor) => {
@@ -76,7 +90,14 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                 t.infer = ti.elapsed();
                 ctx.metrics.stage(Stage::Infer, t.infer);
                 let mut out = std::mem::take(&mut slot.out);
-                result::write_health(&mut out, SystemTime::now(), &slot_source(slot), &model.config.name, &t, &report);
+                result::write_health(
+                    &mut out,
+                    SystemTime::now(),
+                    &slot_source(slot),
+                    &model.config.name,
+                    &t,
+                    &report,
+                );
                 slot.out = out;
                 Ok(())
             }
@@ -101,7 +122,12 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
         };
         match outcome {
             Ok(()) => {
-                let Slot { out_topic, topic, device, .. } = slot;
+                let Slot {
+                    out_topic,
+                    topic,
+                    device,
+                    ..
+                } = slot;
                 model.config.output_topic.render_into(
                     &Bindings {
                         filter: &model.config.input_topics[route.filter as usize],
@@ -124,7 +150,13 @@ pub fn fail(slot: &mut Slot, ctx: &Ctx<'_>, e: &FrameError, emit: &mut impl FnMu
     ctx.metrics.failed(e.reason);
     log::debug!("frame from `{}` on `{}`: {e}", slot.device, slot.topic);
     let mut out = std::mem::take(&mut slot.out);
-    result::write_error(&mut out, SystemTime::now(), &slot_source(slot), e.reason.as_str(), format_args!("{}", e.detail));
+    result::write_error(
+        &mut out,
+        SystemTime::now(),
+        &slot_source(slot),
+        e.reason.as_str(),
+        format_args!("{}", e.detail),
+    );
     slot.out = out;
     slot.out_topic.clear();
     slot.out_topic.push_str(ctx.error_topic);

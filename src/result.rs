@@ -112,7 +112,8 @@ pub fn write_inference(
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
     w.key("image_width").u64(image.0 as u64);
     w.key("image_height").u64(image.1 as u64);
-    w.key("total_objects_detected").u64(predictions.iter().filter(|p| p.bbox.is_some()).count() as u64);
+    w.key("total_objects_detected")
+        .u64(predictions.iter().filter(|p| p.bbox.is_some()).count() as u64);
     w.key("alert_triggered").bool(alert);
     source(&mut w, src);
     w.end_object();
@@ -120,7 +121,14 @@ pub fn write_inference(
 }
 
 /// Camera-health result (`camera_health`).
-pub fn write_health(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, model_name: &str, t: &Timings, r: &HealthReport) {
+pub fn write_health(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    t: &Timings,
+    r: &HealthReport,
+) {
     let mut w = Writer::new(buf);
     header(&mut w, "camera_health", now, src.device_id);
     w.key("model_name").str(model_name);
@@ -135,7 +143,11 @@ pub fn write_health(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, model_
     w.key("blurry").bool(r.blurry);
     w.key("frozen").bool(r.frozen);
     w.key("issues").begin_array();
-    for (bad, name) in [(r.black_frame, "black_frame"), (r.blurry, "blurry"), (r.frozen, "frozen")] {
+    for (bad, name) in [
+        (r.black_frame, "black_frame"),
+        (r.blurry, "blurry"),
+        (r.frozen, "frozen"),
+    ] {
         if bad {
             w.str(name);
         }
@@ -218,41 +230,92 @@ mod tests {
     #[test]
     fn rfc3339_dates() {
         let mut buf = Vec::new();
-        write_rfc3339(&mut Writer::new(&mut buf), UNIX_EPOCH + Duration::from_millis(1_767_225_600_123));
+        write_rfc3339(
+            &mut Writer::new(&mut buf),
+            UNIX_EPOCH + Duration::from_millis(1_767_225_600_123),
+        );
         assert_eq!(buf, b"\"2026-01-01T00:00:00.123Z\"");
-        write_rfc3339(&mut Writer::new(&mut buf), UNIX_EPOCH + Duration::from_secs(951_782_400));
+        write_rfc3339(
+            &mut Writer::new(&mut buf),
+            UNIX_EPOCH + Duration::from_secs(951_782_400),
+        );
         assert_eq!(buf, b"\"2000-02-29T00:00:00.000Z\"");
     }
 
     #[test]
     fn inference_result_schema() {
         let mut buf = Vec::new();
-        let preds = [Prediction { class_id: 0, label: "person", confidence: 0.8123, bbox: Some([1.0, 2.0, 30.5, 40.25]) }];
-        let t = Timings { decode: Duration::from_micros(1500), preprocess: Duration::from_micros(700), infer: Duration::from_millis(3) };
-        write_inference(&mut buf, SystemTime::now(), &src(), "yolo", "onnx", &t, (640, 480), &preds, true);
+        let preds = [Prediction {
+            class_id: 0,
+            label: "person",
+            confidence: 0.8123,
+            bbox: Some([1.0, 2.0, 30.5, 40.25]),
+        }];
+        let t = Timings {
+            decode: Duration::from_micros(1500),
+            preprocess: Duration::from_micros(700),
+            infer: Duration::from_millis(3),
+        };
+        write_inference(
+            &mut buf,
+            SystemTime::now(),
+            &src(),
+            "yolo",
+            "onnx",
+            &t,
+            (640, 480),
+            &preds,
+            true,
+        );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
         assert!(matches!(get(&v, &["message_type"]), Value::String(s) if s == "ai_inference_result"));
-        assert!(matches!(get(&v, &["metadata", "total_objects_detected"]), Value::Number(_)));
+        assert!(matches!(
+            get(&v, &["metadata", "total_objects_detected"]),
+            Value::Number(_)
+        ));
         assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
         assert!(matches!(get(&v, &["metadata", "source", "correlation_id"]), Value::String(s) if s == "corr-9"));
         assert!(matches!(get(&v, &["metadata", "source", "metadata", "zone"]), Value::String(s) if s == "A"));
-        let Value::Array(p) = get(&v, &["predictions"]) else { panic!() };
+        let Value::Array(p) = get(&v, &["predictions"]) else {
+            panic!()
+        };
         assert!(matches!(get(&p[0], &["label"]), Value::String(s) if s == "person"));
     }
 
     #[test]
     fn health_and_error_schemas() {
         let mut buf = Vec::new();
-        let r = HealthReport { width: 4, height: 2, mean_brightness: 3.0, black_frame: true, ..Default::default() };
-        write_health(&mut buf, SystemTime::now(), &src(), "camera-health", &Timings::default(), &r);
+        let r = HealthReport {
+            width: 4,
+            height: 2,
+            mean_brightness: 3.0,
+            black_frame: true,
+            ..Default::default()
+        };
+        write_health(
+            &mut buf,
+            SystemTime::now(),
+            &src(),
+            "camera-health",
+            &Timings::default(),
+            &r,
+        );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
-        let Value::Array(issues) = get(&v, &["health", "issues"]) else { panic!() };
+        let Value::Array(issues) = get(&v, &["health", "issues"]) else {
+            panic!()
+        };
         assert_eq!(issues.len(), 1);
         assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
 
         let mut s = src();
         s.device_id = None;
-        write_error(&mut buf, SystemTime::now(), &s, "not_jpeg", format_args!("payload \"x\" is {}", "a PNG"));
+        write_error(
+            &mut buf,
+            SystemTime::now(),
+            &s,
+            "not_jpeg",
+            format_args!("payload \"x\" is {}", "a PNG"),
+        );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
         assert!(matches!(get(&v, &["device_id"]), Value::Null));
         assert!(matches!(get(&v, &["reason"]), Value::String(s) if s == "payload \"x\" is a PNG"));

@@ -36,12 +36,21 @@ pub fn run(settings: Settings) -> Result<(), String> {
             m.config.name,
             m.config.model_type.as_str(),
             m.backend_name(),
-            m.config.input_topics.iter().map(|f| f.subscription()).collect::<Vec<_>>(),
+            m.config
+                .input_topics
+                .iter()
+                .map(|f| f.subscription())
+                .collect::<Vec<_>>(),
             m.config.output_topic.as_str()
         );
     }
     let metrics = Arc::new(Metrics::default());
-    let limits = pipeline::limits(&models, settings.max_payload_bytes, settings.max_image_width, settings.max_image_height);
+    let limits = pipeline::limits(
+        &models,
+        settings.max_payload_bytes,
+        settings.max_image_width,
+        settings.max_image_height,
+    );
     let status_topic = render_service_topic(&settings.status_topic, &settings.client_id)?;
     let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
 
@@ -105,7 +114,12 @@ pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -
         None => 0,
     };
     let metrics = Metrics::default();
-    let limits = pipeline::limits(&models, settings.max_payload_bytes, settings.max_image_width, settings.max_image_height);
+    let limits = pipeline::limits(
+        &models,
+        settings.max_payload_bytes,
+        settings.max_image_width,
+        settings.max_image_height,
+    );
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {
         models: &models,
@@ -126,7 +140,9 @@ pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -
 
 /// `check-config [PATH]`: the effective configuration, or the first error.
 pub fn check_config(settings: &Settings, path: Option<&str>) -> Result<String, String> {
-    let path = path.map(std::path::PathBuf::from).or_else(|| settings.model_config_path.clone());
+    let path = path
+        .map(std::path::PathBuf::from)
+        .or_else(|| settings.model_config_path.clone());
     let configs = model::load(path.as_deref(), settings).map_err(|e| e.to_string())?;
     let mut out = String::new();
     for (i, c) in configs.iter().enumerate() {

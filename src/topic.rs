@@ -50,9 +50,7 @@ impl TopicFilter {
         }
         let (share, body) = match text.strip_prefix("$share/") {
             Some(rest) => match rest.split_once('/') {
-                Some((group, body)) if !group.is_empty() && !group.contains(['+', '#']) => {
-                    (Some(group), body)
-                }
+                Some((group, body)) if !group.is_empty() && !group.contains(['+', '#']) => (Some(group), body),
                 _ => return Err(TopicError(format!("`{text}`: expected `$share/<group>/<filter>`"))),
             },
             None => (None, text),
@@ -132,7 +130,10 @@ impl TopicFilter {
 
     /// The value of variable `name` in `topic` (which must match this filter).
     pub fn var<'t>(&self, topic: &'t str, name: &str) -> Option<&'t str> {
-        let idx = self.levels.iter().position(|l| matches!(l, Level::One(Some(n)) if n == name))?;
+        let idx = self
+            .levels
+            .iter()
+            .position(|l| matches!(l, Level::One(Some(n)) if n == name))?;
         topic.split('/').nth(idx)
     }
 }
@@ -200,9 +201,14 @@ impl TopicTemplate {
             parts.push(Part::Literal(rest.to_owned()));
         }
         if text.is_empty() || text.contains(['+', '#']) {
-            return Err(TopicError(format!("`{text}`: an output topic must be non-empty and hold no wildcard")));
+            return Err(TopicError(format!(
+                "`{text}`: an output topic must be non-empty and hold no wildcard"
+            )));
         }
-        Ok(TopicTemplate { text: text.to_owned(), parts })
+        Ok(TopicTemplate {
+            text: text.to_owned(),
+            parts,
+        })
     }
 
     pub fn as_str(&self) -> &str {
@@ -283,7 +289,10 @@ mod tests {
     fn edge_ai_filter_names_its_wildcards() {
         let f = TopicFilter::parse("edge-ai/+/+/+/camera/snapshots").unwrap();
         assert_eq!(f.subscription(), "edge-ai/+/+/+/camera/snapshots");
-        assert_eq!(f.var_names().collect::<Vec<_>>(), ["business_unit", "facility", "gateway_id"]);
+        assert_eq!(
+            f.var_names().collect::<Vec<_>>(),
+            ["business_unit", "facility", "gateway_id"]
+        );
         let t = "edge-ai/bu1/plant-7/gw-3/camera/snapshots";
         assert!(f.matches(t));
         assert_eq!(f.var(t, "facility"), Some("plant-7"));
@@ -294,8 +303,14 @@ mod tests {
     #[test]
     fn aio_and_named_and_shared_filters() {
         let f = TopicFilter::parse("azure-iot-operations/data/+/+").unwrap();
-        assert_eq!(f.var("azure-iot-operations/data/cam-12/snapshot", "asset"), Some("cam-12"));
-        assert_eq!(f.var("azure-iot-operations/data/cam-12/snapshot", "stream"), Some("snapshot"));
+        assert_eq!(
+            f.var("azure-iot-operations/data/cam-12/snapshot", "asset"),
+            Some("cam-12")
+        );
+        assert_eq!(
+            f.var("azure-iot-operations/data/cam-12/snapshot", "stream"),
+            Some("snapshot")
+        );
 
         let f = TopicFilter::parse("$share/vision/site/{line}/#").unwrap();
         assert_eq!(f.subscription(), "$share/vision/site/+/#");
@@ -317,21 +332,43 @@ mod tests {
         t.check_against(&f).unwrap();
         let mut out = String::new();
         let topic = "edge-ai/bu/fac/gw/camera/snapshots";
-        t.render_into(&Bindings { filter: &f, topic, device_id: "cam", model_name: "m" }, &mut out);
+        t.render_into(
+            &Bindings {
+                filter: &f,
+                topic,
+                device_id: "cam",
+                model_name: "m",
+            },
+            &mut out,
+        );
         assert_eq!(out, "edge-ai/bu/fac/gw/ai/inference/vision");
 
         let aio = TopicFilter::parse("azure-iot-operations/data/+/+").unwrap();
         let err = t.check_against(&aio).unwrap_err().0;
-        assert!(err.contains("{business_unit}") && err.contains("asset, stream"), "{err}");
+        assert!(
+            err.contains("{business_unit}") && err.contains("asset, stream"),
+            "{err}"
+        );
 
         let t2 = TopicTemplate::parse("out/{device_id}/{model_name}").unwrap();
         t2.check_against(&aio).unwrap();
-        t2.render_into(&Bindings { filter: &aio, topic: "x", device_id: "a/b", model_name: "m" }, &mut out);
+        t2.render_into(
+            &Bindings {
+                filter: &aio,
+                topic: "x",
+                device_id: "a/b",
+                model_name: "m",
+            },
+            &mut out,
+        );
         assert_eq!(out, "out/unknown/m");
 
         assert!(TopicTemplate::parse("a/{x").is_err());
         assert!(TopicTemplate::parse("a/+/b").is_err());
         assert!(TopicTemplate::parse("a/{}").is_err());
-        assert_eq!(TopicTemplate::parse("s/{client_id}/st").unwrap().render_client("c1"), "s/c1/st");
+        assert_eq!(
+            TopicTemplate::parse("s/{client_id}/st").unwrap().render_client("c1"),
+            "s/c1/st"
+        );
     }
 }

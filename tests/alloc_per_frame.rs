@@ -33,11 +33,29 @@ fn jpeg() -> Vec<u8> {
 fn ingest_decode_analyse_and_result_allocate_only_in_the_decoder() {
     let settings = Settings::from_env_and_args(|_| None, &[]).unwrap().0;
     let cfg = model::builtin_camera_health(&settings).unwrap();
-    let models = Models { list: vec![Model { config: cfg, runner: Runner::Health(health::Monitor::default()), ready: AtomicBool::new(true) }] };
+    let models = Models {
+        list: vec![Model {
+            config: cfg,
+            runner: Runner::Health(health::Monitor::default()),
+            ready: AtomicBool::new(true),
+        }],
+    };
     let metrics = Metrics::default();
-    let limits = Limits { max_payload: 1 << 20, max_width: 1920, max_height: 1080, max_tensor: 0, max_input_width: 0 };
+    let limits = Limits {
+        max_payload: 1 << 20,
+        max_width: 1920,
+        max_height: 1080,
+        max_tensor: 0,
+        max_input_width: 0,
+    };
     let mut slot = Slot::new(&limits);
-    let ctx = Ctx { models: &models, metrics: &metrics, max_width: 1920, max_height: 1080, error_topic: "errors" };
+    let ctx = Ctx {
+        models: &models,
+        metrics: &metrics,
+        max_width: 1920,
+        max_height: 1080,
+        error_topic: "errors",
+    };
 
     let jpeg = jpeg();
     let b64 = {
@@ -79,7 +97,10 @@ fn ingest_decode_analyse_and_result_allocate_only_in_the_decoder() {
     });
     for _ in 0..3 {
         let (ingest_allocs, process_allocs) = one_frame(&mut slot, &mut results);
-        assert_eq!(ingest_allocs, 0, "envelope parsing, routing and base64 must not allocate");
+        assert_eq!(
+            ingest_allocs, 0,
+            "envelope parsing, routing and base64 must not allocate"
+        );
         assert_eq!(
             process_allocs, decoder_allocs,
             "decode + camera health + result JSON must allocate only what the decoder does ({decoder_allocs})"
@@ -107,8 +128,18 @@ fn preprocess_and_inference_result_do_not_allocate() {
     let mut scratch = preprocess::Scratch::with_capacity(640);
     let mut out = Vec::with_capacity(64 * 1024);
     let preds = [
-        Prediction { class_id: 0, label: "person", confidence: 0.9, bbox: Some([1.0, 2.0, 3.0, 4.0]) },
-        Prediction { class_id: 15, label: "cat", confidence: 0.5, bbox: None },
+        Prediction {
+            class_id: 0,
+            label: "person",
+            confidence: 0.9,
+            bbox: Some([1.0, 2.0, 3.0, 4.0]),
+        },
+        Prediction {
+            class_id: 15,
+            label: "cat",
+            confidence: 0.5,
+            bbox: None,
+        },
     ];
     let src = result::Source {
         device_id: Some("cam"),
@@ -122,7 +153,17 @@ fn preprocess_and_inference_result_do_not_allocate() {
     let run = |tensor: &mut Vec<f32>, scratch: &mut preprocess::Scratch, out: &mut Vec<u8>| {
         let g = preprocess::Geometry::new(1920, 1080, &pre);
         preprocess::preprocess_into(&rgb, &g, &pre, scratch, tensor);
-        result::write_inference(out, SystemTime::now(), &src, "m", "onnx", &Timings::default(), (1920, 1080), &preds, true);
+        result::write_inference(
+            out,
+            SystemTime::now(),
+            &src,
+            "m",
+            "onnx",
+            &Timings::default(),
+            (1920, 1080),
+            &preds,
+            true,
+        );
     };
     run(&mut tensor, &mut scratch, &mut out);
     for _ in 0..3 {

@@ -14,16 +14,27 @@ fn http_probes_and_oneshot_infer() {
     assert_eq!(svc.get("/healthz"), (200, "ok\n".to_owned()));
     let (code, body) = svc.get("/readyz");
     assert_eq!(code, 200, "{body}");
-    assert!(body.contains("\"enabled\":false") && body.contains("\"name\":\"camera-health\""), "{body}");
+    assert!(
+        body.contains("\"enabled\":false") && body.contains("\"name\":\"camera-health\""),
+        "{body}"
+    );
 
     let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("astronaut.jpg"));
     assert_eq!(code, 200, "{}", text(&body));
     let v: miniserde::json::Value = miniserde::json::from_str(&text(&body)).unwrap();
     assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
     assert_eq!(get_str(&v, &["metadata", "source", "form"]).as_deref(), Some("oneshot"));
-    assert!(matches!(get(&v, &["health", "width"]), Some(miniserde::json::Value::Number(_))));
+    assert!(matches!(
+        get(&v, &["health", "width"]),
+        Some(miniserde::json::Value::Number(_))
+    ));
 
-    let (code, body) = http_request(svc.http(), "POST", "/infer?model=camera-health", b"\x89PNG\r\n\x1a\nxxxx");
+    let (code, body) = http_request(
+        svc.http(),
+        "POST",
+        "/infer?model=camera-health",
+        b"\x89PNG\r\n\x1a\nxxxx",
+    );
     assert_eq!(code, 422);
     assert!(text(&body).contains("\"error\":\"not_jpeg\""), "{}", text(&body));
 
@@ -41,7 +52,10 @@ fn http_probes_and_oneshot_infer() {
     assert_eq!(svc.get("/nowhere").0, 404);
 
     // Good frames after bad ones still work, and everything was counted.
-    assert_eq!(http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg")).0, 200);
+    assert_eq!(
+        http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg")).0,
+        200
+    );
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"not_jpeg\"}"), 1.0);
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"corrupt_jpeg\"}"), 1.0);
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"payload_too_large\"}"), 1.0);
@@ -65,33 +79,74 @@ fn cli_infer_prints_one_result_per_file() {
     assert_eq!(get_bool(&black, &["health", "black_frame"]), Some(true));
 
     // A file that is not a JPEG: an error result and a failing exit code.
-    let out = binary().args(["infer", "Cargo.toml"]).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    let out = binary()
+        .args(["infer", "Cargo.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stdout).contains("\"error\":\"not_jpeg\""), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("\"error\":\"not_jpeg\""),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
 fn config_errors_name_file_key_and_expectation() {
     let dir = TempDir::new("badcfg");
-    let bad = dir.write("bad.yaml", "name: x\nmodel_type: object-detection\nmodel_path: m.onnx\ninference:\n  iou_threshold: 3\n");
+    let bad = dir.write(
+        "bad.yaml",
+        "name: x\nmodel_type: object-detection\nmodel_path: m.onnx\ninference:\n  iou_threshold: 3\n",
+    );
     let out = binary().args(["check-config", bad.to_str().unwrap()]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
-    assert!(err.contains("bad.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 3"), "{err}");
+    assert!(
+        err.contains("bad.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 3"),
+        "{err}"
+    );
 
-    let good = dir.write("good.yaml", "name: gate\nmodel_type: camera-health\nhealth: { blur_threshold: 55 }\n");
-    let out = binary().args(["check-config", good.to_str().unwrap()]).output().unwrap();
+    let good = dir.write(
+        "good.yaml",
+        "name: gate\nmodel_type: camera-health\nhealth: { blur_threshold: 55 }\n",
+    );
+    let out = binary()
+        .args(["check-config", good.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("blur_threshold: 55"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("blur_threshold: 55"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // The service refuses to start on a bad config, with the same message.
-    let out = binary().env("MODEL_CONFIG_PATH", &bad).env("HTTP_ADDR", "").env("AIO_BROKER_HOSTNAME", "").output().unwrap();
+    let out = binary()
+        .env("MODEL_CONFIG_PATH", &bad)
+        .env("HTTP_ADDR", "")
+        .env("AIO_BROKER_HOSTNAME", "")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("`inference.iou_threshold`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("`inference.iou_threshold`"),
+        "{}",
+        text(&out.stderr)
+    );
 
-    let out = binary().env("QUEUE_DEPTH", "lots").arg("check-config").output().unwrap();
+    let out = binary()
+        .env("QUEUE_DEPTH", "lots")
+        .arg("check-config")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(text(&out.stderr).contains("QUEUE_DEPTH (--queue-depth): expected a whole number"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("QUEUE_DEPTH (--queue-depth): expected a whole number"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -99,9 +154,15 @@ fn a_backend_missing_from_the_build_is_a_clear_startup_error() {
     let dir = TempDir::new("backend");
     // Pick a backend this build lacks; a dual build has both, and says what it cannot do yet.
     let (backend, want) = if !cfg!(feature = "onnx") {
-        ("onnx", "backend `onnx` is not compiled into this build (features: ".to_owned())
+        (
+            "onnx",
+            "backend `onnx` is not compiled into this build (features: ".to_owned(),
+        )
     } else if !cfg!(feature = "candle") {
-        ("candle", "backend `candle` is not compiled into this build (features: ".to_owned())
+        (
+            "candle",
+            "backend `candle` is not compiled into this build (features: ".to_owned(),
+        )
     } else {
         ("onnx", "backend `onnx`: ".to_owned())
     };
@@ -128,9 +189,24 @@ fn a_backend_missing_from_the_build_is_a_clear_startup_error() {
 fn help_and_version() {
     let out = binary().arg("--help").output().unwrap();
     let help = text(&out.stdout);
-    for var in ["MODEL_CONFIG_PATH", "DEFAULT_BACKEND", "ENABLE_DUAL_BACKEND", "AIO_BROKER_HOSTNAME", "MQTT_INPUT_TOPICS", "HTTP_ADDR", "QUEUE_DEPTH", "MAX_PAYLOAD_BYTES", "GPU_ENABLED", "RUST_LOG"] {
+    for var in [
+        "MODEL_CONFIG_PATH",
+        "DEFAULT_BACKEND",
+        "ENABLE_DUAL_BACKEND",
+        "AIO_BROKER_HOSTNAME",
+        "MQTT_INPUT_TOPICS",
+        "HTTP_ADDR",
+        "QUEUE_DEPTH",
+        "MAX_PAYLOAD_BYTES",
+        "GPU_ENABLED",
+        "RUST_LOG",
+    ] {
         assert!(help.contains(var), "--help must document {var}");
     }
     let out = binary().arg("--version").output().unwrap();
-    assert!(text(&out.stdout).starts_with("ai-edge-inference 0.1.0 (commit "), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("ai-edge-inference 0.1.0 (commit "),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -68,8 +68,13 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
     svc.wait_ready();
 
     // The retained status says online.
-    let msgs = peer.wait_until("online status", |m| m.iter().any(|m| m.topic == "edge-ai/services/svc/ai/status"));
-    let status = msgs.iter().find(|m| m.topic == "edge-ai/services/svc/ai/status").unwrap();
+    let msgs = peer.wait_until("online status", |m| {
+        m.iter().any(|m| m.topic == "edge-ai/services/svc/ai/status")
+    });
+    let status = msgs
+        .iter()
+        .find(|m| m.topic == "edge-ai/services/svc/ai/status")
+        .unwrap();
     assert_eq!(get_str(&status.json(), &["status"]).as_deref(), Some("online"));
 
     let astronaut = fixture("astronaut.jpg");
@@ -80,10 +85,26 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
     oversize.resize(500_000, 0x42);
 
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("bad-json", b"{\"device_id\": \"cam\", \"image_data\": ".to_vec(), "bad_json"),
-        ("bad-base64", br#"{"device_id":"cam","image_data":"!!not*base64!!"}"#.to_vec(), "bad_base64"),
-        ("no-image", br#"{"device_id":"cam","timestamp":"t"}"#.to_vec(), "bad_envelope"),
-        ("bad-schema", br#"{"message_type":"image_snapshot","schema_version":"2.0","camera_id":"c","image_data":"AAAA"}"#.to_vec(), "bad_envelope"),
+        (
+            "bad-json",
+            b"{\"device_id\": \"cam\", \"image_data\": ".to_vec(),
+            "bad_json",
+        ),
+        (
+            "bad-base64",
+            br#"{"device_id":"cam","image_data":"!!not*base64!!"}"#.to_vec(),
+            "bad_base64",
+        ),
+        (
+            "no-image",
+            br#"{"device_id":"cam","timestamp":"t"}"#.to_vec(),
+            "bad_envelope",
+        ),
+        (
+            "bad-schema",
+            br#"{"message_type":"image_snapshot","schema_version":"2.0","camera_id":"c","image_data":"AAAA"}"#.to_vec(),
+            "bad_envelope",
+        ),
         ("png", png.clone(), "not_jpeg"),
         ("base64-png", design("cam", &png), "not_jpeg"),
         ("garbage", b"hello, broker".to_vec(), "not_jpeg"),
@@ -95,38 +116,66 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
     for (i, (case, payload, want)) in bad.iter().enumerate() {
         let topic = format!("edge-ai/bu1/plant-7/{case}/camera/snapshots");
         peer.publish(&topic, payload.clone());
-        let got = peer.wait_until(&format!("error result for {case}"), |m| m.iter().any(|m| error_on(m, &topic).is_some()));
+        let got = peer.wait_until(&format!("error result for {case}"), |m| {
+            m.iter().any(|m| error_on(m, &topic).is_some())
+        });
         let errors: Vec<String> = got.iter().filter_map(|m| error_on(m, &topic)).collect();
         assert_eq!(errors, [want.to_string()], "{case}");
 
         // A good frame right after each bad one still gets its result.
         let device = format!("good-{i}");
         peer.publish(GOOD_TOPIC, design(&device, &astronaut));
-        peer.wait_until(&format!("result for {device}"), |m| m.iter().any(|m| is_result_for(m, RESULT_TOPIC, &device)));
+        peer.wait_until(&format!("result for {device}"), |m| {
+            m.iter().any(|m| is_result_for(m, RESULT_TOPIC, &device))
+        });
     }
 
     // The image_snapshot form: correlation id and location echoed.
     peer.publish(GOOD_TOPIC, snapshot("cam-snap", "corr-42", &fixture("coffee.jpg")));
-    let got = peer.wait_until("snapshot result", |m| m.iter().any(|m| is_result_for(m, RESULT_TOPIC, "cam-snap")));
-    let v = got.iter().find(|m| is_result_for(m, RESULT_TOPIC, "cam-snap")).unwrap().json();
+    let got = peer.wait_until("snapshot result", |m| {
+        m.iter().any(|m| is_result_for(m, RESULT_TOPIC, "cam-snap"))
+    });
+    let v = got
+        .iter()
+        .find(|m| is_result_for(m, RESULT_TOPIC, "cam-snap"))
+        .unwrap()
+        .json();
     assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
-    assert_eq!(get_str(&v, &["metadata", "source", "correlation_id"]).as_deref(), Some("corr-42"));
-    assert_eq!(get_str(&v, &["metadata", "source", "location", "zone"]).as_deref(), Some("A"));
-    assert_eq!(get_str(&v, &["metadata", "source", "form"]).as_deref(), Some("image_snapshot"));
+    assert_eq!(
+        get_str(&v, &["metadata", "source", "correlation_id"]).as_deref(),
+        Some("corr-42")
+    );
+    assert_eq!(
+        get_str(&v, &["metadata", "source", "location", "zone"]).as_deref(),
+        Some("A")
+    );
+    assert_eq!(
+        get_str(&v, &["metadata", "source", "form"]).as_deref(),
+        Some("image_snapshot")
+    );
 
     // Raw JPEG on the AIO Media Connector topic: device from the topic, own output template.
     peer.publish("azure-iot-operations/data/dock-cam/snapshot", fixture("chelsea.jpg"));
     let aio_out = "azure-iot-operations/data/dock-cam/snapshot/ai/health";
-    let got = peer.wait_until("AIO result", |m| m.iter().any(|m| is_result_for(m, aio_out, "dock-cam")));
+    let got = peer.wait_until("AIO result", |m| {
+        m.iter().any(|m| is_result_for(m, aio_out, "dock-cam"))
+    });
     let v = got.iter().find(|m| m.topic == aio_out).unwrap().json();
     assert_eq!(get_str(&v, &["model_name"]).as_deref(), Some("dock-health"));
-    assert_eq!(get_str(&v, &["metadata", "source", "form"]).as_deref(), Some("raw_jpeg"));
+    assert_eq!(
+        get_str(&v, &["metadata", "source", "form"]).as_deref(),
+        Some("raw_jpeg")
+    );
 
     // Raw JPEG on an edge-ai topic; then the very same frame again is frozen.
     peer.publish(GOOD_TOPIC, fixture("chelsea.jpg"));
-    peer.wait_until("raw result", |m| m.iter().filter(|m| is_result_for(m, RESULT_TOPIC, GOOD_TOPIC)).count() == 1);
+    peer.wait_until("raw result", |m| {
+        m.iter().filter(|m| is_result_for(m, RESULT_TOPIC, GOOD_TOPIC)).count() == 1
+    });
     peer.publish(GOOD_TOPIC, fixture("chelsea.jpg"));
-    let got = peer.wait_until("frozen result", |m| m.iter().filter(|m| is_result_for(m, RESULT_TOPIC, GOOD_TOPIC)).count() == 2);
+    let got = peer.wait_until("frozen result", |m| {
+        m.iter().filter(|m| is_result_for(m, RESULT_TOPIC, GOOD_TOPIC)).count() == 2
+    });
     let frozen: Vec<bool> = got
         .iter()
         .filter(|m| is_result_for(m, RESULT_TOPIC, GOOD_TOPIC))
@@ -136,8 +185,14 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
 
     // A black frame raises an alert.
     peer.publish(GOOD_TOPIC, design("cam-black", &fixture("black.jpg")));
-    let got = peer.wait_until("black result", |m| m.iter().any(|m| is_result_for(m, RESULT_TOPIC, "cam-black")));
-    let v = got.iter().find(|m| is_result_for(m, RESULT_TOPIC, "cam-black")).unwrap().json();
+    let got = peer.wait_until("black result", |m| {
+        m.iter().any(|m| is_result_for(m, RESULT_TOPIC, "cam-black"))
+    });
+    let v = got
+        .iter()
+        .find(|m| is_result_for(m, RESULT_TOPIC, "cam-black"))
+        .unwrap()
+        .json();
     assert_eq!(get_bool(&v, &["health", "black_frame"]), Some(true));
     assert_eq!(get_bool(&v, &["metadata", "alert_triggered"]), Some(true));
 
@@ -151,12 +206,19 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
         ("payload_too_large", 1.0),
         ("image_too_large", 1.0),
     ] {
-        assert_eq!(svc.metric(&format!("aei_frames_failed_total{{reason=\"{reason}\"}}")), n, "{reason}");
+        assert_eq!(
+            svc.metric(&format!("aei_frames_failed_total{{reason=\"{reason}\"}}")),
+            n,
+            "{reason}"
+        );
     }
     assert_eq!(svc.metric("aei_frames_received_total{form=\"raw_jpeg\"}"), 8.0);
     assert_eq!(svc.metric("aei_frames_received_total{form=\"image_snapshot\"}"), 1.0);
     assert_eq!(svc.metric("aei_mqtt_connected"), 1.0);
-    assert_eq!(svc.metric("aei_messages_published_total{kind=\"error\"}"), bad.len() as f64);
+    assert_eq!(
+        svc.metric("aei_messages_published_total{kind=\"error\"}"),
+        bad.len() as f64
+    );
     let (_, text) = svc.get("/metrics");
     let mut lint = Command::new("promtool")
         .args(["check", "metrics"])
@@ -187,7 +249,10 @@ fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
         ("QUEUE_DEPTH", "2"),
         ("WORKERS", "1"),
     ]);
-    let peer = Peer::connect(broker.port, &["edge-ai/bu1/plant-7/gw-3/ai/#", "edge-ai/services/svc/ai/errors"]);
+    let peer = Peer::connect(
+        broker.port,
+        &["edge-ai/bu1/plant-7/gw-3/ai/#", "edge-ai/services/svc/ai/errors"],
+    );
     svc.wait_ready();
     let frame = fixture("rocket-1080p.jpg");
     const N: usize = 30;
@@ -201,16 +266,33 @@ fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
     let got = peer.wait_until("an answer per frame", |m| m.iter().filter_map(corr).count() >= N);
     let per_frame = count_by(&got, corr);
     for i in 0..N {
-        assert_eq!(per_frame.get(&format!("f{i}")), Some(&1), "frame f{i} must get exactly one answer");
+        assert_eq!(
+            per_frame.get(&format!("f{i}")),
+            Some(&1),
+            "frame f{i} must get exactly one answer"
+        );
     }
-    let dropped: Vec<&Msg> =
-        got.iter().filter(|m| get_str(&m.json(), &["error"]).as_deref() == Some("dropped")).collect();
+    let dropped: Vec<&Msg> = got
+        .iter()
+        .filter(|m| get_str(&m.json(), &["error"]).as_deref() == Some("dropped"))
+        .collect();
     assert!(!dropped.is_empty(), "a burst into 2 slots must supersede some frames");
-    assert!(dropped.iter().all(|m| get_str(&m.json(), &["reason"]).unwrap().starts_with("superseded")));
-    assert_eq!(svc.metric("aei_frames_dropped_total{reason=\"superseded\"}"), dropped.len() as f64);
+    assert!(dropped
+        .iter()
+        .all(|m| get_str(&m.json(), &["reason"]).unwrap().starts_with("superseded")));
+    assert_eq!(
+        svc.metric("aei_frames_dropped_total{reason=\"superseded\"}"),
+        dropped.len() as f64
+    );
     // The newest frame is never the one that gives way.
-    let last = got.iter().find(|m| corr(m).as_deref() == Some(&format!("f{}", N - 1))).unwrap();
-    assert_eq!(get_str(&last.json(), &["message_type"]).as_deref(), Some("camera_health"));
+    let last = got
+        .iter()
+        .find(|m| corr(m).as_deref() == Some(&format!("f{}", N - 1)))
+        .unwrap();
+    assert_eq!(
+        get_str(&last.json(), &["message_type"]).as_deref(),
+        Some("camera_health")
+    );
     assert_eq!(svc.metric("aei_frame_slots{state=\"free\"}"), 2.0);
     assert!(svc.still_running());
 }
@@ -219,7 +301,11 @@ fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
 fn survives_broker_restarts_and_reports_readiness() {
     let port = free_port();
     let p = port.to_string();
-    let mut svc = Service::start(&[("AIO_BROKER_HOSTNAME", "127.0.0.1"), ("AIO_BROKER_TCP_PORT", &p), ("AIO_MQTT_CLIENT_ID", "svc")]);
+    let mut svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", &p),
+        ("AIO_MQTT_CLIENT_ID", "svc"),
+    ]);
     // No broker yet: alive but not ready.
     assert_eq!(svc.get("/healthz").0, 200);
     let (code, body) = svc.get("/readyz");
@@ -232,12 +318,17 @@ fn survives_broker_restarts_and_reports_readiness() {
         let peer = Peer::connect(port, &[RESULT_TOPIC]);
         let device = format!("after-restart-{round}");
         peer.publish(GOOD_TOPIC, design(&device, &fixture("chelsea.jpg")));
-        peer.wait_until("result after (re)connect", |m| m.iter().any(|m| is_result_for(m, RESULT_TOPIC, &device)));
+        peer.wait_until("result after (re)connect", |m| {
+            m.iter().any(|m| is_result_for(m, RESULT_TOPIC, &device))
+        });
         drop(peer);
         drop(broker);
         let end = std::time::Instant::now() + DEADLINE;
         while svc.get("/readyz").0 == 200 {
-            assert!(std::time::Instant::now() < end, "readyz stayed 200 after the broker died");
+            assert!(
+                std::time::Instant::now() < end,
+                "readyz stayed 200 after the broker died"
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }

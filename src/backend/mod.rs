@@ -28,10 +28,18 @@ mod onnx;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendError {
     /// The backend's Cargo feature is off in this build.
-    NotCompiled { backend: &'static str },
+    NotCompiled {
+        backend: &'static str,
+    },
     /// Compiled in, but cannot run this model (yet, or at all).
-    Unsupported { backend: &'static str, reason: String },
-    Load { path: String, reason: String },
+    Unsupported {
+        backend: &'static str,
+        reason: String,
+    },
+    Load {
+        path: String,
+        reason: String,
+    },
     Run(String),
 }
 
@@ -82,7 +90,10 @@ impl Engine {
                 // Both must be present; the comparison itself arrives with the Candle backend.
                 candle::CandleBackend::load(path, config)?;
                 onnx::OnnxBackend::load(path, config)?;
-                Err(BackendError::Unsupported { backend: "dual", reason: "dual comparison is not implemented yet".into() })
+                Err(BackendError::Unsupported {
+                    backend: "dual",
+                    reason: "dual comparison is not implemented yet".into(),
+                })
             }
             BackendKind::Builtin => Err(BackendError::Unsupported {
                 backend: "builtin",

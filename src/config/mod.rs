@@ -102,7 +102,9 @@ impl Settings {
                     Some(v) => v,
                     None => {
                         i += 1;
-                        args.get(i).cloned().ok_or_else(|| SettingsError(format!("{flag} needs a value")))?
+                        args.get(i)
+                            .cloned()
+                            .ok_or_else(|| SettingsError(format!("{flag} needs a value")))?
                     }
                 };
                 values.insert(o.env, v);
@@ -124,7 +126,10 @@ impl Settings {
             gpu_enabled: parse_bool("GPU_ENABLED", &get("GPU_ENABLED"))?,
             broker: match non_empty(get("AIO_BROKER_HOSTNAME")) {
                 None => None,
-                Some(h) => Some((h, parse_num("AIO_BROKER_TCP_PORT", &get("AIO_BROKER_TCP_PORT"), 1, 65535)? as u16)),
+                Some(h) => Some((
+                    h,
+                    parse_num("AIO_BROKER_TCP_PORT", &get("AIO_BROKER_TCP_PORT"), 1, 65535)? as u16,
+                )),
             },
             client_id: non_empty(get("AIO_MQTT_CLIENT_ID"))
                 .ok_or_else(|| bad("AIO_MQTT_CLIENT_ID", "a non-empty client id", ""))?,
@@ -151,11 +156,16 @@ impl Settings {
         if s.input_topics.is_empty() {
             return Err(bad("MQTT_INPUT_TOPICS", "at least one topic filter", ""));
         }
-        for (k, t) in [("MQTT_STATUS_TOPIC", &s.status_topic), ("MQTT_ERROR_TOPIC", &s.error_topic)] {
+        for (k, t) in [
+            ("MQTT_STATUS_TOPIC", &s.status_topic),
+            ("MQTT_ERROR_TOPIC", &s.error_topic),
+        ] {
             let tpl = crate::topic::TopicTemplate::parse(t).map_err(|e| SettingsError(format!("{k}: {e}")))?;
             let other = tpl.var_names().find(|v| *v != "client_id").map(str::to_owned);
             if let Some(v) = other {
-                return Err(SettingsError(format!("{k}: only {{client_id}} can be used here, found {{{v}}}")));
+                return Err(SettingsError(format!(
+                    "{k}: only {{client_id}} can be used here, found {{{v}}}"
+                )));
             }
         }
         Ok((s, rest))
@@ -191,7 +201,10 @@ pub fn help_text() -> String {
     let mut s = String::new();
     for o in OPTIONS {
         let default = if o.default.is_empty() { "(empty)" } else { o.default };
-        s.push_str(&format!("  {:<16} {:<28} default: {}\n      {}\n", o.flag, o.env, default, o.help));
+        s.push_str(&format!(
+            "  {:<16} {:<28} default: {}\n      {}\n",
+            o.flag, o.env, default, o.help
+        ));
     }
     s
 }
@@ -224,9 +237,16 @@ mod tests {
     #[test]
     fn bad_values_name_the_variable_and_flag() {
         let err = Settings::from_env_and_args(|k| (k == "DEFAULT_BACKEND").then(|| "tflite".into()), &[]).unwrap_err();
-        assert_eq!(err.0, "DEFAULT_BACKEND (--backend): expected candle, onnx or dual, found `tflite`");
+        assert_eq!(
+            err.0,
+            "DEFAULT_BACKEND (--backend): expected candle, onnx or dual, found `tflite`"
+        );
         let err = Settings::from_env_and_args(|_| None, &args(&["--queue-depth", "0"])).unwrap_err();
-        assert!(err.0.starts_with("QUEUE_DEPTH (--queue-depth): expected a whole number in 1..=256"), "{err}");
+        assert!(
+            err.0
+                .starts_with("QUEUE_DEPTH (--queue-depth): expected a whole number in 1..=256"),
+            "{err}"
+        );
         let err = Settings::from_env_and_args(|_| None, &args(&["--status-topic", "s/{facility}"])).unwrap_err();
         assert!(err.0.contains("only {client_id}"), "{err}");
         assert!(Settings::from_env_and_args(|_| None, &args(&["--broker-port"])).is_err());

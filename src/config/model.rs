@@ -60,9 +60,13 @@ pub enum Labels {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ResizeMode {
     Stretch,
-    Letterbox { pad_value: u8 },
+    Letterbox {
+        pad_value: u8,
+    },
     /// Resize so the short side is `resize_short`, then crop the centre.
-    CenterCrop { resize_short: u32 },
+    CenterCrop {
+        resize_short: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,11 +146,35 @@ impl fmt::Display for ConfigError {
     }
 }
 
-const TOP_KEYS: &[&str] =
-    &["name", "backend", "model_path", "model_type", "labels", "preprocessing", "inference", "health", "mqtt"];
-const PRE_KEYS: &[&str] =
-    &["resize", "mode", "pad_value", "resize_short", "normalize", "mean", "std", "channel_order", "layout"];
-const INF_KEYS: &[&str] = &["confidence_threshold", "iou_threshold", "max_detections", "batch_size", "gpu_enabled"];
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "backend",
+    "model_path",
+    "model_type",
+    "labels",
+    "preprocessing",
+    "inference",
+    "health",
+    "mqtt",
+];
+const PRE_KEYS: &[&str] = &[
+    "resize",
+    "mode",
+    "pad_value",
+    "resize_short",
+    "normalize",
+    "mean",
+    "std",
+    "channel_order",
+    "layout",
+];
+const INF_KEYS: &[&str] = &[
+    "confidence_threshold",
+    "iou_threshold",
+    "max_detections",
+    "batch_size",
+    "gpu_enabled",
+];
 const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
 const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template"];
 
@@ -194,13 +222,19 @@ pub fn load(path: Option<&Path>, settings: &Settings) -> Result<Vec<ModelConfig>
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> ConfigError {
-    ConfigError { file: path.display().to_string(), key: String::new(), message: format!("cannot read: {e}") }
+    ConfigError {
+        file: path.display().to_string(),
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    }
 }
 
 /// The default job when no model config is given: camera health on the
 /// service-wide input topics.
 pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigError> {
-    let ctx = Ctx { file: "built-in camera-health model (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into() };
+    let ctx = Ctx {
+        file: "built-in camera-health model (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into(),
+    };
     let (input_topics, output_topic) = ctx.topics(&Yaml::BadValue, settings)?;
     Ok(ModelConfig {
         name: "camera-health".into(),
@@ -224,7 +258,9 @@ pub fn load_file(path: &Path, settings: &Settings) -> Result<ModelConfig, Config
 
 /// Parses one config's text; `path` names it in errors and anchors relative paths.
 pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
-    let ctx = Ctx { file: path.display().to_string() };
+    let ctx = Ctx {
+        file: path.display().to_string(),
+    };
     let docs = YamlLoader::load_from_str(text).map_err(|e| ctx.err("", format!("not valid YAML: {e}")))?;
     let doc = match docs.as_slice() {
         [d] => d,
@@ -232,9 +268,18 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         _ => return Err(ctx.err("", "expected one YAML document, found several".into())),
     };
     ctx.known_keys(doc, "", TOP_KEYS)?;
-    let name = ctx.string(&doc["name"], "name")?.ok_or_else(|| ctx.err("name", "is required".into()))?;
-    if name.is_empty() || !name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.')) {
-        return Err(ctx.err("name", format!("expected letters, digits, `-`, `_` or `.`, found `{name}`")));
+    let name = ctx
+        .string(&doc["name"], "name")?
+        .ok_or_else(|| ctx.err("name", "is required".into()))?;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(ctx.err(
+            "name",
+            format!("expected letters, digits, `-`, `_` or `.`, found `{name}`"),
+        ));
     }
     let model_type = match ctx.string(&doc["model_type"], "model_type")?.as_deref() {
         Some("image-classification") => ModelType::Classification,
@@ -251,7 +296,10 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
     let backend = match (model_type, ctx.string(&doc["backend"], "backend")?.as_deref()) {
         (ModelType::CameraHealth, None | Some("builtin")) => BackendKind::Builtin,
         (ModelType::CameraHealth, Some(other)) => {
-            return Err(ctx.err("backend", format!("camera-health needs no ML backend; omit it (found `{other}`)")))
+            return Err(ctx.err(
+                "backend",
+                format!("camera-health needs no ML backend; omit it (found `{other}`)"),
+            ))
         }
         (_, _) if settings.enable_dual => BackendKind::Dual,
         (_, None) => settings.default_backend,
@@ -280,14 +328,22 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
             let file = base.join(p);
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| ctx.err("labels", format!("cannot read labels file {}: {e}", file.display())))?;
-            let labels: Vec<String> =
-                text.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect();
+            let labels: Vec<String> = text
+                .lines()
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty())
+                .collect();
             if labels.is_empty() {
                 return Err(ctx.err("labels", format!("labels file {} holds no labels", file.display())));
             }
             Labels::File(file, labels)
         }
-        other => return Err(ctx.err("labels", format!("expected a list or a file path, found {}", kind(other)))),
+        other => {
+            return Err(ctx.err(
+                "labels",
+                format!("expected a list or a file path, found {}", kind(other)),
+            ))
+        }
     };
     let (input_topics, output_topic) = ctx.topics(&doc["mqtt"], settings)?;
     Ok(ModelConfig {
@@ -311,7 +367,11 @@ struct Ctx {
 
 impl Ctx {
     fn err(&self, key: &str, message: String) -> ConfigError {
-        ConfigError { file: self.file.clone(), key: key.to_owned(), message }
+        ConfigError {
+            file: self.file.clone(),
+            key: key.to_owned(),
+            message,
+        }
     }
 
     fn known_keys(&self, v: &Yaml, prefix: &str, known: &[&str]) -> Result<(), ConfigError> {
@@ -360,7 +420,10 @@ impl Ctx {
         match v {
             Yaml::BadValue | Yaml::Null => Ok(default),
             Yaml::Integer(i) if (min as i64..=max as i64).contains(i) => Ok(*i as u64),
-            other => Err(self.err(key, format!("expected a whole number in {min}..={max}, found {}", kind(other)))),
+            other => Err(self.err(
+                key,
+                format!("expected a whole number in {min}..={max}, found {}", kind(other)),
+            )),
         }
     }
 
@@ -405,7 +468,9 @@ impl Ctx {
                 ))
             }
         };
-        let mode_name = self.string(&v["mode"], "preprocessing.mode")?.unwrap_or_else(|| dmode.to_owned());
+        let mode_name = self
+            .string(&v["mode"], "preprocessing.mode")?
+            .unwrap_or_else(|| dmode.to_owned());
         let mode = match mode_name.as_str() {
             "stretch" => ResizeMode::Stretch,
             "letterbox" => ResizeMode::Letterbox {
@@ -413,8 +478,13 @@ impl Ctx {
             },
             "center-crop" | "resize-short-side-center-crop" => {
                 let default_short = (width.max(height) as f32 / 0.875).round() as u64;
-                let short =
-                    self.int(&v["resize_short"], "preprocessing.resize_short", default_short, 8, 16384)? as u32;
+                let short = self.int(
+                    &v["resize_short"],
+                    "preprocessing.resize_short",
+                    default_short,
+                    8,
+                    16384,
+                )? as u32;
                 if short < width.max(height) {
                     return Err(self.err(
                         "preprocessing.resize_short",
@@ -431,7 +501,7 @@ impl Ctx {
             }
         };
         let std = self.triple(&v["std"], "preprocessing.std", [1.0; 3])?;
-        if std.iter().any(|s| *s == 0.0) {
+        if std.contains(&0.0) {
             return Err(self.err("preprocessing.std", "must not contain 0".into()));
         }
         Ok(Preprocessing {
@@ -441,10 +511,18 @@ impl Ctx {
             normalize: self.boolean(&v["normalize"], "preprocessing.normalize", true)?,
             mean: self.triple(&v["mean"], "preprocessing.mean", [0.0; 3])?,
             std,
-            channel_order: match self.string(&v["channel_order"], "preprocessing.channel_order")?.as_deref() {
+            channel_order: match self
+                .string(&v["channel_order"], "preprocessing.channel_order")?
+                .as_deref()
+            {
                 None | Some("rgb" | "RGB") => ChannelOrder::Rgb,
                 Some("bgr" | "BGR") => ChannelOrder::Bgr,
-                Some(o) => return Err(self.err("preprocessing.channel_order", format!("expected rgb or bgr, found `{o}`"))),
+                Some(o) => {
+                    return Err(self.err(
+                        "preprocessing.channel_order",
+                        format!("expected rgb or bgr, found `{o}`"),
+                    ))
+                }
             },
             layout: match self.string(&v["layout"], "preprocessing.layout")?.as_deref() {
                 None | Some("nchw" | "NCHW") => Layout::Nchw,
@@ -458,7 +536,13 @@ impl Ctx {
         self.known_keys(v, "inference.", INF_KEYS)?;
         let batch_size = self.int(&v["batch_size"], "inference.batch_size", 1, 1, 1)? as usize;
         Ok(Inference {
-            confidence_threshold: self.float(&v["confidence_threshold"], "inference.confidence_threshold", 0.25, 0.0, 1.0)?,
+            confidence_threshold: self.float(
+                &v["confidence_threshold"],
+                "inference.confidence_threshold",
+                0.25,
+                0.0,
+                1.0,
+            )?,
             iou_threshold: self.float(&v["iou_threshold"], "inference.iou_threshold", 0.45, 0.0, 1.0)?,
             max_detections: self.int(&v["max_detections"], "inference.max_detections", 100, 1, 10000)? as usize,
             batch_size,
@@ -483,15 +567,19 @@ impl Ctx {
                 a.iter()
                     .enumerate()
                     .map(|(i, t)| {
-                        scalar_text(t)
-                            .ok_or_else(|| self.err(&format!("mqtt.input_topics[{i}]"), "expected a topic filter".into()))
+                        scalar_text(t).ok_or_else(|| {
+                            self.err(&format!("mqtt.input_topics[{i}]"), "expected a topic filter".into())
+                        })
                     })
                     .collect::<Result<_, _>>()?,
                 "mqtt.input_topics",
             ),
             Yaml::String(s) => (vec![s.clone()], "mqtt.input_topics"),
             other => {
-                return Err(self.err("mqtt.input_topics", format!("expected a list of topic filters, found {}", kind(other))))
+                return Err(self.err(
+                    "mqtt.input_topics",
+                    format!("expected a list of topic filters, found {}", kind(other)),
+                ))
             }
         };
         let filters: Vec<TopicFilter> = texts
@@ -540,7 +628,9 @@ pub fn describe(m: &ModelConfig) -> String {
     let mode = match p.mode {
         ResizeMode::Stretch => "stretch".to_owned(),
         ResizeMode::Letterbox { pad_value } => format!("letterbox\n  pad_value: {pad_value}"),
-        ResizeMode::CenterCrop { resize_short } => format!("center-crop\n  resize_short: {resize_short}"),
+        ResizeMode::CenterCrop { resize_short } => {
+            format!("center-crop\n  resize_short: {resize_short}")
+        }
     };
     let labels = match &m.labels {
         Labels::FromModel => "from model metadata".to_owned(),
@@ -641,7 +731,11 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         assert_eq!((d.preprocessing.width, d.preprocessing.height), (640, 640));
         let mut s = settings();
         s.enable_dual = true;
-        let m = parse("name: c\nmodel_type: image-classification\nmodel_path: m\nbackend: onnx\n", Path::new("x.yaml"), &s);
+        let m = parse(
+            "name: c\nmodel_type: image-classification\nmodel_path: m\nbackend: onnx\n",
+            Path::new("x.yaml"),
+            &s,
+        );
         assert_eq!(m.unwrap().backend, BackendKind::Dual);
         let h = builtin_camera_health(&settings()).unwrap();
         assert_eq!(h.input_topics[0].subscription(), "edge-ai/+/+/+/camera/snapshots");

@@ -84,7 +84,9 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("mosquitto must be installed (apt-get install mosquitto)");
-        wait_for("mosquitto to listen", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_for("mosquitto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
         Broker { port, child, _dir: dir }
     }
 }
@@ -136,7 +138,10 @@ impl Service {
         let end = Instant::now() + DEADLINE;
         loop {
             if let Some(addr) = s.log_line("HTTP listening on http://").and_then(|l| {
-                l.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned)
+                l.split("http://")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_owned)
             }) {
                 s.http = Some(addr);
             }
@@ -144,9 +149,16 @@ impl Service {
                 return s;
             }
             if let Some(status) = s.child.try_wait().unwrap() {
-                panic!("service exited with {status} at start-up:\n{}", s.log.lock().unwrap().join("\n"));
+                panic!(
+                    "service exited with {status} at start-up:\n{}",
+                    s.log.lock().unwrap().join("\n")
+                );
             }
-            assert!(Instant::now() < end, "service did not start:\n{}", s.log.lock().unwrap().join("\n"));
+            assert!(
+                Instant::now() < end,
+                "service did not start:\n{}",
+                s.log.lock().unwrap().join("\n")
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -194,13 +206,20 @@ impl Drop for Service {
 pub fn http_request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", body.len())
-        .unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
     // The server may answer (413) before reading the whole body.
     let _ = s.write_all(body);
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response head");
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response head");
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     let mut body = resp[split + 4..].to_vec();
@@ -212,8 +231,7 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, 
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else { break };
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
         let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap_or(0);
         if n == 0 {
             break;
@@ -280,7 +298,11 @@ impl Peer {
         if subscribe.is_empty() {
             *connected.lock().unwrap() = true;
         }
-        let peer = Peer { client, received, connected };
+        let peer = Peer {
+            client,
+            received,
+            connected,
+        };
         wait_for("test client to subscribe", || *peer.connected.lock().unwrap());
         peer
     }
@@ -302,7 +324,10 @@ impl Peer {
                     Instant::now() < end,
                     "timed out waiting for {what}; got {} messages:\n{}",
                     r.len(),
-                    r.iter().map(|m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload))).collect::<Vec<_>>().join("\n")
+                    r.iter()
+                        .map(|m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload)))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
