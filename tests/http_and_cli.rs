@@ -203,6 +203,16 @@ fn help_and_version() {
     ] {
         assert!(help.contains(var), "--help must document {var}");
     }
+    // The README's configuration table covers every option.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for o in ai_edge_inference::config::OPTIONS {
+        assert!(
+            readme.contains(&format!("`{}` | `{}`", o.env, o.flag)),
+            "README must document {}",
+            o.env
+        );
+        assert!(help.contains(o.env) && help.contains(o.flag));
+    }
     let out = binary().arg("--version").output().unwrap();
     assert!(
         text(&out.stdout).starts_with("ai-edge-inference 0.1.0 (commit "),

@@ -295,6 +295,19 @@ fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
     );
     assert_eq!(svc.metric("aei_frame_slots{state=\"free\"}"), 2.0);
     assert!(svc.still_running());
+
+    // When the process dies, the broker publishes the retained `offline` last will.
+    let watcher = Peer::connect(broker.port, &["edge-ai/services/svc/ai/status"]);
+    watcher.wait_until("retained online", |m| m.iter().any(|m| m.retain));
+    drop(svc);
+    let got = watcher.wait_until("offline last will", |m| {
+        m.iter()
+            .any(|m| get_str(&m.json(), &["status"]).as_deref() == Some("offline"))
+    });
+    assert_eq!(
+        get_str(&got.last().unwrap().json(), &["message_type"]).as_deref(),
+        Some("service_status")
+    );
 }
 
 #[test]
