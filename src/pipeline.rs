@@ -85,7 +85,8 @@ pub fn limits(models: &Models, max_payload: usize, max_width: u32, max_height: u
 }
 
 /// Runs the pipeline until `incoming` closes: spawns the executor threads
-/// and returns their handles.
+/// (one per worker, plus one so ingest never waits behind busy workers) and
+/// returns their handles.
 pub fn start(
     shared: Arc<Shared>,
     incoming: async_channel::Receiver<Incoming>,
@@ -105,7 +106,7 @@ pub fn start(
         tasks.push(ex.spawn(async move { worker_loop(&shared).await }));
     }
     let (done_tx, done_rx) = async_channel::bounded::<()>(1);
-    {
+    let join = {
         let ex = ex.clone();
         std::thread::Builder::new()
             .name("pipeline-join".into())
@@ -119,7 +120,7 @@ pub fn start(
             })
             .expect("spawn pipeline thread")
     };
-    (0..workers.saturating_sub(1).max(1))
+    let mut threads: Vec<_> = (0..workers)
         .map(|i| {
             let ex = ex.clone();
             let done = done_rx.clone();
@@ -130,7 +131,9 @@ pub fn start(
                 })
                 .expect("spawn pipeline thread")
         })
-        .collect()
+        .collect();
+    threads.push(join);
+    threads
 }
 
 async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming>) {
