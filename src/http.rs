@@ -109,7 +109,9 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         name: String,
         backend: String,
         model_type: String,
+        provider: String,
         ready: bool,
+        error: Option<String>,
     }
     #[derive(miniserde::Serialize)]
     struct Mqtt {
@@ -130,11 +132,13 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
             .models
             .summary()
             .into_iter()
-            .map(|(name, backend, kind, ready)| Model {
-                name,
-                backend: backend.into(),
-                model_type: kind.into(),
-                ready,
+            .map(|m| Model {
+                name: m.name,
+                backend: m.backend.into(),
+                model_type: m.model_type.into(),
+                provider: m.provider,
+                ready: m.ready,
+                error: m.error,
             })
             .collect(),
         mqtt: Mqtt {

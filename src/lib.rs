@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod models;
 pub mod mqtt;
 pub mod pipeline;
+pub mod postprocess;
 pub mod preprocess;
 pub mod process;
 pub mod result;

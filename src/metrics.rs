@@ -163,8 +163,8 @@ impl Metrics {
         self.failed[r as usize].load(Relaxed)
     }
 
-    /// Prometheus text exposition. `models` are (name, backend, type, ready).
-    pub fn render(&self, models: &[(String, &str, &str, bool)]) -> String {
+    /// Prometheus text exposition, with the state of every configured model.
+    pub fn render(&self, models: &[crate::models::Summary]) -> String {
         let mut o = String::with_capacity(8192);
         let head = |o: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -348,14 +348,17 @@ impl Metrics {
             &mut o,
             "aei_model_ready",
             "gauge",
-            "1 when the model is loaded and warmed up.",
+            "1 when the model is loaded and warmed up; 0 when it failed to load.",
         );
-        for (name, backend, kind, ready) in models {
+        for m in models {
             let _ = writeln!(
                 o,
-                "aei_model_ready{{model=\"{}\",backend=\"{backend}\",type=\"{kind}\"}} {}",
-                escape_label(name),
-                *ready as u8
+                "aei_model_ready{{model=\"{}\",backend=\"{}\",type=\"{}\",provider=\"{}\"}} {}",
+                escape_label(&m.name),
+                m.backend,
+                m.model_type,
+                escape_label(&m.provider),
+                m.ready as u8
             );
         }
         o
@@ -378,11 +381,20 @@ mod tests {
         m.stage(Stage::Decode, Duration::from_millis(7));
         m.stage(Stage::Decode, Duration::from_secs(60));
         m.failed(FailReason::NotJpeg);
-        let text = m.render(&[("m\"1".into(), "builtin", "camera-health", true)]);
+        let text = m.render(&[crate::models::Summary {
+            name: "m\"1".into(),
+            backend: "builtin",
+            model_type: "camera-health",
+            provider: "builtin".into(),
+            ready: true,
+            error: None,
+        }]);
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.0005\"} 1\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.01\"} 2\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"+Inf\"} 3\n"));
         assert!(text.contains("aei_frames_failed_total{reason=\"not_jpeg\"} 1\n"));
-        assert!(text.contains("aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\"} 1\n"));
+        assert!(text.contains(
+            "aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\",provider=\"builtin\"} 1\n"
+        ));
     }
 }

@@ -1,27 +1,44 @@
 //! Loaded models and topic routing.
 //!
 //! Owns: turning validated `ModelConfig`s into runnable models (a built-in
-//! analysis or a backend `Engine`), their readiness, and which models a
-//! topic routes to. Does not touch frames (see `process.rs`).
+//! analysis or a backend `Engine` with its labels and post-processing
+//! buffers), warm-up, readiness, load failures, and which models a topic
+//! routes to. Does not touch frames (see `process.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use crate::backend::{BackendError, Engine};
-use crate::config::model::{ModelConfig, ModelType};
+use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs};
+use crate::config::model::{Labels, ModelConfig, ModelType};
 use crate::health;
+use crate::postprocess::{self, Detection, YoloLayout};
 
 /// Most models one service routes a frame to.
 pub const MAX_MODELS: usize = 64;
 
+/// An ML model with everything one inference needs, sized at load.
+pub struct MlModel {
+    pub engine: Engine,
+    pub outputs: Outputs,
+    pub labels: Vec<String>,
+    /// Detection: the output layout, worked out at warm-up.
+    pub yolo: Option<YoloLayout>,
+    pub candidates: Vec<Detection>,
+    pub kept: Vec<Detection>,
+    /// Classification: the top-k (class, probability) pairs.
+    pub classes: Vec<(usize, f32)>,
+}
+
 pub enum Runner {
     Health(health::Monitor),
-    Ml(Mutex<Engine>),
+    Ml(Box<Mutex<MlModel>>),
 }
 
 pub struct Model {
     pub config: ModelConfig,
     pub runner: Runner,
+    /// The execution provider in use (`builtin` for built-in analyses).
+    pub provider: String,
     pub ready: AtomicBool,
 }
 
@@ -41,7 +58,7 @@ pub struct Route {
     pub filter: u16,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoadError {
     pub model: String,
     pub source: String,
@@ -54,54 +71,65 @@ impl std::fmt::Display for LoadError {
     }
 }
 
+/// One model's state for `/readyz` and metrics.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub name: String,
+    pub backend: &'static str,
+    pub model_type: &'static str,
+    pub provider: String,
+    pub ready: bool,
+    /// Why the model is not serving, when it failed to load.
+    pub error: Option<String>,
+}
+
 pub struct Models {
     pub list: Vec<Model>,
+    /// Models that failed to load; the others serve.
+    pub failed: Vec<LoadError>,
 }
 
 impl Models {
-    /// Loads every model; the first failure is returned with its model named.
-    pub fn load(configs: Vec<ModelConfig>) -> Result<Models, LoadError> {
-        if configs.len() > MAX_MODELS {
-            return Err(LoadError {
-                model: configs[MAX_MODELS].name.clone(),
-                source: "model configs".into(),
-                error: BackendError::Unsupported {
-                    backend: "any",
-                    reason: format!("at most {MAX_MODELS} models"),
-                },
-            });
-        }
+    /// Loads every model. A model that fails to load or warm up is recorded
+    /// in `failed` and the others still serve.
+    pub fn load(configs: Vec<ModelConfig>, env: &BackendEnv) -> Models {
         let mut list = Vec::with_capacity(configs.len());
+        let mut failed = Vec::new();
         for config in configs {
-            let runner = match config.model_type {
-                ModelType::CameraHealth => Runner::Health(health::Monitor::default()),
-                ModelType::Classification | ModelType::Detection => match Engine::load(&config) {
-                    Ok(e) => Runner::Ml(Mutex::new(e)),
-                    Err(error) => {
-                        return Err(LoadError {
-                            model: config.name.clone(),
-                            source: config
-                                .source
-                                .as_deref()
-                                .map(|p| p.display().to_string())
-                                .unwrap_or_else(|| "built-in".into()),
-                            error,
-                        })
-                    }
-                },
+            if list.len() == MAX_MODELS {
+                failed.push(LoadError {
+                    model: config.name.clone(),
+                    source: source_of(&config),
+                    error: BackendError::Unsupported {
+                        backend: "any",
+                        reason: format!("at most {MAX_MODELS} models"),
+                    },
+                });
+                continue;
+            }
+            let loaded = match config.model_type {
+                ModelType::CameraHealth => Ok((Runner::Health(health::Monitor::default()), "builtin".to_owned())),
+                ModelType::Classification | ModelType::Detection => load_ml(&config, env),
             };
-            // Built-in analyses need no warm-up; engines warm up in `Engine::load`.
-            list.push(Model {
-                config,
-                runner,
-                ready: AtomicBool::new(true),
-            });
+            match loaded {
+                Ok((runner, provider)) => list.push(Model {
+                    config,
+                    runner,
+                    provider,
+                    ready: AtomicBool::new(true),
+                }),
+                Err(error) => failed.push(LoadError {
+                    model: config.name.clone(),
+                    source: source_of(&config),
+                    error,
+                }),
+            }
         }
-        Ok(Models { list })
+        Models { list, failed }
     }
 
     pub fn all_ready(&self) -> bool {
-        self.list.iter().all(|m| m.ready.load(Ordering::Relaxed))
+        self.failed.is_empty() && self.list.iter().all(|m| m.ready.load(Ordering::Relaxed))
     }
 
     /// Fills `out` with every model whose input filters match `topic`
@@ -136,18 +164,93 @@ impl Models {
         self.list.iter().position(|m| m.config.name == name)
     }
 
-    /// (name, backend, type, ready) for metrics and `/readyz`.
-    pub fn summary(&self) -> Vec<(String, &'static str, &'static str, bool)> {
-        self.list
-            .iter()
-            .map(|m| {
-                (
-                    m.config.name.clone(),
-                    m.backend_name(),
-                    m.config.model_type.as_str(),
-                    m.ready.load(Ordering::Relaxed),
-                )
-            })
-            .collect()
+    /// Every configured model, serving or failed, for metrics and `/readyz`.
+    pub fn summary(&self) -> Vec<Summary> {
+        let serving = self.list.iter().map(|m| Summary {
+            name: m.config.name.clone(),
+            backend: m.backend_name(),
+            model_type: m.config.model_type.as_str(),
+            provider: m.provider.clone(),
+            ready: m.ready.load(Ordering::Relaxed),
+            error: None,
+        });
+        let failed = self.failed.iter().map(|f| Summary {
+            name: f.model.clone(),
+            backend: "none",
+            model_type: "unknown",
+            provider: "none".into(),
+            ready: false,
+            error: Some(f.error.to_string()),
+        });
+        serving.chain(failed).collect()
     }
+}
+
+fn source_of(config: &ModelConfig) -> String {
+    config
+        .source
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "built-in".into())
+}
+
+/// Loads an ML model, resolves its labels and warms it up once, which also
+/// fixes the output layout and sizes every post-processing buffer.
+fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), BackendError> {
+    let mut engine = Engine::load(config, env)?;
+    let path = config
+        .model_path
+        .as_deref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let fail = |reason: String| BackendError::Load {
+        path: path.clone(),
+        reason,
+    };
+    let mut outputs = Outputs::default();
+    let zeros = vec![0f32; crate::preprocess::tensor_len(&config.preprocessing)];
+    engine
+        .infer(&zeros, &mut outputs)
+        .map_err(|e| fail(format!("warm-up inference failed: {e}")))?;
+
+    let configured = match &config.labels {
+        Labels::Inline(v) | Labels::File(_, v) => Some(v.clone()),
+        Labels::FromModel => engine.metadata_labels(),
+    };
+    let i = &config.inference;
+    let (labels, yolo) = match config.model_type {
+        ModelType::Detection => {
+            let layout = postprocess::yolo_layout(&outputs.shape, configured.as_ref().map(Vec::len), i.yolo_version)
+                .map_err(fail)?;
+            (configured.unwrap_or_else(|| numbered(layout.classes)), Some(layout))
+        }
+        _ => {
+            let n = outputs.values.len();
+            if let Some(l) = &configured {
+                if l.len() != n {
+                    return Err(fail(format!(
+                        "the model outputs {n} classes but {} labels are configured",
+                        l.len()
+                    )));
+                }
+            }
+            (configured.unwrap_or_else(|| numbered(n)), None)
+        }
+    };
+    let anchors = yolo.map(|l| l.anchors.min(postprocess::MAX_CANDIDATES)).unwrap_or(0);
+    let provider = engine.provider().to_owned();
+    let ml = MlModel {
+        engine,
+        outputs,
+        labels,
+        yolo,
+        candidates: Vec::with_capacity(anchors),
+        kept: Vec::with_capacity(i.max_detections),
+        classes: Vec::with_capacity(i.top_k + 1),
+    };
+    Ok((Runner::Ml(Box::new(Mutex::new(ml))), provider))
+}
+
+fn numbered(n: usize) -> Vec<String> {
+    (0..n).map(|i| i.to_string()).collect()
 }

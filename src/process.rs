@@ -9,14 +9,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime};
 
 use crate::backend::Backend as _;
+use crate::config::model::{ModelConfig, ModelType, Softmax};
 use crate::decode::{self, DecodeError};
 use crate::frame::Slot;
 use crate::health;
 use crate::ingest::{slot_source, FrameError};
 use crate::metrics::{FailReason, Metrics, Stage};
-use crate::models::{Models, Runner};
+use crate::models::{MlModel, Models, Runner};
+use crate::postprocess;
 use crate::preprocess::{self, Geometry};
-use crate::result::{self, Timings};
+use crate::result::{self, Prediction, Timings};
 use crate::topic::Bindings;
 
 /// What a worker needs besides the slot.
@@ -101,7 +103,7 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                 slot.out = out;
                 Ok(())
             }
-            Runner::Ml(engine) => {
+            Runner::Ml(ml) => {
                 let tp = Instant::now();
                 let p = &model.config.preprocessing;
                 let g = Geometry::new(w, h, p);
@@ -109,15 +111,34 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                 preprocess::preprocess_into(&slot.rgb, &g, p, &mut slot.pre_scratch, &mut slot.tensor[..n]);
                 t.preprocess = tp.elapsed();
                 ctx.metrics.stage(Stage::Preprocess, t.preprocess);
-                // Post-processing (raw tensors -> predictions) arrives with the backends.
-                let backend = engine.lock().unwrap_or_else(|e| e.into_inner()).name();
-                Err(FrameError::new(
-                    FailReason::InferenceFailed,
-                    format_args!(
-                        "backend `{backend}`: post-processing of {} outputs is not in this version",
-                        model.config.model_type.as_str()
-                    ),
-                ))
+                let mut guard = ml.lock().unwrap_or_else(|e| e.into_inner());
+                let ml = &mut *guard;
+                let ti = Instant::now();
+                match ml.engine.infer(&slot.tensor[..n], &mut ml.outputs) {
+                    Ok(()) => {
+                        t.infer = ti.elapsed();
+                        ctx.metrics.stage(Stage::Infer, t.infer);
+                        postprocess_into(ml, &model.config, &g);
+                        let preds = predictions(ml, model.config.model_type);
+                        let alert =
+                            postprocess::alert(&model.config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
+                        let mut out = std::mem::take(&mut slot.out);
+                        result::write_inference(
+                            &mut out,
+                            SystemTime::now(),
+                            &slot_source(slot),
+                            &model.config.name,
+                            model.backend_name(),
+                            &t,
+                            (w, h),
+                            preds,
+                            alert,
+                        );
+                        slot.out = out;
+                        Ok(())
+                    }
+                    Err(e) => Err(FrameError::new(FailReason::InferenceFailed, e)),
+                }
             }
         };
         match outcome {
@@ -143,6 +164,67 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
             Err(e) => fail(slot, ctx, &e, &mut emit),
         }
     }
+}
+
+/// Turns the raw outputs into top-k classes or kept detections (boxes in
+/// original image pixels), in the model's preallocated buffers.
+fn postprocess_into(ml: &mut MlModel, config: &ModelConfig, g: &Geometry) {
+    let i = &config.inference;
+    match ml.yolo {
+        Some(layout) => {
+            postprocess::decode_yolo(&ml.outputs.values, &layout, i.confidence_threshold, &mut ml.candidates);
+            postprocess::nms(
+                &mut ml.candidates,
+                i.iou_threshold,
+                i.class_agnostic_nms,
+                i.max_detections,
+                &mut ml.kept,
+            );
+            for d in &mut ml.kept {
+                let (x1, y1) = g.to_source(d.bbox[0], d.bbox[1]);
+                let (x2, y2) = g.to_source(d.bbox[2], d.bbox[3]);
+                d.bbox = [x1, y1, x2, y2];
+            }
+        }
+        None => {
+            let scores = &mut ml.outputs.values;
+            let apply = match i.softmax {
+                Softmax::Always => true,
+                Softmax::Never => false,
+                Softmax::Auto => !postprocess::looks_like_probabilities(scores),
+            };
+            if apply {
+                postprocess::softmax_inplace(scores);
+            }
+            postprocess::top_k(scores, i.top_k, i.confidence_threshold, &mut ml.classes);
+        }
+    }
+}
+
+/// The predictions of the last inference, labelled.
+fn predictions(ml: &MlModel, kind: ModelType) -> impl Iterator<Item = Prediction<'_>> + Clone {
+    let label = |c: usize| ml.labels.get(c).map(String::as_str).unwrap_or("unknown");
+    let dets = ml
+        .kept
+        .iter()
+        .filter(move |_| kind == ModelType::Detection)
+        .map(move |d| Prediction {
+            class_id: d.class_id,
+            label: label(d.class_id),
+            confidence: d.score,
+            bbox: Some(d.bbox),
+        });
+    let classes = ml
+        .classes
+        .iter()
+        .filter(move |_| kind != ModelType::Detection)
+        .map(move |&(c, p)| Prediction {
+            class_id: c,
+            label: label(c),
+            confidence: p,
+            bbox: None,
+        });
+    dets.chain(classes)
 }
 
 /// Writes and emits an error result for the frame in `slot`.

@@ -75,7 +75,7 @@ fn source(w: &mut Writer<'_>, s: &Source<'_>) {
 
 /// Classification or detection result (the design's `ai_inference_result`).
 #[allow(clippy::too_many_arguments)]
-pub fn write_inference(
+pub fn write_inference<'p>(
     buf: &mut Vec<u8>,
     now: SystemTime,
     src: &Source<'_>,
@@ -83,7 +83,7 @@ pub fn write_inference(
     backend: &str,
     t: &Timings,
     image: (u32, u32),
-    predictions: &[Prediction<'_>],
+    predictions: impl Iterator<Item = Prediction<'p>> + Clone,
     alert: bool,
 ) {
     let mut w = Writer::new(buf);
@@ -92,7 +92,7 @@ pub fn write_inference(
     w.key("backend_used").str(backend);
     w.key("inference_time_ms").f64(ms(t.infer), 3);
     w.key("predictions").begin_array();
-    for p in predictions {
+    for p in predictions.clone() {
         w.begin_object();
         w.key("class_id").u64(p.class_id as u64);
         w.key("label").str(p.label);
@@ -113,7 +113,7 @@ pub fn write_inference(
     w.key("image_width").u64(image.0 as u64);
     w.key("image_height").u64(image.1 as u64);
     w.key("total_objects_detected")
-        .u64(predictions.iter().filter(|p| p.bbox.is_some()).count() as u64);
+        .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
     w.key("alert_triggered").bool(alert);
     source(&mut w, src);
     w.end_object();
@@ -264,7 +264,7 @@ mod tests {
             "onnx",
             &t,
             (640, 480),
-            &preds,
+            preds.iter().copied(),
             true,
         );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();

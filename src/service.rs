@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::BackendEnv;
 use crate::config::{model, Settings};
 use crate::frame::{Limits, Ring, Slot};
 use crate::metrics::Metrics;
@@ -16,10 +17,22 @@ use crate::process::{Ctx, Emitted};
 use crate::topic::TopicTemplate;
 use crate::{build_info, http, mqtt};
 
-/// Loads and validates the model configs, then the models.
+/// Loads and validates the model configs, then the models. A model that
+/// fails to load is logged and left out; when none loads, that is an error.
 pub fn load_models(settings: &Settings) -> Result<Models, String> {
     let configs = model::load(settings.model_config_path.as_deref(), settings).map_err(|e| e.to_string())?;
-    Models::load(configs).map_err(|e| e.to_string())
+    let env = BackendEnv {
+        ort_library: settings.ort_library.clone(),
+    };
+    let models = Models::load(configs, &env);
+    for f in &models.failed {
+        log::error!("{f}; the other models keep serving");
+    }
+    if models.list.is_empty() {
+        let why: Vec<String> = models.failed.iter().map(|f| f.to_string()).collect();
+        return Err(format!("no model could be loaded: {}", why.join("; ")));
+    }
+    Ok(models)
 }
 
 fn render_service_topic(t: &str, client_id: &str) -> Result<String, String> {

@@ -3,18 +3,18 @@
 //! preprocessing, analysis, result building); the JPEG decoder's own
 //! allocations are measured and must be all there is.
 
-use std::sync::atomic::AtomicBool;
 use std::time::SystemTime;
 
 use ai_edge_inference::alloc_count::{snapshot, CountingAlloc};
+use ai_edge_inference::backend::BackendEnv;
 use ai_edge_inference::config::model::{self, ChannelOrder, Layout, Preprocessing, ResizeMode};
 use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::{Limits, Origin, Slot};
 use ai_edge_inference::metrics::Metrics;
-use ai_edge_inference::models::{Model, Models, Runner};
+use ai_edge_inference::models::Models;
 use ai_edge_inference::process::{self, Ctx, Emitted};
 use ai_edge_inference::result::{self, Prediction, Timings};
-use ai_edge_inference::{decode, health, ingest, preprocess};
+use ai_edge_inference::{decode, ingest, preprocess};
 
 #[global_allocator]
 static ALLOC: CountingAlloc = CountingAlloc;
@@ -33,13 +33,7 @@ fn jpeg() -> Vec<u8> {
 fn ingest_decode_analyse_and_result_allocate_only_in_the_decoder() {
     let settings = Settings::from_env_and_args(|_| None, &[]).unwrap().0;
     let cfg = model::builtin_camera_health(&settings).unwrap();
-    let models = Models {
-        list: vec![Model {
-            config: cfg,
-            runner: Runner::Health(health::Monitor::default()),
-            ready: AtomicBool::new(true),
-        }],
-    };
+    let models = Models::load(vec![cfg], &BackendEnv::default());
     let metrics = Metrics::default();
     let limits = Limits {
         max_payload: 1 << 20,
@@ -161,7 +155,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
             "onnx",
             &Timings::default(),
             (1920, 1080),
-            &preds,
+            preds.iter().copied(),
             true,
         );
     };

@@ -3,15 +3,13 @@
 //! go through ingest and processing; each must be answered exactly once
 //! (a result or an error result with a known code) and nothing may panic.
 
-use std::sync::atomic::AtomicBool;
-
+use ai_edge_inference::backend::BackendEnv;
 use ai_edge_inference::config::model;
 use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::{Limits, Origin, Slot};
-use ai_edge_inference::health;
 use ai_edge_inference::ingest;
 use ai_edge_inference::metrics::{FailReason, Metrics};
-use ai_edge_inference::models::{Model, Models, Runner};
+use ai_edge_inference::models::Models;
 use ai_edge_inference::process::{self, Ctx, Emitted};
 
 struct Rng(u64);
@@ -68,13 +66,7 @@ fn mutate(rng: &mut Rng, input: &[u8]) -> Vec<u8> {
 fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
     let settings = Settings::from_env_and_args(|_| None, &[]).unwrap().0;
     let cfg = model::builtin_camera_health(&settings).unwrap();
-    let models = Models {
-        list: vec![Model {
-            config: cfg,
-            runner: Runner::Health(health::Monitor::default()),
-            ready: AtomicBool::new(true),
-        }],
-    };
+    let models = Models::load(vec![cfg], &BackendEnv::default());
     let metrics = Metrics::default();
     let limits = Limits {
         max_payload: 1 << 20,

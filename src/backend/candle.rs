@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use super::{Backend, BackendError, Outputs};
+use super::{Backend, BackendEnv, BackendError, Outputs};
 use crate::config::model::ModelConfig;
 
 pub enum CandleBackend {}
 
 impl CandleBackend {
-    pub fn load(_path: &Path, config: &ModelConfig) -> Result<CandleBackend, BackendError> {
+    pub fn load(_path: &Path, config: &ModelConfig, _env: &BackendEnv) -> Result<CandleBackend, BackendError> {
         Err(BackendError::Unsupported {
             backend: "candle",
             reason: format!(
@@ -24,6 +24,12 @@ impl CandleBackend {
 
 impl Backend for CandleBackend {
     fn name(&self) -> &'static str {
+        match *self {}
+    }
+    fn provider(&self) -> &str {
+        match *self {}
+    }
+    fn metadata_labels(&self) -> Option<Vec<String>> {
         match *self {}
     }
     fn infer(&mut self, _input: &[f32], _out: &mut Outputs) -> Result<(), BackendError> {

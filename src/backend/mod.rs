@@ -8,7 +8,7 @@
 //! names candle or ort.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::build_info;
 use crate::config::model::{BackendKind, ModelConfig};
@@ -58,6 +58,13 @@ impl fmt::Display for BackendError {
     }
 }
 
+/// Process-wide backend settings (from the service settings).
+#[derive(Debug, Clone, Default)]
+pub struct BackendEnv {
+    /// The ONNX Runtime shared library (`ORT_DYLIB_PATH`).
+    pub ort_library: Option<PathBuf>,
+}
+
 /// Raw model outputs for the post-processing stage.
 #[derive(Debug, Default)]
 pub struct Outputs {
@@ -69,6 +76,10 @@ pub struct Outputs {
 /// What every backend does: run the preprocessed tensor through a loaded model.
 pub trait Backend {
     fn name(&self) -> &'static str;
+    /// The execution provider actually running the model (e.g. `cpu`).
+    fn provider(&self) -> &str;
+    /// Class names the model file carries, if any.
+    fn metadata_labels(&self) -> Option<Vec<String>>;
     /// `input` is the frame slot's tensor (layout and size from the model config).
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError>;
 }
@@ -81,15 +92,15 @@ pub enum Engine {
 
 impl Engine {
     /// Loads `config`'s model on its backend.
-    pub fn load(config: &ModelConfig) -> Result<Engine, BackendError> {
+    pub fn load(config: &ModelConfig, env: &BackendEnv) -> Result<Engine, BackendError> {
         let path = config.model_path.as_deref().unwrap_or(Path::new(""));
         match config.backend {
-            BackendKind::Candle => candle::CandleBackend::load(path, config).map(Engine::Candle),
-            BackendKind::Onnx => onnx::OnnxBackend::load(path, config).map(Engine::Onnx),
+            BackendKind::Candle => candle::CandleBackend::load(path, config, env).map(Engine::Candle),
+            BackendKind::Onnx => onnx::OnnxBackend::load(path, config, env).map(Engine::Onnx),
             BackendKind::Dual => {
                 // Both must be present; the comparison itself arrives with the Candle backend.
-                candle::CandleBackend::load(path, config)?;
-                onnx::OnnxBackend::load(path, config)?;
+                candle::CandleBackend::load(path, config, env)?;
+                onnx::OnnxBackend::load(path, config, env)?;
                 Err(BackendError::Unsupported {
                     backend: "dual",
                     reason: "dual comparison is not implemented yet".into(),
@@ -108,6 +119,18 @@ impl Backend for Engine {
         match self {
             Engine::Candle(b) => b.name(),
             Engine::Onnx(b) => b.name(),
+        }
+    }
+    fn provider(&self) -> &str {
+        match self {
+            Engine::Candle(b) => b.provider(),
+            Engine::Onnx(b) => b.provider(),
+        }
+    }
+    fn metadata_labels(&self) -> Option<Vec<String>> {
+        match self {
+            Engine::Candle(b) => b.metadata_labels(),
+            Engine::Onnx(b) => b.metadata_labels(),
         }
     }
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {

@@ -1,32 +1,264 @@
-//! The ONNX Runtime backend (`ort`). This version has the feature and the slot
-//! in the engine enum but no model runtime yet: loading a model answers a
-//! typed `Unsupported` error at start-up. The runtime lands with the ONNX
-//! Runtime backend issue.
+//! The ONNX Runtime backend (`ort`, the library loaded at run time).
+//!
+//! Owns: finding and loading the ONNX Runtime shared library once per
+//! process, session options from the model config (threads, optimisation
+//! level, execution providers without silent fallback), checking the
+//! model's input against the preprocessing config, warm-up, and running the
+//! slot's tensor as a borrowed view.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use super::{Backend, BackendError, Outputs};
-use crate::config::model::ModelConfig;
+use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
 
-pub enum OnnxBackend {}
+use super::{Backend, BackendEnv, BackendError, Outputs};
+use crate::config::model::{Layout, ModelConfig, OptLevel};
+
+/// The loaded ONNX Runtime library: where from, and its build string.
+struct Runtime {
+    path: PathBuf,
+    info: String,
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+fn err(reason: impl Into<String>) -> BackendError {
+    BackendError::Unsupported {
+        backend: "onnx",
+        reason: reason.into(),
+    }
+}
+
+/// Candidate library paths, in the order they are tried.
+fn candidates(configured: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(p) = configured {
+        return vec![p.to_path_buf()];
+    }
+    let mut v = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        let mut beside: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        beside.sort();
+        beside.reverse(); // the newest version first
+        if beside.is_empty() {
+            beside.push(dir.join("libonnxruntime.so"));
+        }
+        v.extend(beside);
+    }
+    v
+}
+
+/// Loads the library once per process (the first model's settings win).
+fn runtime(configured: Option<&Path>) -> Result<&'static Runtime, BackendError> {
+    let r = RUNTIME.get_or_init(|| {
+        let mut tried = Vec::new();
+        for path in candidates(configured) {
+            if !path.exists() {
+                tried.push(format!("{} (no such file)", path.display()));
+                continue;
+            }
+            match ort::init_from(&path) {
+                Ok(builder) => match builder.with_name("ai-edge-inference").build() {
+                    Ok(env) => {
+                        let info = ort::info().to_owned();
+                        log::info!("ONNX Runtime loaded from {}: {info}", path.display());
+                        return Ok(Runtime { path, info, env });
+                    }
+                    Err(e) => tried.push(format!("{} ({e})", path.display())),
+                },
+                // Names the version found when it is too old.
+                Err(e) => tried.push(format!("{} ({e})", path.display())),
+            }
+        }
+        Err(format!(
+            "cannot load the ONNX Runtime library; tried: {}. Set ORT_DYLIB_PATH (--ort-library) to a libonnxruntime.so.1.x \
+             (version 1.17 or newer; `models/fetch` downloads one)",
+            if tried.is_empty() { "nothing".to_owned() } else { tried.join("; ") }
+        ))
+    });
+    r.as_ref().map_err(|e| err(e.clone()))
+}
+
+pub struct OnnxBackend {
+    session: Session,
+    input_shape: [usize; 4],
+    provider: String,
+    metadata_labels: Option<Vec<String>>,
+}
 
 impl OnnxBackend {
-    pub fn load(_path: &Path, config: &ModelConfig) -> Result<OnnxBackend, BackendError> {
-        Err(BackendError::Unsupported {
-            backend: "onnx",
-            reason: format!(
-                "model `{}`: this version has no ONNX Runtime integration yet; use `model_type: camera-health`",
-                config.name
-            ),
+    pub fn load(path: &Path, config: &ModelConfig, env: &BackendEnv) -> Result<OnnxBackend, BackendError> {
+        let rt = runtime(env.ort_library.as_deref())?;
+        let load_err = |reason: String| BackendError::Load {
+            path: path.display().to_string(),
+            reason,
+        };
+        if !path.is_file() {
+            return Err(load_err(
+                "the file does not exist (run `models/fetch`, or fix `model_path`)".into(),
+            ));
+        }
+        let inf = &config.inference;
+
+        // Execution providers in priority order; unavailable ones are named, never silently skipped.
+        let mut eps: Vec<ExecutionProviderDispatch> = Vec::new();
+        let mut provider = None;
+        let mut unavailable = Vec::new();
+        for name in &inf.execution_providers {
+            let (available, dispatch) = match name.as_str() {
+                "cuda" | "tensorrt" if !inf.gpu_enabled => {
+                    unavailable.push(format!("{name} (GPU_ENABLED / inference.gpu_enabled is false)"));
+                    continue;
+                }
+                "cuda" => (ep::CUDA::is_available(), ep::CUDA::default().build()),
+                "tensorrt" => (ep::TensorRT::is_available(), ep::TensorRT::default().build()),
+                _ => (Ok(true), ep::CPU::default().build()),
+            };
+            if available.unwrap_or(false) {
+                provider.get_or_insert_with(|| name.clone());
+                eps.push(dispatch.error_on_failure());
+            } else {
+                unavailable.push(format!("{name} (not in this ONNX Runtime library)"));
+            }
+        }
+        for u in &unavailable {
+            log::warn!("model `{}`: execution provider {u}", config.name);
+        }
+        let provider = provider.ok_or_else(|| {
+            err(format!(
+                "model `{}`: none of the execution providers {:?} is available: {}; add `cpu` to the list to run on the CPU",
+                config.name,
+                inf.execution_providers,
+                unavailable.join(", ")
+            ))
+        })?;
+
+        let level = match inf.optimization_level {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::All,
+        };
+        let mut builder = Session::builder(&rt.env)
+            .and_then(|b| b.with_optimization_level(level).map_err(Into::into))
+            .and_then(|b| b.with_inter_threads(inf.inter_threads).map_err(Into::into))
+            .and_then(|b| b.with_execution_providers(eps).map_err(Into::into))
+            .map_err(|e: ort::Error| load_err(format!("session options: {e}")))?;
+        if inf.intra_threads > 0 {
+            builder = builder
+                .with_intra_threads(inf.intra_threads)
+                .map_err(|e| load_err(e.to_string()))?;
+        }
+        let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+
+        // The model's input must fit the preprocessing config.
+        let input_shape = check_input(&session, config).map_err(load_err)?;
+        if session.outputs().is_empty() {
+            return Err(load_err("the model has no outputs".into()));
+        }
+        let metadata_labels = session
+            .metadata()
+            .ok()
+            .and_then(|m| m.custom("names"))
+            .and_then(|names| crate::postprocess::parse_names(&names));
+        log::info!(
+            "model `{}`: ONNX Runtime ({}), provider {provider}, input `{}` {:?}, {} threads intra / {} inter",
+            config.name,
+            rt.path.display(),
+            session.inputs()[0].name(),
+            input_shape,
+            if inf.intra_threads == 0 {
+                "default".to_owned()
+            } else {
+                inf.intra_threads.to_string()
+            },
+            inf.inter_threads,
+        );
+        log::debug!("ONNX Runtime build: {}", rt.info);
+        // `Models::load` runs the warm-up inference before the model is called ready.
+        Ok(OnnxBackend {
+            session,
+            input_shape,
+            provider,
+            metadata_labels,
         })
     }
 }
 
+/// The NCHW/NHWC input shape the config feeds, checked against the model's input.
+fn check_input(session: &Session, config: &ModelConfig) -> Result<[usize; 4], String> {
+    let inputs = session.inputs();
+    let [input] = inputs else {
+        return Err(format!("expected a model with one input, found {}", inputs.len()));
+    };
+    let p = &config.preprocessing;
+    let want: [usize; 4] = match p.layout {
+        Layout::Nchw => [1, 3, p.height as usize, p.width as usize],
+        Layout::Nhwc => [1, p.height as usize, p.width as usize, 3],
+    };
+    let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
+        return Err(format!("input `{}` is not a tensor", input.name()));
+    };
+    if *ty != TensorElementType::Float32 {
+        return Err(format!(
+            "input `{}` is {ty:?}; only float32 inputs are supported",
+            input.name()
+        ));
+    }
+    let dims: &[i64] = shape;
+    let fits = dims.len() == 4 && dims.iter().zip(want).all(|(d, w)| *d < 0 || *d as usize == w);
+    if !fits {
+        return Err(format!(
+            "model input `{}` has shape {dims:?} (-1 = dynamic), but the preprocessing config gives {want:?} \
+             ({:?}, resize [{}, {}])",
+            input.name(),
+            p.layout,
+            p.width,
+            p.height
+        ));
+    }
+    Ok(want)
+}
+
 impl Backend for OnnxBackend {
     fn name(&self) -> &'static str {
-        match *self {}
+        "onnx"
     }
-    fn infer(&mut self, _input: &[f32], _out: &mut Outputs) -> Result<(), BackendError> {
-        match *self {}
+
+    fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    fn metadata_labels(&self) -> Option<Vec<String>> {
+        self.metadata_labels.clone()
+    }
+
+    fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
+        let run = |e: ort::Error| BackendError::Run(e.to_string());
+        // A view of the slot's tensor: no copy.
+        let tensor = TensorRef::from_array_view((self.input_shape, input)).map_err(run)?;
+        let outputs = self.session.run(ort::inputs![tensor]).map_err(run)?;
+        let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run)?;
+        out.shape.clear();
+        out.shape.extend(shape.iter().map(|d| *d as usize));
+        out.values.clear();
+        out.values.extend_from_slice(data);
+        Ok(())
     }
 }

@@ -40,6 +40,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
+    Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
 ];
 
@@ -74,6 +75,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_image_width: u32,
     pub max_image_height: u32,
+    /// The ONNX Runtime library, when set.
+    pub ort_library: Option<PathBuf>,
     pub log: String,
 }
 
@@ -151,6 +154,7 @@ impl Settings {
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &get("MAX_PAYLOAD_BYTES"), 1024, 256 << 20)? as usize,
             max_image_width: parse_num("MAX_IMAGE_WIDTH", &get("MAX_IMAGE_WIDTH"), 16, 16384)? as u32,
             max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
+            ort_library: non_empty(get("ORT_DYLIB_PATH")).map(PathBuf::from),
             log: get("RUST_LOG"),
         };
         if s.input_topics.is_empty() {

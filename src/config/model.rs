@@ -94,6 +94,31 @@ pub struct Preprocessing {
     pub layout: Layout,
 }
 
+/// Whether classifier outputs still need a softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Softmax {
+    /// Apply it unless the outputs already look like probabilities.
+    Auto,
+    Always,
+    Never,
+}
+
+/// YOLO output layout: v5 has an objectness column, v8 and later do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YoloVersion {
+    Auto,
+    V5,
+    V8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptLevel {
+    Disable,
+    Basic,
+    Extended,
+    All,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Inference {
     pub confidence_threshold: f32,
@@ -101,6 +126,19 @@ pub struct Inference {
     pub max_detections: usize,
     pub batch_size: usize,
     pub gpu_enabled: bool,
+    /// Classification: how many classes to report.
+    pub top_k: usize,
+    pub softmax: Softmax,
+    /// Detection: NMS across classes instead of per class.
+    pub class_agnostic_nms: bool,
+    pub yolo_version: YoloVersion,
+    /// Backend threads within one operator (0: the backend's default).
+    pub intra_threads: usize,
+    /// Backend threads across operators.
+    pub inter_threads: usize,
+    pub optimization_level: OptLevel,
+    /// Execution providers in priority order: cpu, cuda, tensorrt.
+    pub execution_providers: Vec<String>,
 }
 
 /// Thresholds of the camera-health job.
@@ -124,6 +162,8 @@ pub struct ModelConfig {
     pub preprocessing: Preprocessing,
     pub inference: Inference,
     pub health: Health,
+    /// Classes that raise `alert_triggered`, with their own confidence thresholds.
+    pub alerts: Vec<(String, f32)>,
     pub input_topics: Vec<TopicFilter>,
     pub output_topic: TopicTemplate,
 }
@@ -155,6 +195,7 @@ const TOP_KEYS: &[&str] = &[
     "preprocessing",
     "inference",
     "health",
+    "alerts",
     "mqtt",
 ];
 const PRE_KEYS: &[&str] = &[
@@ -174,7 +215,17 @@ const INF_KEYS: &[&str] = &[
     "max_detections",
     "batch_size",
     "gpu_enabled",
+    "top_k",
+    "softmax",
+    "class_agnostic_nms",
+    "yolo_version",
+    "intra_threads",
+    "inter_threads",
+    "optimization_level",
+    "execution_providers",
 ];
+/// Execution providers a config may name.
+pub const PROVIDERS: &[&str] = &["cpu", "cuda", "tensorrt"];
 const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
 const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template"];
 
@@ -246,6 +297,7 @@ pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigE
         preprocessing: ctx.preprocessing(&Yaml::BadValue, ModelType::CameraHealth)?,
         inference: ctx.inference(&Yaml::BadValue, settings)?,
         health: ctx.health(&Yaml::BadValue)?,
+        alerts: Vec::new(),
         input_topics,
         output_topic,
     })
@@ -356,6 +408,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         preprocessing: ctx.preprocessing(&doc["preprocessing"], model_type)?,
         inference: ctx.inference(&doc["inference"], settings)?,
         health: ctx.health(&doc["health"])?,
+        alerts: ctx.alerts(&doc["alerts"])?,
         input_topics,
         output_topic,
     })
@@ -535,7 +588,69 @@ impl Ctx {
     fn inference(&self, v: &Yaml, settings: &Settings) -> Result<Inference, ConfigError> {
         self.known_keys(v, "inference.", INF_KEYS)?;
         let batch_size = self.int(&v["batch_size"], "inference.batch_size", 1, 1, 1)? as usize;
+        let choice = |key: &str, options: &[&str], default: &str| -> Result<String, ConfigError> {
+            let k = format!("inference.{key}");
+            let s = match &v[key] {
+                Yaml::Boolean(b) => b.to_string(),
+                other => self.string(other, &k)?.unwrap_or_else(|| default.to_owned()),
+            };
+            if options.contains(&s.as_str()) {
+                Ok(s)
+            } else {
+                Err(self.err(&k, format!("expected one of {}, found `{s}`", options.join(", "))))
+            }
+        };
+        let execution_providers = match &v["execution_providers"] {
+            Yaml::BadValue | Yaml::Null => vec!["cpu".to_owned()],
+            Yaml::Array(a) if !a.is_empty() => a
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let k = format!("inference.execution_providers[{i}]");
+                    match self.string(p, &k)? {
+                        Some(p) if PROVIDERS.contains(&p.as_str()) => Ok(p),
+                        other => Err(self.err(
+                            &k,
+                            format!(
+                                "expected one of {}, found `{}`",
+                                PROVIDERS.join(", "),
+                                other.unwrap_or_default()
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(self.err(
+                    "inference.execution_providers",
+                    format!("expected a list such as [cuda, cpu], found {}", kind(other)),
+                ))
+            }
+        };
         Ok(Inference {
+            top_k: self.int(&v["top_k"], "inference.top_k", 5, 1, 1000)? as usize,
+            softmax: match choice("softmax", &["auto", "true", "false"], "auto")?.as_str() {
+                "true" => Softmax::Always,
+                "false" => Softmax::Never,
+                _ => Softmax::Auto,
+            },
+            class_agnostic_nms: self.boolean(&v["class_agnostic_nms"], "inference.class_agnostic_nms", false)?,
+            yolo_version: match choice("yolo_version", &["auto", "v5", "v8"], "auto")?.as_str() {
+                "v5" => YoloVersion::V5,
+                "v8" => YoloVersion::V8,
+                _ => YoloVersion::Auto,
+            },
+            intra_threads: self.int(&v["intra_threads"], "inference.intra_threads", 0, 0, 256)? as usize,
+            inter_threads: self.int(&v["inter_threads"], "inference.inter_threads", 1, 1, 256)? as usize,
+            optimization_level: match choice("optimization_level", &["disable", "basic", "extended", "all"], "all")?
+                .as_str()
+            {
+                "disable" => OptLevel::Disable,
+                "basic" => OptLevel::Basic,
+                "extended" => OptLevel::Extended,
+                _ => OptLevel::All,
+            },
+            execution_providers,
             confidence_threshold: self.float(
                 &v["confidence_threshold"],
                 "inference.confidence_threshold",
@@ -549,6 +664,27 @@ impl Ctx {
             gpu_enabled: self.boolean(&v["gpu_enabled"], "inference.gpu_enabled", settings.gpu_enabled)?
                 && settings.gpu_enabled,
         })
+    }
+
+    fn alerts(&self, v: &Yaml) -> Result<Vec<(String, f32)>, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(Vec::new()),
+            Yaml::Hash(h) => h
+                .iter()
+                .map(|(k, t)| {
+                    let label = scalar_text(k).unwrap_or_default();
+                    let threshold = self.float(t, &format!("alerts.{label}"), 0.5, 0.0, 1.0)?;
+                    Ok((label, threshold))
+                })
+                .collect(),
+            other => Err(self.err(
+                "alerts",
+                format!(
+                    "expected a mapping of class label to threshold, e.g. {{person: 0.5}}, found {}",
+                    kind(other)
+                ),
+            )),
+        }
     }
 
     fn health(&self, v: &Yaml) -> Result<Health, ConfigError> {
@@ -640,7 +776,7 @@ pub fn describe(m: &ModelConfig) -> String {
     let i = &m.inference;
     let inputs: Vec<&str> = m.input_topics.iter().map(|t| t.subscription()).collect();
     format!(
-        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
+        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
         m.name,
         m.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()),
         m.backend.as_str(),
@@ -658,6 +794,15 @@ pub fn describe(m: &ModelConfig) -> String {
         i.max_detections,
         i.batch_size,
         i.gpu_enabled,
+        i.top_k,
+        i.softmax,
+        i.class_agnostic_nms,
+        i.yolo_version,
+        i.intra_threads,
+        i.inter_threads,
+        i.optimization_level,
+        i.execution_providers.join(", "),
+        m.alerts,
         m.health.black_threshold,
         m.health.blur_threshold,
         inputs.join(", "),
@@ -708,7 +853,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
             ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection or camera-health, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, model_type, labels, preprocessing, inference, health, mqtt)"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt)"),
             ("name: a\nmodel_type: camera-health\ninference: { iou_threshold: 2 }\n", "/cfg/m.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 2"),
             ("name: a\nmodel_type: camera-health\npreprocessing: { resize: 224 }\n", "/cfg/m.yaml: `preprocessing.resize`: expected [width, height], found the number 224"),
             ("name: a\nmodel_type: image-classification\nmodel_path: m\nbackend: tflite\n", "/cfg/m.yaml: `backend`: expected candle, onnx or dual, found `tflite`"),
