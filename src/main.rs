@@ -16,6 +16,8 @@ Commands:
   infer FILE... [--model NAME]
                           Run JPEG files through a model once and print JSON results
   check-config [PATH]     Validate model config(s) and print the effective configuration
+  tensor FILE --out PATH [--model NAME]
+                          Write the preprocessed model input for FILE as raw f32 (little-endian)
   bench decode FILE [--iters N] [--size S]
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
   --version               Print build facts
@@ -70,6 +72,20 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        "tensor" => {
+            let (out, rest) = take_flag(rest, "--out");
+            let (model, files) = take_flag(&rest, "--model");
+            match (out, files.as_slice()) {
+                (Some(out), [file]) => match service::dump_tensor(&settings, model.as_deref(), file, &out) {
+                    Ok(text) => {
+                        eprint!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
+                _ => fail("tensor: name one JPEG file and --out PATH"),
+            }
+        }
         "bench" if rest.first().map(String::as_str) == Some("decode") => {
             let (iters, rest) = take_flag(&rest[1..], "--iters");
             let (size, files) = take_flag(&rest, "--size");

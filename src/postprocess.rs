@@ -73,7 +73,11 @@ pub struct YoloLayout {
 pub fn yolo_layout(shape: &[usize], classes: Option<usize>, version: YoloVersion) -> Result<YoloLayout, String> {
     let (a, b) = match shape {
         [1, a, b] | [a, b] => (*a, *b),
-        _ => return Err(format!("expected a YOLO output of shape [1, 4+C, N] or [1, N, 4+C], found {shape:?}")),
+        _ => {
+            return Err(format!(
+                "expected a YOLO output of shape [1, 4+C, N] or [1, N, 4+C], found {shape:?}"
+            ))
+        }
     };
     let fixed_for = |attrs: usize, c: usize| match version {
         YoloVersion::V5 => (attrs == 5 + c).then_some(true),
@@ -86,7 +90,9 @@ pub fn yolo_layout(shape: &[usize], classes: Option<usize>, version: YoloVersion
             (Some(obj), _) => (a, b, true, obj),
             (None, Some(obj)) => (b, a, false, obj),
             (None, None) => {
-                return Err(format!("YOLO output {shape:?} does not fit {c} labels (expected 4+{c} or 5+{c} attributes)"))
+                return Err(format!(
+                    "YOLO output {shape:?} does not fit {c} labels (expected 4+{c} or 5+{c} attributes)"
+                ))
             }
         },
         // Otherwise it is the short one (84 against 8400).
@@ -99,7 +105,12 @@ pub fn yolo_layout(shape: &[usize], classes: Option<usize>, version: YoloVersion
     if attrs <= fixed {
         return Err(format!("YOLO output {shape:?} has no class scores"));
     }
-    Ok(YoloLayout { anchors, classes: attrs - fixed, channels_first, objectness })
+    Ok(YoloLayout {
+        anchors,
+        classes: attrs - fixed,
+        channels_first,
+        objectness,
+    })
 }
 
 /// Decodes candidates scoring at least `conf` into `out` (cleared; at most

@@ -167,6 +167,37 @@ pub fn check_config(settings: &Settings, path: Option<&str>) -> Result<String, S
     Ok(out)
 }
 
+/// `tensor FILE --out PATH`: the model input the service would feed for
+/// `FILE` (decode + preprocessing of the named or first model), as raw
+/// little-endian f32 in the config's layout. For checking a model against
+/// another runtime on the very same tensor.
+pub fn dump_tensor(settings: &Settings, model: Option<&str>, file: &str, out: &str) -> Result<String, String> {
+    let configs = model::load(settings.model_config_path.as_deref(), settings).map_err(|e| e.to_string())?;
+    let config = match model {
+        Some(name) => configs
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| format!("no model named `{name}`"))?,
+        None => &configs[0],
+    };
+    let p = &config.preprocessing;
+    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mut rgb = vec![0u8; settings.max_image_width as usize * settings.max_image_height as usize * 3];
+    let d = crate::decode::decode_into(&jpeg, &mut rgb, settings.max_image_width, settings.max_image_height)
+        .map_err(|e| e.to_string())?;
+    let g = crate::preprocess::Geometry::new(d.width, d.height, p);
+    let mut tensor = vec![0f32; crate::preprocess::tensor_len(p)];
+    let mut scratch = crate::preprocess::Scratch::with_capacity(p.width as usize);
+    crate::preprocess::preprocess_into(&rgb, &g, p, &mut scratch, &mut tensor);
+    let bytes: Vec<u8> = tensor.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(out, bytes).map_err(|e| format!("cannot write {out}: {e}"))?;
+    let shape = match p.layout {
+        model::Layout::Nchw => [1, 3, p.height, p.width],
+        model::Layout::Nhwc => [1, p.height, p.width, 3],
+    };
+    Ok(format!("{out}: model `{}`, f32 {shape:?}\n", config.name))
+}
+
 /// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
 /// on this thread, reporting the median and allocations per frame.
 pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {
