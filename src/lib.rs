@@ -6,6 +6,7 @@
 
 pub mod alloc_count;
 pub mod backend;
+pub mod bench;
 pub mod build_info;
 pub mod config;
 pub mod decode;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use ai_edge_inference::config::{self, Settings};
-use ai_edge_inference::{alloc_count, build_info, service};
+use ai_edge_inference::{alloc_count, bench, build_info, service};
 
 #[global_allocator]
 static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
@@ -20,6 +20,10 @@ Commands:
                           Write the preprocessed model input for FILE as raw f32 (little-endian)
   bench decode FILE [--iters N] [--size S]
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
+  bench model FILE [--model NAME] [--iters N]
+                          Time one model's backend on FILE's tensor (median, p99)
+  bench mqtt FILE --topic T --result-topic R [--iters N]
+                          Time publish -> result through a running service and the broker
   --version               Print build facts
   --help                  Print this help
 
@@ -86,15 +90,36 @@ fn main() -> ExitCode {
                 _ => fail("tensor: name one JPEG file and --out PATH"),
             }
         }
-        "bench" if rest.first().map(String::as_str) == Some("decode") => {
-            let (iters, rest) = take_flag(&rest[1..], "--iters");
-            let (size, files) = take_flag(&rest, "--size");
+        "bench" if !rest.is_empty() => {
+            let (iters, r) = take_flag(&rest[1..], "--iters");
             let iters = iters.and_then(|v| v.parse().ok()).unwrap_or(50usize).max(1);
-            let size = size.and_then(|v| v.parse().ok()).unwrap_or(640u32).clamp(8, 8192);
-            let [file] = files.as_slice() else {
-                return fail("bench decode: name one JPEG file");
+            let report = match rest[0].as_str() {
+                "decode" => {
+                    let (size, files) = take_flag(&r, "--size");
+                    let size = size.and_then(|v| v.parse().ok()).unwrap_or(640u32).clamp(8, 8192);
+                    match files.as_slice() {
+                        [file] => bench::bench_decode(file, iters, size),
+                        _ => Err("bench decode: name one JPEG file".into()),
+                    }
+                }
+                "model" => {
+                    let (model, files) = take_flag(&r, "--model");
+                    match files.as_slice() {
+                        [file] => bench::bench_model(&settings, model.as_deref(), file, iters),
+                        _ => Err("bench model: name one JPEG file".into()),
+                    }
+                }
+                "mqtt" => {
+                    let (topic, r) = take_flag(&r, "--topic");
+                    let (result, files) = take_flag(&r, "--result-topic");
+                    match (topic, result, files.as_slice()) {
+                        (Some(t), Some(rt), [file]) => bench::bench_mqtt(&settings, file, &t, &rt, iters),
+                        _ => Err("bench mqtt: name one JPEG file, --topic and --result-topic".into()),
+                    }
+                }
+                other => Err(format!("unknown benchmark `{other}` (decode, model, mqtt)")),
             };
-            match service::bench_decode(file, iters, size) {
+            match report {
                 Ok(text) => {
                     print!("{text}");
                     ExitCode::SUCCESS

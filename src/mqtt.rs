@@ -58,6 +58,14 @@ pub fn max_packet_size(max_payload: usize) -> u32 {
     (max_payload.saturating_mul(4).saturating_add(64 * 1024)).min(268_435_455) as u32
 }
 
+/// TCP_NODELAY: a result is one small write that must not wait for Nagle's
+/// algorithm and the broker's delayed ACK (about 40 ms per frame without it).
+pub fn low_latency() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
 /// Starts the event and publisher threads.
 pub fn start(
     cfg: MqttConfig,
@@ -70,6 +78,7 @@ pub fn start(
     opts.set_clean_start(true);
     opts.set_max_packet_size(Some(max_packet_size(cfg.max_payload)));
     opts.set_request_channel_capacity(1024);
+    opts.set_network_options(low_latency());
     opts.set_last_will(LastWill::new(
         cfg.status_topic.clone(),
         status_message(false, &cfg.client_id),

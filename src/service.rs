@@ -5,11 +5,11 @@
 //! channel is created here, once.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend::BackendEnv;
 use crate::config::{model, Settings};
-use crate::frame::{Limits, Ring, Slot};
+use crate::frame::{Ring, Slot};
 use crate::metrics::Metrics;
 use crate::models::Models;
 use crate::pipeline::{self, Shared};
@@ -198,65 +198,3 @@ pub fn dump_tensor(settings: &Settings, model: Option<&str>, file: &str, out: &s
     Ok(format!("{out}: model `{}`, f32 {shape:?}\n", config.name))
 }
 
-/// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
-/// on this thread, reporting the median and allocations per frame.
-pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {
-    use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
-    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let pre = Preprocessing {
-        width: size,
-        height: size,
-        mode: ResizeMode::Letterbox { pad_value: 114 },
-        normalize: true,
-        mean: [0.0; 3],
-        std: [1.0; 3],
-        channel_order: ChannelOrder::Rgb,
-        layout: Layout::Nchw,
-    };
-    let limits = Limits {
-        max_payload: jpeg.len(),
-        max_width: 7680,
-        max_height: 4320,
-        max_tensor: crate::preprocess::tensor_len(&pre),
-        max_input_width: size as usize,
-    };
-    let mut slot = Slot::new(&limits);
-    let (mut dec, mut prep, mut allocs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..iters + 3 {
-        let (a0, b0) = crate::alloc_count::snapshot();
-        let t0 = Instant::now();
-        let d = crate::decode::decode_into(&jpeg, &mut slot.rgb, limits.max_width, limits.max_height)
-            .map_err(|e| e.to_string())?;
-        let t1 = Instant::now();
-        let (a1, b1) = crate::alloc_count::snapshot();
-        let g = crate::preprocess::Geometry::new(d.width, d.height, &pre);
-        crate::preprocess::preprocess_into(&slot.rgb, &g, &pre, &mut slot.pre_scratch, &mut slot.tensor);
-        let t2 = Instant::now();
-        let (a2, b2) = crate::alloc_count::snapshot();
-        if i >= 3 {
-            dec.push(t1 - t0);
-            prep.push(t2 - t1);
-            allocs.push((a1 - a0, a2 - a1));
-            bytes.push((b1 - b0, b2 - b1));
-        }
-        if i == 0 {
-            log::info!("{file}: {}x{} -> {size}x{size} letterbox NCHW f32", d.width, d.height);
-        }
-    }
-    let median = |v: &mut Vec<Duration>| {
-        v.sort();
-        v[v.len() / 2].as_secs_f64() * 1e3
-    };
-    let total: Vec<Duration> = dec.iter().zip(&prep).map(|(a, b)| *a + *b).collect();
-    let (mut total, md, mp) = (total, median(&mut dec), median(&mut prep));
-    let mt = median(&mut total);
-    let p = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap_or(0);
-    Ok(format!(
-        "frames: {iters}\nmedian decode_ms: {md:.3}\nmedian preprocess_ms: {mp:.3}\nmedian total_ms: {mt:.3}\n\
-         allocations per frame (max): decode {} ({} bytes), preprocess {} ({} bytes)\n",
-        p(&allocs, |a| a.0),
-        p(&bytes, |a| a.0),
-        p(&allocs, |a| a.1),
-        p(&bytes, |a| a.1),
-    ))
-}

@@ -1,0 +1,206 @@
+//! Benchmarks as subcommands (`bench decode`, `bench model`, `bench mqtt`),
+//! so figures in BENCHMARKS.md come from the shipped binary.
+//!
+//! Owns: timing loops and their reports (medians, p99, allocations). Uses the
+//! same decode, preprocessing, backends and MQTT client as the service.
+
+use std::time::{Duration, Instant};
+
+use crate::alloc_count;
+use crate::backend::Backend as _;
+use crate::config::Settings;
+use crate::frame::{Limits, Slot};
+use crate::models::Runner;
+
+/// Median and 99th percentile of `v`, in milliseconds.
+pub fn median_p99(v: &mut [Duration]) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.99))
+}
+
+/// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
+/// on this thread, reporting the median and allocations per frame.
+pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {
+    use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
+    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let pre = Preprocessing {
+        width: size,
+        height: size,
+        mode: ResizeMode::Letterbox { pad_value: 114 },
+        normalize: true,
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        channel_order: ChannelOrder::Rgb,
+        layout: Layout::Nchw,
+    };
+    let limits = Limits {
+        max_payload: jpeg.len(),
+        max_width: 7680,
+        max_height: 4320,
+        max_tensor: crate::preprocess::tensor_len(&pre),
+        max_input_width: size as usize,
+    };
+    let mut slot = Slot::new(&limits);
+    let (mut dec, mut prep, mut allocs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iters + 3 {
+        let (a0, b0) = alloc_count::snapshot();
+        let t0 = Instant::now();
+        let d = crate::decode::decode_into(&jpeg, &mut slot.rgb, limits.max_width, limits.max_height)
+            .map_err(|e| e.to_string())?;
+        let t1 = Instant::now();
+        let (a1, b1) = alloc_count::snapshot();
+        let g = crate::preprocess::Geometry::new(d.width, d.height, &pre);
+        crate::preprocess::preprocess_into(&slot.rgb, &g, &pre, &mut slot.pre_scratch, &mut slot.tensor);
+        let t2 = Instant::now();
+        let (a2, b2) = alloc_count::snapshot();
+        if i >= 3 {
+            dec.push(t1 - t0);
+            prep.push(t2 - t1);
+            allocs.push((a1 - a0, a2 - a1));
+            bytes.push((b1 - b0, b2 - b1));
+        }
+        if i == 0 {
+            log::info!("{file}: {}x{} -> {size}x{size} letterbox NCHW f32", d.width, d.height);
+        }
+    }
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2].as_secs_f64() * 1e3
+    };
+    let total: Vec<Duration> = dec.iter().zip(&prep).map(|(a, b)| *a + *b).collect();
+    let (mut total, md, mp) = (total, median(&mut dec), median(&mut prep));
+    let mt = median(&mut total);
+    let p = |v: &[(u64, u64)], f: fn(&(u64, u64)) -> u64| v.iter().map(f).max().unwrap_or(0);
+    Ok(format!(
+        "frames: {iters}\nmedian decode_ms: {md:.3}\nmedian preprocess_ms: {mp:.3}\nmedian total_ms: {mt:.3}\n\
+         allocations per frame (max): decode {} ({} bytes), preprocess {} ({} bytes)\n",
+        p(&allocs, |a| a.0),
+        p(&bytes, |a| a.0),
+        p(&allocs, |a| a.1),
+        p(&bytes, |a| a.1),
+    ))
+}
+
+/// `bench model FILE [--model NAME]`: backend-only latency of one model on
+/// the tensor preprocessed from FILE (median and p99 over `iters` runs after
+/// warm-up), plus post-processing.
+pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: usize) -> Result<String, String> {
+    let models = crate::service::load_models(settings)?;
+    let idx = match model {
+        Some(name) => models.find(name).ok_or_else(|| format!("no model named `{name}`"))?,
+        None => 0,
+    };
+    let m = &models.list[idx];
+    let Runner::Ml(ml) = &m.runner else {
+        return Err(format!("model `{}` is built in; `bench model` times ML backends", m.config.name));
+    };
+    let mut ml = ml.lock().unwrap_or_else(|e| e.into_inner());
+    let p = &m.config.preprocessing;
+    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mut rgb = vec![0u8; settings.max_image_width as usize * settings.max_image_height as usize * 3];
+    let d = crate::decode::decode_into(&jpeg, &mut rgb, settings.max_image_width, settings.max_image_height)
+        .map_err(|e| e.to_string())?;
+    let mut tensor = vec![0f32; crate::preprocess::tensor_len(p)];
+    let g = crate::preprocess::Geometry::new(d.width, d.height, p);
+    crate::preprocess::preprocess_into(
+        &rgb,
+        &g,
+        p,
+        &mut crate::preprocess::Scratch::with_capacity(p.width as usize),
+        &mut tensor,
+    );
+    let mut times = Vec::with_capacity(iters);
+    let (mut allocs, mut bytes) = (0, 0);
+    for i in 0..iters + 3 {
+        let ml = &mut *ml;
+        let (a0, b0) = alloc_count::snapshot();
+        let t0 = Instant::now();
+        ml.engine.infer(&tensor, &mut ml.outputs).map_err(|e| e.to_string())?;
+        let dt = t0.elapsed();
+        let (a1, b1) = alloc_count::snapshot();
+        if i >= 3 {
+            times.push(dt);
+            allocs = allocs.max(a1 - a0);
+            bytes = bytes.max(b1 - b0);
+        }
+    }
+    let (med, p99) = median_p99(&mut times);
+    let i = &m.config.inference;
+    Ok(format!(
+        "model: {} ({}, provider {}, intra_threads {}, inter_threads {})\ninput: {file} {}x{} -> {}x{}\n\
+         runs: {iters}\nbackend median_ms: {med:.3}\nbackend p99_ms: {p99:.3}\n\
+         allocations per run on this thread (max): {allocs} ({bytes} bytes)\n",
+        m.config.name,
+        m.backend_name(),
+        m.provider,
+        if i.intra_threads == 0 { "default".to_owned() } else { i.intra_threads.to_string() },
+        i.inter_threads,
+        d.width,
+        d.height,
+        p.width,
+        p.height,
+    ))
+}
+
+/// `bench mqtt FILE --result-topic T`: end-to-end latency through a running
+/// service: publish FILE (raw JPEG, QoS 1) to `topic`, wait for the next
+/// message on `result_topic`, `iters` times, one frame in flight at a time.
+pub fn bench_mqtt(
+    settings: &Settings,
+    file: &str,
+    topic: &str,
+    result_topic: &str,
+    iters: usize,
+) -> Result<String, String> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{Client, Event, MqttOptions};
+
+    let (host, port) = settings.broker.clone().ok_or("bench mqtt needs AIO_BROKER_HOSTNAME")?;
+    let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mut opts = MqttOptions::new(format!("aei-bench-{}", std::process::id()), host, port);
+    opts.set_max_packet_size(Some(crate::mqtt::max_packet_size(settings.max_payload_bytes)));
+    opts.set_network_options(crate::mqtt::low_latency());
+    let (client, mut conn) = Client::new(opts, 64);
+    let (tx, rx) = std::sync::mpsc::channel::<Option<Instant>>();
+    let sub = result_topic.to_owned();
+    let c2 = client.clone();
+    std::thread::spawn(move || {
+        for ev in conn.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = c2.try_subscribe(sub.as_str(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = tx.send(None);
+                }
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    let _ = tx.send(Some(Instant::now()));
+                }
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let wait = |what: &str| rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("no {what} within 30 s"));
+    wait("SUBACK")?;
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters + 3 {
+        let t0 = Instant::now();
+        client.publish(topic, QoS::AtLeastOnce, false, jpeg.clone()).map_err(|e| e.to_string())?;
+        let got = loop {
+            if let Some(t) = wait("result")? {
+                break t;
+            }
+        };
+        if i >= 3 {
+            times.push(got - t0);
+        }
+    }
+    let _ = client.disconnect();
+    let (med, p99) = median_p99(&mut times);
+    Ok(format!(
+        "end to end (publish -> result received), {file}, {iters} frames one at a time\nmedian_ms: {med:.3}\np99_ms: {p99:.3}\n"
+    ))
+}
