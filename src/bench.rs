@@ -93,7 +93,10 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
     };
     let m = &models.list[idx];
     let Runner::Ml(ml) = &m.runner else {
-        return Err(format!("model `{}` is built in; `bench model` times ML backends", m.config.name));
+        return Err(format!(
+            "model `{}` is built in; `bench model` times ML backends",
+            m.config.name
+        ));
     };
     let mut ml = ml.lock().unwrap_or_else(|e| e.into_inner());
     let p = &m.config.preprocessing;
@@ -134,7 +137,11 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
         m.config.name,
         m.backend_name(),
         m.provider,
-        if i.intra_threads == 0 { "default".to_owned() } else { i.intra_threads.to_string() },
+        if i.intra_threads == 0 {
+            "default".to_owned()
+        } else {
+            i.intra_threads.to_string()
+        },
         i.inter_threads,
         d.width,
         d.height,
@@ -183,12 +190,17 @@ pub fn bench_mqtt(
             }
         }
     });
-    let wait = |what: &str| rx.recv_timeout(Duration::from_secs(30)).map_err(|_| format!("no {what} within 30 s"));
+    let wait = |what: &str| {
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| format!("no {what} within 30 s"))
+    };
     wait("SUBACK")?;
     let mut times = Vec::with_capacity(iters);
     for i in 0..iters + 3 {
         let t0 = Instant::now();
-        client.publish(topic, QoS::AtLeastOnce, false, jpeg.clone()).map_err(|e| e.to_string())?;
+        client
+            .publish(topic, QoS::AtLeastOnce, false, jpeg.clone())
+            .map_err(|e| e.to_string())?;
         let got = loop {
             if let Some(t) = wait("result")? {
                 break t;

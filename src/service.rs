@@ -197,4 +197,3 @@ pub fn dump_tensor(settings: &Settings, model: Option<&str>, file: &str, out: &s
     };
     Ok(format!("{out}: model `{}`, f32 {shape:?}\n", config.name))
 }
-

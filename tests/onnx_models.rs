@@ -381,3 +381,27 @@ fn detections_end_to_end_through_mosquitto_in_every_payload_form() {
     assert!(svc.get("/metrics").1.contains("provider=\"cpu\"} 1"));
     assert!(svc.still_running());
 }
+
+#[test]
+fn dynamic_axes_take_the_configured_size() {
+    // [batch, 3, height, width] all dynamic but channels: global average pooling = mean R, G, B.
+    let dir = TempDir::new("dynamic");
+    let gap = root().join("tests/fixtures/dynamic-gap.onnx");
+    let cfg = dir.write(
+        "gap.yaml",
+        &format!(
+            "name: gap\nbackend: onnx\nmodel_type: image-classification\nmodel_path: {}\nlabels: [red, green, blue]\n\
+             preprocessing: {{ resize: [96, 64], mode: stretch, normalize: true }}\ninference: {{ softmax: false, top_k: 3, confidence_threshold: 0.0 }}\n",
+            gap.display()
+        ),
+    );
+    let models = Models::load(vec![model::load_file(&cfg, &settings()).unwrap()], &env());
+    assert!(models.failed.is_empty(), "{:?}", models.failed);
+    // coffee.jpg: a red-brown table; the mean red exceeds the mean blue.
+    let r = run_photos(&models, &["coffee.jpg"]);
+    let p = predictions(&r[0]);
+    assert_eq!(p.len(), 3);
+    let value = |l: &str| p.iter().find(|x| x.0 == l).unwrap().1;
+    assert!(value("red") > value("blue"), "{p:?}");
+    assert!(p.iter().all(|x| (0.0..=1.0).contains(&x.1)), "{p:?}");
+}
