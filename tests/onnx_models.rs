@@ -21,6 +21,15 @@ use ai_edge_inference::{decode, preprocess};
 use miniserde::json::{Number, Value};
 use support::*;
 
+#[global_allocator]
+static ALLOC: ai_edge_inference::alloc_count::CountingAlloc = ai_edge_inference::alloc_count::CountingAlloc;
+
+fn allocs_during(f: impl FnOnce()) -> u64 {
+    let (a, _) = ai_edge_inference::alloc_count::snapshot();
+    f();
+    ai_edge_inference::alloc_count::snapshot().0 - a
+}
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -404,4 +413,60 @@ fn dynamic_axes_take_the_configured_size() {
     let value = |l: &str| p.iter().find(|x| x.0 == l).unwrap().1;
     assert!(value("red") > value("blue"), "{p:?}");
     assert!(p.iter().all(|x| (0.0..=1.0).contains(&x.1)), "{p:?}");
+}
+
+#[test]
+fn a_detection_frame_allocates_only_in_the_decoder_and_ort() {
+    use ai_edge_inference::frame::Origin;
+    use ai_edge_inference::ingest;
+    use ai_edge_inference::models::Runner;
+
+    let models = Models::load(vec![config("yolov12n")], &env());
+    let metrics = Metrics::default();
+    let limits = pipeline::limits(&models, 1 << 20, 1024, 1024);
+    let mut slot = Slot::new(&limits);
+    let ctx = Ctx {
+        models: &models,
+        metrics: &metrics,
+        max_width: 1024,
+        max_height: 1024,
+        error_topic: "e",
+    };
+    let jpeg = fixture("astronaut.jpg");
+    let topic = "edge-ai/a/b/c/camera/snapshots";
+    let mut routes = Vec::with_capacity(4);
+    let mut frame = |slot: &mut Slot| {
+        models.route(topic, &mut routes);
+        let a = ingest::admit(topic, &jpeg, None, limits.max_payload, &models, &routes).unwrap();
+        slot.reset();
+        slot.routes.extend_from_slice(&routes);
+        ingest::fill(slot, topic, &jpeg, &a, Origin::Mqtt).unwrap();
+        allocs_during(|| {
+            ai_edge_inference::process::process(slot, &ctx, |s, k| {
+                assert_eq!(k, Emitted::Result, "{}", String::from_utf8_lossy(&s.out))
+            })
+        })
+    };
+    frame(&mut slot);
+    let mut rgb = vec![0u8; 1024 * 1024 * 3];
+    let decoder = allocs_during(|| {
+        decode::decode_into(&jpeg, &mut rgb, 1024, 1024).unwrap();
+    });
+    let Runner::Ml(ml) = &models.list[0].runner else {
+        panic!()
+    };
+    let n = preprocess::tensor_len(&models.list[0].config.preprocessing);
+    let ort_run = {
+        let mut ml = ml.lock().unwrap();
+        let ml = &mut *ml;
+        let tensor = slot.tensor[..n].to_vec();
+        allocs_during(|| ml.engine.infer(&tensor, &mut ml.outputs).unwrap())
+    };
+    for _ in 0..3 {
+        assert_eq!(
+            frame(&mut slot),
+            decoder + ort_run,
+            "decode ({decoder}) + ONNX Runtime's run ({ort_run}) are the only allocations of a detection frame"
+        );
+    }
 }
