@@ -16,6 +16,8 @@ Commands:
   infer FILE... [--model NAME]
                           Run JPEG files through a model once and print JSON results
   check-config [PATH]     Validate model config(s) and print the effective configuration
+  convert IN OUT [--dtype f16|f32]
+                          Checkpoint (.pth, legacy or zip; .safetensors) -> safetensors for Candle
   tensor FILE --out PATH [--model NAME]
                           Write the preprocessed model input for FILE as raw f32 (little-endian)
   bench decode FILE [--iters N] [--size S]
@@ -76,6 +78,23 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        "convert" => {
+            let (dtype, files) = take_flag(rest, "--dtype");
+            match files.as_slice() {
+                [input, output] => match ai_edge_inference::backend::convert(
+                    std::path::Path::new(input),
+                    std::path::Path::new(output),
+                    dtype.as_deref().unwrap_or("f32"),
+                ) {
+                    Ok(text) => {
+                        eprint!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
+                _ => fail("convert: name the input checkpoint and the output .safetensors"),
+            }
+        }
         "tensor" => {
             let (out, rest) = take_flag(rest, "--out");
             let (model, files) = take_flag(&rest, "--model");

@@ -28,3 +28,7 @@ impl Backend for CandleBackend {
         match *self {}
     }
 }
+
+pub fn convert(_input: &Path, _output: &Path, _dtype: &str) -> Result<String, String> {
+    Err(BackendError::NotCompiled { backend: "candle" }.to_string())
+}

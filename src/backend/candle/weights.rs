@@ -1,0 +1,212 @@
+//! Reading and writing weight files for the native Candle architectures:
+//! safetensors, and PyTorch `.pth` (the zip format through candle's reader,
+//! the legacy pre-1.6 format through candle's pickle machine).
+//!
+//! Owns: file formats only; knows nothing of architectures.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use candle_core::pickle::{Object, Stack};
+use candle_core::{DType, Device, Tensor};
+
+pub type Weights = HashMap<String, Tensor>;
+
+fn err(path: &Path, why: impl std::fmt::Display) -> String {
+    format!("{}: {why}", path.display())
+}
+
+/// Loads every tensor of a `.safetensors` or `.pth` file, as f32 on the CPU.
+pub fn load(path: &Path) -> Result<Weights, String> {
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| err(path, e))?;
+    let raw: Weights = if path.extension().is_some_and(|e| e == "safetensors") {
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(path, e))?
+    } else if head.starts_with(b"PK") {
+        candle_core::pickle::read_all(path)
+            .map_err(|e| err(path, e))?
+            .into_iter()
+            .collect()
+    } else if head[0] == 0x80 {
+        read_legacy_pth(path)?
+    } else {
+        return Err(err(path, "neither safetensors nor a PyTorch checkpoint"));
+    };
+    raw.into_iter()
+        .filter(|(_, t)| t.dtype().is_float())
+        .map(|(k, t)| t.to_dtype(DType::F32).map(|t| (k, t)).map_err(|e| err(path, e)))
+        .collect()
+}
+
+/// Loads safetensors bytes held in memory (the embedded default model).
+pub fn load_bytes(bytes: &[u8]) -> Result<Weights, String> {
+    let raw = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .map(|(k, t)| t.to_dtype(DType::F32).map(|t| (k, t)).map_err(|e| e.to_string()))
+        .collect()
+}
+
+/// Writes `weights` as safetensors in `dtype` (f16 halves the file).
+pub fn save(weights: &Weights, dtype: DType, path: &Path) -> Result<(), String> {
+    let converted: Weights = weights
+        .iter()
+        .map(|(k, t)| t.to_dtype(dtype).map(|t| (k.clone(), t)))
+        .collect::<candle_core::Result<_>>()
+        .map_err(|e| err(path, e))?;
+    candle_core::safetensors::save(&converted, path).map_err(|e| err(path, e))
+}
+
+/// The pre-1.6 PyTorch format: pickles for the magic number, protocol
+/// version and system info, the state dict (tensors point at storages by
+/// key), the list of storage keys, then each storage as an 8-byte element
+/// count and raw little-endian data.
+fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
+    let file = std::fs::File::open(path).map_err(|e| err(path, e))?;
+    let mut r = BufReader::new(file);
+    // The magic number 0x1950a86a20f9469cfc6c is an 80-bit LONG1, wider than
+    // candle's pickle machine takes, so that first pickle is matched byte for byte.
+    let mut magic = [0u8; LEGACY_MAGIC.len()];
+    r.read_exact(&mut magic).map_err(|e| err(path, e))?;
+    if magic != LEGACY_MAGIC {
+        return Err(err(path, "not a PyTorch checkpoint (bad magic number)"));
+    }
+    let mut next = |what: &str| -> Result<Object, String> {
+        let mut s = Stack::empty();
+        s.read_loop(&mut r).map_err(|e| err(path, format!("{what}: {e}")))?;
+        s.finalize().map_err(|e| err(path, format!("{what}: {e}")))
+    };
+    match next("protocol version")? {
+        Object::Int(1001) => {}
+        other => return Err(err(path, format!("unknown legacy protocol version {other:?}"))),
+    }
+    next("system info")?;
+    let state = next("state dict")?;
+    let keys = next("storage keys")?;
+    let Object::Dict(items) = state else {
+        return Err(err(path, "the state dict is not a dict"));
+    };
+    let Object::List(keys) = keys else {
+        return Err(err(path, "no storage key list"));
+    };
+
+    // name -> (storage key, dtype, offset, shape, strides)
+    let mut tensors = Vec::new();
+    for (name, value) in items {
+        let Object::Unicode(name) = name else { continue };
+        let Object::Reduce { callable, args } = value else {
+            continue;
+        };
+        match *callable {
+            Object::Class {
+                module_name,
+                class_name,
+            } if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
+            _ => continue,
+        }
+        let Object::Tuple(args) = *args else { continue };
+        let mut args = args.into_iter();
+        let (Some(Object::PersistentLoad(pid)), Some(offset), Some(Object::Tuple(size)), Some(Object::Tuple(stride))) =
+            (args.next(), args.next(), args.next(), args.next())
+        else {
+            return Err(err(path, format!("tensor {name}: unexpected layout")));
+        };
+        let Object::Tuple(pid) = *pid else {
+            return Err(err(path, format!("tensor {name}: bad storage id")));
+        };
+        let (kind, key) = match (pid.get(1), pid.get(2)) {
+            (Some(Object::Class { class_name, .. }), Some(Object::Unicode(k))) => (class_name.clone(), k.clone()),
+            _ => return Err(err(path, format!("tensor {name}: bad storage id"))),
+        };
+        let dtype = match kind.as_str() {
+            "FloatStorage" => DType::F32,
+            "HalfStorage" => DType::F16,
+            "DoubleStorage" => DType::F64,
+            "LongStorage" => DType::I64,
+            "ByteStorage" => DType::U8,
+            _ => continue,
+        };
+        let int = |o: Object| {
+            o.int_or_long()
+                .map(|v| v as usize)
+                .map_err(|_| err(path, format!("tensor {name}: bad int")))
+        };
+        let shape: Vec<usize> = size.into_iter().map(int).collect::<Result<_, _>>()?;
+        let strides: Vec<usize> = stride.into_iter().map(int).collect::<Result<_, _>>()?;
+        let offset = int(offset)?;
+        tensors.push((name, key, dtype, offset, shape, strides));
+    }
+
+    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    for key in keys {
+        let Object::Unicode(key) = key else {
+            return Err(err(path, "bad storage key"));
+        };
+        let mut n = [0u8; 8];
+        r.read_exact(&mut n)
+            .map_err(|e| err(path, format!("storage {key}: {e}")))?;
+        let numel = u64::from_le_bytes(n) as usize;
+        let size = tensors
+            .iter()
+            .find(|t| t.1 == key)
+            .map(|t| t.2.size_in_bytes())
+            .unwrap_or(4);
+        let mut data = vec![0u8; numel.checked_mul(size).ok_or_else(|| err(path, "storage too large"))?];
+        r.read_exact(&mut data)
+            .map_err(|e| err(path, format!("storage {key}: {e}")))?;
+        storages.insert(key, data);
+    }
+
+    let mut out = Weights::new();
+    for (name, key, dtype, offset, shape, strides) in tensors {
+        let data = storages
+            .get(&key)
+            .ok_or_else(|| err(path, format!("tensor {name}: storage {key} missing")))?;
+        let esize = dtype.size_in_bytes();
+        let numel: usize = shape.iter().product();
+        // Strides that are a permutation of a contiguous layout (a transposed
+        // weight): read it in storage order, then permute back.
+        let mut order: Vec<usize> = (0..shape.len()).collect();
+        order.sort_by(|a, b| strides[*b].cmp(&strides[*a]).then(a.cmp(b)));
+        let stored: Vec<usize> = order.iter().map(|&i| shape[i]).collect();
+        let permuted_strides: Vec<usize> = order.iter().map(|&i| strides[i]).collect();
+        if numel > 1 && permuted_strides != contiguous_strides(&stored) {
+            return Err(err(
+                path,
+                format!("tensor {name}: strides {strides:?} for shape {shape:?} are not supported"),
+            ));
+        }
+        let bytes = data
+            .get(offset * esize..(offset + numel) * esize)
+            .ok_or_else(|| err(path, format!("tensor {name}: outside its storage")))?;
+        let t = Tensor::from_raw_buffer(bytes, dtype, &stored, &Device::Cpu).map_err(|e| err(path, e))?;
+        let mut inverse = vec![0; order.len()];
+        for (pos, &dim) in order.iter().enumerate() {
+            inverse[dim] = pos;
+        }
+        let t = if numel > 1 && inverse.iter().enumerate().any(|(i, &p)| i != p) {
+            t.permute(inverse)
+                .and_then(|t| t.contiguous())
+                .map_err(|e| err(path, e))?
+        } else {
+            t
+        };
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// `pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)`.
+const LEGACY_MAGIC: [u8; 15] = [
+    0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e,
+];
+
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
