@@ -10,7 +10,12 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn http_probes_and_oneshot_infer() {
-    let svc = Service::start(&[("AIO_BROKER_HOSTNAME", ""), ("MAX_PAYLOAD_BYTES", "200000")]);
+    let (_dir, health) = camera_health_config();
+    let svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", ""),
+        ("MAX_PAYLOAD_BYTES", "200000"),
+        ("MODEL_CONFIG_PATH", &health),
+    ]);
     assert_eq!(svc.get("/healthz"), (200, "ok\n".to_owned()));
     let (code, body) = svc.get("/readyz");
     assert_eq!(code, 200, "{body}");
@@ -66,10 +71,11 @@ fn http_probes_and_oneshot_infer() {
 
 #[test]
 fn cli_infer_prints_one_result_per_file() {
+    let (_dir, health) = camera_health_config();
     let out = binary()
         .args(["infer", "tests/fixtures/astronaut.jpg", "tests/fixtures/black.jpg"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("MODEL_CONFIG_PATH")
+        .env("MODEL_CONFIG_PATH", &health)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -220,4 +226,24 @@ fn help_and_version() {
         "{}",
         text(&out.stdout)
     );
+}
+
+#[test]
+fn the_default_build_classifies_a_bundled_photo_out_of_the_box() {
+    // No model config: Candle builds run the embedded EfficientNet-Lite0, others camera health.
+    let out = binary()
+        .args(["infer", "tests/fixtures/coffee.jpg"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("MODEL_CONFIG_PATH")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: miniserde::json::Value = miniserde::json::from_str(text(&out.stdout).trim()).unwrap();
+    if cfg!(feature = "candle") {
+        assert_eq!(get_str(&v, &["backend_used"]).as_deref(), Some("candle"));
+        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else { panic!() };
+        assert_eq!(get_str(&p[0], &["label"]).as_deref(), Some("espresso"));
+    } else {
+        assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
+    }
 }

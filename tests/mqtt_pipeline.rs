@@ -242,10 +242,12 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
 fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
     let broker = Broker::start();
     let port = broker.port.to_string();
+    let (_dir, health) = camera_health_config();
     let mut svc = Service::start(&[
         ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
         ("AIO_BROKER_TCP_PORT", &port),
         ("AIO_MQTT_CLIENT_ID", "svc"),
+        ("MODEL_CONFIG_PATH", &health),
         ("QUEUE_DEPTH", "2"),
         ("WORKERS", "1"),
     ]);
@@ -314,10 +316,12 @@ fn a_burst_drops_the_oldest_waiting_frames_and_answers_every_one() {
 fn survives_broker_restarts_and_reports_readiness() {
     let port = free_port();
     let p = port.to_string();
+    let (_dir, health) = camera_health_config();
     let mut svc = Service::start(&[
         ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
         ("AIO_BROKER_TCP_PORT", &p),
         ("AIO_MQTT_CLIENT_ID", "svc"),
+        ("MODEL_CONFIG_PATH", &health),
     ]);
     // No broker yet: alive but not ready.
     assert_eq!(svc.get("/healthz").0, 200);

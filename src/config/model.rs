@@ -230,10 +230,16 @@ const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
 const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template"];
 
 /// Loads `path`: one YAML file, or every `*.yaml`/`*.yml` in a directory
-/// (sorted by name). Without a path, the built-in camera-health model.
+/// (sorted by name). Without a path, the built-in default: the embedded
+/// EfficientNet-Lite0 on Candle in builds that have Candle, camera health
+/// otherwise.
 pub fn load(path: Option<&Path>, settings: &Settings) -> Result<Vec<ModelConfig>, ConfigError> {
     let Some(path) = path else {
-        return Ok(vec![builtin_camera_health(settings)?]);
+        return Ok(vec![if cfg!(feature = "candle") {
+            builtin_classifier(settings)?
+        } else {
+            builtin_camera_health(settings)?
+        }]);
     };
     let files = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -280,7 +286,42 @@ fn io_err(path: &Path, e: std::io::Error) -> ConfigError {
     }
 }
 
-/// The default job when no model config is given: camera health on the
+/// ImageNet-1k class names, in index order (torchvision's list; see models/NOTICE).
+pub const IMAGENET_LABELS: &str = include_str!("../../models/imagenet-labels.txt");
+
+/// The default of Candle builds: EfficientNet-Lite0 with its weights embedded
+/// in the binary, on the service-wide topics.
+pub fn builtin_classifier(settings: &Settings) -> Result<ModelConfig, ConfigError> {
+    let ctx = Ctx { file: "built-in EfficientNet-Lite0 (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into() };
+    let (input_topics, output_topic) = ctx.topics(&Yaml::BadValue, settings)?;
+    let mut inference = ctx.inference(&Yaml::BadValue, settings)?;
+    inference.confidence_threshold = 0.0;
+    Ok(ModelConfig {
+        name: "efficientnet-lite0".into(),
+        source: None,
+        backend: if settings.enable_dual { BackendKind::Dual } else { BackendKind::Candle },
+        model_path: Some(PathBuf::from(crate::backend::EMBEDDED_MODEL)),
+        model_type: ModelType::Classification,
+        labels: Labels::Inline(IMAGENET_LABELS.lines().map(str::to_owned).collect()),
+        preprocessing: Preprocessing {
+            width: 224,
+            height: 224,
+            mode: ResizeMode::CenterCrop { resize_short: 256 },
+            normalize: false,
+            mean: [127.0; 3],
+            std: [128.0; 3],
+            channel_order: ChannelOrder::Rgb,
+            layout: Layout::Nchw,
+        },
+        inference,
+        health: ctx.health(&Yaml::BadValue)?,
+        alerts: Vec::new(),
+        input_topics,
+        output_topic,
+    })
+}
+
+/// The default job of builds without Candle: camera health on the
 /// service-wide input topics.
 pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigError> {
     let ctx = Ctx {
@@ -361,7 +402,13 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         (_, Some(other)) => return Err(ctx.err("backend", format!("expected candle, onnx or dual, found `{other}`"))),
     };
     let base = path.parent().unwrap_or(Path::new("."));
-    let model_path = ctx.string(&doc["model_path"], "model_path")?.map(|p| base.join(p));
+    let model_path = ctx.string(&doc["model_path"], "model_path")?.map(|p| {
+        if p.starts_with("embedded:") {
+            PathBuf::from(p)
+        } else {
+            base.join(p)
+        }
+    });
     if model_path.is_none() && model_type != ModelType::CameraHealth {
         return Err(ctx.err("model_path", format!("is required for {}", model_type.as_str())));
     }

@@ -47,6 +47,15 @@ impl Drop for TempDir {
     }
 }
 
+/// A model config for the camera-health job on the default topics (the
+/// built-in default of Candle builds is a classifier instead).
+pub fn camera_health_config() -> (TempDir, String) {
+    let dir = TempDir::new("health");
+    let p = dir.write("camera-health.yaml", "name: camera-health\nmodel_type: camera-health\n");
+    let p = p.to_str().unwrap().to_owned();
+    (dir, p)
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
     while !ok() {
