@@ -119,7 +119,10 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
         let ml = &mut *ml;
         let (a0, b0) = alloc_count::snapshot();
         let t0 = Instant::now();
-        ml.engine.infer(&tensor, &mut ml.outputs).map_err(|e| e.to_string())?;
+        ml.primary
+            .engine
+            .infer(&tensor, &mut ml.primary.outputs)
+            .map_err(|e| e.to_string())?;
         let dt = t0.elapsed();
         let (a1, b1) = alloc_count::snapshot();
         if i >= 3 {

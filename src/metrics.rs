@@ -144,6 +144,10 @@ pub struct Metrics {
     pub mqtt_connects: AtomicU64,
     pub mqtt_connection_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    /// Inference time per backend: candle, onnx.
+    pub backends: [Histogram; 2],
+    pub dual_comparisons: AtomicU64,
+    pub dual_matches: AtomicU64,
 }
 
 impl Metrics {
@@ -158,6 +162,15 @@ impl Metrics {
     }
     pub fn stage(&self, s: Stage, d: std::time::Duration) {
         self.stages[s as usize].observe(d);
+    }
+    /// One backend call of `backend` ("candle" or "onnx") took `d`.
+    pub fn backend(&self, backend: &str, d: std::time::Duration) {
+        self.backends[(backend == "onnx") as usize].observe(d);
+    }
+    /// One dual comparison, agreeing or not.
+    pub fn dual(&self, matched: bool) {
+        self.dual_comparisons.fetch_add(1, Relaxed);
+        self.dual_matches.fetch_add(matched as u64, Relaxed);
     }
     pub fn failed_count(&self, r: FailReason) -> u64 {
         self.failed[r as usize].load(Relaxed)
@@ -272,31 +285,42 @@ impl Metrics {
             "histogram",
             "Time spent per frame in each pipeline stage.",
         );
-        for s in Stage::ALL {
-            let h = &self.stages[s as usize];
-            let mut cum = 0;
-            for (i, b) in BUCKETS.iter().enumerate() {
-                cum += h.counts[i].load(Relaxed);
-                let _ = writeln!(
-                    o,
-                    "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"{b}\"}} {cum}",
-                    s.as_str()
-                );
-            }
-            let n = h.count.load(Relaxed);
-            let _ = writeln!(
-                o,
-                "aei_stage_duration_seconds_bucket{{stage=\"{}\",le=\"+Inf\"}} {n}",
-                s.as_str()
+        for st in Stage::ALL {
+            histogram(
+                &mut o,
+                "aei_stage_duration_seconds",
+                "stage",
+                st.as_str(),
+                &self.stages[st as usize],
             );
-            let _ = writeln!(
-                o,
-                "aei_stage_duration_seconds_sum{{stage=\"{}\"}} {}",
-                s.as_str(),
-                h.sum_ns.load(Relaxed) as f64 / 1e9
-            );
-            let _ = writeln!(o, "aei_stage_duration_seconds_count{{stage=\"{}\"}} {n}", s.as_str());
         }
+        head(
+            &mut o,
+            "aei_backend_inference_seconds",
+            "histogram",
+            "Inference time per backend call.",
+        );
+        for (i, b) in ["candle", "onnx"].iter().enumerate() {
+            histogram(&mut o, "aei_backend_inference_seconds", "backend", b, &self.backends[i]);
+        }
+        head(
+            &mut o,
+            "aei_dual_comparisons_total",
+            "counter",
+            "Frames run on both backends in dual mode.",
+        );
+        let _ = writeln!(o, "aei_dual_comparisons_total {}", self.dual_comparisons.load(Relaxed));
+        head(
+            &mut o,
+            "aei_dual_predictions_matched_total",
+            "counter",
+            "Dual comparisons whose predictions agreed.",
+        );
+        let _ = writeln!(
+            o,
+            "aei_dual_predictions_matched_total {}",
+            self.dual_matches.load(Relaxed)
+        );
         head(
             &mut o,
             "aei_queue_waiting_frames",
@@ -363,6 +387,22 @@ impl Metrics {
         }
         o
     }
+}
+
+fn histogram(o: &mut String, name: &str, label: &str, value: &str, h: &Histogram) {
+    let mut cum = 0;
+    for (i, b) in BUCKETS.iter().enumerate() {
+        cum += h.counts[i].load(Relaxed);
+        let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"{b}\"}} {cum}");
+    }
+    let n = h.count.load(Relaxed);
+    let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {n}");
+    let _ = writeln!(
+        o,
+        "{name}_sum{{{label}=\"{value}\"}} {}",
+        h.sum_ns.load(Relaxed) as f64 / 1e9
+    );
+    let _ = writeln!(o, "{name}_count{{{label}=\"{value}\"}} {n}");
 }
 
 fn escape_label(v: &str) -> String {

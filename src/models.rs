@@ -5,28 +5,37 @@
 //! buffers), warm-up, readiness, load failures, and which models a topic
 //! routes to. Does not touch frames (see `process.rs`).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs};
-use crate::config::model::{Labels, ModelConfig, ModelType};
+use crate::config::model::{BackendKind, Labels, ModelConfig, ModelType};
 use crate::health;
 use crate::postprocess::{self, Detection, YoloLayout};
 
 /// Most models one service routes a frame to.
 pub const MAX_MODELS: usize = 64;
 
-/// An ML model with everything one inference needs, sized at load.
-pub struct MlModel {
+/// One backend's engine and the buffers its results land in, sized at load.
+pub struct Side {
     pub engine: Engine,
     pub outputs: Outputs,
-    pub labels: Vec<String>,
-    /// Detection: the output layout, worked out at warm-up.
-    pub yolo: Option<YoloLayout>,
     pub candidates: Vec<Detection>,
     pub kept: Vec<Detection>,
     /// Classification: the top-k (class, probability) pairs.
     pub classes: Vec<(usize, f32)>,
+}
+
+/// An ML model with everything one inference needs.
+pub struct MlModel {
+    /// The backend whose predictions are the model's result.
+    pub primary: Side,
+    /// Dual mode: the other backend, run on the same tensor for comparison.
+    pub second: Option<Side>,
+    pub labels: Vec<String>,
+    /// Detection: the output layout, worked out at warm-up.
+    pub yolo: Option<YoloLayout>,
 }
 
 pub enum Runner {
@@ -194,38 +203,52 @@ fn source_of(config: &ModelConfig) -> String {
         .unwrap_or_else(|| "built-in".into())
 }
 
-/// Loads an ML model, resolves its labels and warms it up once, which also
-/// fixes the output layout and sizes every post-processing buffer.
+/// Loads an ML model (both sides in dual mode), resolves its labels and
+/// warms each side up once, which also fixes the output layout and sizes
+/// every post-processing buffer.
 fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), BackendError> {
-    let mut engine = Engine::load(config, env)?;
-    let path = config
-        .model_path
-        .as_deref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let path = config.model_path.as_deref().unwrap_or(Path::new(""));
+    let (primary, second) = match config.backend {
+        BackendKind::Dual => {
+            let onnx = config
+                .onnx_model_path
+                .as_deref()
+                .or_else(|| path.extension().is_some_and(|e| e == "onnx").then_some(path))
+                .ok_or_else(|| BackendError::Unsupported {
+                    backend: "dual",
+                    reason: format!(
+                        "model `{}`: dual mode runs Candle on `model_path` and ONNX Runtime on `onnx_model_path`; set it",
+                        config.name
+                    ),
+                })?;
+            (
+                warm(Engine::load_as(BackendKind::Candle, path, config, env)?, config)?,
+                Some(warm(Engine::load_as(BackendKind::Onnx, onnx, config, env)?, config)?),
+            )
+        }
+        kind => (warm(Engine::load_as(kind, path, config, env)?, config)?, None),
+    };
     let fail = |reason: String| BackendError::Load {
-        path: path.clone(),
+        path: path.display().to_string(),
         reason,
     };
-    let mut outputs = Outputs::default();
-    let zeros = vec![0f32; crate::preprocess::tensor_len(&config.preprocessing)];
-    engine
-        .infer(&zeros, &mut outputs)
-        .map_err(|e| fail(format!("warm-up inference failed: {e}")))?;
-
     let configured = match &config.labels {
         Labels::Inline(v) | Labels::File(_, v) => Some(v.clone()),
-        Labels::FromModel => engine.metadata_labels(),
+        Labels::FromModel => primary.engine.metadata_labels(),
     };
     let i = &config.inference;
     let (labels, yolo) = match config.model_type {
         ModelType::Detection => {
-            let layout = postprocess::yolo_layout(&outputs.shape, configured.as_ref().map(Vec::len), i.yolo_version)
-                .map_err(fail)?;
+            let layout = postprocess::yolo_layout(
+                &primary.outputs.shape,
+                configured.as_ref().map(Vec::len),
+                i.yolo_version,
+            )
+            .map_err(fail)?;
             (configured.unwrap_or_else(|| numbered(layout.classes)), Some(layout))
         }
         _ => {
-            let n = outputs.values.len();
+            let n = primary.outputs.values.len();
             if let Some(l) = &configured {
                 if l.len() != n {
                     return Err(fail(format!(
@@ -237,18 +260,53 @@ fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), B
             (configured.unwrap_or_else(|| numbered(n)), None)
         }
     };
+    if let Some(s) = &second {
+        if s.outputs.shape != primary.outputs.shape {
+            return Err(fail(format!(
+                "dual mode: the backends' outputs differ in shape ({:?} vs {:?})",
+                primary.outputs.shape, s.outputs.shape
+            )));
+        }
+    }
     let anchors = yolo.map(|l| l.anchors.min(postprocess::MAX_CANDIDATES)).unwrap_or(0);
-    let provider = engine.provider().to_owned();
+    let size = |mut side: Side| {
+        side.candidates.reserve(anchors);
+        side.kept.reserve(i.max_detections);
+        side.classes.reserve(i.top_k + 1);
+        side
+    };
+    let provider = match &second {
+        Some(s) => format!("{}+{}", primary.engine.provider(), s.engine.provider()),
+        None => primary.engine.provider().to_owned(),
+    };
     let ml = MlModel {
-        engine,
-        outputs,
+        primary: size(primary),
+        second: second.map(size),
         labels,
         yolo,
-        candidates: Vec::with_capacity(anchors),
-        kept: Vec::with_capacity(i.max_detections),
-        classes: Vec::with_capacity(i.top_k + 1),
     };
     Ok((Runner::Ml(Box::new(Mutex::new(ml))), provider))
+}
+
+/// One warm-up inference on zeros before the model is called ready.
+fn warm(mut engine: Engine, config: &ModelConfig) -> Result<Side, BackendError> {
+    let mut outputs = Outputs::default();
+    let zeros = vec![0f32; crate::preprocess::tensor_len(&config.preprocessing)];
+    engine.infer(&zeros, &mut outputs).map_err(|e| BackendError::Load {
+        path: config
+            .model_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        reason: format!("warm-up inference on {} failed: {e}", engine.name()),
+    })?;
+    Ok(Side {
+        engine,
+        outputs,
+        candidates: Vec::new(),
+        kept: Vec::new(),
+        classes: Vec::new(),
+    })
 }
 
 fn numbered(n: usize) -> Vec<String> {

@@ -265,7 +265,7 @@ impl Collect {
         let o = Outbound {
             topic: s.out_topic.clone(),
             payload: s.out.clone(),
-            error: kind != Emitted::Result,
+            error: matches!(kind, Emitted::Error(_)),
         };
         self.0.push((o, kind));
     }
@@ -275,16 +275,18 @@ async fn deliver(shared: &Shared, origin: &Origin, topic: &str, body: &[u8], kin
     let o = Outbound {
         topic: topic.to_owned(),
         payload: body.to_vec(),
-        error: kind != Emitted::Result,
+        error: matches!(kind, Emitted::Error(_)),
     };
     deliver_owned(shared, origin, o, kind).await;
 }
 
 async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emitted) {
     match origin {
+        // A one-shot request gets its result; comparisons are published only.
+        Origin::Reply(_) if kind == Emitted::Comparison => {}
         Origin::Reply(tx) => {
             let status = match kind {
-                Emitted::Result => 200,
+                Emitted::Result | Emitted::Comparison => 200,
                 Emitted::Error(s) => s,
             };
             let _ = tx.try_send(Reply {
@@ -310,7 +312,8 @@ async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emit
 
 /// Runs one JPEG through `model` synchronously on `slot` (the CLI's
 /// one-shot path): the same ingest and processing as the service. Returns
-/// the message and whether it is a result or an error result.
+/// every message it produced (the result or error result first, then a dual
+/// comparison if any).
 pub fn run_oneshot(
     slot: &mut Slot,
     ctx: &Ctx<'_>,
@@ -318,7 +321,7 @@ pub fn run_oneshot(
     model: usize,
     name: &str,
     jpeg: &[u8],
-) -> (Vec<u8>, Emitted) {
+) -> Vec<(Vec<u8>, Emitted)> {
     let routes = [Route {
         model: model as u16,
         filter: 0,
@@ -329,13 +332,13 @@ pub fn run_oneshot(
             ctx.metrics.failed(e.reason);
             let mut buf = Vec::new();
             ingest::write_early_error(&mut buf, name, jpeg, true, &e);
-            return (buf, Emitted::Error(e.http_status()));
+            return vec![(buf, Emitted::Error(e.http_status()))];
         }
     };
     slot.reset();
     slot.routes.extend_from_slice(&routes);
-    let mut out = (Vec::new(), Emitted::Error(500));
-    let mut keep = |s: &Slot, kind| out = (s.out.clone(), kind);
+    let mut out = Vec::with_capacity(2);
+    let mut keep = |s: &Slot, kind| out.push((s.out.clone(), kind));
     match ingest::fill(slot, name, jpeg, &a, Origin::Mqtt) {
         Ok(()) => process::process(slot, ctx, keep),
         Err(e) => process::fail(slot, ctx, &e, &mut keep),

@@ -188,6 +188,34 @@ pub fn nms(candidates: &mut [Detection], iou_threshold: f32, agnostic: bool, max
     }
 }
 
+/// Dual mode, classification: the same top-1 class and every probability
+/// within `tolerance`.
+pub fn probabilities_match(a: &[f32], b: &[f32], tolerance: f32) -> bool {
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| i);
+    a.len() == b.len() && argmax(a) == argmax(b) && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tolerance)
+}
+
+/// Dual mode, detection: a one-to-one match by class with IoU of at least `iou`.
+pub fn detections_match(a: &[Detection], b: &[Detection], iou_min: f32) -> bool {
+    if a.len() != b.len() || a.len() > 64 {
+        return a.is_empty() && b.is_empty();
+    }
+    let mut used = 0u64;
+    a.iter().all(|da| {
+        let hit = b
+            .iter()
+            .enumerate()
+            .find(|(j, db)| used & (1 << j) == 0 && db.class_id == da.class_id && iou(&da.bbox, &db.bbox) >= iou_min);
+        match hit {
+            Some((j, _)) => {
+                used |= 1 << j;
+                true
+            }
+            None => false,
+        }
+    })
+}
+
 /// True when any prediction of an alert class reaches that class's threshold.
 pub fn alert<'a>(alerts: &[(String, f32)], predictions: impl IntoIterator<Item = (&'a str, f32)>) -> bool {
     predictions
@@ -319,6 +347,34 @@ mod tests {
         decode_yolo(&v, &l, 0.25, &mut out);
         assert_eq!(out.len(), 1);
         assert!((out[0].score - 0.4).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dual_agreement() {
+        assert!(probabilities_match(&[0.1, 0.9], &[0.1004, 0.8996], 1e-3));
+        assert!(!probabilities_match(&[0.1, 0.9], &[0.12, 0.88], 1e-3));
+        assert!(!probabilities_match(&[0.49, 0.51], &[0.51, 0.49], 0.1), "top-1 differs");
+        let d = |c, x: f32| Detection {
+            class_id: c,
+            score: 0.9,
+            bbox: [x, 0.0, x + 10.0, 10.0],
+        };
+        assert!(detections_match(
+            &[d(0, 0.0), d(1, 50.0)],
+            &[d(1, 50.2), d(0, 0.1)],
+            0.9
+        ));
+        assert!(!detections_match(&[d(0, 0.0)], &[d(1, 0.0)], 0.9), "class differs");
+        assert!(!detections_match(&[d(0, 0.0)], &[d(0, 3.0)], 0.9), "IoU too low");
+        assert!(
+            !detections_match(&[d(0, 0.0), d(0, 0.0)], &[d(0, 0.0)], 0.9),
+            "counts differ"
+        );
+        assert!(
+            !detections_match(&[d(0, 0.0), d(0, 0.1)], &[d(0, 0.0), d(1, 0.0)], 0.9),
+            "one to one"
+        );
+        assert!(detections_match(&[], &[], 0.9));
     }
 
     #[test]

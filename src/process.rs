@@ -6,8 +6,10 @@
 //! pipeline (`pipeline.rs`) and the one-shot CLI both call it.
 
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::alloc_count;
 use crate::backend::Backend as _;
 use crate::config::model::{ModelConfig, ModelType, Softmax};
 use crate::decode::{self, DecodeError};
@@ -15,11 +17,12 @@ use crate::frame::Slot;
 use crate::health;
 use crate::ingest::{slot_source, FrameError};
 use crate::metrics::{FailReason, Metrics, Stage};
-use crate::models::{MlModel, Models, Runner};
+use crate::models::{MlModel, Model, Models, Route, Runner, Side};
 use crate::postprocess;
+use crate::postprocess::YoloLayout;
 use crate::preprocess::{self, Geometry};
-use crate::result::{self, Prediction, Timings};
-use crate::topic::Bindings;
+use crate::result::{self, BackendRun, Prediction, Timings};
+use crate::topic::{Bindings, TopicTemplate};
 
 /// What a worker needs besides the slot.
 pub struct Ctx<'a> {
@@ -35,6 +38,8 @@ pub struct Ctx<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Emitted {
     Result,
+    /// A `dual_backend_comparison` (MQTT only; one-shot replies carry the result).
+    Comparison,
     Error(u16),
 }
 
@@ -101,93 +106,202 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                     &report,
                 );
                 slot.out = out;
-                Ok(())
+                Ok(true)
             }
-            Runner::Ml(ml) => {
-                let tp = Instant::now();
-                let p = &model.config.preprocessing;
-                let g = Geometry::new(w, h, p);
-                let n = preprocess::tensor_len(p);
-                preprocess::preprocess_into(&slot.rgb, &g, p, &mut slot.pre_scratch, &mut slot.tensor[..n]);
-                t.preprocess = tp.elapsed();
-                ctx.metrics.stage(Stage::Preprocess, t.preprocess);
-                let mut guard = ml.lock().unwrap_or_else(|e| e.into_inner());
-                let ml = &mut *guard;
-                let ti = Instant::now();
-                match ml.engine.infer(&slot.tensor[..n], &mut ml.outputs) {
-                    Ok(()) => {
-                        t.infer = ti.elapsed();
-                        ctx.metrics.stage(Stage::Infer, t.infer);
-                        postprocess_into(ml, &model.config, &g);
-                        let preds = predictions(ml, model.config.model_type);
-                        let alert =
-                            postprocess::alert(&model.config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
-                        let mut out = std::mem::take(&mut slot.out);
-                        result::write_inference(
-                            &mut out,
-                            SystemTime::now(),
-                            &slot_source(slot),
-                            &model.config.name,
-                            model.backend_name(),
-                            &t,
-                            (w, h),
-                            preds,
-                            alert,
-                        );
-                        slot.out = out;
-                        Ok(())
-                    }
-                    Err(e) => Err(FrameError::new(FailReason::InferenceFailed, e)),
-                }
-            }
+            Runner::Ml(ml) => run_ml(slot, ctx, model, route, &mut t, ml, &mut emit),
         };
         match outcome {
-            Ok(()) => {
-                let Slot {
-                    out_topic,
-                    topic,
-                    device,
-                    ..
-                } = slot;
-                model.config.output_topic.render_into(
-                    &Bindings {
-                        filter: &model.config.input_topics[route.filter as usize],
-                        topic,
-                        device_id: device,
-                        model_name: &model.config.name,
-                    },
-                    out_topic,
+            Ok(true) => {
+                emit_to(
+                    slot,
+                    ctx,
+                    model,
+                    route,
+                    &model.config.output_topic,
+                    Emitted::Result,
+                    &mut emit,
                 );
-                ctx.metrics.stage(Stage::Total, slot.received_at.elapsed());
-                emit(slot, Emitted::Result);
             }
+            Ok(false) => {}
             Err(e) => fail(slot, ctx, &e, &mut emit),
         }
     }
 }
 
+/// Renders `template` for the frame into `slot.out_topic` and emits `slot.out`.
+fn emit_to(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    model: &Model,
+    route: Route,
+    template: &TopicTemplate,
+    kind: Emitted,
+    emit: &mut impl FnMut(&Slot, Emitted),
+) {
+    let Slot {
+        out_topic,
+        topic,
+        device,
+        ..
+    } = slot;
+    template.render_into(
+        &Bindings {
+            filter: &model.config.input_topics[route.filter as usize],
+            topic,
+            device_id: device,
+            model_name: &model.config.name,
+        },
+        out_topic,
+    );
+    if kind == Emitted::Result {
+        ctx.metrics.stage(Stage::Total, slot.received_at.elapsed());
+    }
+    emit(slot, kind);
+}
+
+/// Preprocesses, runs the primary backend, writes its result and emits it;
+/// in dual mode also runs the second backend on the same tensor and emits the
+/// comparison. Returns `Ok(false)`: everything is emitted here.
+fn run_ml(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    model: &Model,
+    route: Route,
+    t: &mut Timings,
+    ml: &Mutex<MlModel>,
+    emit: &mut impl FnMut(&Slot, Emitted),
+) -> Result<bool, FrameError> {
+    let (w, h) = (slot.decoded.width, slot.decoded.height);
+    let config = &model.config;
+    let tp = Instant::now();
+    let p = &config.preprocessing;
+    let g = Geometry::new(w, h, p);
+    let n = preprocess::tensor_len(p);
+    preprocess::preprocess_into(&slot.rgb, &g, p, &mut slot.pre_scratch, &mut slot.tensor[..n]);
+    t.preprocess = tp.elapsed();
+    ctx.metrics.stage(Stage::Preprocess, t.preprocess);
+
+    let mut guard = ml.lock().unwrap_or_else(|e| e.into_inner());
+    let MlModel {
+        primary,
+        second,
+        labels,
+        yolo,
+    } = &mut *guard;
+    let run_a = run_side(primary, &slot.tensor[..n], ctx)?;
+    t.infer = run_a.time;
+    ctx.metrics.stage(Stage::Infer, t.infer);
+    postprocess_side(primary, *yolo, config, &g);
+    let preds = predictions(primary, labels, config.model_type);
+    let alert = postprocess::alert(&config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
+    let mut out = std::mem::take(&mut slot.out);
+    result::write_inference(
+        &mut out,
+        SystemTime::now(),
+        &slot_source(slot),
+        &config.name,
+        primary.engine.name(),
+        t,
+        (w, h),
+        preds,
+        alert,
+    );
+    slot.out = out;
+    emit_to(slot, ctx, model, route, &config.output_topic, Emitted::Result, emit);
+
+    if let Some(second) = second {
+        let run_b = run_side(second, &slot.tensor[..n], ctx)?;
+        postprocess_side(second, *yolo, config, &g);
+        let matched = match yolo {
+            Some(_) => postprocess::detections_match(&primary.kept, &second.kept, DUAL_IOU),
+            None => postprocess::probabilities_match(
+                &primary.outputs.values,
+                &second.outputs.values,
+                config.inference.dual_tolerance,
+            ),
+        };
+        ctx.metrics.dual(matched);
+        let mut out = std::mem::take(&mut slot.out);
+        result::write_comparison(
+            &mut out,
+            SystemTime::now(),
+            &slot_source(slot),
+            &config.name,
+            [
+                (
+                    primary.engine.name(),
+                    run_a,
+                    predictions(primary, labels, config.model_type),
+                ),
+                (
+                    second.engine.name(),
+                    run_b,
+                    predictions(second, labels, config.model_type),
+                ),
+            ],
+            matched,
+        );
+        slot.out = out;
+        emit_to(
+            slot,
+            ctx,
+            model,
+            route,
+            &config.comparison_topic,
+            Emitted::Comparison,
+            emit,
+        );
+    }
+    Ok(false)
+}
+
+/// Boxes of two backends match when their IoU reaches this (dual mode).
+pub const DUAL_IOU: f32 = 0.9;
+
+/// Runs one backend on the tensor, timing it and counting what its call
+/// allocated on this thread.
+fn run_side(side: &mut Side, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun, FrameError> {
+    let (_, bytes0) = alloc_count::snapshot();
+    let t0 = Instant::now();
+    side.engine
+        .infer(tensor, &mut side.outputs)
+        .map_err(|e| FrameError::new(FailReason::InferenceFailed, e))?;
+    let time = t0.elapsed();
+    let (_, bytes1) = alloc_count::snapshot();
+    ctx.metrics.backend(side.engine.name(), time);
+    Ok(BackendRun {
+        time,
+        allocated_bytes: bytes1 - bytes0,
+    })
+}
+
 /// Turns the raw outputs into top-k classes or kept detections (boxes in
-/// original image pixels), in the model's preallocated buffers.
-fn postprocess_into(ml: &mut MlModel, config: &ModelConfig, g: &Geometry) {
+/// original image pixels), in the side's preallocated buffers.
+fn postprocess_side(side: &mut Side, yolo: Option<YoloLayout>, config: &ModelConfig, g: &Geometry) {
     let i = &config.inference;
-    match ml.yolo {
+    match yolo {
         Some(layout) => {
-            postprocess::decode_yolo(&ml.outputs.values, &layout, i.confidence_threshold, &mut ml.candidates);
+            postprocess::decode_yolo(
+                &side.outputs.values,
+                &layout,
+                i.confidence_threshold,
+                &mut side.candidates,
+            );
             postprocess::nms(
-                &mut ml.candidates,
+                &mut side.candidates,
                 i.iou_threshold,
                 i.class_agnostic_nms,
                 i.max_detections,
-                &mut ml.kept,
+                &mut side.kept,
             );
-            for d in &mut ml.kept {
+            for d in &mut side.kept {
                 let (x1, y1) = g.to_source(d.bbox[0], d.bbox[1]);
                 let (x2, y2) = g.to_source(d.bbox[2], d.bbox[3]);
                 d.bbox = [x1, y1, x2, y2];
             }
         }
         None => {
-            let scores = &mut ml.outputs.values;
+            let scores = &mut side.outputs.values;
             let apply = match i.softmax {
                 Softmax::Always => true,
                 Softmax::Never => false,
@@ -196,15 +310,19 @@ fn postprocess_into(ml: &mut MlModel, config: &ModelConfig, g: &Geometry) {
             if apply {
                 postprocess::softmax_inplace(scores);
             }
-            postprocess::top_k(scores, i.top_k, i.confidence_threshold, &mut ml.classes);
+            postprocess::top_k(scores, i.top_k, i.confidence_threshold, &mut side.classes);
         }
     }
 }
 
-/// The predictions of the last inference, labelled.
-fn predictions(ml: &MlModel, kind: ModelType) -> impl Iterator<Item = Prediction<'_>> + Clone {
-    let label = |c: usize| ml.labels.get(c).map(String::as_str).unwrap_or("unknown");
-    let dets = ml
+/// The predictions of a side's last inference, labelled.
+fn predictions<'a>(
+    side: &'a Side,
+    labels: &'a [String],
+    kind: ModelType,
+) -> impl Iterator<Item = Prediction<'a>> + Clone {
+    let label = move |c: usize| labels.get(c).map(String::as_str).unwrap_or("unknown");
+    let dets = side
         .kept
         .iter()
         .filter(move |_| kind == ModelType::Detection)
@@ -214,7 +332,7 @@ fn predictions(ml: &MlModel, kind: ModelType) -> impl Iterator<Item = Prediction
             confidence: d.score,
             bbox: Some(d.bbox),
         });
-    let classes = ml
+    let classes = side
         .classes
         .iter()
         .filter(move |_| kind != ModelType::Detection)

@@ -30,6 +30,16 @@ pub struct Timings {
     pub infer: Duration,
 }
 
+/// One backend's run in a dual comparison.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackendRun {
+    pub time: Duration,
+    /// Heap bytes the backend call allocated on the calling thread (counted by
+    /// the binary's counting allocator; the backend's own thread pools and
+    /// arenas are not included).
+    pub allocated_bytes: u64,
+}
+
 /// One prediction of a classifier or detector.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prediction<'a> {
@@ -91,22 +101,8 @@ pub fn write_inference<'p>(
     w.key("model_name").str(model_name);
     w.key("backend_used").str(backend);
     w.key("inference_time_ms").f64(ms(t.infer), 3);
-    w.key("predictions").begin_array();
-    for p in predictions.clone() {
-        w.begin_object();
-        w.key("class_id").u64(p.class_id as u64);
-        w.key("label").str(p.label);
-        w.key("confidence").f64(p.confidence as f64, 4);
-        if let Some(b) = p.bbox {
-            w.key("bbox").begin_array();
-            for v in b {
-                w.f64(v as f64, 1);
-            }
-            w.end_array();
-        }
-        w.end_object();
-    }
-    w.end_array();
+    w.key("predictions");
+    write_predictions(&mut w, predictions.clone());
     w.key("metadata").begin_object();
     w.key("decode_time_ms").f64(ms(t.decode), 3);
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
@@ -159,6 +155,66 @@ pub fn write_health(
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
     w.key("total_objects_detected").u64(0);
     w.key("alert_triggered").bool(r.alert());
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
+fn write_predictions<'p>(w: &mut Writer<'_>, predictions: impl Iterator<Item = Prediction<'p>>) {
+    w.begin_array();
+    for p in predictions {
+        w.begin_object();
+        w.key("class_id").u64(p.class_id as u64);
+        w.key("label").str(p.label);
+        w.key("confidence").f64(p.confidence as f64, 4);
+        if let Some(b) = p.bbox {
+            w.key("bbox").begin_array();
+            for v in b {
+                w.f64(v as f64, 1);
+            }
+            w.end_array();
+        }
+        w.end_object();
+    }
+    w.end_array();
+}
+
+/// Dual-backend comparison (`dual_backend_comparison`): both backends' times,
+/// memory and predictions on the same tensor, which was faster, and whether
+/// they agree.
+pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    runs: [(&str, BackendRun, P); 2],
+    predictions_match: bool,
+) {
+    let (ta, tb) = (ms(runs[0].1.time), ms(runs[1].1.time));
+    let (na, nb) = (runs[0].0, runs[1].0);
+    let mut w = Writer::new(buf);
+    header(&mut w, "dual_backend_comparison", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("backends").begin_object();
+    for (name, run, preds) in runs {
+        w.key(name).begin_object();
+        w.key("inference_time_ms").f64(ms(run.time), 3);
+        w.key("memory_usage_mb")
+            .f64(run.allocated_bytes as f64 / (1024.0 * 1024.0), 3);
+        w.key("predictions");
+        write_predictions(&mut w, preds);
+        w.end_object();
+    }
+    w.end_object();
+    let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
+    w.key("performance_delta").begin_object();
+    w.key("time_difference_ms").f64(slow - fast, 3);
+    w.key("faster_backend").str(faster);
+    w.key("faster_by_percent")
+        .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
+    w.end_object();
+    w.key("predictions_match").bool(predictions_match);
+    w.key("metadata").begin_object();
     source(&mut w, src);
     w.end_object();
     w.end_object();

@@ -144,9 +144,10 @@ pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -
     let mut all_ok = true;
     for f in files {
         let bytes = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
-        let (body, kind) = pipeline::run_oneshot(&mut slot, &ctx, limits.max_payload, idx, f, &bytes);
-        all_ok &= kind == Emitted::Result;
-        println!("{}", String::from_utf8_lossy(&body));
+        for (body, kind) in pipeline::run_oneshot(&mut slot, &ctx, limits.max_payload, idx, f, &bytes) {
+            all_ok &= !matches!(kind, Emitted::Error(_));
+            println!("{}", String::from_utf8_lossy(&body));
+        }
     }
     Ok(all_ok)
 }

@@ -241,7 +241,9 @@ fn the_default_build_classifies_a_bundled_photo_out_of_the_box() {
     let v: miniserde::json::Value = miniserde::json::from_str(text(&out.stdout).trim()).unwrap();
     if cfg!(feature = "candle") {
         assert_eq!(get_str(&v, &["backend_used"]).as_deref(), Some("candle"));
-        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else { panic!() };
+        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
+            panic!()
+        };
         assert_eq!(get_str(&p[0], &["label"]).as_deref(), Some("espresso"));
     } else {
         assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));

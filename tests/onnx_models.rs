@@ -78,7 +78,7 @@ fn run_photos(models: &Models, photos: &[&str]) -> Vec<Value> {
     photos
         .iter()
         .map(|p| {
-            let (body, kind) = pipeline::run_oneshot(&mut slot, &ctx, 1 << 22, 0, p, &fixture(p));
+            let (body, kind) = pipeline::run_oneshot(&mut slot, &ctx, 1 << 22, 0, p, &fixture(p)).swap_remove(0);
             let text = String::from_utf8(body).unwrap();
             assert_eq!(kind, Emitted::Result, "{text}");
             miniserde::json::from_str(&text).unwrap()
@@ -196,7 +196,7 @@ fn outputs_match_python_onnxruntime_on_the_same_tensor() {
         let photo = get_str(e, &["photo"]).unwrap();
         if !engines.iter().any(|(n, ..)| *n == name) {
             let c = config(&name);
-            let engine = Engine::load(&c, &env).unwrap();
+            let engine = Engine::load_as(c.backend, c.model_path.as_deref().unwrap(), &c, &env).unwrap();
             engines.push((name.clone(), c, engine));
         }
         let (_, c, engine) = engines.iter_mut().find(|(n, ..)| *n == name).unwrap();
@@ -460,7 +460,7 @@ fn a_detection_frame_allocates_only_in_the_decoder_and_ort() {
         let mut ml = ml.lock().unwrap();
         let ml = &mut *ml;
         let tensor = slot.tensor[..n].to_vec();
-        allocs_during(|| ml.engine.infer(&tensor, &mut ml.outputs).unwrap())
+        allocs_during(|| ml.primary.engine.infer(&tensor, &mut ml.primary.outputs).unwrap())
     };
     for _ in 0..3 {
         assert_eq!(

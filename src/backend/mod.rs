@@ -99,24 +99,19 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Loads `config`'s model on its backend.
-    pub fn load(config: &ModelConfig, env: &BackendEnv) -> Result<Engine, BackendError> {
-        let path = config.model_path.as_deref().unwrap_or(Path::new(""));
-        match config.backend {
+    /// Loads `path` on backend `kind` (candle or onnx) for `config`.
+    pub fn load_as(
+        kind: BackendKind,
+        path: &Path,
+        config: &ModelConfig,
+        env: &BackendEnv,
+    ) -> Result<Engine, BackendError> {
+        match kind {
             BackendKind::Candle => candle::CandleBackend::load(path, config, env).map(Engine::Candle),
             BackendKind::Onnx => onnx::OnnxBackend::load(path, config, env).map(Engine::Onnx),
-            BackendKind::Dual => {
-                // Both must be present; the comparison itself arrives with the Candle backend.
-                candle::CandleBackend::load(path, config, env)?;
-                onnx::OnnxBackend::load(path, config, env)?;
-                Err(BackendError::Unsupported {
-                    backend: "dual",
-                    reason: "dual comparison is not implemented yet".into(),
-                })
-            }
-            BackendKind::Builtin => Err(BackendError::Unsupported {
-                backend: "builtin",
-                reason: "built-in models need no ML engine".into(),
+            BackendKind::Dual | BackendKind::Builtin => Err(BackendError::Unsupported {
+                backend: kind.as_str(),
+                reason: "not a single backend; dual models load each side with its own kind".into(),
             }),
         }
     }

@@ -32,6 +32,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MQTT_KEEP_ALIVE_S", flag: "--keep-alive", default: "30", help: "MQTT keep-alive interval in seconds (5..=3600)." },
     Opt { env: "MQTT_INPUT_TOPICS", flag: "--input-topics", default: "edge-ai/+/+/+/camera/snapshots", help: "Comma-separated input filters for models whose config has none. `+` levels may be named `{name}`." },
     Opt { env: "MQTT_OUTPUT_TOPIC_TEMPLATE", flag: "--output-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision", help: "Result topic template for models whose config has none." },
+    Opt { env: "MQTT_COMPARISON_TOPIC_TEMPLATE", flag: "--comparison-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/comparison", help: "Dual-backend comparison topic template for models whose config has none." },
     Opt { env: "MQTT_STATUS_TOPIC", flag: "--status-topic", default: "edge-ai/services/{client_id}/ai/status", help: "Retained service status topic: `online` on connect, `offline` as last will." },
     Opt { env: "MQTT_ERROR_TOPIC", flag: "--error-topic", default: "edge-ai/services/{client_id}/ai/errors", help: "Topic for error results (bad payloads, corrupt JPEGs, dropped frames)." },
     Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for /healthz, /readyz, /metrics and POST /infer. Empty: no HTTP." },
@@ -66,6 +67,7 @@ pub struct Settings {
     pub keep_alive_s: u64,
     pub input_topics: Vec<String>,
     pub output_topic_template: String,
+    pub comparison_topic_template: String,
     pub status_topic: String,
     pub error_topic: String,
     /// `None`: HTTP is off.
@@ -143,6 +145,7 @@ impl Settings {
                 .filter(|t| !t.is_empty())
                 .collect(),
             output_topic_template: get("MQTT_OUTPUT_TOPIC_TEMPLATE"),
+            comparison_topic_template: get("MQTT_COMPARISON_TOPIC_TEMPLATE"),
             status_topic: get("MQTT_STATUS_TOPIC"),
             error_topic: get("MQTT_ERROR_TOPIC"),
             http_addr: non_empty(get("HTTP_ADDR")),

@@ -139,6 +139,8 @@ pub struct Inference {
     pub optimization_level: OptLevel,
     /// Execution providers in priority order: cpu, cuda, tensorrt.
     pub execution_providers: Vec<String>,
+    /// Dual mode: largest probability difference that still counts as agreement.
+    pub dual_tolerance: f32,
 }
 
 /// Thresholds of the camera-health job.
@@ -157,6 +159,8 @@ pub struct ModelConfig {
     pub source: Option<PathBuf>,
     pub backend: BackendKind,
     pub model_path: Option<PathBuf>,
+    /// Dual mode: the ONNX Runtime side's model (the same weights as an ONNX graph).
+    pub onnx_model_path: Option<PathBuf>,
     pub model_type: ModelType,
     pub labels: Labels,
     pub preprocessing: Preprocessing,
@@ -166,6 +170,8 @@ pub struct ModelConfig {
     pub alerts: Vec<(String, f32)>,
     pub input_topics: Vec<TopicFilter>,
     pub output_topic: TopicTemplate,
+    /// Dual mode: where `dual_backend_comparison` messages go.
+    pub comparison_topic: TopicTemplate,
 }
 
 /// A config error: which file, which key, what was expected.
@@ -190,6 +196,7 @@ const TOP_KEYS: &[&str] = &[
     "name",
     "backend",
     "model_path",
+    "onnx_model_path",
     "model_type",
     "labels",
     "preprocessing",
@@ -223,11 +230,12 @@ const INF_KEYS: &[&str] = &[
     "inter_threads",
     "optimization_level",
     "execution_providers",
+    "dual_tolerance",
 ];
 /// Execution providers a config may name.
 pub const PROVIDERS: &[&str] = &["cpu", "cuda", "tensorrt"];
 const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
-const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template"];
+const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template", "comparison_topic_template"];
 
 /// Loads `path`: one YAML file, or every `*.yaml`/`*.yml` in a directory
 /// (sorted by name). Without a path, the built-in default: the embedded
@@ -292,15 +300,22 @@ pub const IMAGENET_LABELS: &str = include_str!("../../models/imagenet-labels.txt
 /// The default of Candle builds: EfficientNet-Lite0 with its weights embedded
 /// in the binary, on the service-wide topics.
 pub fn builtin_classifier(settings: &Settings) -> Result<ModelConfig, ConfigError> {
-    let ctx = Ctx { file: "built-in EfficientNet-Lite0 (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into() };
-    let (input_topics, output_topic) = ctx.topics(&Yaml::BadValue, settings)?;
+    let ctx = Ctx {
+        file: "built-in EfficientNet-Lite0 (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into(),
+    };
+    let (input_topics, output_topic, comparison_topic) = ctx.topics(&Yaml::BadValue, settings)?;
     let mut inference = ctx.inference(&Yaml::BadValue, settings)?;
     inference.confidence_threshold = 0.0;
     Ok(ModelConfig {
         name: "efficientnet-lite0".into(),
         source: None,
-        backend: if settings.enable_dual { BackendKind::Dual } else { BackendKind::Candle },
+        backend: if settings.enable_dual {
+            BackendKind::Dual
+        } else {
+            BackendKind::Candle
+        },
         model_path: Some(PathBuf::from(crate::backend::EMBEDDED_MODEL)),
+        onnx_model_path: None,
         model_type: ModelType::Classification,
         labels: Labels::Inline(IMAGENET_LABELS.lines().map(str::to_owned).collect()),
         preprocessing: Preprocessing {
@@ -318,6 +333,7 @@ pub fn builtin_classifier(settings: &Settings) -> Result<ModelConfig, ConfigErro
         alerts: Vec::new(),
         input_topics,
         output_topic,
+        comparison_topic,
     })
 }
 
@@ -327,12 +343,13 @@ pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigE
     let ctx = Ctx {
         file: "built-in camera-health model (MQTT_INPUT_TOPICS, MQTT_OUTPUT_TOPIC_TEMPLATE)".into(),
     };
-    let (input_topics, output_topic) = ctx.topics(&Yaml::BadValue, settings)?;
+    let (input_topics, output_topic, comparison_topic) = ctx.topics(&Yaml::BadValue, settings)?;
     Ok(ModelConfig {
         name: "camera-health".into(),
         source: None,
         backend: BackendKind::Builtin,
         model_path: None,
+        onnx_model_path: None,
         model_type: ModelType::CameraHealth,
         labels: Labels::FromModel,
         preprocessing: ctx.preprocessing(&Yaml::BadValue, ModelType::CameraHealth)?,
@@ -341,6 +358,7 @@ pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigE
         alerts: Vec::new(),
         input_topics,
         output_topic,
+        comparison_topic,
     })
 }
 
@@ -412,6 +430,9 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
     if model_path.is_none() && model_type != ModelType::CameraHealth {
         return Err(ctx.err("model_path", format!("is required for {}", model_type.as_str())));
     }
+    let onnx_model_path = ctx
+        .string(&doc["onnx_model_path"], "onnx_model_path")?
+        .map(|p| base.join(p));
     let labels = match &doc["labels"] {
         Yaml::BadValue | Yaml::Null => Labels::FromModel,
         Yaml::Array(items) => Labels::Inline(
@@ -444,12 +465,20 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
             ))
         }
     };
-    let (input_topics, output_topic) = ctx.topics(&doc["mqtt"], settings)?;
+    let (input_topics, output_topic, comparison_topic) = ctx.topics(&doc["mqtt"], settings)?;
+    if backend == BackendKind::Dual {
+        for f in &input_topics {
+            comparison_topic
+                .check_against(f)
+                .map_err(|e| ctx.err("mqtt.comparison_topic_template", e.0))?;
+        }
+    }
     Ok(ModelConfig {
         name,
         source: Some(path.to_path_buf()),
         backend,
         model_path,
+        onnx_model_path,
         model_type,
         labels,
         preprocessing: ctx.preprocessing(&doc["preprocessing"], model_type)?,
@@ -458,6 +487,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         alerts: ctx.alerts(&doc["alerts"])?,
         input_topics,
         output_topic,
+        comparison_topic,
     })
 }
 
@@ -698,6 +728,7 @@ impl Ctx {
                 _ => OptLevel::All,
             },
             execution_providers,
+            dual_tolerance: self.float(&v["dual_tolerance"], "inference.dual_tolerance", 0.005, 0.0, 1.0)?,
             confidence_threshold: self.float(
                 &v["confidence_threshold"],
                 "inference.confidence_threshold",
@@ -742,7 +773,11 @@ impl Ctx {
         })
     }
 
-    fn topics(&self, v: &Yaml, settings: &Settings) -> Result<(Vec<TopicFilter>, TopicTemplate), ConfigError> {
+    fn topics(
+        &self,
+        v: &Yaml,
+        settings: &Settings,
+    ) -> Result<(Vec<TopicFilter>, TopicTemplate, TopicTemplate), ConfigError> {
         self.known_keys(v, "mqtt.", MQTT_KEYS)?;
         let (texts, key): (Vec<String>, &str) = match &v["input_topics"] {
             Yaml::BadValue | Yaml::Null => (settings.input_topics.clone(), "MQTT_INPUT_TOPICS"),
@@ -777,7 +812,16 @@ impl Ctx {
         for f in &filters {
             tpl.check_against(f).map_err(|e| self.err(tkey, e.0))?;
         }
-        Ok((filters, tpl))
+        let (cmp_text, ckey) = match self.string(&v["comparison_topic_template"], "mqtt.comparison_topic_template")? {
+            Some(t) => (t, "mqtt.comparison_topic_template"),
+            None => (
+                settings.comparison_topic_template.clone(),
+                "MQTT_COMPARISON_TOPIC_TEMPLATE",
+            ),
+        };
+        let cmp = TopicTemplate::parse(&cmp_text).map_err(|e| self.err(ckey, e.0))?;
+        // Only dual models publish comparisons; others need not bind its variables.
+        Ok((filters, tpl, cmp))
     }
 }
 
@@ -900,7 +944,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
             ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection or camera-health, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt)"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt)"),
             ("name: a\nmodel_type: camera-health\ninference: { iou_threshold: 2 }\n", "/cfg/m.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 2"),
             ("name: a\nmodel_type: camera-health\npreprocessing: { resize: 224 }\n", "/cfg/m.yaml: `preprocessing.resize`: expected [width, height], found the number 224"),
             ("name: a\nmodel_type: image-classification\nmodel_path: m\nbackend: tflite\n", "/cfg/m.yaml: `backend`: expected candle, onnx or dual, found `tflite`"),
