@@ -133,10 +133,33 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
     }
     let (med, p99) = median_p99(&mut times);
     let i = &m.config.inference;
+    let profile = ml.primary.engine.profile(&tensor).map(|layers| {
+        let total: Duration = layers.iter().map(|l| l.1).sum();
+        let mut v = layers;
+        v.sort_by(|a, b| b.1.cmp(&a.1));
+        let mut text = format!(
+            "per-layer profile (one run, {:.1} ms in layers), slowest first:\n",
+            total.as_secs_f64() * 1e3
+        );
+        for (name, d) in v.iter().take(12) {
+            text.push_str(&format!(
+                "  {:8.3} ms  {:5.1}%  {name}\n",
+                d.as_secs_f64() * 1e3,
+                d.as_secs_f64() / total.as_secs_f64() * 100.0
+            ));
+        }
+        let dw: Duration = v.iter().filter(|l| l.0.contains("depthwise")).map(|l| l.1).sum();
+        text.push_str(&format!(
+            "  depthwise layers together: {:.1} ms ({:.0}%)\n",
+            dw.as_secs_f64() * 1e3,
+            dw.as_secs_f64() / total.as_secs_f64() * 100.0
+        ));
+        text
+    });
     Ok(format!(
         "model: {} ({}, provider {}, intra_threads {}, inter_threads {})\ninput: {file} {}x{} -> {}x{}\n\
          runs: {iters}\nbackend median_ms: {med:.3}\nbackend p99_ms: {p99:.3}\n\
-         allocations per run on this thread (max): {allocs} ({bytes} bytes)\n",
+         allocations per run on this thread (max): {allocs} ({bytes} bytes)\npeak RSS of this process (VmHWM): {}\n{}",
         m.config.name,
         m.backend_name(),
         m.provider,
@@ -150,7 +173,21 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
         d.height,
         p.width,
         p.height,
+        peak_rss(),
+        profile.unwrap_or_default(),
     ))
+}
+
+/// The process's peak resident set size, from /proc/self/status.
+pub fn peak_rss() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(|l| l[6..].trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// `bench mqtt FILE --result-topic T`: end-to-end latency through a running

@@ -90,6 +90,10 @@ pub trait Backend {
     fn metadata_labels(&self) -> Option<Vec<String>>;
     /// `input` is the frame slot's tensor (layout and size from the model config).
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError>;
+    /// Time per layer of one run, for backends that can tell (`bench model`).
+    fn profile(&mut self, _input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
+        None
+    }
 }
 
 /// The compiled backends; `match` arms carry no `#[cfg]`.
@@ -140,6 +144,12 @@ impl Backend for Engine {
         match self {
             Engine::Candle(b) => b.infer(input, out),
             Engine::Onnx(b) => b.infer(input, out),
+        }
+    }
+    fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
+        match self {
+            Engine::Candle(b) => b.profile(input),
+            Engine::Onnx(b) => b.profile(input),
         }
     }
 }

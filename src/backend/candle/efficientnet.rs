@@ -9,6 +9,8 @@
 //! where the output width changes, and stages take Lite's fixed strides. TF
 //! "same" padding (asymmetric for stride 2) is computed from the input size.
 
+use std::time::{Duration, Instant};
+
 use candle_core::{Device, Module, Tensor, D};
 
 use super::weights::Weights;
@@ -177,6 +179,50 @@ impl EfficientNetLite {
 
     pub fn blocks(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// `forward`, timing every convolution (named by layer, kernel, stride
+    /// and shape) and the head.
+    pub fn forward_profiled(&self, x: &Tensor, times: &mut Vec<(String, Duration)>) -> candle_core::Result<Tensor> {
+        let mut timed = |name: String, c: &ConvBn, x: &Tensor| -> candle_core::Result<Tensor> {
+            let t0 = Instant::now();
+            let y = c.forward(x)?;
+            let (_, ci, h, w) = x.dims4()?;
+            let (co, _, k, _) = c.weight.dims4()?;
+            let kind = if c.groups > 1 {
+                "depthwise"
+            } else if k == 1 {
+                "pointwise"
+            } else {
+                "conv"
+            };
+            times.push((
+                format!("{name} {kind} {k}x{k} s{} {ci}->{co} @{h}x{w}", c.stride),
+                t0.elapsed(),
+            ));
+            Ok(y)
+        };
+        let mut x = timed("stem".into(), &self.stem, x)?;
+        for (i, b) in self.blocks.iter().enumerate() {
+            let input = x.clone();
+            if let Some(e) = &b.expand {
+                x = timed(format!("block{i}.expand"), e, &x)?;
+            }
+            x = timed(format!("block{i}.depthwise"), &b.depthwise, &x)?;
+            x = timed(format!("block{i}.project"), &b.project, &x)?;
+            if b.skip {
+                x = (x + input)?;
+            }
+        }
+        let x = timed("head".into(), &self.head, &x)?;
+        let t0 = Instant::now();
+        let y = x
+            .mean(D::Minus1)?
+            .mean(D::Minus1)?
+            .matmul(&self.fc_weight.t()?)?
+            .broadcast_add(&self.fc_bias)?;
+        times.push(("pool+fc".into(), t0.elapsed()));
+        Ok(y)
     }
 }
 

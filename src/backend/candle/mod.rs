@@ -105,6 +105,13 @@ impl Backend for CandleBackend {
             .extend(y.flatten_all().map_err(run)?.to_vec1::<f32>().map_err(run)?);
         Ok(())
     }
+
+    fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
+        let x = Tensor::from_slice(input, self.input, &efficientnet::device()).ok()?;
+        let mut times = Vec::new();
+        self.model.forward_profiled(&x, &mut times).ok()?;
+        Some(times)
+    }
 }
 
 /// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip, or safetensors)
