@@ -136,7 +136,7 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
     let profile = ml.primary.engine.profile(&tensor).map(|layers| {
         let total: Duration = layers.iter().map(|l| l.1).sum();
         let mut v = layers;
-        v.sort_by(|a, b| b.1.cmp(&a.1));
+        v.sort_by_key(|l| std::cmp::Reverse(l.1));
         let mut text = format!(
             "per-layer profile (one run, {:.1} ms in layers), slowest first:\n",
             total.as_secs_f64() * 1e3
