@@ -3,10 +3,16 @@
 //!
 //! Owns: choosing the architecture for a config, loading its weights (from a
 //! file or the embedded default model), running it, and the `convert` tool
-//! (checkpoint -> safetensors). This version has EfficientNet-Lite0..4;
-//! ONNX graphs on Candle (YOLO) are not in it yet.
+//! (checkpoint -> safetensors). Native: EfficientNet-Lite0..4. ONNX graphs
+//! (YOLO and others) run through `graph.rs`'s plan with `candle-graph`.
 
 mod efficientnet;
+#[cfg(feature = "candle-graph")]
+mod graph;
+#[cfg(not(feature = "candle-graph"))]
+#[path = "graph_stub.rs"]
+mod graph;
+mod onnx_proto;
 mod weights;
 
 use std::path::Path;
@@ -19,8 +25,14 @@ use crate::config::model::{Layout, ModelConfig, ModelType};
 /// EfficientNet-Lite0 ImageNet weights in f16 (Apache-2.0; see models/NOTICE).
 static EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/efficientnet-lite0.safetensors");
 
+/// What runs: a native architecture, or a compiled ONNX graph.
+enum Net {
+    EfficientNet(efficientnet::EfficientNetLite),
+    Graph(graph::Plan),
+}
+
 pub struct CandleBackend {
-    model: efficientnet::EfficientNetLite,
+    net: Net,
     input: (usize, usize, usize, usize),
 }
 
@@ -37,18 +49,51 @@ impl CandleBackend {
             path: path.display().to_string(),
             reason,
         };
-        if config.model_type != ModelType::Classification {
-            return Err(unsupported(format!(
-                "model `{}`: {} on Candle needs ONNX graphs on Candle, which this version does not have; use `backend: onnx`",
-                config.name,
-                config.model_type.as_str()
+        let p = &config.preprocessing;
+        if p.layout != Layout::Nchw {
+            return Err(load_err(format!(
+                "the Candle backend takes NCHW input; the config says {:?}",
+                p.layout
             )));
         }
+        let input = (1, 3, p.height as usize, p.width as usize);
         if path.extension().is_some_and(|e| e == "onnx") {
+            let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
+            let plan = graph::Plan::from_onnx(&bytes).map_err(|e| {
+                if e.contains("not compiled into this build") {
+                    unsupported(format!("model `{}`: {e}", config.name))
+                } else {
+                    load_err(e)
+                }
+            })?;
+            let want = [input.0, input.1, input.2, input.3];
+            let fits = plan.input_dims.len() == 4
+                && plan
+                    .input_dims
+                    .iter()
+                    .zip(want)
+                    .all(|(d, w)| *d < 0 || *d as usize == w);
+            if !fits {
+                return Err(load_err(format!(
+                    "model input `{}` has shape {:?} (-1 = dynamic), but the preprocessing config gives {want:?}",
+                    plan.input_name, plan.input_dims
+                )));
+            }
+            log::info!(
+                "model `{}`: Candle ONNX graph plan from {}",
+                config.name,
+                path.display()
+            );
+            return Ok(CandleBackend {
+                net: Net::Graph(plan),
+                input,
+            });
+        }
+        if config.model_type != ModelType::Classification {
             return Err(unsupported(format!(
-                "model `{}`: Candle runs native architectures from safetensors or .pth weights; convert the checkpoint \
-                 with `ai-edge-inference convert`, or use `backend: onnx`",
-                config.name
+                "model `{}`: the native Candle architectures are classifiers; give an ONNX graph for {}",
+                config.name,
+                config.model_type.as_str()
             )));
         }
         let weights = if path == Path::new(EMBEDDED_MODEL) {
@@ -60,13 +105,6 @@ impl CandleBackend {
         };
         let model =
             efficientnet::EfficientNetLite::load(&weights).map_err(|e| load_err(format!("EfficientNet-Lite: {e}")))?;
-        let p = &config.preprocessing;
-        if p.layout != Layout::Nchw {
-            return Err(load_err(format!(
-                "EfficientNet-Lite takes NCHW input; the config says {:?}",
-                p.layout
-            )));
-        }
         log::info!(
             "model `{}`: Candle EfficientNet-Lite ({} blocks, {} classes) from {}",
             config.name,
@@ -75,8 +113,8 @@ impl CandleBackend {
             path.display()
         );
         Ok(CandleBackend {
-            model,
-            input: (1, 3, p.height as usize, p.width as usize),
+            net: Net::EfficientNet(model),
+            input,
         })
     }
 }
@@ -91,13 +129,23 @@ impl Backend for CandleBackend {
     }
 
     fn metadata_labels(&self) -> Option<Vec<String>> {
-        None
+        match &self.net {
+            Net::Graph(plan) => plan
+                .metadata
+                .get("names")
+                .and_then(|n| crate::postprocess::parse_names(n)),
+            Net::EfficientNet(_) => None,
+        }
     }
 
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
         let run = |e: candle_core::Error| BackendError::Run(e.to_string());
         let x = Tensor::from_slice(input, self.input, &efficientnet::device()).map_err(run)?;
-        let y = self.model.forward(&x).map_err(run)?;
+        let y = match &self.net {
+            Net::EfficientNet(m) => m.forward(&x),
+            Net::Graph(plan) => plan.run(x),
+        }
+        .map_err(run)?;
         out.shape.clear();
         out.shape.extend_from_slice(y.dims());
         out.values.clear();
@@ -109,7 +157,10 @@ impl Backend for CandleBackend {
     fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
         let x = Tensor::from_slice(input, self.input, &efficientnet::device()).ok()?;
         let mut times = Vec::new();
-        self.model.forward_profiled(&x, &mut times).ok()?;
+        match &self.net {
+            Net::EfficientNet(m) => m.forward_profiled(&x, &mut times).ok()?,
+            Net::Graph(plan) => plan.run_profiled(x, Some(&mut times)).ok()?,
+        };
         Some(times)
     }
 }

@@ -1,0 +1,563 @@
+//! ONNX graphs on Candle: a plan compiled once at load, then run per frame.
+//!
+//! Compiling resolves every tensor name to a slot index, turns initializers
+//! into constant tensors, folds shape-like parameters (Reshape shapes, Split
+//! sizes, reduction axes, Slice bounds, Resize scales) into the op, checks
+//! that every op is supported, and works out when each intermediate can be
+//! dropped. Running walks the steps over a slot vector with candle ops: no
+//! string lookups and no graph re-walking per frame.
+//!
+//! Owns: op semantics (ONNX opset 13-19 subset: Conv, Sigmoid, Exp, Add, Sub,
+//! Mul, Div, Split, Concat, Reshape, Transpose, MatMul, ReduceMax, ReduceSum,
+//! Softmax, Resize (nearest, integer scales), Slice, Flatten,
+//! GlobalAveragePool, Clip, Relu, Gemm).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::onnx_proto::{self, AttrValue, NodeProto, TensorProto};
+
+type R<T> = Result<T, String>;
+
+enum Src {
+    Slot(usize),
+    Const(Tensor),
+}
+
+enum Op {
+    Conv {
+        stride: usize,
+        pads: [usize; 4],
+        dilation: usize,
+        groups: usize,
+    },
+    Sigmoid,
+    Exp,
+    Relu,
+    Clip {
+        min: f32,
+        max: f32,
+    },
+    Binary(fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>),
+    Split {
+        axis: i64,
+        sizes: Vec<usize>,
+    },
+    Concat {
+        axis: i64,
+    },
+    Reshape {
+        shape: Vec<i64>,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
+    MatMul,
+    Gemm {
+        trans_b: bool,
+    },
+    Reduce {
+        max: bool,
+        axes: Vec<i64>,
+        keepdims: bool,
+    },
+    Softmax {
+        axis: i64,
+    },
+    Resize {
+        scale_h: usize,
+        scale_w: usize,
+    },
+    /// Step 1 only (checked at compile).
+    Slice {
+        starts: Vec<i64>,
+        ends: Vec<i64>,
+        axes: Vec<i64>,
+    },
+    GlobalAveragePool,
+}
+
+struct Step {
+    name: String,
+    op: Op,
+    inputs: Vec<Src>,
+    outputs: Vec<usize>,
+    /// Slots no step after this one reads.
+    free: Vec<usize>,
+}
+
+pub struct Plan {
+    steps: Vec<Step>,
+    slots: usize,
+    input: usize,
+    output: usize,
+    pub input_name: String,
+    /// Graph input dimensions (-1 where dynamic).
+    pub input_dims: Vec<i64>,
+    pub metadata: HashMap<String, String>,
+}
+
+fn attr_i(n: &NodeProto, k: &str, default: i64) -> i64 {
+    match n.attributes.get(k) {
+        Some(AttrValue::Int(v)) => *v,
+        _ => default,
+    }
+}
+fn attr_f(n: &NodeProto, k: &str) -> Option<f32> {
+    match n.attributes.get(k) {
+        Some(AttrValue::Float(v)) => Some(*v),
+        _ => None,
+    }
+}
+fn attr_ints(n: &NodeProto, k: &str) -> Option<Vec<i64>> {
+    match n.attributes.get(k) {
+        Some(AttrValue::Ints(v)) => Some(v.clone()),
+        _ => None,
+    }
+}
+fn attr_s(n: &NodeProto, k: &str) -> Option<String> {
+    match n.attributes.get(k) {
+        Some(AttrValue::Bytes(v)) => Some(String::from_utf8_lossy(v).into_owned()),
+        _ => None,
+    }
+}
+
+fn to_tensor(t: &TensorProto) -> R<Tensor> {
+    if t.external {
+        return Err(format!(
+            "initializer `{}` lives in an external file, which is not supported",
+            t.name
+        ));
+    }
+    let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
+    let (dtype, data): (DType, &[u8]) = match t.data_type {
+        onnx_proto::FLOAT => (DType::F32, &t.raw),
+        onnx_proto::FLOAT16 => (DType::F16, &t.raw),
+        onnx_proto::DOUBLE => (DType::F64, &t.raw),
+        onnx_proto::INT64 => (DType::I64, &t.raw),
+        other => {
+            return Err(format!(
+                "initializer `{}`: element type {other} is not supported",
+                t.name
+            ))
+        }
+    };
+    let t2 = Tensor::from_raw_buffer(data, dtype, &dims, &Device::Cpu)
+        .map_err(|e| format!("initializer `{}`: {e}", t.name))?;
+    match dtype {
+        DType::F16 | DType::F64 => t2.to_dtype(DType::F32).map_err(|e| e.to_string()),
+        _ => Ok(t2),
+    }
+}
+
+impl Plan {
+    pub fn from_onnx(bytes: &[u8]) -> R<Plan> {
+        let model = onnx_proto::parse_model(bytes)?;
+        let g = &model.graph;
+        let inits: HashMap<&str, &TensorProto> = g.initializers.iter().map(|t| (t.name.as_str(), t)).collect();
+        let input = g
+            .inputs
+            .iter()
+            .find(|i| !inits.contains_key(i.name.as_str()))
+            .ok_or("the graph has no input")?;
+        let output = g.outputs.first().ok_or("the graph has no output")?;
+        let mut slots: HashMap<String, usize> = HashMap::new();
+        slots.insert(input.name.clone(), 0);
+        let mut consts: HashMap<&str, Tensor> = HashMap::new();
+        let int_param = |name: &str| -> R<Vec<i64>> {
+            inits
+                .get(name)
+                .ok_or_else(|| format!("`{name}` must be a constant initializer"))?
+                .to_i64s()
+        };
+        let mut steps = Vec::with_capacity(g.nodes.len());
+        for n in &g.nodes {
+            let what = |e: String| format!("node `{}` ({}): {e}", n.name, n.op_type);
+            let op = match n.op_type.as_str() {
+                "Conv" => {
+                    let strides = attr_ints(n, "strides").unwrap_or(vec![1, 1]);
+                    let dil = attr_ints(n, "dilations").unwrap_or(vec![1, 1]);
+                    if strides.len() != 2 || strides[0] != strides[1] || dil[0] != dil[1] {
+                        return Err(what("only 2-D convolutions with equal strides and dilations".into()));
+                    }
+                    if attr_s(n, "auto_pad").is_some_and(|p| p != "NOTSET") {
+                        return Err(what("auto_pad is not supported; export with explicit pads".into()));
+                    }
+                    let p = attr_ints(n, "pads").unwrap_or(vec![0; 4]);
+                    Op::Conv {
+                        stride: strides[0] as usize,
+                        pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
+                        dilation: dil[0] as usize,
+                        groups: attr_i(n, "group", 1) as usize,
+                    }
+                }
+                "Sigmoid" => Op::Sigmoid,
+                "Exp" => Op::Exp,
+                "Relu" => Op::Relu,
+                "Clip" => {
+                    let bound = |i: usize, default: f32| -> R<f32> {
+                        match n.inputs.get(i).filter(|s| !s.is_empty()) {
+                            Some(name) => inits
+                                .get(name.as_str())
+                                .ok_or_else(|| what(format!("`{name}` must be constant")))?
+                                .to_f32s()?
+                                .first()
+                                .copied()
+                                .ok_or_else(|| what("empty bound".into())),
+                            None => Ok(default),
+                        }
+                    };
+                    Op::Clip {
+                        min: attr_f(n, "min").map_or_else(|| bound(1, f32::MIN), Ok)?,
+                        max: attr_f(n, "max").map_or_else(|| bound(2, f32::MAX), Ok)?,
+                    }
+                }
+                "Add" => Op::Binary(Tensor::broadcast_add),
+                "Sub" => Op::Binary(Tensor::broadcast_sub),
+                "Mul" => Op::Binary(Tensor::broadcast_mul),
+                "Div" => Op::Binary(Tensor::broadcast_div),
+                "Split" => {
+                    let sizes = match n.inputs.get(1).filter(|s| !s.is_empty()) {
+                        Some(s) => int_param(s).map_err(what)?,
+                        None => attr_ints(n, "split").unwrap_or_default(),
+                    };
+                    Op::Split {
+                        axis: attr_i(n, "axis", 0),
+                        sizes: sizes.iter().map(|s| *s as usize).collect(),
+                    }
+                }
+                "Concat" => Op::Concat {
+                    axis: attr_i(n, "axis", 0),
+                },
+                "Reshape" => {
+                    if attr_i(n, "allowzero", 0) != 0 {
+                        return Err(what("allowzero=1 is not supported".into()));
+                    }
+                    Op::Reshape {
+                        shape: int_param(&n.inputs[1]).map_err(what)?,
+                    }
+                }
+                "Flatten" => Op::Flatten {
+                    axis: attr_i(n, "axis", 1),
+                },
+                "Transpose" => Op::Transpose {
+                    perm: attr_ints(n, "perm")
+                        .ok_or_else(|| what("perm is required".into()))?
+                        .iter()
+                        .map(|p| *p as usize)
+                        .collect(),
+                },
+                "MatMul" => Op::MatMul,
+                "Gemm" => {
+                    if attr_i(n, "transA", 0) != 0
+                        || attr_f(n, "alpha").unwrap_or(1.0) != 1.0
+                        || attr_f(n, "beta").unwrap_or(1.0) != 1.0
+                    {
+                        return Err(what("only Gemm with transA=0, alpha=1, beta=1".into()));
+                    }
+                    Op::Gemm {
+                        trans_b: attr_i(n, "transB", 0) != 0,
+                    }
+                }
+                op @ ("ReduceMax" | "ReduceSum") => {
+                    let axes = match n.inputs.get(1).filter(|s| !s.is_empty()) {
+                        Some(s) => int_param(s).map_err(what)?,
+                        None => attr_ints(n, "axes")
+                            .ok_or_else(|| what("reducing over all axes is not supported".into()))?,
+                    };
+                    Op::Reduce {
+                        max: op == "ReduceMax",
+                        axes,
+                        keepdims: attr_i(n, "keepdims", 1) != 0,
+                    }
+                }
+                "Softmax" => Op::Softmax {
+                    axis: attr_i(n, "axis", -1),
+                },
+                "Resize" => {
+                    let mode = attr_s(n, "mode").unwrap_or_else(|| "nearest".into());
+                    let scales = match n.inputs.get(2).filter(|s| !s.is_empty()) {
+                        Some(s) => inits
+                            .get(s.as_str())
+                            .ok_or_else(|| what("scales must be constant".into()))?
+                            .to_f32s()?,
+                        None => return Err(what("only Resize with constant scales".into())),
+                    };
+                    let int = |v: f32| (v.fract() == 0.0 && v >= 1.0).then_some(v as usize);
+                    match (mode.as_str(), scales.as_slice()) {
+                        ("nearest", [1.0, 1.0, h, w]) if int(*h).is_some() && int(*w).is_some() => Op::Resize {
+                            scale_h: *h as usize,
+                            scale_w: *w as usize,
+                        },
+                        _ => {
+                            return Err(what(format!(
+                                "only nearest Resize by whole-number scales (found {mode} {scales:?})"
+                            )))
+                        }
+                    }
+                }
+                "Slice" => {
+                    let p = |i: usize| -> R<Option<Vec<i64>>> {
+                        n.inputs
+                            .get(i)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| int_param(s))
+                            .transpose()
+                    };
+                    let starts = p(1).map_err(what)?.ok_or_else(|| what("starts are required".into()))?;
+                    let ends = p(2).map_err(what)?.ok_or_else(|| what("ends are required".into()))?;
+                    let axes = p(3)
+                        .map_err(what)?
+                        .unwrap_or_else(|| (0..starts.len() as i64).collect());
+                    let steps = p(4).map_err(what)?.unwrap_or_else(|| vec![1; starts.len()]);
+                    if steps.iter().any(|s| *s != 1) {
+                        return Err(what("only Slice with step 1".into()));
+                    }
+                    Op::Slice { starts, ends, axes }
+                }
+                "GlobalAveragePool" => Op::GlobalAveragePool,
+                other => {
+                    return Err(format!(
+                        "op `{other}` (node `{}`) is not supported on Candle yet",
+                        n.name
+                    ))
+                }
+            };
+            // Inputs: graph values by slot, float initializers as constants.
+            let data_inputs = match &op {
+                Op::Split { .. }
+                | Op::Reshape { .. }
+                | Op::Reduce { .. }
+                | Op::Slice { .. }
+                | Op::Clip { .. }
+                | Op::Resize { .. } => 1,
+                _ => n.inputs.len(),
+            };
+            let mut inputs = Vec::with_capacity(data_inputs);
+            for name in n.inputs.iter().take(data_inputs) {
+                if let Some(&s) = slots.get(name) {
+                    inputs.push(Src::Slot(s));
+                } else if let Some(t) = inits.get(name.as_str()) {
+                    if !consts.contains_key(name.as_str()) {
+                        consts.insert(t.name.as_str(), to_tensor(t).map_err(what)?);
+                    }
+                    inputs.push(Src::Const(consts[name.as_str()].clone()));
+                } else if name.is_empty() {
+                    continue;
+                } else {
+                    return Err(what(format!("input `{name}` is produced by no earlier node")));
+                }
+            }
+            let mut outputs = Vec::with_capacity(n.outputs.len());
+            for o in &n.outputs {
+                let next = slots.len();
+                outputs.push(*slots.entry(o.clone()).or_insert(next));
+            }
+            steps.push(Step {
+                name: n.name.clone(),
+                op,
+                inputs,
+                outputs,
+                free: Vec::new(),
+            });
+        }
+        let output_slot = *slots
+            .get(&output.name)
+            .ok_or("the graph output is produced by no node")?;
+        // Liveness: free each slot after the last step that reads it.
+        let mut last: HashMap<usize, usize> = HashMap::new();
+        for (i, s) in steps.iter().enumerate() {
+            for src in &s.inputs {
+                if let Src::Slot(k) = src {
+                    last.insert(*k, i);
+                }
+            }
+        }
+        for (slot, i) in last {
+            if slot != output_slot {
+                steps[i].free.push(slot);
+            }
+        }
+        Ok(Plan {
+            steps,
+            slots: slots.len(),
+            input: 0,
+            output: output_slot,
+            input_name: input.name.clone(),
+            input_dims: input.dims.clone(),
+            metadata: model.metadata,
+        })
+    }
+
+    pub fn run(&self, x: Tensor) -> candle_core::Result<Tensor> {
+        self.run_profiled(x, None)
+    }
+
+    /// Runs the plan; with `times`, records each step's duration.
+    pub fn run_profiled(
+        &self,
+        x: Tensor,
+        mut times: Option<&mut Vec<(String, std::time::Duration)>>,
+    ) -> candle_core::Result<Tensor> {
+        let mut vals: Vec<Option<Tensor>> = vec![None; self.slots];
+        vals[self.input] = Some(x);
+        for step in &self.steps {
+            let t0 = std::time::Instant::now();
+            let mut args: Vec<&Tensor> = Vec::with_capacity(step.inputs.len());
+            for s in &step.inputs {
+                args.push(match s {
+                    Src::Slot(k) => vals[*k]
+                        .as_ref()
+                        .ok_or_else(|| candle_core::Error::Msg(format!("{}: input not computed", step.name)))?,
+                    Src::Const(t) => t,
+                });
+            }
+            let outs = apply(&step.op, &args).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", step.name)))?;
+            for (slot, t) in step.outputs.iter().zip(outs) {
+                vals[*slot] = Some(t);
+            }
+            for k in &step.free {
+                vals[*k] = None;
+            }
+            if let Some(times) = times.as_deref_mut() {
+                times.push((step.name.clone(), t0.elapsed()));
+            }
+        }
+        vals[self.output]
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("the graph output was not computed".into()))
+    }
+}
+
+fn axis(a: i64, rank: usize) -> usize {
+    if a < 0 {
+        (a + rank as i64) as usize
+    } else {
+        a as usize
+    }
+}
+
+fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
+    let x = a[0];
+    let one = |t: Tensor| Ok(vec![t]);
+    match op {
+        Op::Conv {
+            stride,
+            pads,
+            dilation,
+            groups,
+        } => {
+            let [t, l, b, r] = *pads;
+            let y = if t == b && l == r && t == l {
+                x.conv2d(a[1], t, *stride, *dilation, *groups)?
+            } else {
+                x.pad_with_zeros(2, t, b)?
+                    .pad_with_zeros(3, l, r)?
+                    .conv2d(a[1], 0, *stride, *dilation, *groups)?
+            };
+            match a.get(2) {
+                Some(bias) => one(y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?),
+                None => one(y),
+            }
+        }
+        Op::Sigmoid => one((x.neg()?.exp()? + 1.0)?.recip()?),
+        Op::Exp => one(x.exp()?),
+        Op::Relu => one(x.relu()?),
+        Op::Clip { min, max } => one(x.clamp(*min, *max)?),
+        Op::Binary(f) => one(f(x, a[1])?),
+        Op::Split { axis: ax, sizes } => {
+            let d = axis(*ax, x.rank());
+            let mut start = 0;
+            let mut outs = Vec::with_capacity(sizes.len());
+            for s in sizes {
+                outs.push(x.narrow(d, start, *s)?);
+                start += s;
+            }
+            Ok(outs)
+        }
+        Op::Concat { axis: ax } => {
+            let d = axis(*ax, x.rank());
+            one(Tensor::cat(a, d)?)
+        }
+        Op::Reshape { shape } => {
+            let dims = x.dims();
+            let mut out: Vec<usize> = Vec::with_capacity(shape.len());
+            let mut infer = None;
+            for (i, s) in shape.iter().enumerate() {
+                match *s {
+                    0 => out.push(dims[i]),
+                    -1 => {
+                        infer = Some(i);
+                        out.push(1);
+                    }
+                    s => out.push(s as usize),
+                }
+            }
+            if let Some(i) = infer {
+                out[i] = x.elem_count() / out.iter().product::<usize>().max(1);
+            }
+            one(x.contiguous()?.reshape(out)?)
+        }
+        Op::Flatten { axis: ax } => {
+            let d = axis(*ax, x.rank());
+            let outer: usize = x.dims()[..d].iter().product();
+            one(x.contiguous()?.reshape((outer, x.elem_count() / outer.max(1)))?)
+        }
+        Op::Transpose { perm } => one(x.permute(perm.as_slice())?.contiguous()?),
+        Op::MatMul => {
+            let (l, r) = (x.contiguous()?, a[1].contiguous()?);
+            one(if l.rank() == r.rank() {
+                l.matmul(&r)?
+            } else {
+                l.broadcast_matmul(&r)?
+            })
+        }
+        Op::Gemm { trans_b } => {
+            let w = if *trans_b { a[1].t()? } else { a[1].clone() };
+            let y = x.matmul(&w.contiguous()?)?;
+            one(match a.get(2) {
+                Some(c) => y.broadcast_add(c)?,
+                None => y,
+            })
+        }
+        Op::Reduce { max, axes, keepdims } => {
+            let mut ds: Vec<usize> = axes.iter().map(|a| axis(*a, x.rank())).collect();
+            ds.sort_unstable_by(|a, b| b.cmp(a));
+            let mut y = x.clone();
+            for d in ds {
+                y = match (max, keepdims) {
+                    (true, true) => y.max_keepdim(d)?,
+                    (true, false) => y.max(d)?,
+                    (false, true) => y.sum_keepdim(d)?,
+                    (false, false) => y.sum(d)?,
+                };
+            }
+            one(y)
+        }
+        Op::Softmax { axis: ax } => {
+            let d = axis(*ax, x.rank());
+            let e = x.broadcast_sub(&x.max_keepdim(d)?)?.exp()?;
+            one(e.broadcast_div(&e.sum_keepdim(d)?)?)
+        }
+        Op::Resize { scale_h, scale_w } => {
+            let (_, _, h, w) = x.dims4()?;
+            one(x.upsample_nearest2d(h * scale_h, w * scale_w)?)
+        }
+        Op::Slice { starts, ends, axes, .. } => {
+            let mut y = x.clone();
+            for ((s, e), ax) in starts.iter().zip(ends).zip(axes) {
+                let d = axis(*ax, y.rank());
+                let n = y.dims()[d] as i64;
+                let clamp = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
+                let (s, e) = (clamp(*s), clamp(*e));
+                y = y.narrow(d, s as usize, (e - s).max(0) as usize)?;
+            }
+            one(y)
+        }
+        Op::GlobalAveragePool => one(x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?),
+    }
+}

@@ -1,0 +1,32 @@
+//! Stand-in for ONNX graphs on Candle when the `candle-graph` feature is off:
+//! same shape, every compile answers with the feature to enable.
+
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+
+pub struct Plan {
+    pub input_name: String,
+    pub input_dims: Vec<i64>,
+    pub metadata: HashMap<String, String>,
+}
+
+impl Plan {
+    pub fn from_onnx(_bytes: &[u8]) -> Result<Plan, String> {
+        Err("ONNX graphs on Candle are not compiled into this build; rebuild with `--features candle-graph`".into())
+    }
+
+    pub fn run(&self, _x: Tensor) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(
+            "ONNX graphs on Candle are not compiled into this build".into(),
+        ))
+    }
+
+    pub fn run_profiled(
+        &self,
+        x: Tensor,
+        _times: Option<&mut Vec<(String, std::time::Duration)>>,
+    ) -> candle_core::Result<Tensor> {
+        self.run(x)
+    }
+}
