@@ -57,7 +57,10 @@ impl CandleBackend {
             )));
         }
         let input = (1, 3, p.height as usize, p.width as usize);
-        if path.extension().is_some_and(|e| e == "onnx") {
+        let is_onnx = path.extension().is_some_and(|e| e == "onnx");
+        // Without `candle-graph`, an ONNX classifier still runs natively from its initializers.
+        let graph = is_onnx && (cfg!(feature = "candle-graph") || config.model_type != ModelType::Classification);
+        if graph {
             let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
             let plan = graph::Plan::from_onnx(&bytes).map_err(|e| {
                 if e.contains("not compiled into this build") {
@@ -165,8 +168,9 @@ impl Backend for CandleBackend {
     }
 }
 
-/// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip, or safetensors)
-/// -> safetensors in `dtype` ("f16" or "f32"), names unchanged.
+/// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip; safetensors; or an
+/// ONNX model's initializers) -> safetensors in `dtype` ("f16" or "f32"),
+/// names unchanged.
 pub fn convert(input: &Path, output: &Path, dtype: &str) -> Result<String, String> {
     let dtype = match dtype {
         "f16" => DType::F16,

@@ -365,6 +365,8 @@ fn parse_value_info(b: &[u8]) -> R<ValueInfo> {
     Ok(v)
 }
 
+// Parameters of graph ops; only the graph evaluator reads them.
+#[cfg_attr(not(feature = "candle-graph"), allow(dead_code))]
 impl TensorProto {
     /// The values as i64 (for shape-like parameters).
     pub fn to_i64s(&self) -> R<Vec<i64>> {

@@ -1,6 +1,7 @@
 //! Reading and writing weight files for the native Candle architectures:
-//! safetensors, and PyTorch `.pth` (the zip format through candle's reader,
-//! the legacy pre-1.6 format through candle's pickle machine).
+//! safetensors, PyTorch `.pth` (the zip format through candle's reader, the
+//! legacy pre-1.6 format through candle's pickle machine) and the
+//! initializers of an ONNX model.
 //!
 //! Owns: file formats only; knows nothing of architectures.
 
@@ -23,7 +24,9 @@ pub fn load(path: &Path) -> Result<Weights, String> {
     std::fs::File::open(path)
         .and_then(|mut f| f.read_exact(&mut head))
         .map_err(|e| err(path, e))?;
-    let raw: Weights = if path.extension().is_some_and(|e| e == "safetensors") {
+    let raw: Weights = if path.extension().is_some_and(|e| e == "onnx") {
+        read_onnx_initializers(path)?
+    } else if path.extension().is_some_and(|e| e == "safetensors") {
         candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(path, e))?
     } else if head.starts_with(b"PK") {
         candle_core::pickle::read_all(path)
@@ -39,6 +42,31 @@ pub fn load(path: &Path) -> Result<Weights, String> {
         .filter(|(_, t)| t.dtype().is_float())
         .map(|(k, t)| t.to_dtype(DType::F32).map(|t| (k, t)).map_err(|e| err(path, e)))
         .collect()
+}
+
+/// The float initializers of an ONNX model (its weights), by name.
+fn read_onnx_initializers(path: &Path) -> Result<Weights, String> {
+    let bytes = std::fs::read(path).map_err(|e| err(path, e))?;
+    let model = super::onnx_proto::parse_model(&bytes).map_err(|e| err(path, e))?;
+    let mut out = Weights::new();
+    for t in &model.graph.initializers {
+        let dtype = match t.data_type {
+            super::onnx_proto::FLOAT => DType::F32,
+            super::onnx_proto::FLOAT16 => DType::F16,
+            super::onnx_proto::DOUBLE => DType::F64,
+            _ => continue,
+        };
+        if t.external {
+            return Err(err(
+                path,
+                format!("initializer `{}` is stored outside the file", t.name),
+            ));
+        }
+        let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
+        let tensor = Tensor::from_raw_buffer(&t.raw, dtype, &dims, &Device::Cpu).map_err(|e| err(path, e))?;
+        out.insert(t.name.clone(), tensor);
+    }
+    Ok(out)
 }
 
 /// Loads safetensors bytes held in memory (the embedded default model).
