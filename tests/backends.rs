@@ -94,8 +94,35 @@ fn top(v: &Value) -> (String, f64) {
     )
 }
 
-/// Generates one `#[test]` per compiled backend from one body.
+/// YOLOv12n (ONNX) on `backend`: ONNX Runtime, or Candle through the graph plan.
+fn yolo_on(backend: &str) -> ModelConfig {
+    let mut c = model::load_file(&root().join("models/yolov12n.yaml"), &settings()).unwrap();
+    if backend == "candle" {
+        c.backend = model::BackendKind::Candle;
+    }
+    assert!(c.model_path.as_ref().unwrap().exists(), "run `bash models/fetch` first");
+    c
+}
+
+/// Generates one `#[test]` per compiled backend from one body (`graph`:
+/// the Candle arm needs ONNX graphs on Candle).
 macro_rules! on_every_backend {
+    (graph $name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[cfg(feature = "candle-graph")]
+            #[test]
+            fn candle() {
+                ($body)("candle")
+            }
+            #[cfg(feature = "onnx")]
+            #[test]
+            fn onnx() {
+                ($body)("onnx")
+            }
+        }
+    };
     ($name:ident, $body:expr) => {
         mod $name {
             #[allow(unused_imports)]
@@ -126,6 +153,52 @@ on_every_backend!(efficientnet_lite0_names_the_photos, |backend: &str| {
     assert!(p > 0.9, "{p}");
     assert!(["tiger cat", "Egyptian cat", "tabby"].contains(&top(&chelsea.1).0.as_str()));
 });
+
+on_every_backend!(graph yolov12n_finds_the_person_the_cat_and_the_cup, |backend: &str| {
+    let models = Models::load(vec![yolo_on(backend)], &env());
+    assert!(models.failed.is_empty(), "{:?}", models.failed);
+    let out = run(&models, &["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]);
+    let labels = |v: &Value| -> Vec<(String, f64, Vec<f64>)> {
+        let Some(Value::Array(p)) = get(v, &["predictions"]) else { panic!() };
+        p.iter()
+            .map(|x| {
+                let Some(Value::Array(b)) = get(x, &["bbox"]) else { panic!() };
+                (get_str(x, &["label"]).unwrap(), num(get(x, &["confidence"]).unwrap()), b.iter().map(num).collect())
+            })
+            .collect()
+    };
+    for (msgs, want) in out.iter().zip(["person", "cat", "cup"]) {
+        let v = &msgs[0].1;
+        assert_eq!(get_str(v, &["backend_used"]).as_deref(), Some(backend));
+        let found = labels(v);
+        assert!(found.iter().any(|(l, c, _)| l == want && *c > 0.5), "{want}: {found:?}");
+    }
+    // The astronaut's box, in original pixels (512x512): the left three quarters, full height.
+    let person = labels(&out[0][0].1).into_iter().find(|p| p.0 == "person").unwrap().2;
+    assert!(person[0] < 60.0 && person[1] < 60.0 && (300.0..=450.0).contains(&person[2]) && person[3] > 450.0);
+});
+
+/// YOLOv12n: Candle's graph plan against ONNX Runtime on the same graph and
+/// tensor, through dual mode: every detection above 0.25 matched one to one
+/// by class with IoU >= 0.9.
+#[cfg(all(feature = "candle-graph", feature = "onnx"))]
+#[test]
+fn yolov12n_on_candle_matches_onnx_runtime() {
+    let c = model::load_file(&root().join("models/yolov12n-dual.yaml"), &settings()).unwrap();
+    let models = Models::load(vec![c], &env());
+    assert!(models.failed.is_empty(), "{:?}", models.failed);
+    let photos = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"];
+    for (photo, msgs) in photos.iter().zip(run(&models, &photos)) {
+        let cmp = &msgs[1].1;
+        assert_eq!(msgs[1].0, Emitted::Comparison);
+        assert_eq!(get_bool(cmp, &["predictions_match"]), Some(true), "{photo}: {cmp:?}");
+        let count = |b: &str| match get(cmp, &["backends", b, "predictions"]) {
+            Some(Value::Array(p)) => p.len(),
+            _ => panic!("{cmp:?}"),
+        };
+        assert!(count("candle") >= 1 && count("candle") == count("onnx"), "{photo}");
+    }
+}
 
 /// Candle on the fetched f32 weights against ONNX Runtime on the same weights,
 /// through dual mode: same top-1 on every photo and every probability within
