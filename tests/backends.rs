@@ -95,6 +95,7 @@ fn top(v: &Value) -> (String, f64) {
 }
 
 /// YOLOv12n (ONNX) on `backend`: ONNX Runtime, or Candle through the graph plan.
+#[cfg(any(feature = "candle-graph", feature = "onnx"))]
 fn yolo_on(backend: &str) -> ModelConfig {
     let mut c = model::load_file(&root().join("models/yolov12n.yaml"), &settings()).unwrap();
     if backend == "candle" {
