@@ -41,6 +41,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
+    Opt { env: "CANDLE_THREADS", flag: "--candle-threads", default: "0", help: "CPU threads of the Candle backend, process-wide (0: one per physical core)." },
     Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
 ];
@@ -79,6 +80,8 @@ pub struct Settings {
     pub max_image_height: u32,
     /// The ONNX Runtime library, when set.
     pub ort_library: Option<PathBuf>,
+    /// Candle's CPU threads; 0 leaves candle's default.
+    pub candle_threads: usize,
     pub log: String,
 }
 
@@ -158,6 +161,7 @@ impl Settings {
             max_image_width: parse_num("MAX_IMAGE_WIDTH", &get("MAX_IMAGE_WIDTH"), 16, 16384)? as u32,
             max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
             ort_library: non_empty(get("ORT_DYLIB_PATH")).map(PathBuf::from),
+            candle_threads: parse_num("CANDLE_THREADS", &get("CANDLE_THREADS"), 0, 1024)? as usize,
             log: get("RUST_LOG"),
         };
         if s.input_topics.is_empty() {
