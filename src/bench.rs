@@ -101,18 +101,8 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
     let mut ml = ml.lock().unwrap_or_else(|e| e.into_inner());
     let p = &m.config.preprocessing;
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let mut rgb = vec![0u8; settings.max_image_width as usize * settings.max_image_height as usize * 3];
-    let d = crate::decode::decode_into(&jpeg, &mut rgb, settings.max_image_width, settings.max_image_height)
-        .map_err(|e| e.to_string())?;
-    let mut tensor = vec![0f32; crate::preprocess::tensor_len(p)];
-    let g = crate::preprocess::Geometry::new(d.width, d.height, p);
-    crate::preprocess::preprocess_into(
-        &rgb,
-        &g,
-        p,
-        &mut crate::preprocess::Scratch::with_capacity(p.width as usize),
-        &mut tensor,
-    );
+    let ((width, height), tensor) =
+        crate::preprocess::tensor_for_jpeg(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
     let mut times = Vec::with_capacity(iters);
     let (mut allocs, mut bytes) = (0, 0);
     for i in 0..iters + 3 {
@@ -169,8 +159,8 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
             i.intra_threads.to_string()
         },
         i.inter_threads,
-        d.width,
-        d.height,
+        width,
+        height,
         p.width,
         p.height,
         peak_rss(),

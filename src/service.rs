@@ -183,13 +183,8 @@ pub fn dump_tensor(settings: &Settings, model: Option<&str>, file: &str, out: &s
     };
     let p = &config.preprocessing;
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let mut rgb = vec![0u8; settings.max_image_width as usize * settings.max_image_height as usize * 3];
-    let d = crate::decode::decode_into(&jpeg, &mut rgb, settings.max_image_width, settings.max_image_height)
-        .map_err(|e| e.to_string())?;
-    let g = crate::preprocess::Geometry::new(d.width, d.height, p);
-    let mut tensor = vec![0f32; crate::preprocess::tensor_len(p)];
-    let mut scratch = crate::preprocess::Scratch::with_capacity(p.width as usize);
-    crate::preprocess::preprocess_into(&rgb, &g, p, &mut scratch, &mut tensor);
+    let (_, tensor) =
+        crate::preprocess::tensor_for_jpeg(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
     let bytes: Vec<u8> = tensor.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out, bytes).map_err(|e| format!("cannot write {out}: {e}"))?;
     let shape = match p.layout {
