@@ -158,24 +158,30 @@ fn config_errors_name_file_key_and_expectation() {
 #[test]
 fn a_backend_missing_from_the_build_is_a_clear_startup_error() {
     let dir = TempDir::new("backend");
-    // Pick a backend this build lacks.
-    let (backend, want) = if !cfg!(feature = "onnx") {
+    // Pick a backend this build lacks; with both compiled in, ask Candle for what it cannot do.
+    let (backend, file, want) = if !cfg!(feature = "onnx") {
         (
             "onnx",
-            "backend `onnx` is not compiled into this build (features: ".to_owned(),
+            "yolo.onnx",
+            "backend `onnx` is not compiled into this build (features: ",
         )
     } else if !cfg!(feature = "candle") {
         (
             "candle",
-            "backend `candle` is not compiled into this build (features: ".to_owned(),
+            "yolo.onnx",
+            "backend `candle` is not compiled into this build (features: ",
         )
     } else {
-        // Both compiled in: the Candle backend has no model runtime in this version yet.
-        ("candle", "backend `candle`: ".to_owned())
+        (
+            "candle",
+            "yolo.safetensors",
+            "backend `candle`: model `det`: the native Candle architectures are classifiers",
+        )
     };
+    let want = want.to_owned();
     let cfg = dir.write(
         "m.yaml",
-        &format!("name: det\nbackend: {backend}\nmodel_type: object-detection\nmodel_path: yolo.onnx\n"),
+        &format!("name: det\nbackend: {backend}\nmodel_type: object-detection\nmodel_path: {file}\n"),
     );
     let out = binary()
         .env("MODEL_CONFIG_PATH", &cfg)
