@@ -139,11 +139,13 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
             ));
         }
         let dw: Duration = v.iter().filter(|l| l.0.contains("depthwise")).map(|l| l.1).sum();
-        text.push_str(&format!(
-            "  depthwise layers together: {:.1} ms ({:.0}%)\n",
-            dw.as_secs_f64() * 1e3,
-            dw.as_secs_f64() / total.as_secs_f64() * 100.0
-        ));
+        if !dw.is_zero() {
+            text.push_str(&format!(
+                "  depthwise layers together: {:.1} ms ({:.0}%)\n",
+                dw.as_secs_f64() * 1e3,
+                dw.as_secs_f64() / total.as_secs_f64() * 100.0
+            ));
+        }
         text
     });
     Ok(format!(
