@@ -1,7 +1,7 @@
 //! MQTT: rumqttc's v5 sync client on two threads of its own.
 //!
 //! Owns: connection options (last will, packet limits), the event thread
-//! (connects, reconnects with capped backoff, subscribes on every CONNACK,
+//! (connects, reconnects with capped exponential backoff and jitter, subscribes on every CONNACK,
 //! publishes the retained `online` status, forwards PUBLISHes into the
 //! pipeline) and the publisher thread (drains results into the client).
 //! Knows nothing of payload forms or models.
@@ -64,6 +64,21 @@ pub fn low_latency() -> rumqttc::NetworkOptions {
     let mut n = rumqttc::NetworkOptions::new();
     n.set_tcp_nodelay(true);
     n
+}
+
+/// Longest wait between reconnect attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `d` plus up to half of it again, so replicas that lost the broker together
+/// do not reconnect in lockstep.
+pub fn with_jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    // A cheap scramble of the clock's low bits; good enough to spread reconnects.
+    let r = (nanos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+    d + d.mul_f64((r % 1000) as f64 / 2000.0)
 }
 
 /// Starts the event and publisher threads.
@@ -151,8 +166,8 @@ pub fn start(
                                     cfg.port
                                 );
                             }
-                            std::thread::sleep(backoff);
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            std::thread::sleep(with_jitter(backoff));
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
                         }
                     }
                 }
@@ -174,4 +189,20 @@ pub fn start(
         })
         .expect("spawn mqtt thread");
     vec![events, publisher]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_adds_at_most_half() {
+        for _ in 0..100 {
+            let d = with_jitter(Duration::from_millis(200));
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(300),
+                "{d:?}"
+            );
+        }
+    }
 }
