@@ -20,8 +20,59 @@ use crate::pipeline::Incoming;
 pub const INFER_TIMEOUT: Duration = Duration::from_secs(30);
 const THREADS: usize = 2;
 
+/// A bearer token kept in a file, re-read when the file changes (rotation).
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<(Option<std::time::SystemTime>, String)>,
+}
+
+impl TokenFile {
+    /// Reads the token now; an unreadable or empty file is a start-up error.
+    pub fn open(path: &std::path::Path) -> Result<TokenFile, String> {
+        let t = TokenFile {
+            path: path.to_path_buf(),
+            cached: std::sync::Mutex::new((None, String::new())),
+        };
+        if t.current().is_empty() {
+            return Err(format!(
+                "HTTP_TOKEN_FILE {}: cannot read a token from it",
+                path.display()
+            ));
+        }
+        Ok(t)
+    }
+
+    fn current(&self) -> String {
+        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if c.0.is_none() || c.0 != mtime {
+            match std::fs::read_to_string(&self.path) {
+                Ok(t) if !t.trim().is_empty() => *c = (mtime, t.trim().to_owned()),
+                // A half-written or vanished file keeps the last good token.
+                _ => log::warn!(
+                    "HTTP_TOKEN_FILE {}: unreadable or empty; keeping the last token",
+                    self.path.display()
+                ),
+            }
+        }
+        c.1.clone()
+    }
+
+    /// True when `header` is `Bearer <token>` (compared in constant time).
+    pub fn allows(&self, header: Option<&str>) -> bool {
+        let token = self.current();
+        let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+        a.len() == b.len() && !token.is_empty() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
 pub struct HttpState {
     pub models: Arc<Models>,
+    /// When set, `POST /infer` needs its bearer token.
+    pub token: Option<TokenFile>,
     pub metrics: Arc<Metrics>,
     pub incoming: async_channel::Sender<Incoming>,
     pub mqtt_enabled: bool,
@@ -90,6 +141,11 @@ fn handle(state: &HttpState, mut rq: Request) {
             Response::from_string(state.metrics.render(&state.models.summary()))
                 .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"))
         }
+        (Method::Post, "/infer") if !authorized(state, &rq) => json_response(
+            401,
+            error_body("POST /infer needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"),
+        )
+        .with_header(header("WWW-Authenticate", "Bearer")),
         (Method::Post, "/infer") => infer(state, &mut rq, query),
         (_, "/healthz" | "/readyz" | "/metrics") => json_response(405, error_body("method not allowed; use GET")),
         (_, "/infer") => json_response(405, error_body("method not allowed; POST a JPEG body")),
@@ -100,6 +156,20 @@ fn handle(state: &HttpState, mut rq: Request) {
     };
     if let Err(e) = rq.respond(resp) {
         log::debug!("HTTP response to {method} {path} failed: {e}");
+    }
+}
+
+fn authorized(state: &HttpState, rq: &Request) -> bool {
+    match &state.token {
+        None => true,
+        Some(t) => {
+            let h = rq
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Authorization"))
+                .map(|h| h.value.as_str());
+            t.allows(h)
+        }
     }
 }
 

@@ -80,8 +80,14 @@ pub fn run(settings: Settings) -> Result<(), String> {
     });
     let mut threads = Vec::new();
     if let Some(addr) = &settings.http_addr {
+        let token = settings
+            .http_token_file
+            .as_deref()
+            .map(http::TokenFile::open)
+            .transpose()?;
         let state = http::HttpState {
             models: models.clone(),
+            token,
             metrics: metrics.clone(),
             incoming: in_tx.clone(),
             mqtt_enabled: mqtt_on,

@@ -255,3 +255,47 @@ fn the_default_build_classifies_a_bundled_photo_out_of_the_box() {
         assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
     }
 }
+
+#[test]
+fn infer_needs_the_bearer_token_when_one_is_configured() {
+    let (_dir, health) = camera_health_config();
+    let secrets = TempDir::new("token");
+    let token = secrets.write("token", "s3cret-1\n");
+    let svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", ""),
+        ("MODEL_CONFIG_PATH", &health),
+        ("HTTP_TOKEN_FILE", token.to_str().unwrap()),
+    ]);
+    let jpeg = fixture("chelsea.jpg");
+    let post = |auth: Option<&str>| {
+        let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
+        http_request_with(svc.http(), "POST", "/infer", &h, &jpeg).0
+    };
+    assert_eq!(post(None), 401);
+    assert_eq!(post(Some("Bearer nope")), 401);
+    assert_eq!(post(Some("Basic s3cret-1")), 401);
+    assert_eq!(post(Some("Bearer s3cret-1")), 200);
+    // Probes and metrics stay open.
+    assert_eq!(svc.get("/healthz").0, 200);
+    assert_eq!(svc.get("/metrics").0, 200);
+    // A rotated token takes over without a restart.
+    std::thread::sleep(std::time::Duration::from_millis(20)); // a new mtime
+    std::fs::write(&token, "s3cret-2").unwrap();
+    assert_eq!(post(Some("Bearer s3cret-1")), 401);
+    assert_eq!(post(Some("Bearer s3cret-2")), 200);
+
+    // An unreadable token file is a start-up error, not an open door.
+    let out = binary()
+        .env("MODEL_CONFIG_PATH", &health)
+        .env("AIO_BROKER_HOSTNAME", "")
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("HTTP_TOKEN_FILE", "/nonexistent/token")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("HTTP_TOKEN_FILE /nonexistent/token"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -36,6 +36,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MQTT_STATUS_TOPIC", flag: "--status-topic", default: "edge-ai/services/{client_id}/ai/status", help: "Retained service status topic: `online` on connect, `offline` as last will." },
     Opt { env: "MQTT_ERROR_TOPIC", flag: "--error-topic", default: "edge-ai/services/{client_id}/ai/errors", help: "Topic for error results (bad payloads, corrupt JPEGs, dropped frames)." },
     Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for /healthz, /readyz, /metrics and POST /infer. Empty: no HTTP." },
+    Opt { env: "HTTP_TOKEN_FILE", flag: "--http-token-file", default: "", help: "File holding a bearer token that POST /infer must present (re-read when it changes). Empty: /infer is open." },
     Opt { env: "QUEUE_DEPTH", flag: "--queue-depth", default: "4", help: "Frame slots (preallocated buffers) in the ring (1..=256)." },
     Opt { env: "WORKERS", flag: "--workers", default: "0", help: "Worker tasks decoding and inferring in parallel; 0: one per CPU core." },
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
@@ -73,6 +74,8 @@ pub struct Settings {
     pub error_topic: String,
     /// `None`: HTTP is off.
     pub http_addr: Option<String>,
+    /// Bearer token file guarding `POST /infer`.
+    pub http_token_file: Option<PathBuf>,
     pub queue_depth: usize,
     pub workers: usize,
     pub max_payload_bytes: usize,
@@ -152,6 +155,7 @@ impl Settings {
             status_topic: get("MQTT_STATUS_TOPIC"),
             error_topic: get("MQTT_ERROR_TOPIC"),
             http_addr: non_empty(get("HTTP_ADDR")),
+            http_token_file: non_empty(get("HTTP_TOKEN_FILE")).map(PathBuf::from),
             queue_depth: parse_num("QUEUE_DEPTH", &get("QUEUE_DEPTH"), 1, 256)? as usize,
             workers: match parse_num("WORKERS", &get("WORKERS"), 0, 256)? as usize {
                 0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
