@@ -184,7 +184,26 @@ pub fn slot_source(slot: &Slot) -> Source<'_> {
 
 /// An error result for a message that never reached a slot.
 pub fn write_early_error(buf: &mut Vec<u8>, topic: &str, payload: &[u8], http: bool, err: &FrameError) {
-    // Echo what can be read of the envelope (its correlation id above all).
+    write_unslotted(
+        buf,
+        topic,
+        payload,
+        http,
+        err.reason.as_str(),
+        format_args!("{}", err.detail),
+    );
+}
+
+/// An error result (`code`, `reason`) for a message that holds no slot,
+/// echoing what can be read of its envelope (its correlation id above all).
+pub fn write_unslotted(
+    buf: &mut Vec<u8>,
+    topic: &str,
+    payload: &[u8],
+    http: bool,
+    code: &str,
+    reason: fmt::Arguments<'_>,
+) {
     let env = if http || payload.len() > 64 << 20 {
         None
     } else {
@@ -201,11 +220,56 @@ pub fn write_early_error(buf: &mut Vec<u8>, topic: &str, payload: &[u8], http: b
         location_json: env.and_then(|e| e.location_json),
         metadata_json: env.and_then(|e| e.metadata_json),
     };
-    result::write_error(
-        buf,
-        SystemTime::now(),
-        &src,
-        err.reason.as_str(),
-        format_args!("{}", err.detail),
-    );
+    result::write_error(buf, SystemTime::now(), &src, code, reason);
+}
+
+/// Per-source rate limit: at most one frame per `1 / fps` seconds from each
+/// device; the rest are refused (and answered). Remembers at most
+/// `health::MAX_CAMERAS` sources, then starts over rather than grow.
+pub struct RateLimit {
+    interval: std::time::Duration,
+    last: std::collections::HashMap<String, Instant>,
+}
+
+impl RateLimit {
+    /// `None` when `fps` is 0 (no limit).
+    pub fn new(fps: f64) -> Option<RateLimit> {
+        (fps > 0.0).then(|| RateLimit {
+            interval: std::time::Duration::from_secs_f64(1.0 / fps),
+            last: std::collections::HashMap::new(),
+        })
+    }
+
+    /// Whether a frame from `device` at `now` may pass.
+    pub fn admit(&mut self, device: &str, now: Instant) -> bool {
+        if let Some(last) = self.last.get_mut(device) {
+            if now.saturating_duration_since(*last) < self.interval {
+                return false;
+            }
+            *last = now;
+            return true;
+        }
+        if self.last.len() >= crate::health::MAX_CAMERAS {
+            self.last.clear();
+        }
+        self.last.insert(device.to_owned(), now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limit_is_per_source() {
+        let mut r = RateLimit::new(2.0).unwrap();
+        let t = Instant::now();
+        assert!(r.admit("a", t));
+        assert!(r.admit("b", t), "another source has its own budget");
+        assert!(!r.admit("a", t + Duration::from_millis(100)));
+        assert!(r.admit("a", t + Duration::from_millis(500)));
+        assert!(RateLimit::new(0.0).is_none());
+    }
 }

@@ -58,15 +58,23 @@ pub enum DropReason {
     QueueFull,
     /// The service was shutting down.
     Shutdown,
+    /// The source sent faster than MAX_FPS_PER_SOURCE.
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [DropReason::Superseded, DropReason::QueueFull, DropReason::Shutdown];
+    pub const ALL: [DropReason; 4] = [
+        DropReason::Superseded,
+        DropReason::QueueFull,
+        DropReason::Shutdown,
+        DropReason::RateLimited,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Superseded => "superseded",
             DropReason::QueueFull => "queue_full",
             DropReason::Shutdown => "shutdown",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

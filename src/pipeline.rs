@@ -50,6 +50,8 @@ pub struct Shared {
     pub ring: Ring,
     pub limits: Limits,
     pub error_topic: String,
+    /// Frames per second per source; 0: unlimited.
+    pub max_fps_per_source: f64,
     /// `None`: MQTT is off and MQTT-origin results have nowhere to go.
     pub outbound: Option<async_channel::Sender<Outbound>>,
 }
@@ -138,6 +140,7 @@ pub fn start(
 
 async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming>) {
     let mut routes: Vec<Route> = Vec::with_capacity(MAX_MODELS);
+    let mut rate = ingest::RateLimit::new(shared.max_fps_per_source);
     let mut err_buf: Vec<u8> = Vec::with_capacity(RESULT_CAPACITY);
     while let Ok(msg) = incoming.recv().await {
         let t0 = Instant::now();
@@ -185,6 +188,22 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             }
         };
         shared.metrics.received(a.envelope.form);
+        if let Some(r) = rate.as_mut() {
+            if !r.admit(a.device, t0) {
+                shared.metrics.dropped(DropReason::RateLimited);
+                ingest::write_unslotted(
+                    &mut err_buf,
+                    topic,
+                    &msg.payload,
+                    oneshot.is_some(),
+                    "dropped",
+                    format_args!("rate_limited: `{}` sends faster than MAX_FPS_PER_SOURCE", a.device),
+                );
+                let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
+                deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(429)).await;
+                continue;
+            }
+        }
         let mut slot = match shared.ring.take_or_evict(a.device) {
             Some((mut slot, dropped)) => {
                 if let Some(reason) = dropped {
@@ -220,6 +239,7 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
         DropReason::Superseded => "a newer frame from the same source arrived while every frame slot was busy",
         DropReason::QueueFull => "every frame slot was busy and this was the oldest waiting frame",
         DropReason::Shutdown => "the service is shutting down",
+        DropReason::RateLimited => "the source sends faster than MAX_FPS_PER_SOURCE",
     };
     log::debug!("dropped frame from `{}`: {}", slot.device, reason.as_str());
     let mut out = std::mem::take(&mut slot.out);

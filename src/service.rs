@@ -76,6 +76,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         ring: Ring::new(settings.queue_depth, &limits, metrics.clone()),
         limits,
         error_topic,
+        max_fps_per_source: settings.max_fps_per_source,
         outbound: mqtt_on.then_some(out_tx),
     });
     let mut threads = Vec::new();

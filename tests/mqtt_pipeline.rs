@@ -352,3 +352,49 @@ fn survives_broker_restarts_and_reports_readiness() {
     assert!(svc.metric("aei_mqtt_connects_total") >= 3.0);
     assert!(svc.still_running());
 }
+
+#[test]
+fn a_per_source_rate_limit_answers_the_excess_and_spares_other_cameras() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let (_dir, health) = camera_health_config();
+    let svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", &port),
+        ("AIO_MQTT_CLIENT_ID", "svc"),
+        ("MODEL_CONFIG_PATH", &health),
+        // One frame per 100 s: only each camera's first frame passes in this test.
+        ("MAX_FPS_PER_SOURCE", "0.01"),
+    ]);
+    let peer = Peer::connect(broker.port, &["edge-ai/bu1/plant-7/gw-3/ai/#", ERROR_TOPIC]);
+    svc.wait_ready();
+    let jpeg = fixture("chelsea.jpg");
+    for i in 0..5 {
+        peer.publish(GOOD_TOPIC, snapshot("fast-cam", &format!("r{i}"), &jpeg));
+    }
+    peer.publish(GOOD_TOPIC, snapshot("calm-cam", "c0", &jpeg));
+    let corr = |m: &Msg| {
+        let v = m.json();
+        get_str(&v, &["metadata", "source", "correlation_id"]).or_else(|| get_str(&v, &["source", "correlation_id"]))
+    };
+    let got = peer.wait_until("six answers", |m| m.iter().filter_map(corr).count() >= 6);
+    let answers = count_by(&got, corr);
+    assert_eq!(answers.len(), 6, "{answers:?}");
+    assert!(
+        answers.values().all(|n| *n == 1),
+        "each frame answered once: {answers:?}"
+    );
+    let results: Vec<String> = got
+        .iter()
+        .filter(|m| m.topic == RESULT_TOPIC)
+        .filter_map(corr)
+        .collect();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results.contains(&"c0".to_owned()), "another camera is not held back");
+    let limited = got
+        .iter()
+        .filter(|m| get_str(&m.json(), &["reason"]).is_some_and(|r| r.starts_with("rate_limited")))
+        .count();
+    assert_eq!(limited, 4);
+    assert_eq!(svc.metric("aei_frames_dropped_total{reason=\"rate_limited\"}"), 4.0);
+}

@@ -38,6 +38,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for /healthz, /readyz, /metrics and POST /infer. Empty: no HTTP." },
     Opt { env: "HTTP_TOKEN_FILE", flag: "--http-token-file", default: "", help: "File holding a bearer token that POST /infer must present (re-read when it changes). Empty: /infer is open." },
     Opt { env: "QUEUE_DEPTH", flag: "--queue-depth", default: "4", help: "Frame slots (preallocated buffers) in the ring (1..=256)." },
+    Opt { env: "MAX_FPS_PER_SOURCE", flag: "--max-fps", default: "0", help: "Most frames per second taken from one camera; the rest get a `dropped: rate_limited` answer. 0: no limit." },
     Opt { env: "WORKERS", flag: "--workers", default: "0", help: "Worker tasks decoding and inferring in parallel; 0: one per CPU core." },
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
@@ -77,6 +78,8 @@ pub struct Settings {
     /// Bearer token file guarding `POST /infer`.
     pub http_token_file: Option<PathBuf>,
     pub queue_depth: usize,
+    /// Frames per second per source; 0: unlimited.
+    pub max_fps_per_source: f64,
     pub workers: usize,
     pub max_payload_bytes: usize,
     pub max_image_width: u32,
@@ -157,6 +160,16 @@ impl Settings {
             http_addr: non_empty(get("HTTP_ADDR")),
             http_token_file: non_empty(get("HTTP_TOKEN_FILE")).map(PathBuf::from),
             queue_depth: parse_num("QUEUE_DEPTH", &get("QUEUE_DEPTH"), 1, 256)? as usize,
+            max_fps_per_source: match get("MAX_FPS_PER_SOURCE").parse::<f64>() {
+                Ok(f) if (0.0..=1000.0).contains(&f) => f,
+                _ => {
+                    return Err(bad(
+                        "MAX_FPS_PER_SOURCE",
+                        "a number of frames per second in 0..=1000",
+                        &get("MAX_FPS_PER_SOURCE"),
+                    ))
+                }
+            },
             workers: match parse_num("WORKERS", &get("WORKERS"), 0, 256)? as usize {
                 0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 n => n,
