@@ -56,6 +56,9 @@ pub struct Reply {
 /// One frame's buffers and identity.
 pub struct Slot {
     pub origin: Origin,
+    /// The model set this frame was routed with; it finishes on it even if a
+    /// reload swaps in a newer one meanwhile.
+    pub models: Option<std::sync::Arc<crate::models::Models>>,
     pub form: Form,
     pub received_at: Instant,
     pub topic: String,
@@ -87,6 +90,7 @@ impl Slot {
     pub fn new(l: &Limits) -> Slot {
         Slot {
             origin: Origin::Mqtt,
+            models: None,
             form: Form::RawJpeg,
             received_at: Instant::now(),
             topic: String::with_capacity(MAX_TOPIC_LEN),
@@ -130,6 +134,7 @@ impl Slot {
     /// Forgets the previous frame (keeps every buffer).
     pub fn reset(&mut self) {
         self.origin = Origin::Mqtt;
+        self.models = None;
         self.topic.clear();
         self.device.clear();
         self.routes.clear();

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use tiny_http::{Header, Method, Request, Response, Server};
 
 use crate::metrics::Metrics;
-use crate::models::Models;
 use crate::pipeline::Incoming;
+use crate::registry::Registry;
 
 /// How long `/infer` waits for its result.
 pub const INFER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,7 +70,7 @@ impl TokenFile {
 }
 
 pub struct HttpState {
-    pub models: Arc<Models>,
+    pub registry: Arc<Registry>,
     /// When set, `POST /infer` needs its bearer token.
     pub token: Option<TokenFile>,
     pub metrics: Arc<Metrics>,
@@ -137,10 +137,10 @@ fn handle(state: &HttpState, mut rq: Request) {
             let (ready, body) = readiness(state);
             json_response(if ready { 200 } else { 503 }, body)
         }
-        (Method::Get | Method::Head, "/metrics") => {
-            Response::from_string(state.metrics.render(&state.models.summary()))
-                .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8"))
-        }
+        (Method::Get | Method::Head, "/metrics") => Response::from_string(metrics_text(state))
+            .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")),
+        (Method::Get | Method::Head, "/models") => json_response(200, models_json(state)),
+        (Method::Post, p) if p.starts_with("/models/") && p.ends_with("/reload") => reload(state, &rq, p),
         (Method::Post, "/infer") if !authorized(state, &rq) => json_response(
             401,
             error_body("POST /infer needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"),
@@ -151,11 +151,35 @@ fn handle(state: &HttpState, mut rq: Request) {
         (_, "/infer") => json_response(405, error_body("method not allowed; POST a JPEG body")),
         _ => json_response(
             404,
-            error_body("not found; try /healthz, /readyz, /metrics or POST /infer"),
+            error_body("not found; try /healthz, /readyz, /metrics, /models or POST /infer"),
         ),
     };
     if let Err(e) = rq.respond(resp) {
         log::debug!("HTTP response to {method} {path} failed: {e}");
+    }
+}
+
+/// `POST /models/{name}/reload` (behind the bearer token when one is set).
+fn reload(state: &HttpState, rq: &Request, path: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+    let name = &path["/models/".len()..path.len() - "/reload".len()];
+    if !authorized(state, rq) {
+        return json_response(
+            401,
+            error_body("reloading needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"),
+        )
+        .with_header(header("WWW-Authenticate", "Bearer"));
+    }
+    #[derive(miniserde::Serialize)]
+    struct Reloaded<'a> {
+        reloaded: &'a str,
+    }
+    match state.registry.reload(name) {
+        Ok(()) => json_response(
+            200,
+            miniserde::json::to_string(&Reloaded { reloaded: name }).into_bytes(),
+        ),
+        Err(e) if e.starts_with("no model named") => json_response(404, error_body(&e)),
+        Err(e) => json_response(422, error_body(&e)),
     }
 }
 
@@ -171,6 +195,74 @@ fn authorized(state: &HttpState, rq: &Request) -> bool {
             t.allows(h)
         }
     }
+}
+
+fn metrics_text(state: &HttpState) -> String {
+    use std::fmt::Write as _;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut o = state.metrics.render(&state.registry.snapshot().summary());
+    let r = &state.registry;
+    let _ = writeln!(
+        o,
+        "# HELP aei_model_reloads_total Models reloaded without a restart.\n# TYPE aei_model_reloads_total counter"
+    );
+    let _ = writeln!(o, "aei_model_reloads_total {}", r.reloads.load(Relaxed));
+    let _ = writeln!(
+        o,
+        "# HELP aei_model_reload_failures_total Reloads refused; the previous model kept serving.\n# TYPE aei_model_reload_failures_total counter"
+    );
+    let _ = writeln!(o, "aei_model_reload_failures_total {}", r.reload_failures.load(Relaxed));
+    o
+}
+
+/// `GET /models`: every loaded model with its version (file hash), backend,
+/// provider, load time, frames answered and last reload error.
+fn models_json(state: &HttpState) -> Vec<u8> {
+    #[derive(miniserde::Serialize)]
+    struct M {
+        name: String,
+        backend: String,
+        model_type: String,
+        provider: String,
+        source: String,
+        model_hash: String,
+        loaded_at_unix_s: u64,
+        frames: u64,
+        reload_error: Option<String>,
+    }
+    let errors = state
+        .registry
+        .reload_errors
+        .lock()
+        .map(|e| e.clone())
+        .unwrap_or_default();
+    let list: Vec<M> = state
+        .registry
+        .snapshot()
+        .list
+        .iter()
+        .map(|m| M {
+            name: m.config.name.clone(),
+            backend: m.backend_name().into(),
+            model_type: m.config.model_type.as_str().into(),
+            provider: m.provider.clone(),
+            source: m
+                .config
+                .source
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "built-in".into()),
+            model_hash: format!("{:016x}", m.hash),
+            loaded_at_unix_s: m
+                .loaded_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            frames: m.frames.load(std::sync::atomic::Ordering::Relaxed),
+            reload_error: errors.get(&m.config.name).cloned(),
+        })
+        .collect();
+    miniserde::json::to_string(&list).into_bytes()
 }
 
 fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
@@ -195,11 +287,11 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         mqtt: Mqtt,
     }
     let connected = state.metrics.mqtt_connected.load(Relaxed);
-    let ready = state.models.all_ready() && (!state.mqtt_enabled || connected);
+    let models = state.registry.snapshot();
+    let ready = models.all_ready() && (!state.mqtt_enabled || connected);
     let body = Ready {
         ready,
-        models: state
-            .models
+        models: models
             .summary()
             .into_iter()
             .map(|m| Model {
@@ -221,7 +313,7 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
 
 fn infer(state: &HttpState, rq: &mut Request, query: &str) -> Response<std::io::Cursor<Vec<u8>>> {
     let model = match query.split('&').find_map(|kv| kv.strip_prefix("model=")) {
-        Some(name) => match state.models.find(name) {
+        Some(name) => match state.registry.snapshot().find(name) {
             Some(i) => i,
             None => return json_response(404, error_body(&format!("no model named `{name}`"))),
         },

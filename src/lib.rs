@@ -23,6 +23,7 @@ pub mod pipeline;
 pub mod postprocess;
 pub mod preprocess;
 pub mod process;
+pub mod registry;
 pub mod result;
 pub mod service;
 pub mod topic;

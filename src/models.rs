@@ -7,7 +7,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs};
 use crate::config::model::{BackendKind, Labels, ModelConfig, ModelType};
@@ -49,6 +49,11 @@ pub struct Model {
     /// The execution provider in use (`builtin` for built-in analyses).
     pub provider: String,
     pub ready: AtomicBool,
+    pub loaded_at: std::time::SystemTime,
+    /// Content hash of the model file (0 when there is none), the version `/models` shows.
+    pub hash: u64,
+    /// Frames this model has answered.
+    pub frames: std::sync::atomic::AtomicU64,
 }
 
 impl Model {
@@ -93,7 +98,8 @@ pub struct Summary {
 }
 
 pub struct Models {
-    pub list: Vec<Model>,
+    /// Shared between snapshots: a hot swap replaces one entry.
+    pub list: Vec<Arc<Model>>,
     /// Models that failed to load; the others serve.
     pub failed: Vec<LoadError>,
 }
@@ -121,12 +127,23 @@ impl Models {
                 ModelType::Classification | ModelType::Detection => load_ml(&config, env),
             };
             match loaded {
-                Ok((runner, provider)) => list.push(Model {
-                    config,
-                    runner,
-                    provider,
-                    ready: AtomicBool::new(true),
-                }),
+                Ok((runner, provider)) => {
+                    let hash = config
+                        .model_path
+                        .as_deref()
+                        .and_then(|p| std::fs::read(p).ok())
+                        .map(|b| health::content_hash(&b))
+                        .unwrap_or(0);
+                    list.push(Arc::new(Model {
+                        config,
+                        runner,
+                        provider,
+                        ready: AtomicBool::new(true),
+                        loaded_at: std::time::SystemTime::now(),
+                        hash,
+                        frames: std::sync::atomic::AtomicU64::new(0),
+                    }))
+                }
                 Err(error) => failed.push(LoadError {
                     model: config.name.clone(),
                     source: source_of(&config),

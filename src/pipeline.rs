@@ -23,6 +23,7 @@ use crate::ingest;
 use crate::metrics::{DropReason, Metrics, Stage};
 use crate::models::{Models, Route, MAX_MODELS};
 use crate::process::{self, Ctx, Emitted};
+use crate::registry::Registry;
 use crate::result;
 
 /// A message for the pipeline.
@@ -45,7 +46,8 @@ pub struct Outbound {
 
 /// Everything the tasks share.
 pub struct Shared {
-    pub models: Arc<Models>,
+    /// The live model set; each frame takes a snapshot at ingest.
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub ring: Ring,
     pub limits: Limits,
@@ -57,9 +59,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    fn ctx(&self) -> Ctx<'_> {
+    fn ctx<'a>(&'a self, models: &'a Models) -> Ctx<'a> {
         Ctx {
-            models: &self.models,
+            models,
             metrics: &self.metrics,
             max_width: self.limits.max_width,
             max_height: self.limits.max_height,
@@ -146,6 +148,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         let t0 = Instant::now();
         shared.metrics.messages_received.fetch_add(1, Relaxed);
         let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
+        let models = shared.registry.snapshot();
         match msg.model {
             Some(m) => {
                 routes.clear();
@@ -154,7 +157,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     filter: 0,
                 });
             }
-            None => shared.models.route(topic, &mut routes),
+            None => models.route(topic, &mut routes),
         }
         if routes.is_empty() {
             log::warn!("message on `{topic}` matches no model's input topics; ignored");
@@ -166,7 +169,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             &msg.payload,
             oneshot,
             shared.limits.max_payload,
-            &shared.models,
+            &models,
             &routes,
         );
         let a = match admitted {
@@ -218,6 +221,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         };
         slot.reset();
         slot.routes.extend_from_slice(&routes);
+        slot.models = Some(models.clone());
         let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
         match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
             Ok(()) => shared.ring.push(slot),
@@ -271,7 +275,8 @@ async fn worker_loop(shared: &Shared) {
 async fn emit_all(shared: &Shared, slot: &mut Slot, work: impl FnOnce(&mut Slot, &Ctx<'_>, &mut Collect)) {
     let mut pending = Collect(Vec::new());
     let origin = std::mem::take(&mut slot.origin);
-    work(slot, &shared.ctx(), &mut pending);
+    let models = slot.models.clone().unwrap_or_else(|| shared.registry.snapshot());
+    work(slot, &shared.ctx(&models), &mut pending);
     for (o, kind) in pending.0 {
         deliver_owned(shared, &origin, o, kind).await;
     }

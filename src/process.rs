@@ -155,6 +155,7 @@ fn emit_to(
     );
     if kind == Emitted::Result {
         ctx.metrics.stage(Stage::Total, slot.received_at.elapsed());
+        model.frames.fetch_add(1, Relaxed);
     }
     emit(slot, kind);
 }

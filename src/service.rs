@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::models::Models;
 use crate::pipeline::{self, Shared};
 use crate::process::{Ctx, Emitted};
+use crate::registry::Registry;
 use crate::topic::TopicTemplate;
 use crate::{build_info, http, mqtt};
 
@@ -66,12 +67,19 @@ pub fn run(settings: Settings) -> Result<(), String> {
     );
     let status_topic = render_service_topic(&settings.status_topic, &settings.client_id)?;
     let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
+    let subscriptions = models.subscriptions();
+    let model_count = models.list.len();
+    let models = Arc::into_inner(models).ok_or("models are shared before start-up")?;
+    let registry = Arc::new(Registry::new(models, settings.clone(), limits));
+    if settings.model_watch_s > 0 {
+        registry.watch(Duration::from_secs(settings.model_watch_s));
+    }
 
     let (in_tx, in_rx) = async_channel::bounded(settings.queue_depth.max(16));
     let (out_tx, out_rx) = async_channel::bounded(settings.queue_depth * 4 + 16);
     let mqtt_on = settings.broker.is_some();
     let shared = Arc::new(Shared {
-        models: models.clone(),
+        registry: registry.clone(),
         metrics: metrics.clone(),
         ring: Ring::new(settings.queue_depth, &limits, metrics.clone()),
         limits,
@@ -87,7 +95,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             .map(http::TokenFile::open)
             .transpose()?;
         let state = http::HttpState {
-            models: models.clone(),
+            registry: registry.clone(),
             token,
             metrics: metrics.clone(),
             incoming: in_tx.clone(),
@@ -105,7 +113,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             port,
             client_id: settings.client_id.clone(),
             keep_alive: Duration::from_secs(settings.keep_alive_s),
-            subscriptions: models.subscriptions(),
+            subscriptions,
             status_topic,
             max_payload: settings.max_payload_bytes,
         };
@@ -116,7 +124,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     }
     log::info!(
         "ready: {} model(s), {} frame slots, {} workers",
-        models.list.len(),
+        model_count,
         settings.queue_depth,
         settings.workers
     );

@@ -23,6 +23,7 @@ pub struct Opt {
 /// Every service setting. `--help` and the README's table are written from this.
 pub const OPTIONS: &[Opt] = &[
     Opt { env: "MODEL_CONFIG_PATH", flag: "--model-config", default: "", help: "Model config YAML file, or a directory of them. Empty: the built-in camera-health job on MQTT_INPUT_TOPICS." },
+    Opt { env: "MODEL_WATCH_S", flag: "--model-watch", default: "2", help: "Seconds between checks of model config and model files for changes (reloaded without restart). 0: no watching." },
     Opt { env: "DEFAULT_BACKEND", flag: "--backend", default: "candle", help: "Backend for model configs that name none: candle | onnx | dual." },
     Opt { env: "ENABLE_DUAL_BACKEND", flag: "--dual", default: "false", help: "Run every ML model on both backends and publish comparisons (true | false)." },
     Opt { env: "GPU_ENABLED", flag: "--gpu", default: "false", help: "Allow backends to use a GPU when the model config allows it (true | false)." },
@@ -61,6 +62,8 @@ impl fmt::Display for SettingsError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub model_config_path: Option<PathBuf>,
+    /// Seconds between model file checks; 0: off.
+    pub model_watch_s: u64,
     pub default_backend: BackendKind,
     pub enable_dual: bool,
     pub gpu_enabled: bool,
@@ -130,6 +133,7 @@ impl Settings {
         let get = |k: &str| values[k].trim().to_owned();
         let s = Settings {
             model_config_path: non_empty(get("MODEL_CONFIG_PATH")).map(PathBuf::from),
+            model_watch_s: parse_num("MODEL_WATCH_S", &get("MODEL_WATCH_S"), 0, 3600)?,
             default_backend: match get("DEFAULT_BACKEND").as_str() {
                 "candle" => BackendKind::Candle,
                 "onnx" => BackendKind::Onnx,
