@@ -398,3 +398,81 @@ fn a_per_source_rate_limit_answers_the_excess_and_spares_other_cameras() {
     assert_eq!(limited, 4);
     assert_eq!(svc.metric("aei_frames_dropped_total{reason=\"rate_limited\"}"), 4.0);
 }
+
+#[test]
+fn replicas_split_a_stream_through_a_shared_subscription() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let (_dir, health) = camera_health_config();
+    let shared = "$share/vision/edge-ai/+/+/+/camera/snapshots";
+    let replicas: Vec<Service> = ["replica-a", "replica-b"]
+        .iter()
+        .map(|id| {
+            Service::start(&[
+                ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+                ("AIO_BROKER_TCP_PORT", &port),
+                ("AIO_MQTT_CLIENT_ID", id),
+                ("MODEL_CONFIG_PATH", &health),
+                ("MQTT_INPUT_TOPICS", shared),
+                ("QUEUE_DEPTH", "64"),
+            ])
+        })
+        .collect();
+    let peer = Peer::connect(
+        broker.port,
+        &["edge-ai/bu1/plant-7/gw-3/ai/#", "edge-ai/services/+/ai/errors"],
+    );
+    for r in &replicas {
+        r.wait_ready();
+    }
+    let jpeg = fixture("chelsea.jpg");
+    let results = |r: &Service| r.metric("aei_messages_published_total{kind=\"result\"}");
+    // Probe until both replicas' shared subscriptions are live (each has answered one).
+    let end = std::time::Instant::now() + DEADLINE;
+    let mut k = 0;
+    while replicas.iter().any(|r| results(r) == 0.0) {
+        assert!(std::time::Instant::now() < end, "a replica never got its share");
+        let c = format!("probe-{k}");
+        peer.publish(GOOD_TOPIC, snapshot("probe-cam", &c, &jpeg));
+        peer.wait_until("the probe's answer", |m| {
+            m.iter()
+                .any(|m| get_str(&m.json(), &["metadata", "source", "correlation_id"]).as_deref() == Some(c.as_str()))
+        });
+        k += 1;
+    }
+    let before: Vec<f64> = replicas.iter().map(results).collect();
+    const N: usize = 40;
+    for i in 0..N {
+        peer.publish(GOOD_TOPIC, snapshot(&format!("cam-{}", i % 4), &format!("q{i}"), &jpeg));
+    }
+    let corr = |m: &Msg| {
+        let v = m.json();
+        get_str(&v, &["metadata", "source", "correlation_id"])
+            .or_else(|| get_str(&v, &["source", "correlation_id"]))
+            .filter(|c| c.starts_with('q'))
+    };
+    let got = peer.wait_until("an answer per frame", |m| m.iter().filter_map(corr).count() >= N);
+    let answers = count_by(&got, corr);
+    assert_eq!(answers.len(), N);
+    assert!(
+        answers.values().all(|n| *n == 1),
+        "each frame handled by exactly one replica: {answers:?}"
+    );
+    // `k` probes and `N` frames, all answered with results; the counters may trail the
+    // messages by a moment, so read them until they add up.
+    let end = std::time::Instant::now() + DEADLINE;
+    while replicas.iter().map(results).sum::<f64>() < (k + N) as f64 {
+        assert!(std::time::Instant::now() < end, "results missing");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        replicas.iter().map(results).sum::<f64>(),
+        (k + N) as f64,
+        "all results, no errors"
+    );
+    let per_replica: Vec<f64> = replicas.iter().zip(&before).map(|(r, b)| results(r) - b).collect();
+    assert!(
+        per_replica.iter().all(|n| *n >= 5.0),
+        "both replicas took a share: {per_replica:?}"
+    );
+}
