@@ -122,6 +122,21 @@ impl Registry {
         Ok(())
     }
 
+    /// Reloads every model that has a config file (SIGHUP); each keeps its
+    /// old version when its reload fails.
+    pub fn reload_all(&self) {
+        let names: Vec<String> = self
+            .snapshot()
+            .list
+            .iter()
+            .filter(|m| m.config.source.is_some())
+            .map(|m| m.config.name.clone())
+            .collect();
+        for name in names {
+            let _ = self.reload(&name);
+        }
+    }
+
     /// Polls the config and model files of every file-backed model every
     /// `period`; a file whose modification time changed and then held still
     /// for one period (so half-written files are skipped) triggers a reload.

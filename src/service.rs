@@ -74,6 +74,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     if settings.model_watch_s > 0 {
         registry.watch(Duration::from_secs(settings.model_watch_s));
     }
+    reload_on_sighup(registry.clone())?;
 
     let (in_tx, in_rx) = async_channel::bounded(settings.queue_depth.max(16));
     let (out_tx, out_rx) = async_channel::bounded(settings.queue_depth * 4 + 16);
@@ -131,6 +132,25 @@ pub fn run(settings: Settings) -> Result<(), String> {
     for t in threads {
         let _ = t.join();
     }
+    Ok(())
+}
+
+/// SIGHUP reloads every model that has files (the usual daemon convention).
+fn reload_on_sighup(registry: Arc<Registry>) -> Result<(), String> {
+    use smol::stream::StreamExt as _;
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Hup]).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    std::thread::Builder::new()
+        .name("sighup".into())
+        .spawn(move || {
+            smol::block_on(async {
+                while let Some(Ok(_)) = signals.next().await {
+                    log::info!("SIGHUP: reloading every model from its files");
+                    registry.reload_all();
+                }
+            })
+        })
+        .map_err(|e| e.to_string())?;
     Ok(())
 }
 

@@ -164,3 +164,35 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
     );
     assert_eq!(http_request(svc.http(), "POST", "/models/nope/reload", b"").0, 404);
 }
+
+#[test]
+fn sighup_reloads_every_model() {
+    let dir = TempDir::new("hup");
+    let cfg = dir.write("health.yaml", "name: cam-health\nmodel_type: camera-health\n");
+    let mut svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", ""),
+        ("MODEL_CONFIG_PATH", cfg.to_str().unwrap()),
+        ("MODEL_WATCH_S", "0"),
+    ]);
+    let blurry = |svc: &Service| {
+        let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg"));
+        assert_eq!(code, 200);
+        let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
+        get_bool(&v, &["health", "blurry"]).unwrap()
+    };
+    assert!(!blurry(&svc));
+    std::fs::write(
+        &cfg,
+        "name: cam-health\nmodel_type: camera-health\nhealth: { blur_threshold: 1000000000 }\n",
+    )
+    .unwrap();
+    assert!(!blurry(&svc), "no watcher: nothing changes by itself");
+    svc.signal("HUP");
+    let end = Instant::now() + DEADLINE;
+    while svc.metric("aei_model_reloads_total") < 1.0 {
+        assert!(Instant::now() < end, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(blurry(&svc), "the edited config is live");
+    assert!(svc.still_running());
+}

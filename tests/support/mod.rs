@@ -199,6 +199,15 @@ impl Service {
             .unwrap()
     }
 
+    /// Sends a signal (e.g. "HUP") to the service process.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -s {name}");
+    }
+
     pub fn still_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
