@@ -46,6 +46,14 @@ pub enum Origin {
     Reply(async_channel::Sender<Reply>),
 }
 
+/// The broker's delivery to acknowledge once the frame's answer is with the
+/// MQTT client (QoS 1: PUBACK; QoS 2: PUBREC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub pkid: u16,
+    pub exactly_once: bool,
+}
+
 /// The answer to a one-shot request: HTTP status and JSON body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
@@ -59,6 +67,8 @@ pub struct Slot {
     /// The model set this frame was routed with; it finishes on it even if a
     /// reload swaps in a newer one meanwhile.
     pub models: Option<std::sync::Arc<crate::models::Models>>,
+    /// Acknowledged after the frame's answer is handed to the client.
+    pub ack: Option<Ack>,
     pub form: Form,
     pub received_at: Instant,
     pub topic: String,
@@ -91,6 +101,7 @@ impl Slot {
         Slot {
             origin: Origin::Mqtt,
             models: None,
+            ack: None,
             form: Form::RawJpeg,
             received_at: Instant::now(),
             topic: String::with_capacity(MAX_TOPIC_LEN),
@@ -135,6 +146,7 @@ impl Slot {
     pub fn reset(&mut self) {
         self.origin = Origin::Mqtt;
         self.models = None;
+        self.ack = None;
         self.topic.clear();
         self.device.clear();
         self.routes.clear();

@@ -15,8 +15,9 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
 
 use crate::build_info;
+use crate::frame::Ack;
 use crate::metrics::Metrics;
-use crate::pipeline::{Incoming, Outbound};
+use crate::pipeline::{Incoming, ToMqtt};
 
 /// Broker connection facts, from the settings.
 pub struct MqttConfig {
@@ -27,6 +28,10 @@ pub struct MqttConfig {
     pub subscriptions: Vec<String>,
     pub status_topic: String,
     pub max_payload: usize,
+    /// Start a fresh session (true) or resume the broker-kept one (false).
+    pub clean_start: bool,
+    /// Seconds the broker keeps the session (and queues QoS 1 frames) while we are away.
+    pub session_expiry_s: u32,
 }
 
 /// The retained status message; `online` carries build facts.
@@ -86,11 +91,14 @@ pub fn start(
     cfg: MqttConfig,
     metrics: Arc<Metrics>,
     incoming: async_channel::Sender<Incoming>,
-    outbound: async_channel::Receiver<Outbound>,
+    outbound: async_channel::Receiver<ToMqtt>,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
     opts.set_keep_alive(cfg.keep_alive);
-    opts.set_clean_start(true);
+    opts.set_clean_start(cfg.clean_start);
+    opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
+    // A frame is acknowledged only once its answer is with the client (see pipeline::ToMqtt).
+    opts.set_manual_acks(true);
     opts.set_max_packet_size(Some(max_packet_size(cfg.max_payload)));
     opts.set_request_channel_capacity(1024);
     opts.set_network_options(low_latency());
@@ -131,11 +139,19 @@ pub fn start(
                             }
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let ack = match p.qos {
+                                QoS::AtMostOnce => None,
+                                qos => Some(Ack {
+                                    pkid: p.pkid,
+                                    exactly_once: qos == QoS::ExactlyOnce,
+                                }),
+                            };
                             let msg = Incoming {
                                 topic: p.topic,
                                 payload: p.payload,
                                 reply: None,
                                 model: None,
+                                ack,
                             };
                             if incoming.send_blocking(msg).is_err() {
                                 break;
@@ -179,10 +195,23 @@ pub fn start(
     let publisher = std::thread::Builder::new()
         .name("mqtt-publish".into())
         .spawn(move || {
-            while let Ok(o) = outbound.recv_blocking() {
-                if let Err(e) = client.publish(o.topic, QoS::AtLeastOnce, false, o.payload) {
+            while let Ok(next) = outbound.recv_blocking() {
+                let sent = match next {
+                    ToMqtt::Publish(o) => client.publish(o.topic, QoS::AtLeastOnce, false, o.payload),
+                    ToMqtt::Ack(a) => {
+                        let qos = if a.exactly_once {
+                            QoS::ExactlyOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Vec::<u8>::new(), None);
+                        p.pkid = a.pkid;
+                        client.ack(&p)
+                    }
+                };
+                if let Err(e) = sent {
                     metrics.publish_failed.fetch_add(1, Relaxed);
-                    log::warn!("MQTT client refused a message: {e}");
+                    log::warn!("MQTT client refused a request: {e}");
                 }
             }
             let _ = client.disconnect();

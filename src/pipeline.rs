@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::frame::{Limits, Origin, Reply, Ring, Slot, RESULT_CAPACITY};
+use crate::frame::{Ack, Limits, Origin, Reply, Ring, Slot, RESULT_CAPACITY};
 use crate::ingest;
 use crate::metrics::{DropReason, Metrics, Stage};
 use crate::models::{Models, Route, MAX_MODELS};
@@ -34,6 +34,17 @@ pub struct Incoming {
     pub reply: Option<async_channel::Sender<Reply>>,
     /// One-shot requests name their model (by index); MQTT messages are routed by topic.
     pub model: Option<usize>,
+    /// MQTT QoS 1/2 deliveries: acknowledged only once answered.
+    pub ack: Option<Ack>,
+}
+
+/// What the MQTT publisher thread does, in order: a frame's answers are
+/// queued before its acknowledgement, so an input is acknowledged only after
+/// its result is with the client.
+#[derive(Debug)]
+pub enum ToMqtt {
+    Publish(Outbound),
+    Ack(Ack),
 }
 
 /// A message for the MQTT publisher.
@@ -55,7 +66,7 @@ pub struct Shared {
     /// Frames per second per source; 0: unlimited.
     pub max_fps_per_source: f64,
     /// `None`: MQTT is off and MQTT-origin results have nowhere to go.
-    pub outbound: Option<async_channel::Sender<Outbound>>,
+    pub outbound: Option<async_channel::Sender<ToMqtt>>,
 }
 
 impl Shared {
@@ -161,6 +172,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         }
         if routes.is_empty() {
             log::warn!("message on `{topic}` matches no model's input topics; ignored");
+            ack(shared, msg.ack).await;
             continue;
         }
         let oneshot = msg.reply.as_ref().map(|_| "http");
@@ -187,6 +199,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     Emitted::Error(e.http_status()),
                 )
                 .await;
+                ack(shared, msg.ack).await;
                 continue;
             }
         };
@@ -204,6 +217,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 );
                 let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
                 deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(429)).await;
+                ack(shared, msg.ack).await;
                 continue;
             }
         }
@@ -224,12 +238,16 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         slot.models = Some(models.clone());
         let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
         match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
-            Ok(()) => shared.ring.push(slot),
+            Ok(()) => {
+                slot.ack = msg.ack;
+                shared.ring.push(slot)
+            }
             Err(e) => {
                 emit_all(shared, &mut slot, |slot, ctx, c| {
                     process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k))
                 })
                 .await;
+                ack(shared, msg.ack).await;
                 shared.ring.release(slot);
             }
         }
@@ -257,6 +275,7 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
     slot.out = out;
     let origin = std::mem::take(&mut slot.origin);
     deliver(shared, &origin, &shared.error_topic, &slot.out, Emitted::Error(503)).await;
+    ack(shared, slot.ack.take()).await;
 }
 
 async fn worker_loop(shared: &Shared) {
@@ -265,6 +284,7 @@ async fn worker_loop(shared: &Shared) {
             process::process(slot, ctx, |s, k| c.push(s, k))
         })
         .await;
+        ack(shared, slot.ack.take()).await;
         shared.ring.release(slot);
     }
 }
@@ -293,6 +313,13 @@ impl Collect {
             error: matches!(kind, Emitted::Error(_)),
         };
         self.0.push((o, kind));
+    }
+}
+
+/// Acknowledges a delivery after everything sent for it so far.
+async fn ack(shared: &Shared, a: Option<Ack>) {
+    if let (Some(a), Some(out)) = (a, &shared.outbound) {
+        let _ = out.send(ToMqtt::Ack(a)).await;
     }
 }
 
@@ -326,7 +353,7 @@ async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emit
                 } else {
                     &shared.metrics.results_published
                 };
-                if out.send(o).await.is_ok() {
+                if out.send(ToMqtt::Publish(o)).await.is_ok() {
                     counter.fetch_add(1, Relaxed);
                 }
             }

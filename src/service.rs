@@ -117,6 +117,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
             subscriptions,
             status_topic,
             max_payload: settings.max_payload_bytes,
+            clean_start: settings.clean_start,
+            session_expiry_s: settings.session_expiry_s,
         };
         threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx));
     } else {

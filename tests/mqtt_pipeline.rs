@@ -476,3 +476,56 @@ fn replicas_split_a_stream_through_a_shared_subscription() {
         "both replicas took a share: {per_replica:?}"
     );
 }
+
+#[test]
+fn frames_unanswered_when_the_service_dies_are_answered_after_it_restarts() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let (_dir, health) = camera_health_config();
+    let env = [
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", port.as_str()),
+        ("AIO_MQTT_CLIENT_ID", "durable"),
+        ("MODEL_CONFIG_PATH", health.as_str()),
+        ("QUEUE_DEPTH", "64"),
+        // Slow the first life down so frames are still in flight when it is killed.
+        ("WORKERS", "1"),
+    ];
+    let first = Service::start(&env);
+    let peer = Peer::connect(
+        broker.port,
+        &["edge-ai/bu1/plant-7/gw-3/ai/#", "edge-ai/services/durable/ai/errors"],
+    );
+    first.wait_ready();
+    const N: usize = 300;
+    let jpeg = fixture("rocket-1080p.jpg");
+    for i in 0..N {
+        peer.publish(
+            GOOD_TOPIC,
+            snapshot(&format!("cam-{}", i % 50), &format!("d{i}"), &jpeg),
+        );
+    }
+    let corr = |m: &Msg| {
+        let v = m.json();
+        get_str(&v, &["metadata", "source", "correlation_id"]).or_else(|| get_str(&v, &["source", "correlation_id"]))
+    };
+    peer.wait_until("some answers before the crash", |m| {
+        m.iter().filter_map(corr).count() >= 10
+    });
+    drop(first); // SIGKILL: no goodbye, unacknowledged frames stay with the broker's session
+    let answered_before = count_by(&peer.received.lock().unwrap(), corr).len();
+    assert!(
+        answered_before < N,
+        "the crash must come mid-stream ({answered_before} of {N} answered)"
+    );
+
+    let second = Service::start(&env);
+    let got = peer.wait_until("every frame answered", |m| count_by(m, corr).len() >= N);
+    let answers = count_by(&got, corr);
+    for i in 0..N {
+        assert!(answers.contains_key(&format!("d{i}")), "frame d{i} was lost");
+    }
+    let duplicates = answers.values().filter(|n| **n > 1).count();
+    println!("{answered_before} answered before the crash; {duplicates} frames answered twice (QoS 1 redelivery)");
+    drop(second);
+}

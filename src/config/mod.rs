@@ -30,6 +30,8 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "AIO_BROKER_HOSTNAME", flag: "--broker-host", default: "localhost", help: "MQTT broker host. Empty: no MQTT (HTTP /infer only)." },
     Opt { env: "AIO_BROKER_TCP_PORT", flag: "--broker-port", default: "1883", help: "MQTT broker TCP port." },
     Opt { env: "AIO_MQTT_CLIENT_ID", flag: "--client-id", default: "ai-edge-inference", help: "MQTT client id; also fills {client_id} in the status and error topics." },
+    Opt { env: "AIO_MQTT_CLEAN_START", flag: "--clean-start", default: "false", help: "Start a fresh MQTT session (true) or resume the broker-kept one, with the frames it queued while we were away (false)." },
+    Opt { env: "AIO_MQTT_SESSION_EXPIRY", flag: "--session-expiry", default: "3600", help: "Seconds the broker keeps our MQTT session (and queues QoS 1 frames) after a disconnect." },
     Opt { env: "MQTT_KEEP_ALIVE_S", flag: "--keep-alive", default: "30", help: "MQTT keep-alive interval in seconds (5..=3600)." },
     Opt { env: "MQTT_INPUT_TOPICS", flag: "--input-topics", default: "edge-ai/+/+/+/camera/snapshots", help: "Comma-separated input filters for models whose config has none. `+` levels may be named `{name}`." },
     Opt { env: "MQTT_OUTPUT_TOPIC_TEMPLATE", flag: "--output-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision", help: "Result topic template for models whose config has none." },
@@ -71,6 +73,8 @@ pub struct Settings {
     pub broker: Option<(String, u16)>,
     pub client_id: String,
     pub keep_alive_s: u64,
+    pub clean_start: bool,
+    pub session_expiry_s: u32,
     pub input_topics: Vec<String>,
     pub output_topic_template: String,
     pub comparison_topic_template: String,
@@ -152,6 +156,13 @@ impl Settings {
             client_id: non_empty(get("AIO_MQTT_CLIENT_ID"))
                 .ok_or_else(|| bad("AIO_MQTT_CLIENT_ID", "a non-empty client id", ""))?,
             keep_alive_s: parse_num("MQTT_KEEP_ALIVE_S", &get("MQTT_KEEP_ALIVE_S"), 5, 3600)?,
+            clean_start: parse_bool("AIO_MQTT_CLEAN_START", &get("AIO_MQTT_CLEAN_START"))?,
+            session_expiry_s: parse_num(
+                "AIO_MQTT_SESSION_EXPIRY",
+                &get("AIO_MQTT_SESSION_EXPIRY"),
+                0,
+                u32::MAX as u64,
+            )? as u32,
             input_topics: get("MQTT_INPUT_TOPICS")
                 .split(',')
                 .map(|t| t.trim().to_owned())
