@@ -7,33 +7,14 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
-use ai_edge_inference::backend::BackendEnv;
 use ai_edge_inference::config::model::{self, ModelConfig};
-use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::Slot;
 use ai_edge_inference::metrics::Metrics;
 use ai_edge_inference::models::Models;
 use ai_edge_inference::pipeline;
 use ai_edge_inference::process::{Ctx, Emitted};
-use miniserde::json::{Number, Value};
+use miniserde::json::Value;
 use support::*;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn env() -> BackendEnv {
-    let lib = std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/.cache/libonnxruntime.so.1.32.0"));
-    BackendEnv { ort_library: Some(lib) }
-}
-
-fn settings() -> Settings {
-    Settings::from_env_and_args(|_| None, &[]).unwrap().0
-}
 
 /// EfficientNet-Lite0 on `backend`: Candle reads the bundled f16 safetensors
 /// (no fetch needed), ONNX Runtime the fetched ONNX graph of the same weights.
@@ -45,15 +26,6 @@ fn efficientnet_on(backend: &str) -> ModelConfig {
     let c = model::load_file(&root().join("models").join(file), &settings()).unwrap();
     assert_eq!(c.backend.as_str(), backend);
     c
-}
-
-fn num(v: &Value) -> f64 {
-    match v {
-        Value::Number(Number::F64(f)) => *f,
-        Value::Number(Number::U64(u)) => *u as f64,
-        Value::Number(Number::I64(i)) => *i as f64,
-        other => panic!("not a number: {other:?}"),
-    }
 }
 
 /// Every message each photo produces through model 0, parsed.
@@ -143,7 +115,7 @@ macro_rules! on_every_backend {
 }
 
 on_every_backend!(efficientnet_lite0_names_the_photos, |backend: &str| {
-    let models = Models::load(vec![efficientnet_on(backend)], &env());
+    let models = Models::load(vec![efficientnet_on(backend)], &backend_env());
     assert!(models.failed.is_empty(), "{:?}", models.failed);
     let out = run(&models, &["coffee.jpg", "chelsea.jpg"]);
     let (coffee, chelsea) = (&out[0][0], &out[1][0]);
@@ -156,7 +128,7 @@ on_every_backend!(efficientnet_lite0_names_the_photos, |backend: &str| {
 });
 
 on_every_backend!(graph yolov12n_finds_the_person_the_cat_and_the_cup, |backend: &str| {
-    let models = Models::load(vec![yolo_on(backend)], &env());
+    let models = Models::load(vec![yolo_on(backend)], &backend_env());
     assert!(models.failed.is_empty(), "{:?}", models.failed);
     let out = run(&models, &["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]);
     let labels = |v: &Value| -> Vec<(String, f64, Vec<f64>)> {
@@ -186,7 +158,7 @@ on_every_backend!(graph yolov12n_finds_the_person_the_cat_and_the_cup, |backend:
 #[test]
 fn yolov12n_on_candle_matches_onnx_runtime() {
     let c = model::load_file(&root().join("models/yolov12n-dual.yaml"), &settings()).unwrap();
-    let models = Models::load(vec![c], &env());
+    let models = Models::load(vec![c], &backend_env());
     assert!(models.failed.is_empty(), "{:?}", models.failed);
     let photos = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"];
     for (photo, msgs) in photos.iter().zip(run(&models, &photos)) {
@@ -209,7 +181,7 @@ fn yolov12n_on_candle_matches_onnx_runtime() {
 fn candle_and_onnx_runtime_agree_on_every_photo_in_dual_mode() {
     let c = model::load_file(&root().join("models/efficientnet-lite0-dual.yaml"), &settings()).unwrap();
     assert_eq!(c.backend, model::BackendKind::Dual);
-    let models = Models::load(vec![c], &env());
+    let models = Models::load(vec![c], &backend_env());
     assert!(models.failed.is_empty(), "{:?}", models.failed);
     assert_eq!(models.list[0].provider, "cpu+cpu");
     let photos = [
@@ -255,7 +227,7 @@ fn candle_and_onnx_runtime_agree_on_every_photo_in_dual_mode() {
 fn dual_mode_end_to_end_through_mosquitto() {
     let broker = Broker::start();
     let port = broker.port.to_string();
-    let lib = env().ort_library.unwrap();
+    let lib = ort_library();
     let cfg = root().join("models/efficientnet-lite0-dual.yaml");
     let mut svc = Service::start(&[
         ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
@@ -302,7 +274,7 @@ fn a_dual_model_without_its_onnx_side_is_refused_clearly() {
         "d.yaml",
         "name: d\nbackend: dual\nmodel_type: image-classification\nmodel_path: embedded:efficientnet-lite0\n",
     );
-    let models = Models::load(vec![model::load_file(&cfg, &settings()).unwrap()], &env());
+    let models = Models::load(vec![model::load_file(&cfg, &settings()).unwrap()], &backend_env());
     assert_eq!(models.failed.len(), 1);
     let msg = models.failed[0].to_string();
     assert!(

@@ -7,18 +7,15 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-
 use ai_edge_inference::backend::{Backend as _, BackendEnv, Engine, Outputs};
 use ai_edge_inference::config::model::{self, ModelConfig};
-use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::Slot;
 use ai_edge_inference::metrics::Metrics;
 use ai_edge_inference::models::Models;
 use ai_edge_inference::pipeline;
 use ai_edge_inference::process::{Ctx, Emitted};
 use ai_edge_inference::{decode, preprocess};
-use miniserde::json::{Number, Value};
+use miniserde::json::Value;
 use support::*;
 
 #[global_allocator]
@@ -30,16 +27,7 @@ fn allocs_during(f: impl FnOnce()) -> u64 {
     ai_edge_inference::alloc_count::snapshot().0 - a
 }
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn ort_library() -> PathBuf {
-    std::env::var_os("ORT_DYLIB_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/.cache/libonnxruntime.so.1.32.0"))
-}
-
+/// The backend settings, insisting the ONNX Runtime library was fetched.
 fn env() -> BackendEnv {
     let lib = ort_library();
     assert!(
@@ -48,10 +36,6 @@ fn env() -> BackendEnv {
         lib.display()
     );
     BackendEnv { ort_library: Some(lib) }
-}
-
-fn settings() -> Settings {
-    Settings::from_env_and_args(|_| None, &[]).unwrap().0
 }
 
 fn config(name: &str) -> ModelConfig {
@@ -84,15 +68,6 @@ fn run_photos(models: &Models, photos: &[&str]) -> Vec<Value> {
             miniserde::json::from_str(&text).unwrap()
         })
         .collect()
-}
-
-fn num(v: &Value) -> f64 {
-    match v {
-        Value::Number(Number::F64(f)) => *f,
-        Value::Number(Number::U64(u)) => *u as f64,
-        Value::Number(Number::I64(i)) => *i as f64,
-        other => panic!("not a number: {other:?}"),
-    }
 }
 
 fn predictions(v: &Value) -> Vec<(String, f64, Option<Vec<f64>>)> {

@@ -21,6 +21,43 @@ pub fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)).expect("fixture")
 }
 
+/// The repository root.
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The ONNX Runtime library: `ORT_DYLIB_PATH`, else the one `models/fetch` caches.
+pub fn ort_library() -> PathBuf {
+    std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/.cache/libonnxruntime.so.1.32.0"))
+}
+
+/// Backend settings for tests that load models in-process.
+pub fn backend_env() -> ai_edge_inference::backend::BackendEnv {
+    ai_edge_inference::backend::BackendEnv {
+        ort_library: Some(ort_library()),
+    }
+}
+
+/// The service settings with every default.
+pub fn settings() -> ai_edge_inference::config::Settings {
+    ai_edge_inference::config::Settings::from_env_and_args(|_| None, &[])
+        .unwrap()
+        .0
+}
+
+/// A JSON number as f64.
+pub fn num(v: &miniserde::json::Value) -> f64 {
+    use miniserde::json::{Number, Value};
+    match v {
+        Value::Number(Number::F64(f)) => *f,
+        Value::Number(Number::U64(u)) => *u as f64,
+        Value::Number(Number::I64(i)) => *i as f64,
+        other => panic!("not a number: {other:?}"),
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
