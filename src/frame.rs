@@ -52,6 +52,8 @@ pub enum Origin {
 pub struct Ack {
     pub pkid: u16,
     pub exactly_once: bool,
+    /// The message's key in the redelivery window (`dedup.rs`), once admitted.
+    pub key: Option<u64>,
 }
 
 /// The answer to a one-shot request: HTTP status and JSON body.

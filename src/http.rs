@@ -338,6 +338,7 @@ fn infer(state: &HttpState, rq: &mut Request, query: &str) -> Response<std::io::
         reply: Some(tx),
         model: Some(model),
         ack: None,
+        dup: false,
     };
     if state.incoming.send_blocking(msg).is_err() {
         return json_response(503, error_body("the pipeline is shutting down"));

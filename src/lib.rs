@@ -10,6 +10,7 @@ pub mod bench;
 pub mod build_info;
 pub mod config;
 pub mod decode;
+pub mod dedup;
 pub mod envelope;
 pub mod frame;
 pub mod health;

@@ -144,6 +144,16 @@ pub struct Metrics {
     pub errors_published: AtomicU64,
     /// Outgoing messages refused by the MQTT client.
     pub publish_failed: AtomicU64,
+    /// Publishes the broker answered with a failure reason (e.g. not authorised).
+    pub publish_refused: AtomicU64,
+    pub mqtt_subscriptions_refused: AtomicU64,
+    pub mqtt_reauthentications: AtomicU64,
+    pub mqtt_last_error: std::sync::Mutex<String>,
+    /// Results waiting in the offline queue, and results it dropped.
+    pub offline_queued: AtomicU64,
+    pub offline_dropped: AtomicU64,
+    /// Messages recognised as repeats of a recent one (`dedup.rs`).
+    pub repeats: AtomicU64,
     pub stages: [Histogram; Stage::ALL.len()],
     pub queue_waiting: AtomicU64,
     pub slots_total: AtomicU64,
@@ -287,6 +297,60 @@ impl Metrics {
             "Messages the MQTT client refused.",
         );
         let _ = writeln!(o, "aei_publish_failures_total {}", self.publish_failed.load(Relaxed));
+        head(
+            &mut o,
+            "aei_publish_refused_total",
+            "counter",
+            "Messages the broker acknowledged with a failure reason (not authorised, quota).",
+        );
+        let _ = writeln!(o, "aei_publish_refused_total {}", self.publish_refused.load(Relaxed));
+        head(
+            &mut o,
+            "aei_offline_queue_results",
+            "gauge",
+            "Results waiting for the broker to come back (MQTT_OFFLINE_QUEUE).",
+        );
+        let _ = writeln!(o, "aei_offline_queue_results {}", self.offline_queued.load(Relaxed));
+        head(
+            &mut o,
+            "aei_offline_queue_dropped_total",
+            "counter",
+            "Results dropped, oldest first, because the offline queue was full.",
+        );
+        let _ = writeln!(
+            o,
+            "aei_offline_queue_dropped_total {}",
+            self.offline_dropped.load(Relaxed)
+        );
+        head(
+            &mut o,
+            "aei_mqtt_subscriptions_refused_total",
+            "counter",
+            "Subscriptions the broker refused (e.g. outside the client's ACL).",
+        );
+        let _ = writeln!(
+            o,
+            "aei_mqtt_subscriptions_refused_total {}",
+            self.mqtt_subscriptions_refused.load(Relaxed)
+        );
+        head(
+            &mut o,
+            "aei_mqtt_reauthentications_total",
+            "counter",
+            "Reconnects made to re-authenticate with a rotated K8S-SAT token.",
+        );
+        let _ = writeln!(
+            o,
+            "aei_mqtt_reauthentications_total {}",
+            self.mqtt_reauthentications.load(Relaxed)
+        );
+        head(
+            &mut o,
+            "aei_messages_repeated_total",
+            "counter",
+            "QoS 1/2 messages recognised as repeats of a recent one (broker or publisher redelivery) and not answered again.",
+        );
+        let _ = writeln!(o, "aei_messages_repeated_total {}", self.repeats.load(Relaxed));
         head(
             &mut o,
             "aei_stage_duration_seconds",

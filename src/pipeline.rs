@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::dedup::{self, Seen};
 use crate::frame::{Ack, Limits, Origin, Reply, Ring, Slot, RESULT_CAPACITY};
 use crate::ingest;
 use crate::metrics::{DropReason, Metrics, Stage};
@@ -36,6 +37,8 @@ pub struct Incoming {
     pub model: Option<usize>,
     /// MQTT QoS 1/2 deliveries: acknowledged only once answered.
     pub ack: Option<Ack>,
+    /// The broker marked this delivery as a repeat (DUP).
+    pub dup: bool,
 }
 
 /// What the MQTT publisher thread does, in order: a frame's answers are
@@ -45,6 +48,8 @@ pub struct Incoming {
 pub enum ToMqtt {
     Publish(Outbound),
     Ack(Ack),
+    /// Reconnected: publish the results kept while offline.
+    Flush,
 }
 
 /// A message for the MQTT publisher.
@@ -67,6 +72,8 @@ pub struct Shared {
     pub max_fps_per_source: f64,
     /// `None`: MQTT is off and MQTT-origin results have nowhere to go.
     pub outbound: Option<async_channel::Sender<ToMqtt>>,
+    /// Recently admitted QoS 1/2 messages; `None`: repeats are not detected.
+    pub dedup: Option<std::sync::Mutex<dedup::Window>>,
 }
 
 impl Shared {
@@ -175,6 +182,18 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             ack(shared, msg.ack).await;
             continue;
         }
+        let mut msg_ack = msg.ack;
+        if let (Some(a), Some(w)) = (msg_ack.as_mut(), &shared.dedup) {
+            let repeat = check_repeat(&mut w.lock().unwrap(), topic, &msg.payload, a, msg.dup);
+            if repeat != Repeat::No {
+                shared.metrics.repeats.fetch_add(1, Relaxed);
+                log::debug!("message on `{topic}` repeats one already admitted; not answered again");
+                if repeat == Repeat::AckNow {
+                    ack(shared, msg_ack).await;
+                }
+                continue;
+            }
+        }
         let oneshot = msg.reply.as_ref().map(|_| "http");
         let admitted = ingest::admit(
             topic,
@@ -199,7 +218,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     Emitted::Error(e.http_status()),
                 )
                 .await;
-                ack(shared, msg.ack).await;
+                ack(shared, msg_ack).await;
                 continue;
             }
         };
@@ -217,7 +236,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 );
                 let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
                 deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(429)).await;
-                ack(shared, msg.ack).await;
+                ack(shared, msg_ack).await;
                 continue;
             }
         }
@@ -239,7 +258,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
         match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
             Ok(()) => {
-                slot.ack = msg.ack;
+                slot.ack = msg_ack;
                 shared.ring.push(slot)
             }
             Err(e) => {
@@ -247,7 +266,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k))
                 })
                 .await;
-                ack(shared, msg.ack).await;
+                ack(shared, msg_ack).await;
                 shared.ring.release(slot);
             }
         }
@@ -319,7 +338,41 @@ impl Collect {
 /// Acknowledges a delivery after everything sent for it so far.
 async fn ack(shared: &Shared, a: Option<Ack>) {
     if let (Some(a), Some(out)) = (a, &shared.outbound) {
+        if let (Some(k), Some(w)) = (a.key, &shared.dedup) {
+            w.lock().unwrap().answered(k);
+        }
         let _ = out.send(ToMqtt::Ack(a)).await;
+    }
+}
+
+/// What to do with a message the window may have seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Not a repeat: process it.
+    No,
+    /// A repeat on a delivery of its own: acknowledge it, answer nothing.
+    AckNow,
+    /// The broker's repeat of a delivery still in flight: its answer will acknowledge both.
+    Skip,
+}
+
+/// The redelivery policy (see `dedup.rs`): a JSON envelope carries its own
+/// timestamp and ids, so a byte-identical one is a repeat whatever the broker
+/// says; a raw JPEG is a repeat only when the broker marks the delivery DUP
+/// and its packet id matches, since a frozen camera repeats its bytes.
+fn check_repeat(w: &mut dedup::Window, topic: &str, payload: &[u8], a: &mut Ack, dup: bool) -> Repeat {
+    let envelope = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let key = dedup::key(topic.as_bytes(), payload, (!envelope).then_some(a.pkid));
+    a.key = Some(key);
+    if !envelope && !dup {
+        w.insert(key, a.pkid);
+        return Repeat::No;
+    }
+    match w.check(key, a.pkid) {
+        Seen::New => Repeat::No,
+        Seen::Answered => Repeat::AckNow,
+        Seen::InFlight { pkid } if pkid == a.pkid => Repeat::Skip,
+        Seen::InFlight { .. } => Repeat::AckNow,
     }
 }
 

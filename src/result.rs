@@ -54,9 +54,31 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// This process's id in `result_id`s: its start time in nanoseconds, so ids
+/// stay unique across restarts.
+fn boot_id() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}
+
+/// A new `result_id`: `<boot>-<sequence>`, unique per message this service
+/// writes. A consumer that sees one id twice saw an MQTT redelivery (QoS 1 is
+/// at-least-once), not a second answer.
+fn next_result_id() -> (u64, u64) {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    (boot_id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+}
+
 fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Option<&str>) {
     w.begin_object();
     w.key("message_type").str(message_type);
+    let (boot, seq) = next_result_id();
+    w.key("result_id").fmt_str(format_args!("{boot:x}-{seq}"));
     w.key("timestamp");
     write_rfc3339(w, now);
     w.key("device_id");

@@ -67,7 +67,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     );
     let status_topic = render_service_topic(&settings.status_topic, &settings.client_id)?;
     let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
-    let subscriptions = models.subscriptions();
+    let subscriptions = mqtt::Subscriptions::new(models.subscriptions());
     let model_count = models.list.len();
     let models = Arc::into_inner(models).ok_or("models are shared before start-up")?;
     let registry = Arc::new(Registry::new(models, settings.clone(), limits));
@@ -86,7 +86,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
         limits,
         error_topic,
         max_fps_per_source: settings.max_fps_per_source,
-        outbound: mqtt_on.then_some(out_tx),
+        outbound: mqtt_on.then_some(out_tx.clone()),
+        dedup: crate::dedup::Window::new(settings.dedup_window).map(std::sync::Mutex::new),
     });
     let mut threads = Vec::new();
     if let Some(addr) = &settings.http_addr {
@@ -119,8 +120,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
             max_payload: settings.max_payload_bytes,
             clean_start: settings.clean_start,
             session_expiry_s: settings.session_expiry_s,
+            tls: settings.tls.clone(),
+            auth: settings.auth.clone(),
+            offline_queue: settings.offline_queue,
         };
-        threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx));
+        threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx, out_tx)?);
     } else {
         log::info!("AIO_BROKER_HOSTNAME is empty: MQTT is off");
         drop(in_tx);

@@ -32,14 +32,26 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "AIO_MQTT_CLIENT_ID", flag: "--client-id", default: "ai-edge-inference", help: "MQTT client id; also fills {client_id} in the status and error topics." },
     Opt { env: "AIO_MQTT_CLEAN_START", flag: "--clean-start", default: "false", help: "Start a fresh MQTT session (true) or resume the broker-kept one, with the frames it queued while we were away (false)." },
     Opt { env: "AIO_MQTT_SESSION_EXPIRY", flag: "--session-expiry", default: "3600", help: "Seconds the broker keeps our MQTT session (and queues QoS 1 frames) after a disconnect." },
+    Opt { env: "AIO_MQTT_USE_TLS", flag: "--tls", default: "false", help: "Connect to the broker over TLS (rustls) (true | false)." },
+    Opt { env: "AIO_TLS_CA_FILE", flag: "--tls-ca-file", default: "", help: "PEM file of the CA certificates the broker's certificate must chain to; required with TLS. Re-read on each connect once it changes." },
+    Opt { env: "MQTT_TLS_CERT_FILE", flag: "--tls-cert-file", default: "", help: "PEM client certificate (chain) for brokers that require one; needs MQTT_TLS_KEY_FILE." },
+    Opt { env: "MQTT_TLS_KEY_FILE", flag: "--tls-key-file", default: "", help: "PEM private key of MQTT_TLS_CERT_FILE." },
+    Opt { env: "MQTT_TLS_SERVER_NAME", flag: "--tls-server-name", default: "", help: "Name the broker's certificate must carry. Empty: AIO_BROKER_HOSTNAME." },
+    Opt { env: "MQTT_AUTH", flag: "--mqtt-auth", default: "auto", help: "Broker authentication: none | password | k8s-sat | auto (k8s-sat when AIO_SAT_FILE exists, else password when MQTT_USERNAME is set, else none)." },
+    Opt { env: "MQTT_USERNAME", flag: "--mqtt-username", default: "", help: "MQTT user name (password authentication)." },
+    Opt { env: "MQTT_PASSWORD_FILE", flag: "--mqtt-password-file", default: "", help: "File holding the MQTT password (re-read on each connect)." },
+    Opt { env: "AIO_SAT_FILE", flag: "--sat-file", default: "/var/run/secrets/tokens/broker-sat", help: "Kubernetes service-account token for the AIO broker's K8S-SAT authentication. Re-read when it changes or nears expiry; the service then reconnects with it." },
     Opt { env: "MQTT_KEEP_ALIVE_S", flag: "--keep-alive", default: "30", help: "MQTT keep-alive interval in seconds (5..=3600)." },
+    Opt { env: "MQTT_OFFLINE_QUEUE", flag: "--offline-queue", default: "1000", help: "Results kept while the broker is unreachable, published after reconnect; beyond it the oldest are dropped and counted." },
+    Opt { env: "MQTT_DEDUP_WINDOW", flag: "--dedup-window", default: "1024", help: "Recent QoS 1 messages remembered so a redelivered frame is answered once (0: off)." },
     Opt { env: "MQTT_INPUT_TOPICS", flag: "--input-topics", default: "edge-ai/+/+/+/camera/snapshots", help: "Comma-separated input filters for models whose config has none. `+` levels may be named `{name}`." },
     Opt { env: "MQTT_OUTPUT_TOPIC_TEMPLATE", flag: "--output-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision", help: "Result topic template for models whose config has none." },
     Opt { env: "MQTT_COMPARISON_TOPIC_TEMPLATE", flag: "--comparison-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/comparison", help: "Dual-backend comparison topic template for models whose config has none." },
     Opt { env: "MQTT_STATUS_TOPIC", flag: "--status-topic", default: "edge-ai/services/{client_id}/ai/status", help: "Retained service status topic: `online` on connect, `offline` as last will." },
     Opt { env: "MQTT_ERROR_TOPIC", flag: "--error-topic", default: "edge-ai/services/{client_id}/ai/errors", help: "Topic for error results (bad payloads, corrupt JPEGs, dropped frames)." },
-    Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for /healthz, /readyz, /metrics and POST /infer. Empty: no HTTP." },
-    Opt { env: "HTTP_TOKEN_FILE", flag: "--http-token-file", default: "", help: "File holding a bearer token that POST /infer must present (re-read when it changes). Empty: /infer is open." },
+    Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for the read-only endpoints: /healthz, /readyz, /metrics, /models. Empty: off." },
+    Opt { env: "HTTP_ADMIN_ADDR", flag: "--http-admin-addr", default: "127.0.0.1:8081", help: "Listen address for the mutating endpoints: POST /infer and POST /models/{name}/reload. The same as HTTP_ADDR: one listener for all. Empty: off." },
+    Opt { env: "HTTP_TOKEN_FILE", flag: "--http-token-file", default: "", help: "File holding a bearer token that the mutating endpoints require (re-read when it changes). Empty: they are open to whoever reaches HTTP_ADMIN_ADDR." },
     Opt { env: "QUEUE_DEPTH", flag: "--queue-depth", default: "4", help: "Frame slots (preallocated buffers) in the ring (1..=256)." },
     Opt { env: "MAX_FPS_PER_SOURCE", flag: "--max-fps", default: "0", help: "Most frames per second taken from one camera; the rest get a `dropped: rate_limited` answer. 0: no limit." },
     Opt { env: "WORKERS", flag: "--workers", default: "0", help: "Worker tasks decoding and inferring in parallel; 0: one per CPU core." },
@@ -75,6 +87,11 @@ pub struct Settings {
     pub keep_alive_s: u64,
     pub clean_start: bool,
     pub session_expiry_s: u32,
+    /// TLS to the broker; `None`: plain TCP.
+    pub tls: Option<TlsSettings>,
+    pub auth: AuthSettings,
+    pub offline_queue: usize,
+    pub dedup_window: usize,
     pub input_topics: Vec<String>,
     pub output_topic_template: String,
     pub comparison_topic_template: String,
@@ -82,7 +99,9 @@ pub struct Settings {
     pub error_topic: String,
     /// `None`: HTTP is off.
     pub http_addr: Option<String>,
-    /// Bearer token file guarding `POST /infer`.
+    /// Where the mutating endpoints listen; `None`: off.
+    pub http_admin_addr: Option<String>,
+    /// Bearer token file guarding the mutating endpoints.
     pub http_token_file: Option<PathBuf>,
     pub queue_depth: usize,
     /// Frames per second per source; 0: unlimited.
@@ -96,6 +115,30 @@ pub struct Settings {
     /// Candle's CPU threads; 0 leaves candle's default.
     pub candle_threads: usize,
     pub log: String,
+}
+
+/// TLS to the broker (rustls).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsSettings {
+    pub ca_file: PathBuf,
+    /// Client certificate chain and key, for brokers that authenticate clients by certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name the broker's certificate must carry; `None`: the broker host.
+    pub server_name: Option<String>,
+}
+
+/// How the service authenticates to the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuthSettings {
+    None,
+    Password {
+        username: String,
+        password_file: Option<PathBuf>,
+    },
+    /// MQTT v5 enhanced authentication, method `K8S-SAT`, with the token in this file.
+    K8sSat {
+        token_file: PathBuf,
+    },
 }
 
 impl Settings {
@@ -163,6 +206,53 @@ impl Settings {
                 0,
                 u32::MAX as u64,
             )? as u32,
+            tls: match parse_bool("AIO_MQTT_USE_TLS", &get("AIO_MQTT_USE_TLS"))? {
+                false => None,
+                true => Some(TlsSettings {
+                    ca_file: non_empty(get("AIO_TLS_CA_FILE")).map(PathBuf::from).ok_or_else(|| {
+                        bad(
+                            "AIO_TLS_CA_FILE",
+                            "a CA certificate file when AIO_MQTT_USE_TLS is true",
+                            "",
+                        )
+                    })?,
+                    client_cert: match (
+                        non_empty(get("MQTT_TLS_CERT_FILE")),
+                        non_empty(get("MQTT_TLS_KEY_FILE")),
+                    ) {
+                        (None, None) => None,
+                        (Some(c), Some(k)) => Some((PathBuf::from(c), PathBuf::from(k))),
+                        (Some(_), None) => return Err(bad("MQTT_TLS_KEY_FILE", "the key of MQTT_TLS_CERT_FILE", "")),
+                        (None, Some(_)) => {
+                            return Err(bad("MQTT_TLS_CERT_FILE", "the certificate of MQTT_TLS_KEY_FILE", ""))
+                        }
+                    },
+                    server_name: non_empty(get("MQTT_TLS_SERVER_NAME")),
+                }),
+            },
+            auth: {
+                let username = non_empty(get("MQTT_USERNAME"));
+                let password_file = non_empty(get("MQTT_PASSWORD_FILE")).map(PathBuf::from);
+                let sat = PathBuf::from(get("AIO_SAT_FILE"));
+                let password = |username: Option<String>| match username {
+                    Some(username) => Ok(AuthSettings::Password {
+                        username,
+                        password_file: password_file.clone(),
+                    }),
+                    None => Err(bad("MQTT_USERNAME", "a user name for password authentication", "")),
+                };
+                match get("MQTT_AUTH").as_str() {
+                    "none" => AuthSettings::None,
+                    "password" => password(username)?,
+                    "k8s-sat" => AuthSettings::K8sSat { token_file: sat },
+                    "auto" if !sat.as_os_str().is_empty() && sat.exists() => AuthSettings::K8sSat { token_file: sat },
+                    "auto" if username.is_some() => password(username)?,
+                    "auto" => AuthSettings::None,
+                    other => return Err(bad("MQTT_AUTH", "none, password, k8s-sat or auto", other)),
+                }
+            },
+            offline_queue: parse_num("MQTT_OFFLINE_QUEUE", &get("MQTT_OFFLINE_QUEUE"), 0, 1_000_000)? as usize,
+            dedup_window: parse_num("MQTT_DEDUP_WINDOW", &get("MQTT_DEDUP_WINDOW"), 0, 1_000_000)? as usize,
             input_topics: get("MQTT_INPUT_TOPICS")
                 .split(',')
                 .map(|t| t.trim().to_owned())
@@ -173,6 +263,7 @@ impl Settings {
             status_topic: get("MQTT_STATUS_TOPIC"),
             error_topic: get("MQTT_ERROR_TOPIC"),
             http_addr: non_empty(get("HTTP_ADDR")),
+            http_admin_addr: non_empty(get("HTTP_ADMIN_ADDR")),
             http_token_file: non_empty(get("HTTP_TOKEN_FILE")).map(PathBuf::from),
             queue_depth: parse_num("QUEUE_DEPTH", &get("QUEUE_DEPTH"), 1, 256)? as usize,
             max_fps_per_source: match get("MAX_FPS_PER_SOURCE").parse::<f64>() {

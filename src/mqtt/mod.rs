@@ -1,0 +1,487 @@
+//! MQTT: rumqttc's v5 sync client on three threads of its own.
+//!
+//! Owns: connection options (last will, packet limits, TLS, credentials),
+//! the event thread (connects, reconnects with capped exponential backoff and
+//! jitter, subscribes on every CONNACK, publishes the retained `online`
+//! status, forwards PUBLISHes into the pipeline, reports refused
+//! subscriptions and publishes), the publisher thread (drains results into
+//! the client, or into the bounded offline queue while disconnected) and the
+//! credentials thread (notices rotated tokens and TLS files). Knows nothing
+//! of payload forms or models. TLS is `tls.rs`, credentials `auth.rs`, the
+//! offline queue `outbox.rs`.
+
+mod auth;
+mod outbox;
+mod tls;
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{Client, Event, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
+
+use crate::build_info;
+use crate::config::{AuthSettings, TlsSettings};
+use crate::frame::Ack;
+use crate::metrics::Metrics;
+use crate::pipeline::{Incoming, Outbound, ToMqtt};
+use outbox::Outbox;
+
+pub use auth::jwt_times;
+
+/// Broker connection facts, from the settings.
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub keep_alive: Duration,
+    pub subscriptions: Arc<Subscriptions>,
+    pub status_topic: String,
+    pub max_payload: usize,
+    /// Start a fresh session (true) or resume the broker-kept one (false).
+    pub clean_start: bool,
+    /// Seconds the broker keeps the session (and queues QoS 1 frames) while we are away.
+    pub session_expiry_s: u32,
+    pub tls: Option<TlsSettings>,
+    pub auth: AuthSettings,
+    /// Results kept while disconnected.
+    pub offline_queue: usize,
+}
+
+/// The retained status message; `online` carries build facts.
+pub fn status_message(online: bool, client_id: &str) -> Vec<u8> {
+    #[derive(miniserde::Serialize)]
+    struct Status<'a> {
+        message_type: &'a str,
+        status: &'a str,
+        client_id: &'a str,
+        version: &'a str,
+        commit: &'a str,
+        features: &'a str,
+    }
+    miniserde::json::to_string(&Status {
+        message_type: "service_status",
+        status: if online { "online" } else { "offline" },
+        client_id,
+        version: build_info::VERSION,
+        commit: build_info::GIT_COMMIT,
+        features: build_info::FEATURES,
+    })
+    .into_bytes()
+}
+
+/// Largest MQTT packet we let the broker send us. Above the payload limit on
+/// purpose, so an over-size frame still arrives and gets an error result
+/// (a broker silently drops packets over the client's limit).
+pub fn max_packet_size(max_payload: usize) -> u32 {
+    (max_payload.saturating_mul(4).saturating_add(64 * 1024)).min(268_435_455) as u32
+}
+
+/// TCP_NODELAY: a result is one small write that must not wait for Nagle's
+/// algorithm and the broker's delayed ACK (about 40 ms per frame without it).
+pub fn low_latency() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n
+}
+
+/// Longest wait between reconnect attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// `d` plus up to half of it again, so replicas that lost the broker together
+/// do not reconnect in lockstep.
+pub fn with_jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    // A cheap scramble of the clock's low bits; good enough to spread reconnects.
+    let r = (nanos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+    d + d.mul_f64((r % 1000) as f64 / 2000.0)
+}
+
+/// The input filters the service wants, kept in step with the broker: set
+/// on every CONNACK and changed at run time when model configs come and go.
+pub struct Subscriptions {
+    inner: Mutex<SubState>,
+}
+
+struct SubState {
+    wanted: Vec<String>,
+    client: Option<Client>,
+    /// Filter lists of SUBSCRIBEs awaiting their SUBACK, oldest first.
+    sent: VecDeque<Vec<String>>,
+}
+
+impl Subscriptions {
+    pub fn new(wanted: Vec<String>) -> Arc<Subscriptions> {
+        Arc::new(Subscriptions {
+            inner: Mutex::new(SubState {
+                wanted,
+                client: None,
+                sent: VecDeque::new(),
+            }),
+        })
+    }
+
+    pub fn wanted(&self) -> Vec<String> {
+        self.inner.lock().unwrap().wanted.clone()
+    }
+
+    /// Changes the wanted filters; subscribes to the new ones and unsubscribes
+    /// from the dropped ones now when connected (else on the next CONNACK).
+    pub fn set(&self, wanted: Vec<String>) {
+        let mut st = self.inner.lock().unwrap();
+        let added: Vec<String> = wanted.iter().filter(|f| !st.wanted.contains(f)).cloned().collect();
+        let removed: Vec<String> = st.wanted.iter().filter(|f| !wanted.contains(f)).cloned().collect();
+        st.wanted = wanted;
+        if let Some(client) = st.client.clone() {
+            for f in &removed {
+                log::info!("unsubscribing from `{f}`: no model reads it any more");
+                if let Err(e) = client.try_unsubscribe(f.as_str()) {
+                    log::error!("cannot unsubscribe from `{f}`: {e}");
+                }
+            }
+            if !added.is_empty() {
+                log::info!("subscribing to {added:?} for a new model");
+                st.subscribe(&client, added);
+            }
+        }
+    }
+
+    fn on_connack(&self, client: &Client) {
+        let mut st = self.inner.lock().unwrap();
+        st.client = Some(client.clone());
+        st.sent.clear();
+        let all = st.wanted.clone();
+        st.subscribe(client, all);
+    }
+
+    /// Reports the filters the broker refused (an ACL, a bad filter); returns how many.
+    fn on_suback(&self, codes: &[SubscribeReasonCode]) -> usize {
+        let filters = self.inner.lock().unwrap().sent.pop_front().unwrap_or_default();
+        let mut refused = 0;
+        for (i, code) in codes.iter().enumerate() {
+            if !matches!(code, SubscribeReasonCode::Success(_)) {
+                refused += 1;
+                let f = filters.get(i).map(String::as_str).unwrap_or("?");
+                log::error!("broker refused the subscription to `{f}`: {code:?} (is it outside this client's ACL?)");
+            }
+        }
+        refused
+    }
+}
+
+impl SubState {
+    fn subscribe(&mut self, client: &Client, filters: Vec<String>) {
+        if filters.is_empty() {
+            return;
+        }
+        let req = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
+        match client.try_subscribe_many(req) {
+            Ok(()) => self.sent.push_back(filters),
+            Err(e) => log::error!("cannot subscribe to {filters:?}: {e}"),
+        }
+    }
+}
+
+/// What the credentials thread hands the event thread for the next connect.
+struct Refresh {
+    creds: Mutex<auth::Credentials>,
+    creds_changed: AtomicBool,
+    transport: Mutex<Option<Transport>>,
+    /// A disconnect we asked for (to re-authenticate), not a failure.
+    planned: AtomicBool,
+}
+
+impl Refresh {
+    /// Applies what changed to the options used by the next CONNECT.
+    fn apply(&self, opts: &mut MqttOptions) {
+        if self.creds_changed.swap(false, Relaxed) {
+            self.creds.lock().unwrap().apply(opts);
+        }
+        if let Some(t) = self.transport.lock().unwrap().take() {
+            opts.set_transport(t);
+        }
+    }
+}
+
+/// Starts the event, publisher and credentials threads. The error is a
+/// start-up error: a TLS or secret file that cannot be used.
+pub fn start(
+    cfg: MqttConfig,
+    metrics: Arc<Metrics>,
+    incoming: async_channel::Sender<Incoming>,
+    outbound: async_channel::Receiver<ToMqtt>,
+    flush: async_channel::Sender<ToMqtt>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
+    let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_clean_start(cfg.clean_start);
+    opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
+    // A frame is acknowledged only once its answer is with the client (see pipeline::ToMqtt).
+    opts.set_manual_acks(true);
+    opts.set_max_packet_size(Some(max_packet_size(cfg.max_payload)));
+    opts.set_request_channel_capacity(1024);
+    opts.set_network_options(low_latency());
+    opts.set_last_will(LastWill::new(
+        cfg.status_topic.clone(),
+        status_message(false, &cfg.client_id),
+        QoS::AtLeastOnce,
+        true,
+        None,
+    ));
+    let mut tls_files = None;
+    if let Some(t) = &cfg.tls {
+        let c = tls::client_config(t)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(c)));
+        tls_files = Some((t.clone(), tls::Files::of(t)));
+    }
+    let creds = auth::Credentials::load(&cfg.auth)?;
+    creds.apply(&mut opts);
+    log::info!(
+        "MQTT broker {}:{} over {}, {}",
+        cfg.host,
+        cfg.port,
+        if cfg.tls.is_some() { "TLS" } else { "plain TCP" },
+        creds.describe()
+    );
+    let refresh = Arc::new(Refresh {
+        creds: Mutex::new(creds),
+        creds_changed: AtomicBool::new(false),
+        transport: Mutex::new(None),
+        planned: AtomicBool::new(false),
+    });
+    let (client, mut connection) = Client::new(opts, 1024);
+    let subs = cfg.subscriptions.clone();
+
+    let events = {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        std::thread::Builder::new()
+            .name("mqtt-events".into())
+            .spawn(move || {
+                let mut backoff = Duration::from_millis(100);
+                let mut last_error = String::new();
+                while let Ok(event) = connection.recv() {
+                    match event {
+                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                            log::info!("MQTT connected to {}:{} ({:?})", cfg.host, cfg.port, ack.code);
+                            metrics.mqtt_connected.store(true, Relaxed);
+                            metrics.mqtt_connects.fetch_add(1, Relaxed);
+                            backoff = Duration::from_millis(100);
+                            last_error.clear();
+                            // From this thread only try_*: the request queue is drained by this very loop.
+                            subs.on_connack(&client);
+                            let online = status_message(true, &cfg.client_id);
+                            if let Err(e) =
+                                client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online)
+                            {
+                                log::warn!("cannot publish online status: {e}");
+                            }
+                            // Results kept while we were away go out now.
+                            let _ = flush.try_send(ToMqtt::Flush);
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let ack = match p.qos {
+                                QoS::AtMostOnce => None,
+                                qos => Some(Ack {
+                                    pkid: p.pkid,
+                                    exactly_once: qos == QoS::ExactlyOnce,
+                                    key: None,
+                                }),
+                            };
+                            let msg = Incoming {
+                                topic: p.topic,
+                                payload: p.payload,
+                                reply: None,
+                                model: None,
+                                ack,
+                                dup: p.dup,
+                            };
+                            if incoming.send_blocking(msg).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                            let refused = subs.on_suback(&ack.return_codes);
+                            metrics.mqtt_subscriptions_refused.fetch_add(refused as u64, Relaxed);
+                        }
+                        Ok(Event::Incoming(Packet::PubAck(ack))) if !puback_ok(ack.reason) => {
+                            metrics.publish_refused.fetch_add(1, Relaxed);
+                            log::error!(
+                                "broker refused a message we published: {:?} (is its topic outside this client's ACL?)",
+                                ack.reason
+                            );
+                        }
+                        Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                            log::warn!("broker sent DISCONNECT: {:?}", d.reason_code);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            let was = metrics.mqtt_connected.swap(false, Relaxed);
+                            if refresh.planned.swap(false, Relaxed) {
+                                log::info!("MQTT reconnecting to re-authenticate with the new token");
+                                refresh.apply(&mut connection.eventloop.options);
+                                continue;
+                            }
+                            metrics.mqtt_connection_errors.fetch_add(1, Relaxed);
+                            let msg = e.to_string();
+                            if was {
+                                log::warn!("MQTT connection lost: {msg}; reconnecting");
+                            } else if msg != last_error {
+                                log::error!(
+                                    "MQTT connect to {}:{} failed: {msg}{}; retrying with backoff",
+                                    cfg.host,
+                                    cfg.port,
+                                    hint(&e)
+                                );
+                            } else {
+                                log::debug!("MQTT connect failed again: {msg}; retry in {backoff:?}");
+                            }
+                            *metrics.mqtt_last_error.lock().unwrap() = msg.clone();
+                            last_error = msg;
+                            std::thread::sleep(with_jitter(backoff));
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                        }
+                    }
+                    refresh.apply(&mut connection.eventloop.options);
+                }
+                metrics.mqtt_connected.store(false, Relaxed);
+            })
+            .map_err(|e| e.to_string())?
+    };
+
+    let credentials = {
+        let client = client.clone();
+        let metrics = metrics.clone();
+        let auth_settings = cfg.auth.clone();
+        std::thread::Builder::new()
+            .name("mqtt-credentials".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if let Some((t, files)) = tls_files.as_mut() {
+                    if files.changed() {
+                        match tls::client_config(t) {
+                            Ok(c) => {
+                                log::info!("TLS files changed; the next connection uses them");
+                                *refresh.transport.lock().unwrap() =
+                                    Some(Transport::tls_with_config(TlsConfiguration::Rustls(c)));
+                            }
+                            Err(e) => log::error!("TLS files changed but cannot be used: {e}; keeping the old ones"),
+                        }
+                    }
+                }
+                let change = refresh.creds.lock().unwrap().check(std::time::SystemTime::now());
+                match change {
+                    auth::Change::None => {}
+                    auth::Change::NextConnect => {
+                        log::info!("MQTT password file changed; the next connection uses it");
+                        refresh.creds_changed.store(true, Relaxed);
+                    }
+                    auth::Change::Reauthenticate => {
+                        refresh.creds_changed.store(true, Relaxed);
+                        metrics.mqtt_reauthentications.fetch_add(1, Relaxed);
+                        let file = auth::token_file(&auth_settings).map(|p| p.display().to_string());
+                        if metrics.mqtt_connected.load(Relaxed) {
+                            log::info!(
+                                "K8S-SAT token in {} rotated; reconnecting to re-authenticate",
+                                file.unwrap_or_default()
+                            );
+                            refresh.planned.store(true, Relaxed);
+                            if client.try_disconnect().is_err() {
+                                return; // the client is gone: shutting down
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?
+    };
+
+    let publisher = std::thread::Builder::new()
+        .name("mqtt-publish".into())
+        .spawn(move || {
+            let mut outbox = Outbox::new(cfg.offline_queue);
+            while let Ok(next) = outbound.recv_blocking() {
+                let online = metrics.mqtt_connected.load(Relaxed);
+                if online {
+                    while let Some(o) = outbox.pop() {
+                        publish(&client, &metrics, o);
+                    }
+                }
+                match next {
+                    ToMqtt::Flush => {}
+                    ToMqtt::Publish(o) if online => publish(&client, &metrics, o),
+                    ToMqtt::Publish(o) => {
+                        if outbox.push(o) {
+                            metrics.offline_dropped.fetch_add(1, Relaxed);
+                            log::warn!("offline result queue full (MQTT_OFFLINE_QUEUE); dropped its oldest result");
+                        }
+                    }
+                    // An acknowledgement for a connection that is gone means nothing to the
+                    // broker: it sends the frame again and the redelivery window answers it.
+                    ToMqtt::Ack(_) if !online => {}
+                    ToMqtt::Ack(a) => {
+                        let qos = if a.exactly_once {
+                            QoS::ExactlyOnce
+                        } else {
+                            QoS::AtLeastOnce
+                        };
+                        let mut p = rumqttc::v5::mqttbytes::v5::Publish::new("", qos, Vec::<u8>::new(), None);
+                        p.pkid = a.pkid;
+                        if let Err(e) = client.ack(&p) {
+                            log::warn!("MQTT client refused an acknowledgement: {e}");
+                        }
+                    }
+                }
+                metrics.offline_queued.store(outbox.len() as u64, Relaxed);
+            }
+            let _ = client.disconnect();
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(vec![events, publisher, credentials])
+}
+
+fn publish(client: &Client, metrics: &Metrics, o: Outbound) {
+    if let Err(e) = client.publish(o.topic, QoS::AtLeastOnce, false, o.payload) {
+        metrics.publish_failed.fetch_add(1, Relaxed);
+        log::warn!("MQTT client refused a publish: {e}");
+    }
+}
+
+fn puback_ok(r: PubAckReason) -> bool {
+    matches!(r, PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+}
+
+/// A hint for the connect errors whose cause is usually in the settings.
+fn hint(e: &rumqttc::v5::ConnectionError) -> &'static str {
+    use rumqttc::v5::ConnectionError as E;
+    match e {
+        E::Tls(_) => " (check AIO_TLS_CA_FILE, MQTT_TLS_SERVER_NAME and the client certificate)",
+        E::ConnectionRefused(_) => " (check the credentials: MQTT_AUTH, MQTT_USERNAME, AIO_SAT_FILE)",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_adds_at_most_half() {
+        for _ in 0..100 {
+            let d = with_jitter(Duration::from_millis(200));
+            assert!(
+                d >= Duration::from_millis(200) && d <= Duration::from_millis(300),
+                "{d:?}"
+            );
+        }
+    }
+}
