@@ -105,7 +105,10 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
 pub struct Broker {
     pub port: u16,
     child: Child,
-    _dir: TempDir,
+    conf: PathBuf,
+    pub dir: TempDir,
+    /// Where a persistent broker keeps its database.
+    data: Option<TempDir>,
 }
 
 impl Broker {
@@ -114,27 +117,79 @@ impl Broker {
     }
 
     pub fn start_on(port: u16) -> Broker {
+        Broker::start_with(
+            port,
+            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+    }
+
+    /// A broker that keeps sessions and queued messages across restarts
+    /// (written to disk when it stops), with no cap on queued messages.
+    pub fn start_persistent() -> Broker {
+        let port = free_port();
+        let dir = TempDir::new("mosquitto-data");
+        // mosquitto started as root drops to its own user, which must be able to write here.
+        std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nmax_queued_messages 0\nset_tcp_nodelay true\n",
+            dir.0.display()
+        );
+        let mut b = Broker::start_with(port, &conf);
+        b.data = Some(dir);
+        b
+    }
+
+    /// `config` is the listener part; logging and size settings are added.
+    pub fn start_with(port: u16, config: &str) -> Broker {
         let dir = TempDir::new("mosquitto");
         let conf = dir.write(
             "mosquitto.conf",
-            &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmessage_size_limit 0\n"),
+            &format!("{config}\nlog_dest stderr\nmessage_size_limit 0\n"),
         );
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("mosquitto");
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto must be installed (apt-get install mosquitto)");
+        let child = spawn_mosquitto(&conf);
         wait_for("mosquitto to listen", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Broker { port, child, _dir: dir }
+        Broker {
+            port,
+            child,
+            conf,
+            dir,
+            data: None,
+        }
     }
+
+    /// Stops the broker with SIGTERM (it saves its state) and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = spawn_mosquitto(&self.conf);
+        wait_for("mosquitto to listen again", || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_mosquitto(conf: &Path) -> Child {
+    let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    let log = std::env::var_os("AEI_TEST_LOG").is_some();
+    Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(if log { Stdio::inherit() } else { Stdio::null() })
+        .spawn()
+        .expect("mosquitto must be installed (apt-get install mosquitto)")
 }
 
 impl Drop for Broker {
@@ -332,7 +387,20 @@ pub struct Peer {
 
 impl Peer {
     pub fn connect(port: u16, subscribe: &[&str]) -> Peer {
+        let opts = MqttOptions::new(format!("peer-{}", free_port()), "127.0.0.1", port);
+        Peer::connect_with(opts, subscribe)
+    }
+
+    /// A peer whose session (and QoS 1 messages in flight either way) survives
+    /// broker restarts.
+    pub fn connect_persistent(port: u16, subscribe: &[&str]) -> Peer {
         let mut opts = MqttOptions::new(format!("peer-{}", free_port()), "127.0.0.1", port);
+        opts.set_clean_start(false);
+        opts.set_session_expiry_interval(Some(600));
+        Peer::connect_with(opts, subscribe)
+    }
+
+    pub fn connect_with(mut opts: MqttOptions, subscribe: &[&str]) -> Peer {
         opts.set_max_packet_size(Some(64 << 20));
         let (client, mut conn) = Client::new(opts, 1024);
         let received = Arc::new(Mutex::new(Vec::new()));
