@@ -1,8 +1,12 @@
 //! HTTP (tiny_http) on threads of its own: probes, metrics, one-shot infer.
 //!
-//! Owns: routes, status codes and body limits. `GET /healthz`, `GET /readyz`,
-//! `GET /metrics`, `POST /infer[?model=NAME]` (a JPEG body in, the same JSON
-//! result as MQTT out). Frames go through the pipeline like MQTT ones.
+//! Owns: routes, status codes, authorisation and body limits. Two listeners
+//! (or one serving both): the read-only one (`GET /healthz`, `/readyz`,
+//! `/metrics`, `/models`) for probes and scrapers, and the admin one for what
+//! changes state or spends CPU (`POST /infer[?model=NAME]`: a JPEG body in,
+//! the same JSON result as MQTT out; `POST /models/{name}/reload`), loopback
+//! by default and behind the bearer token when one is set. Frames go through
+//! the pipeline like MQTT ones.
 
 use std::io::Read as _;
 use std::sync::atomic::Ordering::Relaxed;
@@ -79,26 +83,48 @@ pub struct HttpState {
     pub max_body: usize,
 }
 
-/// Binds `addr` (errors name it) and serves on background threads.
-pub fn start(addr: &str, state: HttpState) -> Result<(String, Vec<std::thread::JoinHandle<()>>), String> {
-    let server = Server::http(addr).map_err(|e| format!("cannot listen on HTTP_ADDR `{addr}`: {e}"))?;
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `GET` probes, metrics and the model list.
+    ReadOnly,
+    /// `POST /infer` and `POST /models/{name}/reload`.
+    Admin,
+    Both,
+}
+
+impl Role {
+    fn setting(self) -> &'static str {
+        match self {
+            Role::Admin => "HTTP_ADMIN_ADDR",
+            _ => "HTTP_ADDR",
+        }
+    }
+}
+
+/// Binds `addr` (errors name it) and serves `role`'s endpoints on background threads.
+pub fn start(
+    addr: &str,
+    role: Role,
+    state: Arc<HttpState>,
+) -> Result<(String, Vec<std::thread::JoinHandle<()>>), String> {
+    let server = Server::http(addr).map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
     let bound = server
         .server_addr()
         .to_ip()
         .map(|a| a.to_string())
         .unwrap_or_else(|| addr.to_owned());
     let server = Arc::new(server);
-    let state = Arc::new(state);
     let handles = (0..THREADS)
         .map(|i| {
             let server = server.clone();
             let state = state.clone();
             std::thread::Builder::new()
-                .name(format!("http-{i}"))
+                .name(format!("http-{}{i}", if role == Role::Admin { "admin-" } else { "" }))
                 .spawn(move || {
                     while let Ok(rq) = server.recv() {
                         state.metrics.http_requests.fetch_add(1, Relaxed);
-                        handle(&state, rq);
+                        handle(&state, role, rq);
                     }
                 })
                 .expect("spawn http thread")
@@ -125,11 +151,20 @@ fn error_body(message: &str) -> Vec<u8> {
     miniserde::json::to_string(&E { error: message }).into_bytes()
 }
 
-fn handle(state: &HttpState, mut rq: Request) {
+fn handle(state: &HttpState, role: Role, mut rq: Request) {
     let url = rq.url().to_owned();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let method = rq.method().clone();
+    let admin_path = path == "/infer" || (path.starts_with("/models/") && path.ends_with("/reload"));
     let resp = match (&method, path) {
+        _ if role == Role::ReadOnly && admin_path => json_response(
+            404,
+            error_body("not served here: POST /infer and POST /models/{name}/reload listen on HTTP_ADMIN_ADDR"),
+        ),
+        _ if role == Role::Admin && !admin_path => json_response(
+            404,
+            error_body("this is the admin listener (POST /infer, POST /models/{name}/reload); probes and metrics are on HTTP_ADDR"),
+        ),
         (Method::Get | Method::Head, "/healthz") => {
             Response::from_string("ok\n").with_header(header("Content-Type", "text/plain"))
         }

@@ -90,23 +90,51 @@ pub fn run(settings: Settings) -> Result<(), String> {
         dedup: crate::dedup::Window::new(settings.dedup_window).map(std::sync::Mutex::new),
     });
     let mut threads = Vec::new();
-    if let Some(addr) = &settings.http_addr {
+    if settings.http_addr.is_some() || settings.http_admin_addr.is_some() {
         let token = settings
             .http_token_file
             .as_deref()
             .map(http::TokenFile::open)
             .transpose()?;
-        let state = http::HttpState {
+        let state = Arc::new(http::HttpState {
             registry: registry.clone(),
             token,
             metrics: metrics.clone(),
             incoming: in_tx.clone(),
             mqtt_enabled: mqtt_on,
             max_body: settings.max_payload_bytes,
+        });
+        let (read, admin) = (&settings.http_addr, &settings.http_admin_addr);
+        let listeners = match (read, admin) {
+            (Some(r), Some(a)) if r == a => vec![(r, http::Role::Both)],
+            _ => read
+                .iter()
+                .map(|r| (r, http::Role::ReadOnly))
+                .chain(admin.iter().map(|a| (a, http::Role::Admin)))
+                .collect(),
         };
-        let (bound, handles) = http::start(addr, state)?;
-        log::info!("HTTP listening on http://{bound} (/healthz /readyz /metrics POST /infer)");
-        threads.extend(handles);
+        for (addr, role) in listeners {
+            let (bound, handles) = http::start(addr, role, state.clone())?;
+            match role {
+                http::Role::ReadOnly => {
+                    log::info!("HTTP listening on http://{bound} (GET /healthz /readyz /metrics /models)")
+                }
+                http::Role::Admin => log::info!(
+                    "HTTP admin listening on http://{bound} (POST /infer, POST /models/{{name}}/reload{})",
+                    if settings.http_token_file.is_some() {
+                        ", bearer token required"
+                    } else {
+                        ""
+                    }
+                ),
+                http::Role::Both => {
+                    log::info!(
+                        "HTTP listening on http://{bound} (all endpoints; HTTP admin listening on http://{bound})"
+                    )
+                }
+            }
+            threads.extend(handles);
+        }
     }
     threads.extend(pipeline::start(shared, in_rx, settings.workers));
     if let Some((host, port)) = settings.broker.clone() {

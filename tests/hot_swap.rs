@@ -128,7 +128,7 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
         ("MODEL_WATCH_S", "0"),
     ]);
     let top = |svc: &Service| {
-        let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("coffee.jpg"));
+        let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("coffee.jpg"));
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
         let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
         let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
@@ -140,7 +140,7 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
     let hash_before = svc.get("/models").1;
 
     std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
-    let (code, body) = http_request(svc.http(), "POST", "/models/lite0/reload", b"");
+    let (code, body) = http_request(svc.admin(), "POST", "/models/lite0/reload", b"");
     let body = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(code, 422, "{body}");
     assert!(body.contains("lite0.safetensors"), "names the file: {body}");
@@ -154,7 +154,7 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
     assert_eq!(svc.get("/readyz").0, 200, "still serving");
 
     std::fs::write(&weights, &good).unwrap();
-    assert_eq!(http_request(svc.http(), "POST", "/models/lite0/reload", b"").0, 200);
+    assert_eq!(http_request(svc.admin(), "POST", "/models/lite0/reload", b"").0, 200);
     assert!(svc.get("/models").1.contains("\"reload_error\":null"));
     assert_eq!(top(&svc), "espresso");
     assert_eq!(
@@ -162,7 +162,7 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
         hash_before.split("model_hash").nth(1).map(|s| &s[..20]),
         "same file, same version"
     );
-    assert_eq!(http_request(svc.http(), "POST", "/models/nope/reload", b"").0, 404);
+    assert_eq!(http_request(svc.admin(), "POST", "/models/nope/reload", b"").0, 404);
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn sighup_reloads_every_model() {
         ("MODEL_WATCH_S", "0"),
     ]);
     let blurry = |svc: &Service| {
-        let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg"));
+        let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("chelsea.jpg"));
         assert_eq!(code, 200);
         let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
         get_bool(&v, &["health", "blurry"]).unwrap()

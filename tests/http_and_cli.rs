@@ -24,7 +24,18 @@ fn http_probes_and_oneshot_infer() {
         "{body}"
     );
 
+    // Mutating endpoints live on the admin listener only, and probes on the read-only one.
     let (code, body) = http_request(svc.http(), "POST", "/infer", &fixture("astronaut.jpg"));
+    assert_eq!(code, 404, "{}", text(&body));
+    assert!(text(&body).contains("HTTP_ADMIN_ADDR"), "{}", text(&body));
+    assert_eq!(
+        http_request(svc.http(), "POST", "/models/camera-health/reload", b"").0,
+        404
+    );
+    assert_eq!(http_request(svc.admin(), "GET", "/metrics", b"").0, 404);
+    assert_ne!(svc.http(), svc.admin());
+
+    let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("astronaut.jpg"));
     assert_eq!(code, 200, "{}", text(&body));
     let v: miniserde::json::Value = miniserde::json::from_str(&text(&body)).unwrap();
     assert_eq!(get_str(&v, &["message_type"]).as_deref(), Some("camera_health"));
@@ -45,20 +56,20 @@ fn http_probes_and_oneshot_infer() {
 
     let mut truncated = fixture("coffee.jpg");
     truncated.truncate(5000);
-    let (code, body) = http_request(svc.http(), "POST", "/infer", &truncated);
+    let (code, body) = http_request(svc.admin(), "POST", "/infer", &truncated);
     assert_eq!(code, 422);
     assert!(text(&body).contains("\"error\":\"corrupt_jpeg\""), "{}", text(&body));
 
-    let (code, _) = http_request(svc.http(), "POST", "/infer", &fixture("rocket-1080p.jpg"));
+    let (code, _) = http_request(svc.admin(), "POST", "/infer", &fixture("rocket-1080p.jpg"));
     assert_eq!(code, 413);
-    let (code, body) = http_request(svc.http(), "POST", "/infer?model=nope", &fixture("astronaut.jpg"));
+    let (code, body) = http_request(svc.admin(), "POST", "/infer?model=nope", &fixture("astronaut.jpg"));
     assert_eq!(code, 404, "{}", text(&body));
     assert_eq!(http_request(svc.http(), "GET", "/infer", b"").0, 405);
     assert_eq!(svc.get("/nowhere").0, 404);
 
     // Good frames after bad ones still work, and everything was counted.
     assert_eq!(
-        http_request(svc.http(), "POST", "/infer", &fixture("chelsea.jpg")).0,
+        http_request(svc.admin(), "POST", "/infer", &fixture("chelsea.jpg")).0,
         200
     );
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"not_jpeg\"}"), 1.0);
@@ -269,7 +280,7 @@ fn infer_needs_the_bearer_token_when_one_is_configured() {
     let jpeg = fixture("chelsea.jpg");
     let post = |auth: Option<&str>| {
         let h: Vec<(&str, &str)> = auth.map(|a| vec![("Authorization", a)]).unwrap_or_default();
-        http_request_with(svc.http(), "POST", "/infer", &h, &jpeg).0
+        http_request_with(svc.admin(), "POST", "/infer", &h, &jpeg).0
     };
     assert_eq!(post(None), 401);
     assert_eq!(post(Some("Bearer nope")), 401);

@@ -203,6 +203,8 @@ impl Drop for Broker {
 pub struct Service {
     child: Child,
     pub http: Option<String>,
+    /// The admin listener (POST /infer, reloads).
+    pub admin: Option<String>,
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -217,6 +219,7 @@ impl Service {
         cmd.env_clear()
             .env("RUST_LOG", "info")
             .env("HTTP_ADDR", "127.0.0.1:0")
+            .env("HTTP_ADMIN_ADDR", "127.0.0.1:0")
             .env("AIO_MQTT_CLIENT_ID", format!("aei-test-{}", free_port()));
         for (k, v) in env {
             cmd.env(k, v);
@@ -235,16 +238,27 @@ impl Service {
                 }
             });
         }
-        let mut s = Service { child, http: None, log };
+        let mut s = Service {
+            child,
+            http: None,
+            admin: None,
+            log,
+        };
         let end = Instant::now() + DEADLINE;
         loop {
-            if let Some(addr) = s.log_line("HTTP listening on http://").and_then(|l| {
-                l.split("http://")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .map(str::to_owned)
-            }) {
+            let addr_after = |s: &Service, needle: &str| {
+                s.log_line(needle).and_then(|l| {
+                    l.split(needle)
+                        .nth(1)
+                        .and_then(|r| r.split(|c: char| c.is_whitespace() || c == ')').next())
+                        .map(str::to_owned)
+                })
+            };
+            if let Some(addr) = addr_after(&s, "HTTP listening on http://") {
                 s.http = Some(addr);
+            }
+            if let Some(addr) = addr_after(&s, "HTTP admin listening on http://") {
+                s.admin = Some(addr);
             }
             if s.log_line("ready: ").is_some() {
                 return s;
@@ -270,6 +284,10 @@ impl Service {
 
     pub fn http(&self) -> &str {
         self.http.as_deref().expect("HTTP is on")
+    }
+
+    pub fn admin(&self) -> &str {
+        self.admin.as_deref().expect("the HTTP admin listener is on")
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
