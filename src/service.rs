@@ -106,7 +106,8 @@ pub fn run(settings: Settings) -> Result<(), String> {
         });
         let (read, admin) = (&settings.http_addr, &settings.http_admin_addr);
         let listeners = match (read, admin) {
-            (Some(r), Some(a)) if r == a => vec![(r, http::Role::Both)],
+            // Port 0 twice asks for two ports, not one shared listener.
+            (Some(r), Some(a)) if r == a && !r.ends_with(":0") => vec![(r, http::Role::Both)],
             _ => read
                 .iter()
                 .map(|r| (r, http::Role::ReadOnly))
