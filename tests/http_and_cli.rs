@@ -46,7 +46,7 @@ fn http_probes_and_oneshot_infer() {
     ));
 
     let (code, body) = http_request(
-        svc.http(),
+        svc.admin(),
         "POST",
         "/infer?model=camera-health",
         b"\x89PNG\r\n\x1a\nxxxx",
