@@ -38,7 +38,7 @@ fn reloads_during_a_stream_lose_no_frame_and_the_watcher_applies_yaml_changes() 
     svc.wait_ready();
     let jpeg = fixture("chelsea.jpg");
     const N: usize = 120;
-    let http = svc.http().to_owned();
+    let http = svc.admin().to_owned();
     let reloader = std::thread::spawn(move || {
         let mut ok = 0;
         for _ in 0..10 {
