@@ -64,7 +64,7 @@ fn http_probes_and_oneshot_infer() {
     assert_eq!(code, 413);
     let (code, body) = http_request(svc.admin(), "POST", "/infer?model=nope", &fixture("astronaut.jpg"));
     assert_eq!(code, 404, "{}", text(&body));
-    assert_eq!(http_request(svc.http(), "GET", "/infer", b"").0, 405);
+    assert_eq!(http_request(svc.admin(), "GET", "/infer", b"").0, 405);
     assert_eq!(svc.get("/nowhere").0, 404);
 
     // Good frames after bad ones still work, and everything was counted.
