@@ -23,6 +23,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
+use rumqttc::Outgoing;
 use rumqttc::{TlsConfiguration, Transport};
 
 use crate::build_info;
@@ -323,14 +324,16 @@ pub fn start(
                         Ok(Event::Incoming(Packet::Disconnect(d))) => {
                             log::warn!("broker sent DISCONNECT: {:?}", d.reason_code);
                         }
+                        // Our DISCONNECT is out: close the connection (as MQTT asks of the
+                        // sender) and connect again with the new credentials.
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) if refresh.planned.swap(false, Relaxed) => {
+                            metrics.mqtt_connected.store(false, Relaxed);
+                            connection.eventloop.clean();
+                            log::info!("MQTT reconnecting to re-authenticate with the new token");
+                        }
                         Ok(_) => {}
                         Err(e) => {
                             let was = metrics.mqtt_connected.swap(false, Relaxed);
-                            if refresh.planned.swap(false, Relaxed) {
-                                log::info!("MQTT reconnecting to re-authenticate with the new token");
-                                refresh.apply(&mut connection.eventloop.options);
-                                continue;
-                            }
                             metrics.mqtt_connection_errors.fetch_add(1, Relaxed);
                             let msg = e.to_string();
                             if was {

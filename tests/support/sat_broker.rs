@@ -1,7 +1,8 @@
 //! A small MQTT v5 broker for one thing mosquitto cannot do: the AIO broker's
 //! enhanced authentication with method `K8S-SAT`. It checks the CONNECT's
 //! authentication method and data against the token it accepts now, records
-//! every CONNECT and DISCONNECT, acknowledges SUBSCRIBE and QoS 1 PUBLISH,
+//! every CONNECT and DISCONNECT, acknowledges SUBSCRIBE (refusing filters
+//! under `forbidden/`, as an ACL would) and QoS 1 PUBLISH,
 //! answers PINGREQ, and can push a frame to the connected client. Just enough
 //! of MQTT v5 for one client; not a general broker.
 
@@ -105,24 +106,26 @@ fn serve(mut s: TcpStream, st: &Mutex<SatState>) -> std::io::Result<()> {
                 let mut r = Reader(&body);
                 let pkid = r.u16();
                 r.skip_properties();
-                let mut n = 0;
-                while !r.0.is_empty() {
-                    r.str();
-                    if kind >> 4 == 8 {
-                        r.u8();
-                    }
-                    n += 1;
-                }
                 let mut ack = pkid.to_be_bytes().to_vec();
                 ack.push(0);
-                // SUBACK: granted QoS 1; UNSUBACK: success.
-                ack.extend(std::iter::repeat_n(if kind >> 4 == 8 { 1 } else { 0 }, n));
+                while !r.0.is_empty() {
+                    let filter = r.str();
+                    if kind >> 4 == 8 {
+                        r.u8();
+                        // SUBACK: granted QoS 1, or not authorized.
+                        ack.push(if filter.starts_with("forbidden/") { 0x87 } else { 1 });
+                    } else {
+                        ack.push(0); // UNSUBACK: success
+                    }
+                }
                 s.write_all(&packet(if kind >> 4 == 8 { 0x90 } else { 0xB0 }, &ack))?;
             }
             12 => s.write_all(&[0xD0, 0])?,
             14 => {
-                st.lock().unwrap().disconnects.push(body.first().copied().unwrap_or(0));
-                return Ok(());
+                let mut g = st.lock().unwrap();
+                g.disconnects.push(body.first().copied().unwrap_or(0));
+                g.stream = None;
+                return s.shutdown(std::net::Shutdown::Both);
             }
             _ => {} // PUBACK and others: nothing to do
         }
