@@ -152,6 +152,8 @@ pub struct Metrics {
     /// Results waiting in the offline queue, and results it dropped.
     pub offline_queued: AtomicU64,
     pub offline_dropped: AtomicU64,
+    /// Extra copies of a frame delivered for overlapping subscriptions.
+    pub overlap_copies: AtomicU64,
     /// Messages recognised as repeats of a recent one (`dedup.rs`).
     pub repeats: AtomicU64,
     pub stages: [Histogram; Stage::ALL.len()],
@@ -348,9 +350,18 @@ impl Metrics {
             &mut o,
             "aei_messages_repeated_total",
             "counter",
-            "QoS 1/2 messages recognised as repeats of a recent one (broker or publisher redelivery) and not answered again.",
+            "Messages not answered again: a redelivery of a recent QoS 1/2 message, or another copy of a frame that matched several subscriptions.",
         );
-        let _ = writeln!(o, "aei_messages_repeated_total {}", self.repeats.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "aei_messages_repeated_total{{why=\"redelivered\"}} {}",
+            self.repeats.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "aei_messages_repeated_total{{why=\"overlapping_subscription\"}} {}",
+            self.overlap_copies.load(Relaxed)
+        );
         head(
             &mut o,
             "aei_stage_duration_seconds",

@@ -1,14 +1,16 @@
 //! The live model set and its hot swap.
 //!
 //! Owns: which `Models` snapshot new frames get, reloading one model beside
-//! the old one (load + warm-up, then an atomic swap of the snapshot), the
-//! record of failed reloads, and the file watcher that triggers reloads.
+//! the old one (load + warm-up, then an atomic swap of the snapshot), adding
+//! and removing models as config files come and go in the config directory,
+//! keeping the MQTT subscriptions in step, the record of failed reloads, and
+//! the file watcher that triggers all of this.
 //! Frames hold the snapshot they were routed with, so in-flight frames
 //! finish on the model they started with; unchanged models are shared
 //! between snapshots (`Arc<Model>`), so a swap copies no model.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -17,9 +19,12 @@ use crate::backend::BackendEnv;
 use crate::config::model;
 use crate::config::Settings;
 use crate::frame::Limits;
-use crate::models::Models;
+use crate::models::{Models, MAX_MODELS};
+use crate::mqtt::Subscriptions;
 
 pub struct Registry {
+    /// The broker subscriptions follow the models' input topics; `None`: MQTT is off.
+    subscriptions: Option<Arc<Subscriptions>>,
     current: Mutex<Arc<Models>>,
     settings: Settings,
     env: BackendEnv,
@@ -34,11 +39,17 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(models: Models, settings: Settings, limits: Limits) -> Registry {
+    pub fn new(
+        models: Models,
+        settings: Settings,
+        limits: Limits,
+        subscriptions: Option<Arc<Subscriptions>>,
+    ) -> Registry {
         let env = BackendEnv {
             ort_library: settings.ort_library.clone(),
         };
         Registry {
+            subscriptions,
             current: Mutex::new(Arc::new(models)),
             settings,
             env,
@@ -77,6 +88,107 @@ impl Registry {
         outcome
     }
 
+    /// Checks that a (new or changed) config fits the slots allocated at start-up.
+    fn fits(&self, config: &model::ModelConfig) -> Result<(), String> {
+        let p = &config.preprocessing;
+        let needs_tensor = config.model_type != model::ModelType::CameraHealth;
+        if needs_tensor
+            && (crate::preprocess::tensor_len(p) > self.limits.max_tensor
+                || p.width as usize > self.limits.max_input_width)
+        {
+            return Err(format!(
+                "the input size {}x{} needs bigger frame slots than this process allocated; restart to apply it",
+                p.width, p.height
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes `next` the live set and brings the broker subscriptions in step with it.
+    fn swap(&self, next: Models) {
+        let subs = next.subscriptions();
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+        if let Some(s) = &self.subscriptions {
+            s.set(subs);
+        }
+    }
+
+    /// Loads the model config at `path` (a file new to the config directory,
+    /// or one that failed before) beside the others and adds it.
+    pub fn add(&self, path: &Path) -> Result<String, String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let outcome = self.try_add(path);
+        match &outcome {
+            Ok(name) => {
+                self.reloads.fetch_add(1, Relaxed);
+                log::info!("model `{name}` added from {}", path.display());
+            }
+            Err(e) => {
+                self.reload_failures.fetch_add(1, Relaxed);
+                log::error!("{}: not added: {e}", path.display());
+            }
+        }
+        outcome
+    }
+
+    fn try_add(&self, path: &Path) -> Result<String, String> {
+        let old = self.snapshot();
+        let config = model::load_file(path, &self.settings).map_err(|e| e.to_string())?;
+        let name = config.name.clone();
+        if let Some(other) = old.list.iter().find(|m| m.config.name == name) {
+            let from = other.config.source.as_deref().map(|p| p.display().to_string());
+            return Err(format!(
+                "model name `{name}` is already used by {}",
+                from.unwrap_or_else(|| "the built-in model".into())
+            ));
+        }
+        if old.list.len() >= MAX_MODELS {
+            return Err(format!("at most {MAX_MODELS} models"));
+        }
+        self.fits(&config)?;
+        let mut fresh = Models::load(vec![config], &self.env);
+        let src = path.display().to_string();
+        let mut failed: Vec<_> = old.failed.iter().filter(|f| f.source != src).cloned().collect();
+        if let Some(f) = fresh.failed.pop() {
+            let e = f.error.to_string();
+            failed.push(f);
+            self.swap(Models {
+                list: old.list.clone(),
+                failed,
+            });
+            return Err(e);
+        }
+        let mut list = old.list.clone();
+        list.extend(fresh.list.pop());
+        self.swap(Models { list, failed });
+        Ok(name)
+    }
+
+    /// Removes model `name` (its config file left the directory). Frames
+    /// already routed to it finish on it. The last model is kept.
+    pub fn remove(&self, name: &str) -> Result<(), String> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
+        let old = self.snapshot();
+        let i = old.find(name).ok_or_else(|| format!("no model named `{name}`"))?;
+        if old.list.len() == 1 {
+            let e = format!("model `{name}`: its config file is gone, but it is the last model; it keeps serving");
+            log::error!("{e}");
+            return Err(e);
+        }
+        let mut list = old.list.clone();
+        list.remove(i);
+        self.swap(Models {
+            list,
+            failed: old.failed.clone(),
+        });
+        self.reload_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        log::info!("model `{name}` removed: its config file is gone");
+        Ok(())
+    }
+
     fn try_reload(&self, name: &str) -> Result<(), String> {
         let old = self.snapshot();
         let i = old.find(name).ok_or_else(|| format!("no model named `{name}`"))?;
@@ -93,20 +205,7 @@ impl Registry {
                 config.name
             ));
         }
-        let p = &config.preprocessing;
-        let needs_tensor = config.model_type != model::ModelType::CameraHealth;
-        if needs_tensor
-            && (crate::preprocess::tensor_len(p) > self.limits.max_tensor
-                || p.width as usize > self.limits.max_input_width)
-        {
-            return Err(format!(
-                "the new input size {}x{} needs bigger frame slots than this process allocated; restart to apply it",
-                p.width, p.height
-            ));
-        }
-        if config.input_topics != old.list[i].config.input_topics {
-            return Err("input topics changed; subscriptions change with a restart".into());
-        }
+        self.fits(&config)?;
         let mut fresh = Models::load(vec![config], &self.env);
         if let Some(f) = fresh.failed.pop() {
             return Err(f.error.to_string());
@@ -114,11 +213,10 @@ impl Registry {
         let model = fresh.list.pop().ok_or("the model did not load")?;
         let mut list = old.list.clone();
         list[i] = model;
-        let next = Arc::new(Models {
+        self.swap(Models {
             list,
             failed: old.failed.clone(),
         });
-        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
     }
 
@@ -147,8 +245,13 @@ impl Registry {
             .spawn(move || {
                 let mut seen: HashMap<String, Vec<Option<SystemTime>>> = HashMap::new();
                 let mut pending: HashMap<String, Vec<Option<SystemTime>>> = HashMap::new();
+                let dir = me.settings.model_config_path.clone().filter(|p| p.is_dir());
+                let mut scan = dir.as_deref().map(DirScan::new);
                 loop {
                     std::thread::sleep(period);
+                    if let (Some(scan), Some(dir)) = (scan.as_mut(), dir.as_deref()) {
+                        scan.step(&me, dir);
+                    }
                     for m in me.snapshot().list.iter() {
                         let name = &m.config.name;
                         let files: Vec<PathBuf> = [m.config.source.clone(), m.config.model_path.clone()]
@@ -156,7 +259,8 @@ impl Registry {
                             .flatten()
                             .filter(|p| p.is_absolute() || p.exists())
                             .collect();
-                        if files.is_empty() {
+                        // A vanished config is the directory scan's to remove, not a reload.
+                        if files.is_empty() || m.config.source.as_deref().is_some_and(|s| !s.exists()) {
                             continue;
                         }
                         let now: Vec<Option<SystemTime>> = files
@@ -183,4 +287,63 @@ impl Registry {
             })
             .expect("spawn model watcher")
     }
+}
+
+/// Config files coming and going in the config directory. A file is acted
+/// on once it has looked the same for two checks in a row (so a file being
+/// written is not read half-way, and a file being replaced is not removed).
+struct DirScan {
+    /// Config files and their modification times at the previous check.
+    last: HashMap<PathBuf, Option<SystemTime>>,
+    /// What was last tried for a file not serving (so a broken file is retried only once it changes).
+    tried: HashMap<PathBuf, Option<SystemTime>>,
+}
+
+impl DirScan {
+    fn new(dir: &Path) -> DirScan {
+        let now = list_configs(dir);
+        // Files present at start-up were loaded (or failed) then; only changes count.
+        DirScan {
+            tried: now.clone(),
+            last: now,
+        }
+    }
+
+    fn step(&mut self, reg: &Registry, dir: &Path) {
+        let now = list_configs(dir);
+        let models = reg.snapshot();
+        for (path, mtime) in &now {
+            let serving = models.list.iter().any(|m| m.config.source.as_deref() == Some(path));
+            let stable = self.last.get(path) == Some(mtime);
+            if !serving && stable && self.tried.get(path) != Some(mtime) {
+                self.tried.insert(path.clone(), *mtime);
+                let _ = reg.add(path);
+            }
+        }
+        for m in &models.list {
+            let Some(src) = m.config.source.as_deref() else {
+                continue;
+            };
+            let gone_twice = src.parent() == Some(dir) && !now.contains_key(src) && !self.last.contains_key(src);
+            if gone_twice {
+                let _ = reg.remove(&m.config.name);
+            }
+        }
+        self.tried.retain(|p, _| now.contains_key(p));
+        self.last = now;
+    }
+}
+
+fn list_configs(dir: &Path) -> HashMap<PathBuf, Option<SystemTime>> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                .map(|p| {
+                    let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+                    (p, t)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -70,7 +70,13 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let subscriptions = mqtt::Subscriptions::new(models.subscriptions());
     let model_count = models.list.len();
     let models = Arc::into_inner(models).ok_or("models are shared before start-up")?;
-    let registry = Arc::new(Registry::new(models, settings.clone(), limits));
+    let mqtt_on = settings.broker.is_some();
+    let registry = Arc::new(Registry::new(
+        models,
+        settings.clone(),
+        limits,
+        mqtt_on.then(|| subscriptions.clone()),
+    ));
     if settings.model_watch_s > 0 {
         registry.watch(Duration::from_secs(settings.model_watch_s));
     }
@@ -78,7 +84,6 @@ pub fn run(settings: Settings) -> Result<(), String> {
 
     let (in_tx, in_rx) = async_channel::bounded(settings.queue_depth.max(16));
     let (out_tx, out_rx) = async_channel::bounded(settings.queue_depth * 4 + 16);
-    let mqtt_on = settings.broker.is_some();
     let shared = Arc::new(Shared {
         registry: registry.clone(),
         metrics: metrics.clone(),

@@ -87,7 +87,7 @@ fn every_frame_gets_exactly_one_answer_across_broker_restarts() {
         "{FRAMES} frames, {restarts} broker restarts: {} messages received ({} before settling), {errors} error answers, {} repeats caught by the service, {} transport redeliveries to the subscriber",
         all_after.len(),
         all.len(),
-        svc.metric("aei_messages_repeated_total"),
+        svc.metric("aei_messages_repeated_total{why=\"redelivered\"}"),
         all_after.len().saturating_sub(FRAMES)
     );
     assert!(svc.metric("aei_mqtt_connects_total") >= 4.0);

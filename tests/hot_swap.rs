@@ -196,3 +196,75 @@ fn sighup_reloads_every_model() {
     assert!(blurry(&svc), "the edited config is live");
     assert!(svc.still_running());
 }
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !ok() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A config dropped into the watched directory is loaded and its input
+/// topic subscribed; a broken one is refused without harm; a removed one
+/// stops being served and its topic is unsubscribed.
+#[test]
+fn configs_added_and_removed_at_run_time_change_models_and_subscriptions() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let dir = TempDir::new("configs");
+    dir.write("a.yaml", "name: cam-a\nmodel_type: camera-health\n");
+    let svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", &port),
+        ("AIO_MQTT_CLIENT_ID", "svc"),
+        ("MODEL_CONFIG_PATH", dir.0.to_str().unwrap()),
+        ("MODEL_WATCH_S", "1"),
+    ]);
+    svc.wait_ready();
+    let peer = Peer::connect(broker.port, &[RESULTS, "plant/+/health"]);
+    let jpeg = fixture("chelsea.jpg");
+
+    dir.write(
+        "b.yaml",
+        "name: cam-b\nmodel_type: camera-health\nmqtt:\n  input_topics: [\"plant/{facility}/cam\"]\n  output_topic_template: \"plant/{facility}/health\"\n",
+    );
+    dir.write("broken.yaml", "name: [unclosed\n");
+    wait_for("cam-b to be added", || {
+        svc.get("/models").1.contains("\"name\":\"cam-b\"")
+    });
+    wait_for("the broken config to be refused", || {
+        svc.log_line("broken.yaml: not added").is_some()
+    });
+    wait_for("the subscription for cam-b", || {
+        svc.log_line("subscribing to [\"plant/+/cam\"]").is_some()
+    });
+    // The broker has the new subscription once our own message round-trips through it.
+    let i = std::cell::Cell::new(0);
+    peer.wait_until("a result from the added model", |m| {
+        i.set(i.get() + 1);
+        if i.get() % 25 == 1 {
+            peer.publish("plant/f1/cam", jpeg.clone());
+        }
+        m.iter().any(|m| m.topic == "plant/f1/health")
+    });
+    assert_eq!(
+        svc.get("/readyz").0,
+        200,
+        "a refused file does not take the service down"
+    );
+
+    std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
+    wait_for("cam-b to be removed", || {
+        !svc.get("/models").1.contains("\"name\":\"cam-b\"")
+    });
+    wait_for("the unsubscribe", || {
+        svc.log_line("unsubscribing from `plant/+/cam`").is_some()
+    });
+    // cam-a still answers.
+    peer.publish(TOPIC, snapshot("cam-1", "after-removal", &jpeg));
+    peer.wait_until("cam-a still answering", |m| {
+        m.iter()
+            .any(|m| m.topic == RESULTS && String::from_utf8_lossy(&m.payload).contains("after-removal"))
+    });
+}

@@ -529,3 +529,47 @@ fn frames_unanswered_when_the_service_dies_are_answered_after_it_restarts() {
     println!("{answered_before} answered before the crash; {duplicates} frames answered twice (QoS 1 redelivery)");
     drop(second);
 }
+
+/// Two models whose input filters overlap: mosquitto delivers a matching
+/// frame once per subscription, and the service still takes it once, so
+/// each model answers it exactly once. The wider filter also covers the
+/// other model's output topic: the service must not read its own results.
+#[test]
+fn a_frame_matching_overlapping_subscriptions_is_answered_once_per_model() {
+    let broker = Broker::start();
+    let port = broker.port.to_string();
+    let dir = TempDir::new("overlap");
+    dir.write("a.yaml", "name: health-a\nmodel_type: camera-health\n");
+    dir.write(
+        "b.yaml",
+        "name: health-b\nmodel_type: camera-health\nmqtt:\n  input_topics: [\"edge-ai/bu1/#\"]\n  output_topic_template: \"overlap/health-b\"\n",
+    );
+    let svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", &port),
+        ("AIO_MQTT_CLIENT_ID", "svc"),
+        ("MODEL_CONFIG_PATH", dir.0.to_str().unwrap()),
+        ("QUEUE_DEPTH", "16"),
+    ]);
+    svc.wait_ready();
+    let peer = Peer::connect(broker.port, &[RESULT_TOPIC, "overlap/health-b", ERROR_TOPIC]);
+    for i in 0..5 {
+        peer.publish(GOOD_TOPIC, design(&format!("cam-{i}"), &fixture("chelsea.jpg")));
+    }
+    peer.wait_until("both models' answers", |m| m.len() >= 10);
+    // Extra copies, had they been processed, would be answered right behind these.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let got = peer.received.lock().unwrap().clone();
+    let per = count_by(&got, |m| Some((m.topic.clone(), get_str(&m.json(), &["device_id"]))));
+    assert_eq!(per.len(), 10, "{per:?}");
+    assert!(per.values().all(|&n| n == 1), "{per:?}");
+    assert_eq!(svc.metric("aei_messages_received_total"), 5.0);
+    assert_eq!(
+        svc.metric("aei_messages_repeated_total{why=\"overlapping_subscription\"}"),
+        5.0,
+        "mosquitto sends a copy per matching subscription"
+    );
+}

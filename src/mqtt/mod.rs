@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, LastWill, Packet, PubAckReason, SubscribeProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Event, MqttOptions};
 use rumqttc::Outgoing;
@@ -31,6 +31,7 @@ use crate::config::{AuthSettings, TlsSettings};
 use crate::frame::Ack;
 use crate::metrics::Metrics;
 use crate::pipeline::{Incoming, Outbound, ToMqtt};
+use crate::topic::TopicFilter;
 use outbox::Outbox;
 
 pub use auth::jwt_times;
@@ -108,39 +109,70 @@ pub fn with_jitter(d: Duration) -> Duration {
 
 /// The input filters the service wants, kept in step with the broker: set
 /// on every CONNACK and changed at run time when model configs come and go.
+///
+/// Each filter is subscribed with a subscription identifier of its own, so a
+/// frame that matches several overlapping filters is taken once: a broker may
+/// deliver one copy per matching subscription (mosquitto does); the copy that
+/// carries the lowest matching identifier is the one processed, the others are
+/// acknowledged and counted. Filters are subscribed with No Local, so the
+/// service never receives what it publishes.
 pub struct Subscriptions {
     inner: Mutex<SubState>,
 }
 
+struct Sub {
+    filter: String,
+    parsed: Option<TopicFilter>,
+    id: usize,
+}
+
 struct SubState {
-    wanted: Vec<String>,
+    wanted: Vec<Sub>,
+    next_id: usize,
     client: Option<Client>,
-    /// Filter lists of SUBSCRIBEs awaiting their SUBACK, oldest first.
-    sent: VecDeque<Vec<String>>,
+    /// Filters of SUBSCRIBEs awaiting their SUBACK, oldest first.
+    sent: VecDeque<String>,
 }
 
 impl Subscriptions {
     pub fn new(wanted: Vec<String>) -> Arc<Subscriptions> {
-        Arc::new(Subscriptions {
-            inner: Mutex::new(SubState {
-                wanted,
-                client: None,
-                sent: VecDeque::new(),
-            }),
-        })
+        let mut st = SubState {
+            wanted: Vec::new(),
+            next_id: 1,
+            client: None,
+            sent: VecDeque::new(),
+        };
+        for f in wanted {
+            st.want(f);
+        }
+        Arc::new(Subscriptions { inner: Mutex::new(st) })
     }
 
     pub fn wanted(&self) -> Vec<String> {
-        self.inner.lock().unwrap().wanted.clone()
+        self.inner
+            .lock()
+            .unwrap()
+            .wanted
+            .iter()
+            .map(|s| s.filter.clone())
+            .collect()
     }
 
     /// Changes the wanted filters; subscribes to the new ones and unsubscribes
     /// from the dropped ones now when connected (else on the next CONNACK).
     pub fn set(&self, wanted: Vec<String>) {
         let mut st = self.inner.lock().unwrap();
-        let added: Vec<String> = wanted.iter().filter(|f| !st.wanted.contains(f)).cloned().collect();
-        let removed: Vec<String> = st.wanted.iter().filter(|f| !wanted.contains(f)).cloned().collect();
-        st.wanted = wanted;
+        let removed: Vec<String> = st
+            .wanted
+            .iter()
+            .filter(|s| !wanted.contains(&s.filter))
+            .map(|s| s.filter.clone())
+            .collect();
+        st.wanted.retain(|s| wanted.contains(&s.filter));
+        let added: Vec<usize> = wanted
+            .into_iter()
+            .filter_map(|f| (!st.wanted.iter().any(|s| s.filter == f)).then(|| st.want(f)))
+            .collect();
         if let Some(client) = st.client.clone() {
             for f in &removed {
                 log::info!("unsubscribing from `{f}`: no model reads it any more");
@@ -149,29 +181,51 @@ impl Subscriptions {
                 }
             }
             if !added.is_empty() {
-                log::info!("subscribing to {added:?} for a new model");
-                st.subscribe(&client, added);
+                let names: Vec<&str> = added.iter().map(|&i| st.wanted[i].filter.as_str()).collect();
+                log::info!("subscribing to {names:?} for a new model");
+            }
+            for i in added {
+                st.subscribe(&client, i);
             }
         }
+    }
+
+    /// Whether a delivery on `topic` that came for subscriptions `ids` is the
+    /// copy to process (see the type's comment). A broker that sends no
+    /// identifiers sends one copy.
+    pub fn first_copy(&self, topic: &str, ids: &[usize]) -> bool {
+        if ids.is_empty() {
+            return true;
+        }
+        let st = self.inner.lock().unwrap();
+        let lowest = st
+            .wanted
+            .iter()
+            .filter(|s| s.parsed.as_ref().is_some_and(|f| f.matches(topic)))
+            .map(|s| s.id)
+            .min();
+        lowest.is_none_or(|id| ids.contains(&id))
     }
 
     fn on_connack(&self, client: &Client) {
         let mut st = self.inner.lock().unwrap();
         st.client = Some(client.clone());
         st.sent.clear();
-        let all = st.wanted.clone();
-        st.subscribe(client, all);
+        for i in 0..st.wanted.len() {
+            st.subscribe(client, i);
+        }
     }
 
-    /// Reports the filters the broker refused (an ACL, a bad filter); returns how many.
+    /// Reports a filter the broker refused (an ACL, a bad filter); returns how many.
     fn on_suback(&self, codes: &[SubscribeReasonCode]) -> usize {
-        let filters = self.inner.lock().unwrap().sent.pop_front().unwrap_or_default();
+        let filter = self.inner.lock().unwrap().sent.pop_front().unwrap_or_default();
         let mut refused = 0;
-        for (i, code) in codes.iter().enumerate() {
+        for code in codes {
             if !matches!(code, SubscribeReasonCode::Success(_)) {
                 refused += 1;
-                let f = filters.get(i).map(String::as_str).unwrap_or("?");
-                log::error!("broker refused the subscription to `{f}`: {code:?} (is it outside this client's ACL?)");
+                log::error!(
+                    "broker refused the subscription to `{filter}`: {code:?} (is it outside this client's ACL?)"
+                );
             }
         }
         refused
@@ -179,14 +233,32 @@ impl Subscriptions {
 }
 
 impl SubState {
-    fn subscribe(&mut self, client: &Client, filters: Vec<String>) {
-        if filters.is_empty() {
-            return;
-        }
-        let req = filters.iter().map(|f| Filter::new(f.clone(), QoS::AtLeastOnce));
-        match client.try_subscribe_many(req) {
-            Ok(()) => self.sent.push_back(filters),
-            Err(e) => log::error!("cannot subscribe to {filters:?}: {e}"),
+    /// Adds `filter` with a fresh identifier; returns its index.
+    fn want(&mut self, filter: String) -> usize {
+        let parsed = TopicFilter::parse(&filter).ok();
+        self.wanted.push(Sub {
+            filter,
+            parsed,
+            id: self.next_id,
+        });
+        // Identifiers run 1..=268_435_455 in MQTT v5.
+        self.next_id = self.next_id % 268_435_455 + 1;
+        self.wanted.len() - 1
+    }
+
+    fn subscribe(&mut self, client: &Client, i: usize) {
+        let s = &self.wanted[i];
+        let props = SubscribeProperties {
+            id: Some(s.id),
+            user_properties: Vec::new(),
+        };
+        let mut filter = Filter::new(s.filter.clone(), QoS::AtLeastOnce);
+        // Never take our own results as input, even when an input filter covers
+        // an output topic. (MQTT forbids No Local on shared subscriptions.)
+        filter.nolocal = !s.filter.starts_with("$share/");
+        match client.try_subscribe_many_with_properties([filter], props) {
+            Ok(()) => self.sent.push_back(s.filter.clone()),
+            Err(e) => log::error!("cannot subscribe to `{}`: {e}", s.filter),
         }
     }
 }
@@ -290,6 +362,15 @@ pub fn start(
                             let _ = flush.try_send(ToMqtt::Flush);
                         }
                         Ok(Event::Incoming(Packet::Publish(p))) => {
+                            let topic = std::str::from_utf8(&p.topic).unwrap_or("");
+                            let ids = p.properties.as_ref().map(|pr| &pr.subscription_identifiers[..]);
+                            if !subs.first_copy(topic, ids.unwrap_or(&[])) {
+                                metrics.overlap_copies.fetch_add(1, Relaxed);
+                                if p.qos != QoS::AtMostOnce {
+                                    let _ = client.try_ack(&p);
+                                }
+                                continue;
+                            }
                             let ack = match p.qos {
                                 QoS::AtMostOnce => None,
                                 qos => Some(Ack {
