@@ -314,11 +314,20 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
     struct Mqtt {
         enabled: bool,
         connected: bool,
+        /// Why the last connection attempt failed, if it did.
+        last_error: Option<String>,
+    }
+    #[derive(miniserde::Serialize)]
+    struct Problem {
+        model: String,
+        error: String,
     }
     #[derive(miniserde::Serialize)]
     struct Ready {
         ready: bool,
         models: Vec<Model>,
+        /// Failed loads and reloads (an old version keeps serving) and config files not added.
+        model_errors: Vec<Problem>,
         mqtt: Mqtt,
     }
     let connected = state.metrics.mqtt_connected.load(Relaxed);
@@ -338,9 +347,17 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
                 error: m.error,
             })
             .collect(),
+        model_errors: state
+            .registry
+            .problems()
+            .into_iter()
+            .map(|(model, error)| Problem { model, error })
+            .collect(),
         mqtt: Mqtt {
             enabled: state.mqtt_enabled,
             connected,
+            last_error: Some(state.metrics.mqtt_last_error.lock().unwrap().clone())
+                .filter(|e| !connected && !e.is_empty()),
         },
     };
     (ready, miniserde::json::to_string(&body).into_bytes())

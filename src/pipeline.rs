@@ -50,6 +50,8 @@ pub enum ToMqtt {
     Ack(Ack),
     /// Reconnected: publish the results kept while offline.
     Flush,
+    /// A new retained status message (a model failed or recovered).
+    Status(Vec<u8>),
 }
 
 /// A message for the MQTT publisher.

@@ -36,6 +36,8 @@ pub struct Registry {
     pub reload_errors: Mutex<HashMap<String, String>>,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// Told the current problems after every reload, addition or removal.
+    on_change: std::sync::OnceLock<Box<dyn Fn(Vec<crate::mqtt::Problem>) + Send + Sync>>,
 }
 
 impl Registry {
@@ -58,6 +60,33 @@ impl Registry {
             reload_errors: Mutex::new(HashMap::new()),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            on_change: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Sets what to call with the problems after every change (once).
+    pub fn on_change(&self, f: impl Fn(Vec<crate::mqtt::Problem>) + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
+    }
+
+    /// Models that failed to load, and reloads that failed (their old version serving).
+    pub fn problems(&self) -> Vec<crate::mqtt::Problem> {
+        let mut p: Vec<_> = self
+            .snapshot()
+            .failed
+            .iter()
+            .map(|f| (f.model.clone(), f.to_string()))
+            .collect();
+        let errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reloads: Vec<_> = errors.iter().map(|(m, e)| (m.clone(), e.clone())).collect();
+        reloads.sort();
+        p.extend(reloads);
+        p
+    }
+
+    fn changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f(self.problems());
         }
     }
 
@@ -85,6 +114,8 @@ impl Registry {
                 log::error!("model `{name}`: reload failed, the previous version keeps serving: {e}");
             }
         }
+        drop(errors);
+        self.changed();
         outcome
     }
 
@@ -118,16 +149,22 @@ impl Registry {
     pub fn add(&self, path: &Path) -> Result<String, String> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = self.try_add(path);
+        let key = path.display().to_string();
+        let mut errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
         match &outcome {
             Ok(name) => {
                 self.reloads.fetch_add(1, Relaxed);
+                errors.remove(&key);
                 log::info!("model `{name}` added from {}", path.display());
             }
             Err(e) => {
                 self.reload_failures.fetch_add(1, Relaxed);
+                errors.insert(key, format!("not added: {e}"));
                 log::error!("{}: not added: {e}", path.display());
             }
         }
+        drop(errors);
+        self.changed();
         outcome
     }
 
@@ -147,21 +184,28 @@ impl Registry {
         }
         self.fits(&config)?;
         let mut fresh = Models::load(vec![config], &self.env);
-        let src = path.display().to_string();
-        let mut failed: Vec<_> = old.failed.iter().filter(|f| f.source != src).cloned().collect();
         if let Some(f) = fresh.failed.pop() {
-            let e = f.error.to_string();
-            failed.push(f);
-            self.swap(Models {
-                list: old.list.clone(),
-                failed,
-            });
-            return Err(e);
+            return Err(f.error.to_string());
         }
+        // It may have failed at start-up; now it serves.
+        let src = path.display().to_string();
+        let failed: Vec<_> = old.failed.iter().filter(|f| f.source != src).cloned().collect();
         let mut list = old.list.clone();
         list.extend(fresh.list.pop());
         self.swap(Models { list, failed });
         Ok(name)
+    }
+
+    /// Forgets the error of a config file that is gone.
+    fn forget(&self, path: &Path) {
+        let removed = self
+            .reload_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&path.display().to_string());
+        if removed.is_some() {
+            self.changed();
+        }
     }
 
     /// Removes model `name` (its config file left the directory). Frames
@@ -186,6 +230,7 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
         log::info!("model `{name}` removed: its config file is gone");
+        self.changed();
         Ok(())
     }
 
@@ -328,6 +373,9 @@ impl DirScan {
             if gone_twice {
                 let _ = reg.remove(&m.config.name);
             }
+        }
+        for gone in self.last.keys().filter(|p| !now.contains_key(*p)) {
+            reg.forget(gone);
         }
         self.tried.retain(|p, _| now.contains_key(p));
         self.last = now;

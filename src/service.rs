@@ -157,7 +157,20 @@ pub fn run(settings: Settings) -> Result<(), String> {
             tls: settings.tls.clone(),
             auth: settings.auth.clone(),
             offline_queue: settings.offline_queue,
+            problems: {
+                let reg = Arc::downgrade(&registry);
+                Arc::new(move || reg.upgrade().map(|r| r.problems()).unwrap_or_default())
+            },
         };
+        {
+            let out = out_tx.clone();
+            let client_id = settings.client_id.clone();
+            registry.on_change(move |problems| {
+                let _ = out.try_send(pipeline::ToMqtt::Status(mqtt::status_message(
+                    true, &client_id, &problems,
+                )));
+            });
+        }
         threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx, out_tx)?);
     } else {
         log::info!("AIO_BROKER_HOSTNAME is empty: MQTT is off");

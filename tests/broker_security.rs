@@ -211,6 +211,10 @@ fn a_wrong_ca_is_refused_clearly_and_a_fixed_ca_file_is_picked_up() {
     );
     let (code, body) = svc.get("/readyz");
     assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("\"last_error\":\"") && body.contains("UnknownIssuer"),
+        "{body}"
+    );
 
     // The operator fixes the CA file; the service uses it on its next attempt.
     std::fs::copy(pki.0.join("ca.crt"), &trust).unwrap();

@@ -222,7 +222,10 @@ fn configs_added_and_removed_at_run_time_change_models_and_subscriptions() {
         ("MODEL_WATCH_S", "1"),
     ]);
     svc.wait_ready();
-    let peer = Peer::connect(broker.port, &[RESULTS, "plant/+/health"]);
+    let peer = Peer::connect(
+        broker.port,
+        &[RESULTS, "plant/+/health", "edge-ai/services/svc/ai/status"],
+    );
     let jpeg = fixture("chelsea.jpg");
 
     dir.write(
@@ -248,11 +251,17 @@ fn configs_added_and_removed_at_run_time_change_models_and_subscriptions() {
         }
         m.iter().any(|m| m.topic == "plant/f1/health")
     });
-    assert_eq!(
-        svc.get("/readyz").0,
-        200,
-        "a refused file does not take the service down"
-    );
+    let (code, ready) = svc.get("/readyz");
+    assert_eq!(code, 200, "a refused file does not take the service down");
+    assert!(ready.contains("broken.yaml") && ready.contains("not added"), "{ready}");
+    // ... and the retained status says so.
+    peer.wait_until("a status naming the broken file", |m| {
+        m.iter().any(|m| {
+            m.topic.ends_with("/status")
+                && get_str(&m.json(), &["status"]).as_deref() == Some("online")
+                && String::from_utf8_lossy(&m.payload).contains("broken.yaml")
+        })
+    });
 
     std::fs::remove_file(dir.0.join("b.yaml")).unwrap();
     wait_for("cam-b to be removed", || {

@@ -53,10 +53,25 @@ pub struct MqttConfig {
     pub auth: AuthSettings,
     /// Results kept while disconnected.
     pub offline_queue: usize,
+    /// Model problems for the `online` status.
+    pub problems: Problems,
 }
 
-/// The retained status message; `online` carries build facts.
-pub fn status_message(online: bool, client_id: &str) -> Vec<u8> {
+/// A model that failed to load or reload, and why (the old version, if
+/// any, keeps serving).
+pub type Problem = (String, String);
+
+/// The current problems, for the status message.
+pub type Problems = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
+
+/// The retained status message; `online` carries build facts and the
+/// models that failed to load or reload.
+pub fn status_message(online: bool, client_id: &str, problems: &[Problem]) -> Vec<u8> {
+    #[derive(miniserde::Serialize)]
+    struct P<'a> {
+        model: &'a str,
+        error: &'a str,
+    }
     #[derive(miniserde::Serialize)]
     struct Status<'a> {
         message_type: &'a str,
@@ -65,6 +80,7 @@ pub fn status_message(online: bool, client_id: &str) -> Vec<u8> {
         version: &'a str,
         commit: &'a str,
         features: &'a str,
+        model_errors: Vec<P<'a>>,
     }
     miniserde::json::to_string(&Status {
         message_type: "service_status",
@@ -73,6 +89,7 @@ pub fn status_message(online: bool, client_id: &str) -> Vec<u8> {
         version: build_info::VERSION,
         commit: build_info::GIT_COMMIT,
         features: build_info::FEATURES,
+        model_errors: problems.iter().map(|(m, e)| P { model: m, error: e }).collect(),
     })
     .into_bytes()
 }
@@ -304,7 +321,7 @@ pub fn start(
     opts.set_network_options(low_latency());
     opts.set_last_will(LastWill::new(
         cfg.status_topic.clone(),
-        status_message(false, &cfg.client_id),
+        status_message(false, &cfg.client_id, &[]),
         QoS::AtLeastOnce,
         true,
         None,
@@ -332,6 +349,7 @@ pub fn start(
     });
     let (client, mut connection) = Client::new(opts, 1024);
     let subs = cfg.subscriptions.clone();
+    let status_topic = cfg.status_topic.clone();
 
     let events = {
         let client = client.clone();
@@ -352,7 +370,7 @@ pub fn start(
                             last_error.clear();
                             // From this thread only try_*: the request queue is drained by this very loop.
                             subs.on_connack(&client);
-                            let online = status_message(true, &cfg.client_id);
+                            let online = status_message(true, &cfg.client_id, &(cfg.problems)());
                             if let Err(e) =
                                 client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online)
                             {
@@ -502,6 +520,13 @@ pub fn start(
                 }
                 match next {
                     ToMqtt::Flush => {}
+                    // Offline, it would be stale by the next CONNACK, which publishes a fresh one.
+                    ToMqtt::Status(_) if !online => {}
+                    ToMqtt::Status(s) => {
+                        if let Err(e) = client.publish(status_topic.as_str(), QoS::AtLeastOnce, true, s) {
+                            log::warn!("cannot publish the status: {e}");
+                        }
+                    }
                     ToMqtt::Publish(o) if online => publish(&client, &metrics, o),
                     ToMqtt::Publish(o) => {
                         if outbox.push(o) {
