@@ -20,6 +20,7 @@ pub mod json;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;
+pub mod notify;
 pub mod pipeline;
 pub mod postprocess;
 pub mod preprocess;

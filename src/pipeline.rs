@@ -52,6 +52,8 @@ pub enum ToMqtt {
     Flush,
     /// A new retained status message (a model failed or recovered).
     Status(Vec<u8>),
+    /// Stopping: publish what is queued and the `offline` status, then disconnect.
+    Shutdown,
 }
 
 /// A message for the MQTT publisher.

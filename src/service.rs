@@ -5,7 +5,7 @@
 //! channel is created here, once.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::BackendEnv;
 use crate::config::{model, Settings};
@@ -142,7 +142,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
             threads.extend(handles);
         }
     }
-    threads.extend(pipeline::start(shared, in_rx, settings.workers));
+    let stop = stop_signals()?;
+    let pipeline_threads = Arc::new(pipeline::start(shared, in_rx, settings.workers));
+    let mut mqtt_threads = Vec::new();
     if let Some((host, port)) = settings.broker.clone() {
         let cfg = mqtt::MqttConfig {
             host,
@@ -171,10 +173,9 @@ pub fn run(settings: Settings) -> Result<(), String> {
                 )));
             });
         }
-        threads.extend(mqtt::start(cfg, metrics, in_tx, out_rx, out_tx)?);
+        mqtt_threads = mqtt::start(cfg, metrics, in_tx.clone(), out_rx, out_tx.clone())?;
     } else {
         log::info!("AIO_BROKER_HOSTNAME is empty: MQTT is off");
-        drop(in_tx);
     }
     log::info!(
         "ready: {} model(s), {} frame slots, {} workers",
@@ -182,10 +183,82 @@ pub fn run(settings: Settings) -> Result<(), String> {
         settings.queue_depth,
         settings.workers
     );
-    for t in threads {
-        let _ = t.join();
+    let notifier = Arc::new(crate::notify::Notifier::from_env());
+    notifier.send("READY=1");
+    if let Some(every) = crate::notify::Notifier::watchdog_interval() {
+        watchdog(notifier.clone(), every, pipeline_threads.clone());
     }
+
+    let signal = stop.recv().map_err(|_| "the signal thread ended")?;
+    log::info!("{signal}: stopping; no new frames, finishing those in flight");
+    notifier.send("STOPPING=1");
+    STOPPING.store(true, std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(settings.shutdown_timeout_s);
+    // New MQTT deliveries stay unacknowledged (the broker redelivers them); /infer answers 503.
+    in_tx.close();
+    if !wait_all(&pipeline_threads, deadline) {
+        log::warn!(
+            "SHUTDOWN_TIMEOUT_S ({} s) passed with frames still in flight; they stay unacknowledged and will be redelivered",
+            settings.shutdown_timeout_s
+        );
+    }
+    if !mqtt_threads.is_empty() {
+        let _ = out_tx.send_blocking(pipeline::ToMqtt::Shutdown);
+        if !wait_all(&mqtt_threads[..2], Instant::now() + Duration::from_secs(5)) {
+            log::warn!("the MQTT client did not finish within 5 s");
+        }
+    }
+    log::info!("stopped");
     Ok(())
+}
+
+/// Set once a stop signal arrived.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits until every thread has finished or `deadline` passes; true when all finished.
+fn wait_all(threads: &[std::thread::JoinHandle<()>], deadline: Instant) -> bool {
+    while threads.iter().any(|t| !t.is_finished()) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// SIGTERM and SIGINT: the name of the first one to arrive.
+fn stop_signals() -> Result<std::sync::mpsc::Receiver<&'static str>, String> {
+    use async_signal::Signal;
+    use smol::stream::StreamExt as _;
+    let mut signals =
+        async_signal::Signals::new([Signal::Term, Signal::Int]).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            smol::block_on(async {
+                while let Some(Ok(s)) = signals.next().await {
+                    let _ = tx.send(if s == Signal::Int { "SIGINT" } else { "SIGTERM" });
+                }
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(rx)
+}
+
+/// Pings systemd's watchdog every `every` while all of the pipeline's
+/// threads run; once one has ended (a panic), the pings stop and systemd
+/// restarts the service.
+fn watchdog(notifier: Arc<crate::notify::Notifier>, every: Duration, pipeline: Arc<Vec<std::thread::JoinHandle<()>>>) {
+    let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
+        while pipeline.iter().all(|t| !t.is_finished()) {
+            notifier.send("WATCHDOG=1");
+            std::thread::sleep(every);
+        }
+        if !STOPPING.load(std::sync::atomic::Ordering::Relaxed) {
+            log::error!("a pipeline thread ended; no more watchdog pings");
+        }
+    });
 }
 
 /// SIGHUP reloads every model that has files (the usual daemon convention).

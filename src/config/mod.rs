@@ -60,6 +60,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "CANDLE_THREADS", flag: "--candle-threads", default: "0", help: "CPU threads of the Candle backend, process-wide (0: one per physical core)." },
     Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
+    Opt { env: "SHUTDOWN_TIMEOUT_S", flag: "--shutdown-timeout", default: "10", help: "On SIGTERM/SIGINT: seconds to finish the frames in flight and flush their results before exiting anyway (unanswered frames stay unacknowledged and are redelivered)." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
 ];
 
@@ -114,6 +115,8 @@ pub struct Settings {
     pub ort_library: Option<PathBuf>,
     /// Candle's CPU threads; 0 leaves candle's default.
     pub candle_threads: usize,
+    /// Seconds a graceful stop may take.
+    pub shutdown_timeout_s: u64,
     pub log: String,
 }
 
@@ -285,6 +288,7 @@ impl Settings {
             max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
             ort_library: non_empty(get("ORT_DYLIB_PATH")).map(PathBuf::from),
             candle_threads: parse_num("CANDLE_THREADS", &get("CANDLE_THREADS"), 0, 1024)? as usize,
+            shutdown_timeout_s: parse_num("SHUTDOWN_TIMEOUT_S", &get("SHUTDOWN_TIMEOUT_S"), 0, 3600)?,
             log: get("RUST_LOG"),
         };
         if s.input_topics.is_empty() {

@@ -350,11 +350,15 @@ pub fn start(
     let (client, mut connection) = Client::new(opts, 1024);
     let subs = cfg.subscriptions.clone();
     let status_topic = cfg.status_topic.clone();
+    let client_id = cfg.client_id.clone();
+    // Set by the publisher once it has sent the final DISCONNECT.
+    let stopping = Arc::new(AtomicBool::new(false));
 
     let events = {
         let client = client.clone();
         let metrics = metrics.clone();
         let refresh = refresh.clone();
+        let stopping = stopping.clone();
         std::thread::Builder::new()
             .name("mqtt-events".into())
             .spawn(move || {
@@ -405,9 +409,9 @@ pub fn start(
                                 ack,
                                 dup: p.dup,
                             };
-                            if incoming.send_blocking(msg).is_err() {
-                                break;
-                            }
+                            // Closed: the service is stopping. The frame stays unacknowledged
+                            // and the broker delivers it again, to us or a replica.
+                            let _ = incoming.send_blocking(msg);
                         }
                         Ok(Event::Incoming(Packet::SubAck(ack))) => {
                             let refused = subs.on_suback(&ack.return_codes);
@@ -425,12 +429,14 @@ pub fn start(
                         }
                         // Our DISCONNECT is out: close the connection (as MQTT asks of the
                         // sender) and connect again with the new credentials.
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Relaxed) => break,
                         Ok(Event::Outgoing(Outgoing::Disconnect)) if refresh.planned.swap(false, Relaxed) => {
                             metrics.mqtt_connected.store(false, Relaxed);
                             connection.eventloop.clean();
                             log::info!("MQTT reconnecting to re-authenticate with the new token");
                         }
                         Ok(_) => {}
+                        Err(_) if stopping.load(Relaxed) => break,
                         Err(e) => {
                             let was = metrics.mqtt_connected.swap(false, Relaxed);
                             metrics.mqtt_connection_errors.fetch_add(1, Relaxed);
@@ -526,6 +532,21 @@ pub fn start(
                         if let Err(e) = client.publish(status_topic.as_str(), QoS::AtLeastOnce, true, s) {
                             log::warn!("cannot publish the status: {e}");
                         }
+                    }
+                    ToMqtt::Shutdown => {
+                        if !online && outbox.len() > 0 {
+                            log::warn!("stopping while disconnected: {} queued results are lost", outbox.len());
+                        }
+                        let offline = status_message(false, &client_id, &[]);
+                        if online
+                            && client
+                                .publish(status_topic.as_str(), QoS::AtLeastOnce, true, offline)
+                                .is_ok()
+                        {
+                            log::info!("published the `offline` status");
+                        }
+                        stopping.store(true, Relaxed);
+                        break;
                     }
                     ToMqtt::Publish(o) if online => publish(&client, &metrics, o),
                     ToMqtt::Publish(o) => {

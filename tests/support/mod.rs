@@ -320,6 +320,18 @@ impl Service {
         assert!(ok.success(), "kill -s {name}");
     }
 
+    /// Waits for the process to exit on its own; panics after `DEADLINE`.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < end, "the service did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn still_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
