@@ -14,14 +14,13 @@ fn main() {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "unknown".to_owned());
 
-    let mut features: Vec<String> = std::env::vars()
-        .filter_map(|(k, _)| {
-            k.strip_prefix("CARGO_FEATURE_")
-                .map(|f| f.to_lowercase().replace('_', "-"))
-        })
-        .filter(|f| f != "default")
+    // The crate's own features only: a stray CARGO_FEATURE_* variable in the environment
+    // (e.g. a build profile's CARGO_FEATURE_FLAGS) is not a feature.
+    const FEATURES: [&str; 5] = ["candle", "candle-graph", "dual", "minimal", "onnx"];
+    let features: Vec<&str> = FEATURES
+        .into_iter()
+        .filter(|f| std::env::var_os(format!("CARGO_FEATURE_{}", f.to_uppercase().replace('-', "_"))).is_some())
         .collect();
-    features.sort();
     let features = if features.is_empty() {
         "none".to_owned()
     } else {
