@@ -34,8 +34,6 @@ use crate::pipeline::{Incoming, Outbound, ToMqtt};
 use crate::topic::TopicFilter;
 use outbox::Outbox;
 
-pub use auth::jwt_times;
-
 /// Broker connection facts, from the settings.
 pub struct MqttConfig {
     pub host: String,
@@ -163,16 +161,6 @@ impl Subscriptions {
             st.want(f);
         }
         Arc::new(Subscriptions { inner: Mutex::new(st) })
-    }
-
-    pub fn wanted(&self) -> Vec<String> {
-        self.inner
-            .lock()
-            .unwrap()
-            .wanted
-            .iter()
-            .map(|s| s.filter.clone())
-            .collect()
     }
 
     /// Changes the wanted filters; subscribes to the new ones and unsubscribes
