@@ -346,3 +346,52 @@ fn a_refused_token_is_reported_and_the_service_stays_up() {
     assert_eq!(svc.get("/readyz").0, 503);
     assert!(svc.still_running());
 }
+
+/// User name and password against mosquitto's password file: accepted with the right password
+/// (read from MQTT_PASSWORD_FILE), refused with a clear error with a wrong one.
+#[test]
+fn password_authentication_against_mosquitto() {
+    let dir = TempDir::new("passwd");
+    let pw = dir.0.join("passwd");
+    let ok = Command::new("mosquitto_passwd")
+        .args(["-c", "-b", pw.to_str().unwrap(), "aei", "s3cret-pass"])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(ok.success());
+    std::fs::set_permissions(&pw, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let port = free_port();
+    let broker = Broker::start_with(
+        port,
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+            pw.display()
+        ),
+    );
+    let (_cfg, health) = camera_health_config();
+    let good = dir.write("good", "s3cret-pass\n");
+    let bad = dir.write("bad", "guess\n");
+    let p = broker.port.to_string();
+    let env = |file: &Path| {
+        vec![
+            ("AIO_BROKER_HOSTNAME", "127.0.0.1".to_owned()),
+            ("AIO_BROKER_TCP_PORT", p.clone()),
+            ("MODEL_CONFIG_PATH", health.clone()),
+            ("MQTT_USERNAME", "aei".to_owned()),
+            ("MQTT_PASSWORD_FILE", file.display().to_string()),
+        ]
+    };
+    let svc = start(&env(&good));
+    svc.wait_ready();
+    assert!(svc.log_line("user `aei`").is_some());
+
+    let refused = start(&env(&bad));
+    wait("the refusal in the log", || {
+        refused.log_line("MQTT connect to").is_some()
+    });
+    let line = refused.log_line("MQTT connect to").unwrap();
+    assert!(
+        line.contains("NotAuthorized") && line.contains("MQTT_PASSWORD_FILE"),
+        "{line}"
+    );
+    assert_eq!(refused.get("/readyz").0, 503);
+}

@@ -583,7 +583,9 @@ fn hint(e: &rumqttc::v5::ConnectionError) -> &'static str {
     use rumqttc::v5::ConnectionError as E;
     match e {
         E::Tls(_) => " (check AIO_TLS_CA_FILE, MQTT_TLS_SERVER_NAME and the client certificate)",
-        E::ConnectionRefused(_) => " (check the credentials: MQTT_AUTH, MQTT_USERNAME, AIO_SAT_FILE)",
+        E::ConnectionRefused(_) => {
+            " (check the credentials: MQTT_AUTH, MQTT_USERNAME and MQTT_PASSWORD_FILE, or AIO_SAT_FILE)"
+        }
         _ => "",
     }
 }

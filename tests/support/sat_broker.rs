@@ -30,7 +30,8 @@ pub struct SatState {
     pub disconnects: Vec<u8>,
     /// Topics and payloads the client published.
     pub published: Vec<(String, Vec<u8>)>,
-    stream: Option<TcpStream>,
+    /// The latest accepted connection (its number, its socket).
+    stream: Option<(usize, TcpStream)>,
 }
 
 pub struct SatBroker {
@@ -48,10 +49,10 @@ impl SatBroker {
         }));
         let st = state.clone();
         std::thread::spawn(move || {
-            for s in listener.incoming().flatten() {
+            for (n, s) in listener.incoming().flatten().enumerate() {
                 let st = st.clone();
                 std::thread::spawn(move || {
-                    let _ = serve(s, &st);
+                    let _ = serve(n, s, &st);
                 });
             }
         });
@@ -65,12 +66,12 @@ impl SatBroker {
         body.push(0); // no properties
         body.extend_from_slice(payload);
         let st = self.state.lock().unwrap();
-        let mut s = st.stream.as_ref().expect("a connected client").try_clone().unwrap();
+        let mut s = st.stream.as_ref().expect("a connected client").1.try_clone().unwrap();
         s.write_all(&packet(0x30, &body)).unwrap();
     }
 }
 
-fn serve(mut s: TcpStream, st: &Mutex<SatState>) -> std::io::Result<()> {
+fn serve(n: usize, mut s: TcpStream, st: &Mutex<SatState>) -> std::io::Result<()> {
     loop {
         let (kind, body) = read_packet(&mut s)?;
         match kind >> 4 {
@@ -89,7 +90,7 @@ fn serve(mut s: TcpStream, st: &Mutex<SatState>) -> std::io::Result<()> {
                 if reason != 0 {
                     return Ok(());
                 }
-                g.stream = Some(s.try_clone()?);
+                g.stream = Some((n, s.try_clone()?));
             }
             3 => {
                 let qos = (kind >> 1) & 3;
@@ -124,7 +125,10 @@ fn serve(mut s: TcpStream, st: &Mutex<SatState>) -> std::io::Result<()> {
             14 => {
                 let mut g = st.lock().unwrap();
                 g.disconnects.push(body.first().copied().unwrap_or(0));
-                g.stream = None;
+                // The client may already be connected again on a new socket.
+                if g.stream.as_ref().is_some_and(|(m, _)| *m == n) {
+                    g.stream = None;
+                }
                 return s.shutdown(std::net::Shutdown::Both);
             }
             _ => {} // PUBACK and others: nothing to do
