@@ -61,7 +61,7 @@ fn sd_notify_ready_watchdog_stopping_and_a_graceful_stop_that_loses_no_frame() {
     let results = Peer::connect_persistent(broker.port, &[RESULT_TOPIC, ERROR_TOPIC, STATUS_TOPIC]);
     let camera = Peer::connect_persistent(broker.port, &[]);
     let jpeg = base64(&fixture("rocket-1080p.jpg"));
-    const FRAMES: usize = 200;
+    const FRAMES: usize = 600;
     for i in 0..FRAMES {
         camera.publish(IN_TOPIC, snapshot(&format!("cam-{}", i % 8), &format!("g-{i}"), &jpeg));
     }
@@ -108,7 +108,16 @@ fn sd_notify_ready_watchdog_stopping_and_a_graceful_stop_that_loses_no_frame() {
         }
     }
     for (c, set) in &ids {
-        assert_eq!(set.len(), 1, "frame {c} answered {} times", set.len());
+        let who: Vec<&str> = set
+            .iter()
+            .map(|id| if first_ids.contains(id) { "first" } else { "second" })
+            .collect();
+        assert_eq!(
+            set.len(),
+            1,
+            "frame {c} answered {} times: {set:?} by {who:?}",
+            set.len()
+        );
     }
     let by_second = ids.values().flatten().filter(|id| !first_ids.contains(*id)).count();
     eprintln!(

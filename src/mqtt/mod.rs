@@ -417,9 +417,13 @@ pub fn start(
                         }
                         // Our DISCONNECT is out: close the connection (as MQTT asks of the
                         // sender) and connect again with the new credentials.
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Relaxed) => break,
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) if stopping.load(Relaxed) => {
+                            drain_until_closed(&mut connection, CLOSE_WAIT);
+                            break;
+                        }
                         Ok(Event::Outgoing(Outgoing::Disconnect)) if refresh.planned.swap(false, Relaxed) => {
                             metrics.mqtt_connected.store(false, Relaxed);
+                            drain_until_closed(&mut connection, CLOSE_WAIT);
                             connection.eventloop.clean();
                             log::info!("MQTT reconnecting to re-authenticate with the new token");
                         }
@@ -565,6 +569,26 @@ pub fn start(
         })
         .map_err(|e| e.to_string())?;
     Ok(vec![events, publisher, credentials])
+}
+
+/// How long to wait for the broker to close the connection after our DISCONNECT.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// After our DISCONNECT, reads (and drops) what the broker still sends until
+/// it closes the connection, or `limit` passes. Closing first ourselves, with
+/// its data unread, would reset the connection (RST) and the broker could
+/// lose what we sent last: acknowledgements, the `offline` status, the
+/// DISCONNECT itself. Deliveries dropped here were not acknowledged; the
+/// broker sends them again.
+fn drain_until_closed(connection: &mut rumqttc::v5::Connection, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        match connection.recv_timeout(left) {
+            Ok(Ok(_)) if !left.is_zero() => continue,
+            _ => return,
+        }
+    }
 }
 
 fn publish(client: &Client, metrics: &Metrics, o: Outbound) {
