@@ -19,6 +19,9 @@ const BN_EPS: f64 = 1e-3;
 /// Stride of each of the seven stages.
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
 
+/// A depthwise kernel and the input size (h, w) its padding was computed for.
+type SizedKernel = ((usize, usize), std::sync::Arc<super::kernels::Depthwise>);
+
 /// A convolution with batch norm folded in, optionally followed by ReLU6.
 struct ConvBn {
     weight: Tensor,
@@ -26,6 +29,8 @@ struct ConvBn {
     stride: usize,
     groups: usize,
     relu6: bool,
+    /// Depthwise layers on the CPU: our kernel, built for the input size it last saw.
+    depthwise: std::sync::Mutex<Option<SizedKernel>>,
 }
 
 impl ConvBn {
@@ -56,6 +61,7 @@ impl ConvBn {
             stride,
             groups: if depthwise { out_c } else { 1 },
             relu6,
+            depthwise: std::sync::Mutex::new(None),
         })
     }
 
@@ -64,6 +70,27 @@ impl ConvBn {
         let (_, _, kh, kw) = self.weight.dims4()?;
         let (pt, pb) = same_pad(h, kh, self.stride);
         let (pl, pr) = same_pad(w, kw, self.stride);
+        if self.groups > 1 && x.device().is_cpu() {
+            // Padding depends on the input size; the packed weights do not, but are cheap to keep with it.
+            let op = {
+                let mut dw = self.depthwise.lock().unwrap_or_else(|e| e.into_inner());
+                match dw.as_ref() {
+                    Some((size, op)) if *size == (h, w) => op.clone(),
+                    _ => {
+                        let op = std::sync::Arc::new(super::kernels::Depthwise::new(
+                            &self.weight,
+                            &self.bias,
+                            self.stride,
+                            [pt, pb, pl, pr],
+                            self.relu6,
+                        )?);
+                        *dw = Some(((h, w), op.clone()));
+                        op
+                    }
+                }
+            };
+            return x.contiguous()?.apply_op1_no_bwd(op.as_ref());
+        }
         let y = if pt == pb && pl == pr && pt == pl {
             x.conv2d(&self.weight, pt, self.stride, 1, self.groups)?
         } else {

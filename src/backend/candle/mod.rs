@@ -12,6 +12,7 @@ mod graph;
 #[cfg(not(feature = "candle-graph"))]
 #[path = "graph_stub.rs"]
 mod graph;
+mod kernels;
 mod onnx_proto;
 mod weights;
 
@@ -27,7 +28,8 @@ static EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/efficientnet-li
 
 /// What runs: a native architecture, or a compiled ONNX graph.
 enum Net {
-    EfficientNet(efficientnet::EfficientNetLite),
+    /// Boxed: the layers are many and large; the enum stays small.
+    EfficientNet(Box<efficientnet::EfficientNetLite>),
     Graph(graph::Plan),
 }
 
@@ -116,7 +118,7 @@ impl CandleBackend {
             path.display()
         );
         Ok(CandleBackend {
-            net: Net::EfficientNet(model),
+            net: Net::EfficientNet(Box::new(model)),
             input,
         })
     }
