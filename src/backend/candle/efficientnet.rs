@@ -91,6 +91,18 @@ impl ConvBn {
             };
             return x.contiguous()?.apply_op1_no_bwd(op.as_ref());
         }
+        let (n, c_in, ..) = x.dims4()?;
+        if kh == 1 && kw == 1 && self.stride == 1 && self.groups == 1 && n == 1 {
+            // Pointwise: one GEMM, [c_out, c_in] x [c_in, h*w], without conv2d's im2col copy.
+            let c_out = self.weight.dim(0)?;
+            let y = self
+                .weight
+                .reshape((c_out, c_in))?
+                .matmul(&x.reshape((c_in, h * w))?)?
+                .reshape((1, c_out, h, w))?
+                .broadcast_add(&self.bias)?;
+            return if self.relu6 { y.clamp(0f32, 6f32) } else { Ok(y) };
+        }
         let y = if pt == pb && pl == pr && pt == pl {
             x.conv2d(&self.weight, pt, self.stride, 1, self.groups)?
         } else {
