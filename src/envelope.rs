@@ -99,11 +99,15 @@ impl fmt::Display for EnvelopeError {
     }
 }
 
+/// Whether the payload is a JSON object (an envelope) rather than raw image bytes.
+pub fn is_json_object(payload: &[u8]) -> bool {
+    payload.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Detects the form and parses. Payloads that are neither JSON objects nor
 /// JPEGs come back as `RawJpeg` and are refused by the decoder with the reason.
 pub fn parse(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
-    let first = payload.iter().find(|c| !c.is_ascii_whitespace());
-    if first != Some(&b'{') {
+    if !is_json_object(payload) {
         return Ok(Envelope {
             form: Form::RawJpeg,
             device_id: None,

@@ -365,7 +365,7 @@ enum Repeat {
 /// says; a raw JPEG is a repeat only when the broker marks the delivery DUP
 /// and its packet id matches, since a frozen camera repeats its bytes.
 fn check_repeat(w: &mut dedup::Window, topic: &str, payload: &[u8], a: &mut Ack, dup: bool) -> Repeat {
-    let envelope = payload.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    let envelope = crate::envelope::is_json_object(payload);
     let key = dedup::key(topic.as_bytes(), payload, (!envelope).then_some(a.pkid));
     a.key = Some(key);
     if !envelope && !dup {

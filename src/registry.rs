@@ -101,22 +101,30 @@ impl Registry {
     pub fn reload(&self, name: &str) -> Result<(), String> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = self.try_reload(name);
-        let mut errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
         match &outcome {
-            Ok(()) => {
+            Ok(()) => log::info!("model `{name}` reloaded"),
+            Err(e) => log::error!("model `{name}`: reload failed, the previous version keeps serving: {e}"),
+        }
+        self.record(name, outcome.as_ref().err().cloned());
+        outcome
+    }
+
+    /// Counts a reload or addition, keeps (or clears) its error under `key`
+    /// (a model name, or a config file not added), and tells `on_change`.
+    fn record(&self, key: &str, error: Option<String>) {
+        let mut errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            None => {
                 self.reloads.fetch_add(1, Relaxed);
-                errors.remove(name);
-                log::info!("model `{name}` reloaded");
+                errors.remove(key);
             }
-            Err(e) => {
+            Some(e) => {
                 self.reload_failures.fetch_add(1, Relaxed);
-                errors.insert(name.to_owned(), e.clone());
-                log::error!("model `{name}`: reload failed, the previous version keeps serving: {e}");
+                errors.insert(key.to_owned(), e);
             }
         }
         drop(errors);
         self.changed();
-        outcome
     }
 
     /// Checks that a (new or changed) config fits the slots allocated at start-up.
@@ -149,22 +157,12 @@ impl Registry {
     pub fn add(&self, path: &Path) -> Result<String, String> {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = self.try_add(path);
-        let key = path.display().to_string();
-        let mut errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
         match &outcome {
-            Ok(name) => {
-                self.reloads.fetch_add(1, Relaxed);
-                errors.remove(&key);
-                log::info!("model `{name}` added from {}", path.display());
-            }
-            Err(e) => {
-                self.reload_failures.fetch_add(1, Relaxed);
-                errors.insert(key, format!("not added: {e}"));
-                log::error!("{}: not added: {e}", path.display());
-            }
+            Ok(name) => log::info!("model `{name}` added from {}", path.display()),
+            Err(e) => log::error!("{}: not added: {e}", path.display()),
         }
-        drop(errors);
-        self.changed();
+        let error = outcome.as_ref().err().map(|e| format!("not added: {e}"));
+        self.record(&path.display().to_string(), error);
         outcome
     }
 

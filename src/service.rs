@@ -204,7 +204,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     }
     if !mqtt_threads.is_empty() {
         let _ = out_tx.send_blocking(pipeline::ToMqtt::Shutdown);
-        if !wait_all(&mqtt_threads[..2], Instant::now() + Duration::from_secs(5)) {
+        if !wait_all(&mqtt_threads, Instant::now() + Duration::from_secs(5)) {
             log::warn!("the MQTT client did not finish within 5 s");
         }
     }

@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -11,30 +10,6 @@ use support::*;
 const IN_TOPIC: &str = "edge-ai/bu1/plant-7/gw-3/camera/snapshots";
 const RESULT_TOPIC: &str = "edge-ai/bu1/plant-7/gw-3/ai/inference/vision";
 const ERROR_TOPIC: &str = "edge-ai/services/svc/ai/errors";
-
-fn snapshot(camera: &str, corr: &str, jpeg_b64: &str) -> Vec<u8> {
-    format!(
-        r#"{{"message_type":"image_snapshot","schema_version":"1.0","camera_id":"{camera}","timestamp":1795780800,"image_data":"{jpeg_b64}","correlation_id":"{corr}"}}"#
-    )
-    .into_bytes()
-}
-
-/// `correlation id -> result ids` over every result and error result received.
-fn answers(msgs: &[Msg]) -> HashMap<String, HashSet<String>> {
-    let mut m: HashMap<String, HashSet<String>> = HashMap::new();
-    for msg in msgs {
-        let v = msg.json();
-        let corr = match msg.topic.as_str() {
-            RESULT_TOPIC => get_str(&v, &["metadata", "source", "correlation_id"]),
-            ERROR_TOPIC => get_str(&v, &["source", "correlation_id"]),
-            _ => None,
-        };
-        if let (Some(c), Some(id)) = (corr, get_str(&v, &["result_id"])) {
-            m.entry(c).or_default().insert(id);
-        }
-    }
-    m
-}
 
 /// A few thousand QoS 1 frames while mosquitto (with persistence) is stopped
 /// and started three times: every frame gets exactly one answer (one
@@ -60,7 +35,10 @@ fn every_frame_gets_exactly_one_answer_across_broker_restarts() {
 
     let mut restarts = 0;
     for i in 0..FRAMES {
-        camera.publish(IN_TOPIC, snapshot(&format!("cam-{}", i % 4), &format!("f-{i}"), &jpeg));
+        camera.publish(
+            IN_TOPIC,
+            snapshot_b64(&format!("cam-{}", i % 4), &format!("f-{i}"), &jpeg),
+        );
         if i % 1000 == 500 {
             broker.restart();
             restarts += 1;
@@ -69,14 +47,16 @@ fn every_frame_gets_exactly_one_answer_across_broker_restarts() {
     }
     assert_eq!(restarts, 3);
 
-    let all = results.wait_until("an answer for every frame", |m| answers(m).len() >= FRAMES);
+    let all = results.wait_until("an answer for every frame", |m| {
+        answers(m, RESULT_TOPIC, ERROR_TOPIC).len() >= FRAMES
+    });
     // A second answer would come soon after the first; give it time to show.
     let settle = Instant::now() + Duration::from_secs(3);
     while Instant::now() < settle {
         std::thread::sleep(Duration::from_millis(100));
     }
     let all_after = results.received.lock().unwrap().clone();
-    let got = answers(&all_after);
+    let got = answers(&all_after, RESULT_TOPIC, ERROR_TOPIC);
     assert_eq!(got.len(), FRAMES, "answers for frames that were never sent?");
     for i in 0..FRAMES {
         let ids = &got[&format!("f-{i}")];

@@ -8,7 +8,6 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use support::sat_broker::SatBroker;
 use support::*;
@@ -129,14 +128,6 @@ fn tls_broker(pki: &TempDir) -> (Broker, u16) {
     (Broker::start_with(plain, &conf), tls)
 }
 
-fn wait(what: &str, mut ok: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !ok() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn tls_env<'a>(pki: &TempDir, tls_port: &'a str, health: &'a str, ca: &str) -> Vec<(&'static str, String)> {
     let f = |n: &str| pki.0.join(n).display().to_string();
     vec![
@@ -180,7 +171,7 @@ fn tls_with_a_client_certificate_works_and_acl_refusals_are_reported() {
 
     // A corrupt frame's error result goes to a topic the ACL does not allow.
     peer.publish(IN_TOPIC, b"\xff\xd8\xff\xe0 not really".to_vec());
-    wait("the refused publish to be reported", || {
+    wait_for("the refused publish to be reported", || {
         svc.metric("aei_publish_refused_total") >= 1.0
     });
     assert!(svc.log_line("broker refused a message we published").is_some());
@@ -201,10 +192,7 @@ fn a_wrong_ca_is_refused_clearly_and_a_fixed_ca_file_is_picked_up() {
     std::fs::copy(pki.0.join("other-ca.crt"), &trust).unwrap();
     let port = tls_port.to_string();
     let svc = start(&tls_env(&pki, &port, &health, "trust.crt"));
-    wait("the TLS failure in the log", || {
-        svc.log_line("MQTT connect to 127.0.0.1").is_some()
-    });
-    let line = svc.log_line("MQTT connect to 127.0.0.1").unwrap();
+    let line = svc.wait_log("MQTT connect to 127.0.0.1");
     assert!(
         line.contains("UnknownIssuer") && line.contains("AIO_TLS_CA_FILE"),
         "the error should say the certificate's issuer is unknown and where to look: {line}"
@@ -271,7 +259,7 @@ fn k8s_sat_authenticates_and_reauthenticates_when_the_token_rotates() {
         ),
     ]);
     svc.wait_ready();
-    wait("the refused subscription to be reported", || {
+    wait_for("the refused subscription to be reported", || {
         svc.log_line("refused the subscription to `forbidden/+/+/+/camera`")
             .is_some()
     });
@@ -295,14 +283,14 @@ fn k8s_sat_authenticates_and_reauthenticates_when_the_token_rotates() {
             .count()
     };
     broker.send(IN_TOPIC, &fixture("chelsea.jpg"));
-    wait("a result through the SAT broker", || results(&broker) == 1);
+    wait_for("a result through the SAT broker", || results(&broker) == 1);
 
     // The kubelet rotates the token (write, then rename into place).
     let t2 = jwt(now_s(), now_s() + 7200, "two");
     broker.state.lock().unwrap().accept = t2.clone();
     std::fs::write(dir.0.join("tmp"), &t2).unwrap();
     std::fs::rename(dir.0.join("tmp"), &token).unwrap();
-    wait("a CONNECT with the new token", || {
+    wait_for("a CONNECT with the new token", || {
         let st = broker.state.lock().unwrap();
         st.connects.len() == 2 && st.connects[1].reason == 0
     });
@@ -318,7 +306,7 @@ fn k8s_sat_authenticates_and_reauthenticates_when_the_token_rotates() {
     svc.wait_ready();
     assert_eq!(svc.metric("aei_mqtt_reauthentications_total"), 1.0);
     broker.send(IN_TOPIC, &fixture("astronaut.jpg"));
-    wait("a result after re-authenticating", || results(&broker) == 2);
+    wait_for("a result after re-authenticating", || results(&broker) == 2);
 }
 
 #[test]
@@ -336,8 +324,7 @@ fn a_refused_token_is_reported_and_the_service_stays_up() {
         ("MQTT_AUTH", "k8s-sat"),
         ("AIO_SAT_FILE", token.to_str().unwrap()),
     ]);
-    wait("the refusal in the log", || svc.log_line("MQTT connect to").is_some());
-    let line = svc.log_line("MQTT connect to").unwrap();
+    let line = svc.wait_log("MQTT connect to");
     assert!(
         line.contains("NotAuthorized") && line.contains("AIO_SAT_FILE"),
         "{line}"
@@ -385,10 +372,7 @@ fn password_authentication_against_mosquitto() {
     assert!(svc.log_line("user `aei`").is_some());
 
     let refused = start(&env(&bad));
-    wait("the refusal in the log", || {
-        refused.log_line("MQTT connect to").is_some()
-    });
-    let line = refused.log_line("MQTT connect to").unwrap();
+    let line = refused.wait_log("MQTT connect to");
     assert!(
         line.contains("NotAuthorized") && line.contains("MQTT_PASSWORD_FILE"),
         "{line}"

@@ -197,14 +197,6 @@ fn sighup_reloads_every_model() {
     assert!(svc.still_running());
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !ok() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A config dropped into the watched directory is loaded and its input
 /// topic subscribed; a broken one is refused without harm; a removed one
 /// stops being served and its topic is unsubscribed.

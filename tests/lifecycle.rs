@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
@@ -26,13 +25,6 @@ fn expect(sock: &UnixDatagram, seen: &mut Vec<String>, want: &str, times: usize)
             seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
     }
-}
-
-fn snapshot(camera: &str, corr: &str, jpeg_b64: &str) -> Vec<u8> {
-    format!(
-        r#"{{"message_type":"image_snapshot","schema_version":"1.0","camera_id":"{camera}","timestamp":1795780800,"image_data":"{jpeg_b64}","correlation_id":"{corr}"}}"#
-    )
-    .into_bytes()
 }
 
 #[test]
@@ -63,7 +55,10 @@ fn sd_notify_ready_watchdog_stopping_and_a_graceful_stop_that_loses_no_frame() {
     let jpeg = base64(&fixture("rocket-1080p.jpg"));
     const FRAMES: usize = 600;
     for i in 0..FRAMES {
-        camera.publish(IN_TOPIC, snapshot(&format!("cam-{}", i % 8), &format!("g-{i}"), &jpeg));
+        camera.publish(
+            IN_TOPIC,
+            snapshot_b64(&format!("cam-{}", i % 8), &format!("g-{i}"), &jpeg),
+        );
     }
     // Stop while the burst is being worked through.
     results.wait_until("the first answers", |m| m.iter().any(|m| m.topic == RESULT_TOPIC));
@@ -88,25 +83,10 @@ fn sd_notify_ready_watchdog_stopping_and_a_graceful_stop_that_loses_no_frame() {
     let mut env2 = env.to_vec();
     env2.retain(|(k, _)| !k.starts_with("NOTIFY") && !k.starts_with("WATCHDOG"));
     let _svc2 = Service::start(&env2);
-    let corr = |m: &Msg| {
-        let v = m.json();
-        match m.topic.as_str() {
-            RESULT_TOPIC => get_str(&v, &["metadata", "source", "correlation_id"]),
-            ERROR_TOPIC => get_str(&v, &["source", "correlation_id"]),
-            _ => None,
-        }
-    };
     let all = results.wait_until("an answer for every frame", |m| {
-        count_by(m, |m| corr(m)).len() == FRAMES
+        answers(m, RESULT_TOPIC, ERROR_TOPIC).len() == FRAMES
     });
-    let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-    for m in &all {
-        if let Some(c) = corr(m) {
-            ids.entry(c)
-                .or_default()
-                .insert(get_str(&m.json(), &["result_id"]).unwrap());
-        }
-    }
+    let ids = answers(&all, RESULT_TOPIC, ERROR_TOPIC);
     for (c, set) in &ids {
         let who: Vec<&str> = set
             .iter()

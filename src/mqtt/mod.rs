@@ -289,8 +289,9 @@ impl Refresh {
     }
 }
 
-/// Starts the event, publisher and credentials threads. The error is a
-/// start-up error: a TLS or secret file that cannot be used.
+/// Starts the event, publisher and credentials threads; returns the first
+/// two, which finish after `ToMqtt::Shutdown`. The error is a start-up
+/// error: a TLS or secret file that cannot be used.
 pub fn start(
     cfg: MqttConfig,
     metrics: Arc<Metrics>,
@@ -458,7 +459,8 @@ pub fn start(
             .map_err(|e| e.to_string())?
     };
 
-    let credentials = {
+    // Detached: it has nothing to finish when the service stops.
+    {
         let client = client.clone();
         let metrics = metrics.clone();
         let auth_settings = cfg.auth.clone();
@@ -502,8 +504,8 @@ pub fn start(
                     }
                 }
             })
-            .map_err(|e| e.to_string())?
-    };
+            .map_err(|e| e.to_string())?;
+    }
 
     let publisher = std::thread::Builder::new()
         .name("mqtt-publish".into())
@@ -568,7 +570,7 @@ pub fn start(
             let _ = client.disconnect();
         })
         .map_err(|e| e.to_string())?;
-    Ok(vec![events, publisher, credentials])
+    Ok(vec![events, publisher])
 }
 
 /// How long to wait for the broker to close the connection after our DISCONNECT.

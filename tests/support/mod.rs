@@ -95,7 +95,8 @@ pub fn camera_health_config() -> (TempDir, String) {
     (dir, p)
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+/// Polls `ok` until it holds; panics after `DEADLINE`.
+pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
     while !ok() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
@@ -278,6 +279,12 @@ impl Service {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_log(&self, needle: &str) -> String {
+        wait_for(&format!("`{needle}` in the log"), || self.log_line(needle).is_some());
+        self.log_line(needle).unwrap()
     }
 
     pub fn log_line(&self, needle: &str) -> Option<String> {
@@ -539,6 +546,39 @@ pub fn count_by<K: std::hash::Hash + Eq>(msgs: &[Msg], key: impl Fn(&Msg) -> Opt
     for msg in msgs {
         if let Some(k) = key(msg) {
             *m.entry(k).or_insert(0) += 1;
+        }
+    }
+    m
+}
+
+/// An `image_snapshot` envelope with its JPEG already in base64 (streams
+/// of thousands of frames encode it once).
+pub fn snapshot_b64(camera: &str, corr: &str, jpeg_b64: &str) -> Vec<u8> {
+    format!(
+        r#"{{"message_type":"image_snapshot","schema_version":"1.0","camera_id":"{camera}","timestamp":1795780800,"image_data":"{jpeg_b64}","correlation_id":"{corr}"}}"#
+    )
+    .into_bytes()
+}
+
+/// `correlation id -> result ids` over the results (on `result_topic`) and
+/// error results (on `error_topic`) received: one id per frame means one answer.
+pub fn answers(
+    msgs: &[Msg],
+    result_topic: &str,
+    error_topic: &str,
+) -> HashMap<String, std::collections::HashSet<String>> {
+    let mut m: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for msg in msgs {
+        let v = msg.json();
+        let corr = if msg.topic == result_topic {
+            get_str(&v, &["metadata", "source", "correlation_id"])
+        } else if msg.topic == error_topic {
+            get_str(&v, &["source", "correlation_id"])
+        } else {
+            None
+        };
+        if let (Some(c), Some(id)) = (corr, get_str(&v, &["result_id"])) {
+            m.entry(c).or_default().insert(id);
         }
     }
     m
