@@ -82,10 +82,18 @@ pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, Strin
     ))
 }
 
-/// `bench model FILE [--model NAME]`: backend-only latency of one model on
-/// the tensor preprocessed from FILE (median and p99 over `iters` runs after
-/// warm-up), plus post-processing.
-pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: usize) -> Result<String, String> {
+/// `bench model FILE [--model NAME] [--layers N]`: backend-only latency of one
+/// model on the tensor preprocessed from FILE (median and p99 over `iters`
+/// runs after warm-up) and, where the backend can, its per-layer profile
+/// (each layer's median over five profiled runs; the slowest `layers` listed,
+/// then totals by kind).
+pub fn bench_model(
+    settings: &Settings,
+    model: Option<&str>,
+    file: &str,
+    iters: usize,
+    layers: usize,
+) -> Result<String, String> {
     let models = crate::service::load_models(settings)?;
     let idx = match model {
         Some(name) => models.find(name).ok_or_else(|| format!("no model named `{name}`"))?,
@@ -123,27 +131,46 @@ pub fn bench_model(settings: &Settings, model: Option<&str>, file: &str, iters: 
     }
     let (med, p99) = median_p99(&mut times);
     let i = &m.config.inference;
-    let profile = ml.primary.engine.profile(&tensor).map(|layers| {
-        let total: Duration = layers.iter().map(|l| l.1).sum();
-        let mut v = layers;
+    let runs: Vec<Vec<(String, Duration)>> = (0..5).filter_map(|_| ml.primary.engine.profile(&tensor)).collect();
+    let profile = runs.first().map(|first| {
+        let mut v: Vec<(String, Duration)> = first
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let mut d: Vec<Duration> = runs.iter().filter_map(|r| r.get(i).map(|l| l.1)).collect();
+                d.sort();
+                (name.clone(), d[d.len() / 2])
+            })
+            .collect();
+        let total: Duration = v.iter().map(|l| l.1).sum();
         v.sort_by_key(|l| std::cmp::Reverse(l.1));
         let mut text = format!(
-            "per-layer profile (one run, {:.1} ms in layers), slowest first:\n",
+            "per-layer profile (median of 5 runs per layer, {:.1} ms in layers), slowest first:\n",
             total.as_secs_f64() * 1e3
         );
-        for (name, d) in v.iter().take(12) {
+        for (name, d) in v.iter().take(layers) {
             text.push_str(&format!(
                 "  {:8.3} ms  {:5.1}%  {name}\n",
                 d.as_secs_f64() * 1e3,
                 d.as_secs_f64() / total.as_secs_f64() * 100.0
             ));
         }
-        let dw: Duration = v.iter().filter(|l| l.0.contains("depthwise")).map(|l| l.1).sum();
-        if !dw.is_zero() {
+        // Totals by kind: the first word of each layer's name.
+        let mut kinds: Vec<(&str, Duration, usize)> = Vec::new();
+        for (name, d) in &v {
+            let kind = name.split(' ').next().unwrap_or("");
+            match kinds.iter_mut().find(|k| k.0 == kind) {
+                Some(k) => (k.1, k.2) = (k.1 + *d, k.2 + 1),
+                None => kinds.push((kind, *d, 1)),
+            }
+        }
+        kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+        text.push_str("by kind:\n");
+        for (kind, d, n) in kinds {
             text.push_str(&format!(
-                "  depthwise layers together: {:.1} ms ({:.0}%)\n",
-                dw.as_secs_f64() * 1e3,
-                dw.as_secs_f64() / total.as_secs_f64() * 100.0
+                "  {:8.3} ms  {:5.1}%  {kind} ({n})\n",
+                d.as_secs_f64() * 1e3,
+                d.as_secs_f64() / total.as_secs_f64() * 100.0
             ));
         }
         text

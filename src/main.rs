@@ -22,7 +22,7 @@ Commands:
                           Write the preprocessed model input for FILE as raw f32 (little-endian)
   bench decode FILE [--iters N] [--size S]
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
-  bench model FILE [--model NAME] [--iters N]
+  bench model FILE [--model NAME] [--iters N] [--layers N]
                           Time one model's backend on FILE's tensor (median, p99)
   bench mqtt FILE --topic T --result-topic R [--iters N]
                           Time publish -> result through a running service and the broker
@@ -122,9 +122,11 @@ fn main() -> ExitCode {
                     }
                 }
                 "model" => {
-                    let (model, files) = take_flag(&r, "--model");
+                    let (model, r) = take_flag(&r, "--model");
+                    let (layers, files) = take_flag(&r, "--layers");
+                    let layers = layers.and_then(|v| v.parse().ok()).unwrap_or(12usize);
                     match files.as_slice() {
-                        [file] => bench::bench_model(&settings, model.as_deref(), file, iters),
+                        [file] => bench::bench_model(&settings, model.as_deref(), file, iters, layers),
                         _ => Err("bench model: name one JPEG file".into()),
                     }
                 }

@@ -36,3 +36,5 @@ impl Backend for CandleBackend {
 pub fn convert(_input: &Path, _output: &Path, _dtype: &str) -> Result<String, String> {
     Err(BackendError::NotCompiled { backend: "candle" }.to_string())
 }
+
+pub fn set_threads(_n: usize) {}

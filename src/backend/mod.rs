@@ -66,6 +66,11 @@ pub fn convert(input: &Path, output: &Path, dtype: &str) -> Result<String, Strin
     candle::convert(input, output, dtype)
 }
 
+/// Sets the Candle kernels' CPU threads for the process (0: one per CPU); the first call wins.
+pub fn set_cpu_threads(n: usize) {
+    candle::set_threads(n)
+}
+
 /// Process-wide backend settings (from the service settings).
 #[derive(Debug, Clone, Default)]
 pub struct BackendEnv {

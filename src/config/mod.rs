@@ -58,7 +58,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
-    Opt { env: "CANDLE_THREADS", flag: "--candle-threads", default: "0", help: "CPU threads of the Candle backend, process-wide (0: one per physical core)." },
+    Opt { env: "CANDLE_THREADS", flag: "--candle-threads", default: "0", help: "CPU threads of the Candle backend, process-wide (0: one per CPU)." },
     Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
     Opt { env: "SHUTDOWN_TIMEOUT_S", flag: "--shutdown-timeout", default: "10", help: "On SIGTERM/SIGINT: seconds to finish the frames in flight and flush their results before exiting anyway (unanswered frames stay unacknowledged and are redelivered)." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },

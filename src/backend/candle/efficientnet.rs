@@ -1,40 +1,38 @@
-//! EfficientNet-Lite0..4 written over candle, reading the upstream
-//! `efficientnet-lite-pytorch` weight names (`_conv_stem`, `_bn0`,
-//! `_blocks.N._expand_conv`, `_depthwise_conv`, `_project_conv`, `_bn0..2`,
-//! `_conv_head`, `_bn1`, `_fc`). Batch norm is folded into each convolution
-//! at load; weights whose batch norm is already folded (a `.bias` on the
-//! convolution, as in our ONNX export) load too.
+//! EfficientNet-Lite0..4 compiled into a plan over our NHWC kernels
+//! (`nhwc.rs`), reading the upstream `efficientnet-lite-pytorch` weight
+//! names (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv`, `_depthwise_conv`,
+//! `_project_conv`, `_bn0..2`, `_conv_head`, `_bn1`, `_fc`). Batch norm is
+//! folded into each convolution at load (with candle ops); weights whose
+//! batch norm is already folded (a `.bias` on the convolution, as in our
+//! ONNX export) load too.
 //!
 //! The variant is read off the weights: blocks are counted, a stage starts
 //! where the output width changes, and stages take Lite's fixed strides. TF
-//! "same" padding (asymmetric for stride 2) is computed from the input size.
+//! "same" padding (asymmetric for stride 2) is computed from the input size,
+//! which is fixed at load: every intermediate buffer is allocated then, sized
+//! for the largest activation, and reused for every frame.
 
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::Tensor;
 
+use super::cpu::{Act, Isa};
+use super::nhwc::{self, Geometry};
 use super::weights::Weights;
 
 const BN_EPS: f64 = 1e-3;
 /// Stride of each of the seven stages.
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
 
-/// A depthwise kernel and the input size (h, w) its padding was computed for.
-type SizedKernel = ((usize, usize), std::sync::Arc<super::kernels::Depthwise>);
-
-/// A convolution with batch norm folded in, optionally followed by ReLU6.
+/// A convolution with batch norm folded in (candle tensors, OIHW).
 struct ConvBn {
     weight: Tensor,
     bias: Tensor,
     stride: usize,
-    groups: usize,
-    relu6: bool,
-    /// Depthwise layers on the CPU: our kernel, built for the input size it last saw.
-    depthwise: std::sync::Mutex<Option<SizedKernel>>,
 }
 
 impl ConvBn {
-    fn load(w: &Weights, conv: &str, bn: &str, stride: usize, depthwise: bool, relu6: bool) -> Result<ConvBn, String> {
+    fn load(w: &Weights, conv: &str, bn: &str, stride: usize) -> Result<ConvBn, String> {
         let get = |n: &str| w.get(n).ok_or_else(|| format!("missing tensor `{n}`"));
         let weight = get(&format!("{conv}.weight"))?.clone();
         let (out_c, ..) = weight.dims4().map_err(|e| format!("{conv}.weight: {e}"))?;
@@ -55,71 +53,44 @@ impl ConvBn {
             }
             None => (weight, get(&format!("{conv}.bias"))?.clone()),
         };
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).map_err(e);
         Ok(ConvBn {
-            bias: bias.reshape((1, out_c, 1, 1)).map_err(e)?,
-            weight,
+            weight: f32(&weight)?,
+            bias: f32(&bias)?.flatten_all().map_err(e)?,
             stride,
-            groups: if depthwise { out_c } else { 1 },
-            relu6,
-            depthwise: std::sync::Mutex::new(None),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (_, _, h, w) = x.dims4()?;
-        let (_, _, kh, kw) = self.weight.dims4()?;
-        let (pt, pb) = same_pad(h, kh, self.stride);
-        let (pl, pr) = same_pad(w, kw, self.stride);
-        if self.groups > 1 && x.device().is_cpu() {
-            // Padding depends on the input size; the packed weights do not, but are cheap to keep with it.
-            let op = {
-                let mut dw = self.depthwise.lock().unwrap_or_else(|e| e.into_inner());
-                match dw.as_ref() {
-                    Some((size, op)) if *size == (h, w) => op.clone(),
-                    _ => {
-                        let op = std::sync::Arc::new(super::kernels::Depthwise::new(
-                            &self.weight,
-                            &self.bias,
-                            self.stride,
-                            [pt, pb, pl, pr],
-                            self.relu6,
-                        )?);
-                        *dw = Some(((h, w), op.clone()));
-                        op
-                    }
-                }
-            };
-            return x.contiguous()?.apply_op1_no_bwd(op.as_ref());
-        }
-        let (n, c_in, ..) = x.dims4()?;
-        if kh == 1 && kw == 1 && self.stride == 1 && self.groups == 1 && n == 1 {
-            // Pointwise: one GEMM, [c_out, c_in] x [c_in, h*w], without conv2d's im2col copy.
-            let c_out = self.weight.dim(0)?;
-            let y = self
-                .weight
-                .reshape((c_out, c_in))?
-                .matmul(&x.reshape((c_in, h * w))?)?
-                .reshape((1, c_out, h, w))?
-                .broadcast_add(&self.bias)?;
-            return if self.relu6 { y.clamp(0f32, 6f32) } else { Ok(y) };
-        }
-        let y = if pt == pb && pl == pr && pt == pl {
-            x.conv2d(&self.weight, pt, self.stride, 1, self.groups)?
-        } else {
-            x.pad_with_zeros(2, pt, pb)?.pad_with_zeros(3, pl, pr)?.conv2d(
-                &self.weight,
-                0,
-                self.stride,
-                1,
-                self.groups,
-            )?
+    /// (out, in, kh, kw).
+    fn dims(&self) -> (usize, usize, usize, usize) {
+        self.weight.dims4().unwrap_or((0, 0, 0, 0))
+    }
+
+    fn vecs(&self) -> Result<(Vec<f32>, Vec<f32>), String> {
+        let v = |t: &Tensor| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .map_err(|e| e.to_string())
         };
-        let y = y.broadcast_add(&self.bias)?;
-        if self.relu6 {
-            y.clamp(0f32, 6f32)
-        } else {
-            Ok(y)
+        Ok((v(&self.weight)?, v(&self.bias)?))
+    }
+
+    /// The TF "same" geometry of this convolution on an `h x w` input.
+    fn geometry(&self, h: usize, w: usize) -> Geometry {
+        let (_, _, k, _) = self.dims();
+        let (pt, pb) = same_pad(h, k, self.stride);
+        let (pl, pr) = same_pad(w, k, self.stride);
+        Geometry {
+            k,
+            stride: self.stride,
+            pad: [pt, pb, pl, pr],
         }
+    }
+
+    fn pointwise(&self, act: Act) -> Result<nhwc::Pointwise, String> {
+        let (o, i, ..) = self.dims();
+        let (w, b) = self.vecs()?;
+        Ok(nhwc::Pointwise::new(&w, &b, o, i, act))
     }
 }
 
@@ -131,39 +102,69 @@ fn same_pad(size: usize, k: usize, s: usize) -> (usize, usize) {
 }
 
 struct Block {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    project: ConvBn,
+    expand: Option<nhwc::Pointwise>,
+    depthwise: nhwc::Depthwise,
+    project: nhwc::Pointwise,
     skip: bool,
+    /// Input size (h, w); the output size follows from the depthwise geometry.
+    size: (usize, usize),
+}
+
+/// The buffers a forward pass runs in, allocated once at load.
+struct Arena {
+    input: Vec<f32>,
+    /// The block input (kept for the residual), then the block output.
+    a: Vec<f32>,
+    /// The expanded activation.
+    b: Vec<f32>,
+    /// The depthwise output.
+    c: Vec<f32>,
+    /// The projected output, swapped with `a`.
+    d: Vec<f32>,
+    /// The stem's im2col scratch.
+    col: Vec<f32>,
+    pooled: Vec<f32>,
+    logits: Vec<f32>,
 }
 
 pub struct EfficientNetLite {
-    stem: ConvBn,
+    stem: nhwc::Conv,
     blocks: Vec<Block>,
-    head: ConvBn,
-    fc_weight: Tensor,
-    fc_bias: Tensor,
+    head: nhwc::Pointwise,
+    fc: nhwc::Dense,
+    /// Input (h, w) and the stem's output size.
+    input: (usize, usize),
+    stem_out: (usize, usize),
+    isa: Isa,
+    arena: Arena,
 }
 
 impl EfficientNetLite {
-    pub fn load(w: &Weights) -> Result<EfficientNetLite, String> {
-        let stem = ConvBn::load(w, "_conv_stem", "_bn0", 2, false, true)?;
+    /// Compiles the checkpoint for `[1, 3, h, w]` input.
+    pub fn load(w: &Weights, (h, wd): (usize, usize)) -> Result<EfficientNetLite, String> {
+        let stem = ConvBn::load(w, "_conv_stem", "_bn0", 2)?;
+        let (stem_c, in_c3, k, _) = stem.dims();
+        if in_c3 != 3 {
+            return Err(format!("_conv_stem takes {in_c3} channels, not 3"));
+        }
+        let stem_geo = stem.geometry(h, wd);
+        let (sw, sb) = stem.vecs()?;
+        let stem_k = nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6);
+        let stem_out = stem_geo.out_size(h, wd);
+        let mut largest = stem_out.0 * stem_out.1 * stem_c;
+        let col = stem_k.scratch_len(h, wd);
+        let _ = k;
         let mut blocks = Vec::new();
         let (mut stage, mut prev_out) = (0usize, None);
-        let mut in_c = stem.weight.dims4().map_err(|e| e.to_string())?.0;
+        let (mut in_c, mut size) = (stem_c, stem_out);
         while w.contains_key(&format!("_blocks.{}._depthwise_conv.weight", blocks.len())) {
             let p = format!("_blocks.{}", blocks.len());
-            let out_c = w
-                .get(&format!("{p}._project_conv.weight"))
-                .ok_or_else(|| format!("missing tensor `{p}._project_conv.weight`"))?
-                .dims4()
-                .map_err(|e| e.to_string())?
-                .0;
+            let project = ConvBn::load(w, &format!("{p}._project_conv"), &format!("{p}._bn2"), 1)?;
+            let out_c = project.dims().0;
             if prev_out.is_some_and(|o| o != out_c) {
                 stage += 1;
             }
-            let first_of_stage = prev_out != Some(out_c);
-            let stride = if first_of_stage {
+            let stride = if prev_out != Some(out_c) {
                 *STAGE_STRIDES
                     .get(stage)
                     .ok_or_else(|| format!("{p}: more stages than EfficientNet-Lite has"))?
@@ -171,120 +172,281 @@ impl EfficientNetLite {
                 1
             };
             let expand = if w.contains_key(&format!("{p}._expand_conv.weight")) {
-                Some(ConvBn::load(
-                    w,
-                    &format!("{p}._expand_conv"),
-                    &format!("{p}._bn0"),
-                    1,
-                    false,
-                    true,
-                )?)
+                let e = ConvBn::load(w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), 1)?;
+                Some(e.pointwise(Act::Relu6)?)
             } else {
                 None
             };
+            let dw = ConvBn::load(w, &format!("{p}._depthwise_conv"), &format!("{p}._bn1"), stride)?;
+            let (mid, one, ..) = dw.dims();
+            let mid_in = expand.as_ref().map_or(in_c, |e| e.cout);
+            if one != 1 || mid != mid_in {
+                return Err(format!(
+                    "{p}._depthwise_conv: {mid} filters of {one} channels after {mid_in} channels"
+                ));
+            }
+            let geo = dw.geometry(size.0, size.1);
+            let (dwv, dbv) = dw.vecs()?;
+            let depthwise = nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6);
+            let project = project.pointwise(Act::None)?;
+            if project.cin != mid {
+                return Err(format!("{p}._project_conv takes {} channels after {mid}", project.cin));
+            }
+            let out = geo.out_size(size.0, size.1);
+            largest = largest.max(size.0 * size.1 * mid).max(out.0 * out.1 * out_c.max(mid));
             blocks.push(Block {
                 expand,
-                depthwise: ConvBn::load(
-                    w,
-                    &format!("{p}._depthwise_conv"),
-                    &format!("{p}._bn1"),
-                    stride,
-                    true,
-                    true,
-                )?,
-                project: ConvBn::load(w, &format!("{p}._project_conv"), &format!("{p}._bn2"), 1, false, false)?,
+                depthwise,
+                project,
                 skip: stride == 1 && in_c == out_c,
+                size,
             });
-            in_c = out_c;
-            prev_out = Some(out_c);
+            (in_c, size, prev_out) = (out_c, out, Some(out_c));
         }
         if blocks.is_empty() {
             return Err("no `_blocks.N` tensors: not an EfficientNet-Lite checkpoint".into());
         }
-        let get = |n: &str| w.get(n).cloned().ok_or_else(|| format!("missing tensor `{n}`"));
+        let head = ConvBn::load(w, "_conv_head", "_bn1", 1)?.pointwise(Act::Relu6)?;
+        if head.cin != in_c {
+            return Err(format!("_conv_head takes {} channels after {in_c}", head.cin));
+        }
+        largest = largest.max(size.0 * size.1 * head.cout);
+        let get = |n: &str| {
+            w.get(n)
+                .ok_or_else(|| format!("missing tensor `{n}`"))?
+                .to_dtype(candle_core::DType::F32)
+                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                .map_err(|e| format!("{n}: {e}"))
+        };
+        let fc = nhwc::Dense::new(&get("_fc.weight")?, &get("_fc.bias")?);
+        if fc.inputs != head.cout {
+            return Err(format!(
+                "_fc takes {} features, the head gives {}",
+                fc.inputs, head.cout
+            ));
+        }
+        let buf = |n: usize| vec![0f32; n];
+        let arena = Arena {
+            input: buf(h * wd * 3),
+            a: buf(largest),
+            b: buf(largest),
+            c: buf(largest),
+            d: buf(largest),
+            col: buf(col),
+            pooled: buf(head.cout),
+            logits: buf(fc.outputs()),
+        };
         Ok(EfficientNetLite {
-            stem,
+            stem: stem_k,
             blocks,
-            head: ConvBn::load(w, "_conv_head", "_bn1", 1, false, true)?,
-            fc_weight: get("_fc.weight")?,
-            fc_bias: get("_fc.bias")?,
+            head,
+            fc,
+            input: (h, wd),
+            stem_out,
+            isa: Isa::detect(),
+            arena,
         })
     }
 
     /// Number of classes the classifier head outputs.
     pub fn classes(&self) -> usize {
-        self.fc_weight.dims().first().copied().unwrap_or(0)
+        self.fc.outputs()
     }
 
     pub fn blocks(&self) -> usize {
         self.blocks.len()
     }
 
-    /// `forward`, timing every convolution (named by layer, kernel, stride
-    /// and shape) and the head.
-    pub fn forward_profiled(&self, x: &Tensor, times: &mut Vec<(String, Duration)>) -> candle_core::Result<Tensor> {
-        let mut timed = |name: String, c: &ConvBn, x: &Tensor| -> candle_core::Result<Tensor> {
-            let t0 = Instant::now();
-            let y = c.forward(x)?;
-            let (_, ci, h, w) = x.dims4()?;
-            let (co, _, k, _) = c.weight.dims4()?;
-            let kind = if c.groups > 1 {
-                "depthwise"
-            } else if k == 1 {
-                "pointwise"
-            } else {
-                "conv"
-            };
-            times.push((
-                format!("{name} {kind} {k}x{k} s{} {ci}->{co} @{h}x{w}", c.stride),
-                t0.elapsed(),
-            ));
-            Ok(y)
+    /// Bytes of the buffers allocated at load.
+    pub fn arena_bytes(&self) -> usize {
+        let a = &self.arena;
+        4 * [&a.input, &a.a, &a.b, &a.c, &a.d, &a.col, &a.pooled, &a.logits]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+    }
+
+    /// `[1, 3, H, W]` (NCHW, flat) -> logits.
+    pub fn forward(&mut self, x: &[f32]) -> Result<&[f32], String> {
+        self.run(x, None)
+    }
+
+    /// `forward`, timing every layer (named by kind, kernel, stride, shape and place).
+    pub fn forward_profiled(&mut self, x: &[f32], times: &mut Vec<(String, Duration)>) -> Result<&[f32], String> {
+        self.run(x, Some(times))
+    }
+
+    fn run(&mut self, x: &[f32], mut times: Option<&mut Vec<(String, Duration)>>) -> Result<&[f32], String> {
+        let (h, w) = self.input;
+        if x.len() != 3 * h * w {
+            return Err(format!("input has {} values, the model takes 3x{h}x{w}", x.len()));
+        }
+        let isa = self.isa;
+        let ar = &mut self.arena;
+        let mut t0 = Instant::now();
+        let mut lap = |name: &dyn Fn() -> String| {
+            if let Some(t) = times.as_deref_mut() {
+                t.push((name(), t0.elapsed()));
+                t0 = Instant::now();
+            }
         };
-        let mut x = timed("stem".into(), &self.stem, x)?;
+        nhwc::nchw_to_nhwc(isa, x, 3, &mut ar.input);
+        self.stem.run(isa, &ar.input, h, w, &mut ar.col, &mut ar.a);
+        let s = &self.stem;
+        lap(&|| {
+            format!(
+                "conv {k}x{k} s{} 3->{} @{h}x{w} (stem)",
+                s.geo.stride,
+                s.cout,
+                k = s.geo.k
+            )
+        });
+        let (mut hw, mut c) = (self.stem_out, self.stem.cout);
         for (i, b) in self.blocks.iter().enumerate() {
-            let input = x.clone();
-            if let Some(e) = &b.expand {
-                x = timed(format!("block{i}.expand"), e, &x)?;
-            }
-            x = timed(format!("block{i}.depthwise"), &b.depthwise, &x)?;
-            x = timed(format!("block{i}.project"), &b.project, &x)?;
-            if b.skip {
-                x = (x + input)?;
-            }
+            let (bh, bw) = b.size;
+            debug_assert_eq!((bh, bw), hw);
+            let mid = match &b.expand {
+                Some(e) => {
+                    e.run(isa, &ar.a, bh * bw, None, &mut ar.b);
+                    lap(&|| format!("pointwise 1x1 {}->{} @{bh}x{bw} (block{i} expand)", e.cin, e.cout));
+                    &ar.b
+                }
+                None => &ar.a,
+            };
+            let dw = &b.depthwise;
+            dw.run(isa, mid, bh, bw, &mut ar.c);
+            let g = dw.geo;
+            lap(&|| {
+                format!(
+                    "depthwise {k}x{k} s{} {c}->{c} @{bh}x{bw} (block{i})",
+                    g.stride,
+                    k = g.k,
+                    c = dw.c
+                )
+            });
+            let out = g.out_size(bh, bw);
+            let p = &b.project;
+            p.run(isa, &ar.c, out.0 * out.1, b.skip.then_some(&ar.a[..]), &mut ar.d);
+            lap(&|| {
+                format!(
+                    "pointwise 1x1 {}->{} @{}x{}{} (block{i} project)",
+                    p.cin,
+                    p.cout,
+                    out.0,
+                    out.1,
+                    if b.skip { " +skip" } else { "" }
+                )
+            });
+            std::mem::swap(&mut ar.a, &mut ar.d);
+            (hw, c) = (out, p.cout);
         }
-        let x = timed("head".into(), &self.head, &x)?;
-        let t0 = Instant::now();
-        let y = x
-            .mean(D::Minus1)?
-            .mean(D::Minus1)?
-            .matmul(&self.fc_weight.t()?)?
-            .broadcast_add(&self.fc_bias)?;
-        times.push(("pool+fc".into(), t0.elapsed()));
-        Ok(y)
+        let pixels = hw.0 * hw.1;
+        self.head.run(isa, &ar.a, pixels, None, &mut ar.b);
+        let hd = &self.head;
+        lap(&|| format!("pointwise 1x1 {c}->{} @{}x{} (head)", hd.cout, hw.0, hw.1));
+        nhwc::mean_pixels(isa, &ar.b[..pixels * self.head.cout], self.head.cout, &mut ar.pooled);
+        self.fc.run(isa, &ar.pooled, &mut ar.logits);
+        lap(&|| format!("pool+fc {}->{}", self.fc.inputs, self.fc.outputs()));
+        Ok(&ar.logits)
     }
 }
 
-impl Module for EfficientNetLite {
-    /// `[1, 3, H, W]` -> logits `[1, classes]`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut x = self.stem.forward(x)?;
-        for b in &self.blocks {
-            let input = x.clone();
-            if let Some(e) = &b.expand {
-                x = e.forward(&x)?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, D};
+
+    /// The same checkpoint on candle's own ops (`conv2d`, grouped for depthwise), NCHW.
+    fn reference(w: &Weights, x: &Tensor) -> Vec<f32> {
+        let conv = |c: &ConvBn, x: &Tensor, groups: usize, relu6: bool| -> Tensor {
+            let (_, _, h, wd) = x.dims4().unwrap();
+            let [pt, pb, pl, pr] = c.geometry(h, wd).pad;
+            let y = x
+                .pad_with_zeros(2, pt, pb)
+                .unwrap()
+                .pad_with_zeros(3, pl, pr)
+                .unwrap()
+                .conv2d(&c.weight, 0, c.stride, 1, groups)
+                .unwrap()
+                .broadcast_add(&c.bias.reshape((1, (), 1, 1)).unwrap())
+                .unwrap();
+            if relu6 {
+                y.clamp(0f32, 6f32).unwrap()
+            } else {
+                y
             }
-            x = b.project.forward(&b.depthwise.forward(&x)?)?;
+        };
+        let mut x = conv(&ConvBn::load(w, "_conv_stem", "_bn0", 2).unwrap(), x, 1, true);
+        let model = EfficientNetLite::load(w, (224, 224)).unwrap();
+        for (i, b) in model.blocks.iter().enumerate() {
+            let p = format!("_blocks.{i}");
+            let input = x.clone();
+            if b.expand.is_some() {
+                x = conv(
+                    &ConvBn::load(w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), 1).unwrap(),
+                    &x,
+                    1,
+                    true,
+                );
+            }
+            let dw = ConvBn::load(
+                w,
+                &format!("{p}._depthwise_conv"),
+                &format!("{p}._bn1"),
+                b.depthwise.geo.stride,
+            )
+            .unwrap();
+            x = conv(&dw, &x, b.depthwise.c, true);
+            x = conv(
+                &ConvBn::load(w, &format!("{p}._project_conv"), &format!("{p}._bn2"), 1).unwrap(),
+                &x,
+                1,
+                false,
+            );
             if b.skip {
-                x = (x + input)?;
+                x = (x + input).unwrap();
             }
         }
-        let x = self.head.forward(&x)?.mean(D::Minus1)?.mean(D::Minus1)?;
-        x.matmul(&self.fc_weight.t()?)?.broadcast_add(&self.fc_bias)
+        let x = conv(&ConvBn::load(w, "_conv_head", "_bn1", 1).unwrap(), &x, 1, true);
+        let x = x.mean(D::Minus1).unwrap().mean(D::Minus1).unwrap();
+        let fc_w = w["_fc.weight"].to_dtype(candle_core::DType::F32).unwrap();
+        let fc_b = w["_fc.bias"].to_dtype(candle_core::DType::F32).unwrap();
+        x.matmul(&fc_w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&fc_b)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
     }
-}
 
-/// The CPU device the native architectures run on.
-pub fn device() -> Device {
-    Device::Cpu
+    #[test]
+    fn the_plan_matches_candles_ops_on_the_embedded_model_on_every_isa() {
+        let w = super::super::weights::load_bytes(super::super::EMBEDDED_WEIGHTS).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let want = reference(&w, &x);
+        let input: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let mut model = EfficientNetLite::load(&w, (224, 224)).unwrap();
+        for isa in Isa::supported() {
+            model.isa = isa;
+            let got = model.forward(&input).unwrap().to_vec();
+            assert_eq!(got.len(), 1000);
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-4 * scale,
+                    "{isa:?} logit {i}: {a} vs {e} (max |logit| {scale})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_wrong_input_size_is_an_error_not_a_panic() {
+        let w = super::super::weights::load_bytes(super::super::EMBEDDED_WEIGHTS).unwrap();
+        let mut model = EfficientNetLite::load(&w, (224, 224)).unwrap();
+        let err = model.forward(&[0.0; 10]).unwrap_err();
+        assert!(err.contains("3x224x224"), "{err}");
+    }
 }

@@ -16,6 +16,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::cpu::Act;
+use super::kernels;
 use super::onnx_proto::{self, AttrValue, NodeProto, TensorProto};
 
 type R<T> = Result<T, String>;
@@ -26,12 +28,18 @@ enum Src {
 }
 
 enum Op {
+    /// candle's conv2d: for what our kernels do not take (dilation, other groupings).
     Conv {
         stride: usize,
+        /// ONNX order: top, left, bottom, right.
         pads: [usize; 4],
         dilation: usize,
         groups: usize,
+        act: Act,
     },
+    /// Our kernels (`kernels.rs`), weights packed at compile, activation fused.
+    FastConv(kernels::Conv),
+    FastDepthwise(kernels::Depthwise),
     Sigmoid,
     Exp,
     Relu,
@@ -40,6 +48,8 @@ enum Op {
         max: f32,
     },
     Binary(fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>),
+    /// Apart from the other binary ops: SiLU is found by it.
+    Mul,
     Split {
         axis: i64,
         sizes: Vec<usize>,
@@ -193,6 +203,7 @@ impl Plan {
                         pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
                         dilation: dil[0] as usize,
                         groups: attr_i(n, "group", 1) as usize,
+                        act: Act::None,
                     }
                 }
                 "Sigmoid" => Op::Sigmoid,
@@ -218,7 +229,7 @@ impl Plan {
                 }
                 "Add" => Op::Binary(Tensor::broadcast_add),
                 "Sub" => Op::Binary(Tensor::broadcast_sub),
-                "Mul" => Op::Binary(Tensor::broadcast_mul),
+                "Mul" => Op::Mul,
                 "Div" => Op::Binary(Tensor::broadcast_div),
                 "Split" => {
                     let sizes = match n.inputs.get(1).filter(|s| !s.is_empty()) {
@@ -358,7 +369,7 @@ impl Plan {
                 outputs.push(*slots.entry(o.clone()).or_insert(next));
             }
             steps.push(Step {
-                name: n.name.clone(),
+                name: format!("{} {}", n.op_type, n.name),
                 op,
                 inputs,
                 outputs,
@@ -368,6 +379,10 @@ impl Plan {
         let output_slot = *slots
             .get(&output.name)
             .ok_or("the graph output is produced by no node")?;
+        fuse_activations(&mut steps, output_slot);
+        for step in &mut steps {
+            compile_conv(step)?;
+        }
         // Liveness: free each slot after the last step that reads it.
         let mut last: HashMap<usize, usize> = HashMap::new();
         for (i, s) in steps.iter().enumerate() {
@@ -417,20 +432,130 @@ impl Plan {
                 });
             }
             let outs = apply(&step.op, &args).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", step.name)))?;
+            if let Some(times) = times.as_deref_mut() {
+                let dims = outs.first().map(|t| t.dims().to_vec()).unwrap_or_default();
+                times.push((format!("{} -> {dims:?}", step.name), t0.elapsed()));
+            }
             for (slot, t) in step.outputs.iter().zip(outs) {
                 vals[*slot] = Some(t);
             }
             for k in &step.free {
                 vals[*k] = None;
             }
-            if let Some(times) = times.as_deref_mut() {
-                times.push((step.name.clone(), t0.elapsed()));
-            }
         }
         vals[self.output]
             .take()
             .ok_or_else(|| candle_core::Error::Msg("the graph output was not computed".into()))
     }
+}
+
+/// The steps that read each slot.
+fn readers(steps: &[Step]) -> HashMap<usize, Vec<usize>> {
+    let mut r: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, s) in steps.iter().enumerate() {
+        for src in &s.inputs {
+            if let Src::Slot(k) = src {
+                r.entry(*k).or_default().push(i);
+            }
+        }
+    }
+    r
+}
+
+/// Folds the activation after a convolution into it: `Conv -> Relu`, `-> Clip(0, 6)`,
+/// `-> Sigmoid`, and SiLU as exported (`Conv -> Sigmoid -> Mul(conv, sigmoid)`),
+/// where nothing else reads the convolution's output.
+fn fuse_activations(steps: &mut Vec<Step>, graph_output: usize) {
+    let readers = readers(steps);
+    let only = |slot: usize| match readers.get(&slot).map(Vec::as_slice) {
+        Some([j]) => Some(*j),
+        _ => None,
+    };
+    let reads = |step: &Step, slot: usize| step.inputs.iter().any(|s| matches!(s, Src::Slot(k) if *k == slot));
+    let mut dead = vec![false; steps.len()];
+    for i in 0..steps.len() {
+        if !matches!(steps[i].op, Op::Conv { act: Act::None, .. }) || steps[i].outputs.len() != 1 {
+            continue;
+        }
+        let y = steps[i].outputs[0];
+        if y == graph_output {
+            continue;
+        }
+        let (act, last) = match readers.get(&y).map(Vec::as_slice) {
+            Some(&[j]) => match steps[j].op {
+                Op::Relu => (Act::Relu, j),
+                Op::Sigmoid => (Act::Sigmoid, j),
+                Op::Clip { min, max } if min == 0.0 && max == 6.0 => (Act::Relu6, j),
+                _ => continue,
+            },
+            Some(&[a, b]) => {
+                let (sig, mul) = if matches!(steps[a].op, Op::Sigmoid) {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                let s = steps[sig].outputs[0];
+                let is_silu = matches!(steps[sig].op, Op::Sigmoid)
+                    && matches!(steps[mul].op, Op::Mul)
+                    && steps[mul].inputs.len() == 2
+                    && reads(&steps[mul], y)
+                    && reads(&steps[mul], s)
+                    && only(s) == Some(mul)
+                    && s != graph_output;
+                if !is_silu {
+                    continue;
+                }
+                dead[sig] = true;
+                (Act::Silu, mul)
+            }
+            _ => continue,
+        };
+        dead[last] = true;
+        steps[i].outputs = std::mem::take(&mut steps[last].outputs);
+        if let Op::Conv { act: a, .. } = &mut steps[i].op {
+            *a = act;
+        }
+    }
+    let mut i = 0;
+    steps.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
+}
+
+/// Puts a convolution with constant weights on our kernels where they apply.
+fn compile_conv(step: &mut Step) -> R<()> {
+    let Op::Conv {
+        stride,
+        pads,
+        dilation,
+        groups,
+        act,
+    } = step.op
+    else {
+        return Ok(());
+    };
+    let (Some(Src::Const(w)), bias) = (step.inputs.get(1), step.inputs.get(2)) else {
+        return Ok(());
+    };
+    let bias = match bias {
+        Some(Src::Const(b)) => Some(b),
+        Some(Src::Slot(_)) => return Ok(()),
+        None => None,
+    };
+    let (cout, cin_g, ..) = w.dims4().map_err(|e| format!("{}: {e}", step.name))?;
+    // ONNX pads (top, left, bottom, right) -> ours (top, bottom, left, right).
+    let pad = [pads[0], pads[2], pads[1], pads[3]];
+    let e = |x: candle_core::Error| format!("{}: {x}", step.name);
+    step.op = match (dilation, groups) {
+        (1, 1) => Op::FastConv(kernels::Conv::new(w, bias, stride, pad, act).map_err(e)?),
+        (1, g) if g == cout && cin_g == 1 => {
+            Op::FastDepthwise(kernels::Depthwise::new(w, bias, stride, pad, act).map_err(e)?)
+        }
+        _ => return Ok(()),
+    };
+    step.inputs.truncate(1);
+    Ok(())
 }
 
 fn axis(a: i64, rank: usize) -> usize {
@@ -450,6 +575,7 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             pads,
             dilation,
             groups,
+            act,
         } => {
             let [t, l, b, r] = *pads;
             let y = if t == b && l == r && t == l {
@@ -459,16 +585,23 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
                     .pad_with_zeros(3, l, r)?
                     .conv2d(a[1], 0, *stride, *dilation, *groups)?
             };
-            match a.get(2) {
-                Some(bias) => one(y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?),
-                None => one(y),
-            }
+            let y = match a.get(2) {
+                Some(bias) => y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
+                None => y,
+            };
+            one(match act {
+                Act::None => y,
+                act => y.contiguous()?.apply_op1_no_bwd(&kernels::Activation(*act))?,
+            })
         }
-        Op::Sigmoid => one((x.neg()?.exp()? + 1.0)?.recip()?),
-        Op::Exp => one(x.exp()?),
+        Op::FastConv(k) => one(x.contiguous()?.apply_op1_no_bwd(k)?),
+        Op::FastDepthwise(k) => one(x.contiguous()?.apply_op1_no_bwd(k)?),
+        Op::Sigmoid => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Activation(Act::Sigmoid))?),
+        Op::Exp => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Activation(Act::Exp))?),
         Op::Relu => one(x.relu()?),
         Op::Clip { min, max } => one(x.clamp(*min, *max)?),
         Op::Binary(f) => one(f(x, a[1])?),
+        Op::Mul => one(x.broadcast_mul(a[1])?),
         Op::Split { axis: ax, sizes } => {
             let d = axis(*ax, x.rank());
             let mut start = 0;
@@ -507,7 +640,7 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             let outer: usize = x.dims()[..d].iter().product();
             one(x.contiguous()?.reshape((outer, x.elem_count() / outer.max(1)))?)
         }
-        Op::Transpose { perm } => one(x.permute(perm.as_slice())?.contiguous()?),
+        Op::Transpose { perm } => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?),
         Op::MatMul => {
             let (l, r) = (x.contiguous()?, a[1].contiguous()?);
             one(if l.rank() == r.rank() {

@@ -1,71 +1,290 @@
-//! Kernels of our own, plugged into candle as custom ops so model code stays
-//! candle code.
+//! Convolution kernels of our own on NCHW tensors, plugged into candle as
+//! custom ops so that graph code (`graph.rs`) stays candle code.
 //!
-//! Owns: the depthwise convolution (k x k, stride 1 or 2, any padding, the
-//! asymmetric TF "same" padding included) with bias and optional ReLU6 fused
-//! in. candle runs a grouped convolution group by group, which made
-//! depthwise layers 92 % of EfficientNet-Lite0's time; this kernel runs each
-//! channel as row-wise multiply-adds over contiguous slices (the compiler
-//! vectorises the stride-1 inner loop), channels split across threads.
-//! Weights are packed once at load.
+//! Owns: the general convolution (groups = 1; im2col + one GEMM, the weights
+//! already in GEMM order as OIHW; a 1x1 stride-1 convolution reads its input
+//! as the GEMM operand with no copy), the depthwise convolution (each channel
+//! as row-wise multiply-adds over contiguous slices), and element-wise
+//! activations, each with bias and activation fused in. candle runs a
+//! grouped convolution group by group and an ungrouped one as im2col, copy,
+//! matmul, copy; these write each output once. Threads: the CPU pool
+//! (`cpu::threads`), by output channel.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
-/// A depthwise convolution with its weights packed (`[c][k*k]`), its bias and padding.
+use super::cpu::{multiversion, split, threads, Act, Isa};
+use super::nhwc::{activate, Geometry};
+
+/// The contiguous f32 data of a custom op's input, and its 4 dims.
+/// N, C, H, W.
+type Dims4 = (usize, usize, usize, usize);
+
+fn input4<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<(&'a [f32], Dims4)> {
+    let CpuStorage::F32(all) = storage else {
+        candle_core::bail!("{what}: f32 input expected");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous input expected")))?;
+    Ok((&all[start..end], layout.shape().dims4()?))
+}
+
+fn f32s(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()
+}
+
+/// A convolution with groups = 1: weights `[c_out][c_in * k * k]` (OIHW as it comes), bias, activation.
+pub struct Conv {
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    geo: Geometry,
+    act: Act,
+    isa: Isa,
+}
+
+impl Conv {
+    /// From a `[c_out, c_in, k, k]` weight and an optional `[c_out]` bias.
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: [usize; 4],
+        act: Act,
+    ) -> candle_core::Result<Conv> {
+        let (cout, cin, k, k2) = weight.dims4()?;
+        if k != k2 || stride == 0 {
+            candle_core::bail!("conv: weight {:?} stride {stride} unsupported", weight.dims());
+        }
+        let bias = match bias {
+            Some(b) => f32s(b)?,
+            None => vec![0.0; cout],
+        };
+        if bias.len() != cout {
+            candle_core::bail!("conv: {} biases for {cout} filters", bias.len());
+        }
+        Ok(Conv {
+            w: f32s(weight)?,
+            bias,
+            cin,
+            cout,
+            geo: Geometry { k, stride, pad },
+            act,
+            isa: Isa::detect(),
+        })
+    }
+}
+
+impl CustomOp1 for Conv {
+    fn name(&self) -> &'static str {
+        "aei-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, (n, c, h, w)) = input4(storage, layout, "conv")?;
+        if c != self.cin {
+            candle_core::bail!("conv: {c} input channels for filters of {}", self.cin);
+        }
+        let (oh, ow) = self.geo.out_size(h, w);
+        let (hw, ohw) = (h * w, oh * ow);
+        let k_len = c * self.geo.k * self.geo.k;
+        let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
+        // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
+        let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
+        let (tiles, per) = split(ohw, threads().max(ohw.div_ceil(cols)));
+        let mut out = vec![0f32; n * self.cout * ohw];
+        for (b, o) in out.chunks_exact_mut(self.cout * ohw).enumerate() {
+            let x = &x[b * c * hw..(b + 1) * c * hw];
+            let dst = SharedOut(o.as_mut_ptr(), o.len());
+            (0..tiles).into_par_iter().for_each(|t| {
+                let (c0, cols) = (t * per, per.min(ohw - t * per));
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let (rhs, rhs_rs): (&[f32], usize) = if direct {
+                        (&x[c0..], hw)
+                    } else {
+                        if scratch.len() < k_len * cols {
+                            scratch.resize(k_len * cols, 0.0);
+                        }
+                        im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, &mut scratch[..k_len * cols]);
+                        (&scratch[..], cols)
+                    };
+                    // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output row,
+                    // so no two threads touch the same element; `o` outlives the loop.
+                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, rhs, rhs_rs) };
+                });
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, self.cout, oh, ow))))
+    }
+}
+
+std::thread_local! {
+    /// Each pool thread's im2col tile, grown to the largest asked for, then reused.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An output buffer the pool's threads write disjoint parts of.
+struct SharedOut(*mut f32, usize);
+// SAFETY: threads write disjoint elements only (see `Conv::tile`, `Transpose`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The whole buffer.
+    ///
+    /// # Safety
+    /// The caller writes only elements no other thread touches meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn all(&self) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+
+impl Conv {
+    /// Columns `c0..c0 + cols` of every output row (`ohw` long): bias, GEMM, activation.
+    ///
+    /// # Safety
+    /// No other thread may touch those columns while this runs.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        dst: &SharedOut,
+        ohw: usize,
+        c0: usize,
+        cols: usize,
+        k_len: usize,
+        rhs: &[f32],
+        rhs_rs: usize,
+    ) {
+        assert!(self.cout * ohw <= dst.1 && c0 + cols <= ohw);
+        assert!(rhs.len() >= (k_len - 1) * rhs_rs + cols && self.w.len() >= self.cout * k_len);
+        let o = dst.0.add(c0);
+        for r in 0..self.cout {
+            std::slice::from_raw_parts_mut(o.add(r * ohw), cols).fill(self.bias[r]);
+        }
+        gemm::gemm(
+            self.cout,
+            cols,
+            k_len,
+            o,
+            1,
+            ohw as isize,
+            true,
+            self.w.as_ptr(),
+            1,
+            k_len as isize,
+            rhs.as_ptr(),
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        for r in 0..self.cout {
+            activate(self.isa, std::slice::from_raw_parts_mut(o.add(r * ohw), cols), self.act);
+        }
+    }
+}
+
+multiversion! {
+    /// The im2col rows (`c * k * k` of them, `cols` long) of output pixels `p0..p0 + cols`;
+    /// zeros where padded.
+    fn im2col_tile(x: &[f32], chw: (usize, usize, usize), g: Geometry, p0: usize, cols: usize, col: &mut [f32]) {
+        let (c, h, w) = chw;
+        let (_, ow) = g.out_size(h, w);
+        let [pt, _, pl, _] = g.pad;
+        for (r, row) in col.chunks_exact_mut(cols).enumerate().take(c * g.k * g.k) {
+            let (ci, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
+            let plane = &x[ci * h * w..(ci + 1) * h * w];
+            // Output columns whose input column ox*s + kx - pl lies inside the row.
+            let lo = pl.saturating_sub(kx).div_ceil(g.stride).min(ow);
+            let hi = ow.min((w + pl).saturating_sub(kx).div_ceil(g.stride)).max(lo);
+            let mut p = p0;
+            while p < p0 + cols {
+                let (oy, ox0) = (p / ow, p % ow);
+                let ox1 = ow.min(ox0 + p0 + cols - p);
+                let out = &mut row[p - p0..p - p0 + ox1 - ox0];
+                p += ox1 - ox0;
+                let iy = (oy * g.stride + ky) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let irow = &plane[iy as usize * w..(iy as usize + 1) * w];
+                // Zeros left of `lo` and right of `hi`, the input row between.
+                let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1).max(lo.clamp(ox0, ox1)));
+                out[..a - ox0].fill(0.0);
+                out[b - ox0..].fill(0.0);
+                let mid = &mut out[a - ox0..b - ox0];
+                if mid.is_empty() {
+                    continue;
+                }
+                if g.stride == 1 {
+                    mid.copy_from_slice(&irow[a + kx - pl..b + kx - pl]);
+                } else {
+                    for (j, o) in mid.iter_mut().enumerate() {
+                        *o = irow[(a + j) * g.stride + kx - pl];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A depthwise convolution with its weights packed (`[c][k*k]`), its bias, padding and activation.
 pub struct Depthwise {
     weight: Vec<f32>,
     bias: Vec<f32>,
     channels: usize,
-    k: usize,
-    stride: usize,
-    /// Padding: top, bottom, left, right.
-    pad: [usize; 4],
-    relu6: bool,
+    geo: Geometry,
+    act: Act,
+    isa: Isa,
 }
 
 impl Depthwise {
-    /// From a `[c, 1, k, k]` weight and a `[c]` bias (any shape with `c` elements).
+    /// From a `[c, 1, k, k]` weight and an optional `[c]` bias.
     pub fn new(
         weight: &Tensor,
-        bias: &Tensor,
+        bias: Option<&Tensor>,
         stride: usize,
         pad: [usize; 4],
-        relu6: bool,
+        act: Act,
     ) -> candle_core::Result<Depthwise> {
         let (c, one, k, k2) = weight.dims4()?;
-        if one != 1 || k != k2 || !(stride == 1 || stride == 2) {
+        if one != 1 || k != k2 || stride == 0 {
             candle_core::bail!("depthwise: weight {:?} stride {stride} unsupported", weight.dims());
         }
-        let weight: Vec<f32> = weight.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let bias: Vec<f32> = bias.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let bias = match bias {
+            Some(b) => f32s(b)?,
+            None => vec![0.0; c],
+        };
         if bias.len() != c {
             candle_core::bail!("depthwise: {} biases for {c} channels", bias.len());
         }
         Ok(Depthwise {
-            weight,
+            weight: f32s(weight)?,
             bias,
             channels: c,
-            k,
-            stride,
-            pad,
-            relu6,
+            geo: Geometry { k, stride, pad },
+            act,
+            isa: Isa::detect(),
         })
     }
+}
 
-    fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let [pt, pb, pl, pr] = self.pad;
-        (
-            (h + pt + pb - self.k) / self.stride + 1,
-            (w + pl + pr - self.k) / self.stride + 1,
-        )
-    }
-
+multiversion! {
     /// One channel: `inp` is `h x w`, `out` is `oh x ow`.
-    fn channel(&self, ch: usize, inp: &[f32], h: usize, w: usize, out: &mut [f32], ow: usize) {
-        let (k, s) = (self.k, self.stride);
-        let [pt, _, pl, _] = self.pad;
-        let wk = &self.weight[ch * k * k..(ch + 1) * k * k];
-        out.fill(self.bias[ch]);
+    fn depthwise_channel(dw: &Depthwise, ch: usize, inp: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        let (k, s) = (dw.geo.k, dw.geo.stride);
+        let [pt, _, pl, _] = dw.geo.pad;
+        let (_, ow) = dw.geo.out_size(h, w);
+        let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
+        out.fill(dw.bias[ch]);
         for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
             for ky in 0..k {
                 let iy = (oy * s + ky) as isize - pt as isize;
@@ -75,9 +294,8 @@ impl Depthwise {
                 let irow = &inp[iy as usize * w..(iy as usize + 1) * w];
                 for kx in 0..k {
                     let wv = wk[ky * k + kx];
-                    // Output columns whose input column ox*s + kx - pl lies inside the row.
                     let lo = pl.saturating_sub(kx).div_ceil(s);
-                    let hi = ow.min((w + pl - kx).div_ceil(s));
+                    let hi = ow.min((w + pl).saturating_sub(kx).div_ceil(s));
                     if lo >= hi {
                         continue;
                     }
@@ -85,19 +303,15 @@ impl Depthwise {
                     if s == 1 {
                         let src = &irow[first..first + (hi - lo)];
                         for (o, i) in orow[lo..hi].iter_mut().zip(src) {
-                            *o += wv * i;
+                            *o = if FMA { wv.mul_add(*i, *o) } else { *o + wv * i };
                         }
                     } else {
                         for (j, o) in orow[lo..hi].iter_mut().enumerate() {
-                            *o += wv * irow[first + j * s];
+                            let i = irow[first + j * s];
+                            *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
                         }
                     }
                 }
-            }
-        }
-        if self.relu6 {
-            for v in out.iter_mut() {
-                *v = v.clamp(0.0, 6.0);
             }
         }
     }
@@ -109,39 +323,130 @@ impl CustomOp1 for Depthwise {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("depthwise: f32 input expected");
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("depthwise: contiguous input expected".into()))?;
-        let x = &all[start..end];
-        let (n, c, h, w) = layout.shape().dims4()?;
+        let (x, (n, c, h, w)) = input4(storage, layout, "depthwise")?;
         if c != self.channels {
             candle_core::bail!("depthwise: {c} input channels for {} filters", self.channels);
         }
-        let (oh, ow) = self.out_size(h, w);
+        let (oh, ow) = self.geo.out_size(h, w);
         let mut out = vec![0f32; n * c * oh * ow];
-        let planes = n * c;
-        let threads = candle_core::utils::get_num_threads().clamp(1, planes.max(1));
-        let per = planes.div_ceil(threads);
-        std::thread::scope(|scope| {
-            for (t, chunk) in out.chunks_mut(per * oh * ow).enumerate() {
-                let mut run = move || {
-                    for (i, o) in chunk.chunks_exact_mut(oh * ow).enumerate() {
-                        let plane = t * per + i;
-                        let inp = &x[plane * h * w..(plane + 1) * h * w];
-                        self.channel(plane % c, inp, h, w, o, ow);
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+            depthwise_channel(
+                self.isa,
+                self,
+                plane % c,
+                &x[plane * h * w..(plane + 1) * h * w],
+                h,
+                w,
+                o,
+            );
+            activate(self.isa, o, self.act);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+/// An element-wise activation as one pass (candle's sigmoid is four ops, each allocating).
+pub struct Activation(pub Act);
+
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        "aei-activation"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("activation: f32 input expected");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("activation: contiguous input expected".into()))?;
+        let mut out = all[start..end].to_vec();
+        let (_, per) = split(out.len(), threads() * 4);
+        let isa = Isa::detect();
+        out.par_chunks_mut(per.max(4096)).for_each(|o| activate(isa, o, self.0));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// A transposition (ONNX `Transpose`) written once into a new buffer. When the
+/// input's last axis moves, the copy goes in square tiles, so that both the
+/// reads and the writes stay within a few cache lines (candle's
+/// `permute().contiguous()` walks the strided side one element at a time).
+pub struct Transpose(pub Vec<usize>);
+
+const TILE_T: usize = 16;
+
+impl CustomOp1 for Transpose {
+    fn name(&self) -> &'static str {
+        "aei-transpose"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("transpose: f32 input expected");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("transpose: contiguous input expected".into()))?;
+        let x = &all[start..end];
+        let dims = layout.shape().dims();
+        let perm = &self.0;
+        let rank = dims.len();
+        if perm.len() != rank || (0..rank).any(|i| !perm.contains(&i)) {
+            candle_core::bail!("transpose: perm {perm:?} for rank {rank}");
+        }
+        let mut in_strides = vec![1usize; rank];
+        for i in (0..rank.saturating_sub(1)).rev() {
+            in_strides[i] = in_strides[i + 1] * dims[i + 1];
+        }
+        let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        // For each output axis, the input stride it walks.
+        let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        let mut out = vec![0f32; x.len()];
+        if x.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from(out_dims)));
+        }
+        let last = rank - 1;
+        // `a`: the output axis holding the input's last axis (input stride 1).
+        let a = perm.iter().position(|&p| p == last).unwrap_or(last);
+        let (n_last, n_a) = (out_dims[last], out_dims[a]);
+        let mut out_strides = vec![1usize; rank];
+        for i in (0..last).rev() {
+            out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
+        }
+        // Outer index: every output axis but `last` and `a`, as an odometer, split across threads.
+        let outer: Vec<usize> = (0..rank).filter(|&i| i != last && i != a).collect();
+        let count: usize = outer.iter().map(|&i| out_dims[i]).product();
+        let dst = SharedOut(out.as_mut_ptr(), out.len());
+        (0..count).into_par_iter().for_each(|mut o| {
+            let (mut ib, mut ob) = (0, 0);
+            for &i in outer.iter().rev() {
+                let d = o % out_dims[i];
+                o /= out_dims[i];
+                ib += d * src[i];
+                ob += d * out_strides[i];
+            }
+            // SAFETY: each outer index owns the output elements ob + j*out_strides[a] + k,
+            // disjoint from every other's; the indices stay below x.len() == out.len().
+            let out = unsafe { dst.all() };
+            if a == last {
+                // The input's last axis stays last: contiguous runs.
+                out[ob..ob + n_last].copy_from_slice(&x[ib..ib + n_last]);
+                return;
+            }
+            let (sa, sl, oa) = (src[a], src[last], out_strides[a]);
+            debug_assert_eq!(sa, 1);
+            for j0 in (0..n_a).step_by(TILE_T) {
+                for k0 in (0..n_last).step_by(TILE_T) {
+                    for j in j0..(j0 + TILE_T).min(n_a) {
+                        for k in k0..(k0 + TILE_T).min(n_last) {
+                            out[ob + j * oa + k] = x[ib + j * sa + k * sl];
+                        }
                     }
-                };
-                if t + 1 == threads.min(planes.div_ceil(per)) {
-                    run(); // the last chunk on this thread
-                } else {
-                    scope.spawn(run);
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 }
 
@@ -150,58 +455,138 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// candle's own grouped convolution, padding applied first (it takes one symmetric pad).
-    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: [usize; 4], relu6: bool) -> Tensor {
+    /// candle's own convolution, padding applied first (it takes one symmetric pad).
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        stride: usize,
+        pad: [usize; 4],
+        groups: usize,
+        act: Act,
+    ) -> Tensor {
         let c = w.dims4().unwrap().0;
         let y = x
             .pad_with_zeros(2, pad[0], pad[1])
             .unwrap()
             .pad_with_zeros(3, pad[2], pad[3])
             .unwrap()
-            .conv2d(w, 0, stride, 1, c)
+            .conv2d(w, 0, stride, 1, groups)
             .unwrap()
             .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
             .unwrap();
-        if relu6 {
-            y.clamp(0f32, 6f32).unwrap()
-        } else {
-            y
+        match act {
+            Act::None => y,
+            Act::Relu => y.relu().unwrap(),
+            Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+            Act::Silu => y.silu().unwrap(),
+            Act::Sigmoid => (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap(),
+            Act::Exp => y.exp().unwrap(),
+        }
+    }
+
+    fn close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (a, e)) in g.iter().zip(&r).enumerate() {
+            assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{what} at {i}: {a} vs {e}");
+        }
+    }
+
+    /// (channels, h, w, k, stride, pad): odd sizes, one channel, stride 2, asymmetric
+    /// padding, no padding, a kernel as large as the input, 1x1, YOLO's 7x7.
+    type Case = (usize, usize, usize, usize, usize, [usize; 4]);
+    const CASES: &[Case] = &[
+        (32, 40, 40, 3, 1, [1, 1, 1, 1]),
+        (16, 15, 17, 3, 2, [0, 0, 1, 1]),
+        (1, 7, 5, 5, 1, [2, 2, 2, 2]),
+        (8, 9, 9, 5, 2, [1, 1, 2, 2]),
+        (3, 6, 11, 3, 1, [0, 0, 0, 0]),
+        (5, 5, 5, 5, 1, [0, 0, 0, 0]),
+        (4, 2, 3, 3, 2, [1, 1, 1, 1]),
+        (24, 13, 9, 1, 1, [0, 0, 0, 0]),
+        (6, 10, 10, 1, 2, [0, 0, 0, 0]),
+        (64, 20, 20, 7, 1, [3, 3, 3, 3]),
+    ];
+    const ACTS: [Act; 5] = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
+
+    #[test]
+    fn depthwise_matches_candles_grouped_convolution() {
+        let dev = Device::Cpu;
+        for (n, &(c, h, w, k, s, pad)) in CASES.iter().enumerate() {
+            let act = ACTS[n % 5];
+            let x = Tensor::randn(0f32, 2.0, (1, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let want = reference(&x, &wt, &b, s, pad, c, act);
+            // candle pads (top, bottom) then (left, right); ONNX order is (top, left, bottom, right).
+            let op = Depthwise::new(&wt, Some(&b), s, [pad[0], pad[1], pad[2], pad[3]], act).unwrap();
+            close(
+                &x.apply_op1_no_bwd(&op).unwrap(),
+                &want,
+                &format!("depthwise case {n} {act:?}"),
+            );
         }
     }
 
     #[test]
-    fn matches_candles_grouped_convolution() {
+    fn conv_matches_candles_convolution() {
         let dev = Device::Cpu;
-        // (channels, h, w, k, stride, pad, relu6): odd sizes, one channel, stride 2,
-        // asymmetric TF "same" padding, no padding, and a kernel as large as the input.
-        type Case = (usize, usize, usize, usize, usize, [usize; 4], bool);
-        let cases: &[Case] = &[
-            (32, 112, 112, 3, 1, [1, 1, 1, 1], true),
-            (16, 15, 17, 3, 2, [0, 1, 0, 1], false),
-            (1, 7, 5, 5, 1, [2, 2, 2, 2], true),
-            (8, 9, 9, 5, 2, [1, 2, 1, 2], true),
-            (3, 6, 11, 3, 1, [0, 0, 0, 0], false),
-            (5, 5, 5, 5, 1, [0, 0, 0, 0], false),
-            (4, 2, 3, 3, 2, [1, 1, 1, 1], false),
-        ];
-        for &(c, h, w, k, s, pad, relu6) in cases {
-            let x = Tensor::randn(0f32, 2.0, (1, c, h, w), &dev).unwrap();
-            let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
-            let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
-            let want = reference(&x, &wt, &b, s, pad, relu6);
-            let op = Depthwise::new(&wt, &b, s, pad, relu6).unwrap();
-            let got = x.apply_op1_no_bwd(&op).unwrap();
-            assert_eq!(got.dims(), want.dims(), "case {c}x{h}x{w} k{k} s{s} {pad:?}");
-            let (g, r): (Vec<f32>, Vec<f32>) = (
+        for (n, &(cin, h, w, k, s, pad)) in CASES.iter().enumerate() {
+            let cout = [16, 3, 1, 32, 7][n % 5];
+            let act = ACTS[(n + 3) % 5];
+            let x = Tensor::randn(0f32, 2.0, (2, cin, h, w), &dev).unwrap();
+            // Scaled by fan-in, as trained weights are: outputs stay O(1), so 1e-4 relative is a real bound.
+            let wt = Tensor::randn(0f32, 1.0 / ((cin * k * k) as f32).sqrt(), (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let want = reference(&x, &wt, &b, s, pad, 1, act);
+            let op = Conv::new(&wt, Some(&b), s, pad, act).unwrap();
+            close(
+                &x.apply_op1_no_bwd(&op).unwrap(),
+                &want,
+                &format!("conv case {n} {act:?}"),
+            );
+        }
+    }
+
+    #[test]
+    fn transpose_matches_candles_permute() {
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 37, 18), &Device::Cpu).unwrap();
+        for perm in [
+            [0, 1, 3, 2],
+            [0, 2, 1, 3],
+            [3, 2, 1, 0],
+            [1, 3, 0, 2],
+            [0, 1, 2, 3],
+            [2, 0, 3, 1],
+        ] {
+            let want = x.permute(perm.as_slice()).unwrap().contiguous().unwrap();
+            let got = x.apply_op1_no_bwd(&Transpose(perm.to_vec())).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{perm:?}");
+            let (g, w): (Vec<f32>, Vec<f32>) = (
                 got.flatten_all().unwrap().to_vec1().unwrap(),
                 want.flatten_all().unwrap().to_vec1().unwrap(),
             );
-            for (i, (a, e)) in g.iter().zip(&r).enumerate() {
-                assert!(
-                    (a - e).abs() <= 1e-4 * e.abs().max(1.0),
-                    "case {c}x{h}x{w} k{k} s{s} {pad:?} at {i}: {a} vs {e}"
-                );
-            }
+            assert_eq!(g, w, "{perm:?}");
         }
+    }
+
+    #[test]
+    fn activation_matches_candle() {
+        let x = Tensor::randn(0f32, 8.0, (3, 5000), &Device::Cpu).unwrap();
+        let sig = (x.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        close(&x.apply_op1_no_bwd(&Activation(Act::Sigmoid)).unwrap(), &sig, "sigmoid");
+        close(
+            &x.apply_op1_no_bwd(&Activation(Act::Silu)).unwrap(),
+            &x.silu().unwrap(),
+            "silu",
+        );
+        let e = x.clamp(-80f32, 80f32).unwrap();
+        close(
+            &e.apply_op1_no_bwd(&Activation(Act::Exp)).unwrap(),
+            &e.exp().unwrap(),
+            "exp",
+        );
     }
 }

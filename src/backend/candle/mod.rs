@@ -6,19 +6,22 @@
 //! (checkpoint -> safetensors). Native: EfficientNet-Lite0..4. ONNX graphs
 //! (YOLO and others) run through `graph.rs`'s plan with `candle-graph`.
 
+mod cpu;
 mod efficientnet;
 #[cfg(feature = "candle-graph")]
 mod graph;
 #[cfg(not(feature = "candle-graph"))]
 #[path = "graph_stub.rs"]
 mod graph;
+#[cfg(feature = "candle-graph")]
 mod kernels;
+mod nhwc;
 mod onnx_proto;
 mod weights;
 
 use std::path::Path;
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::{Backend, BackendEnv, BackendError, Outputs, EMBEDDED_MODEL};
 use crate::config::model::{Layout, ModelConfig, ModelType};
@@ -108,13 +111,14 @@ impl CandleBackend {
         } else {
             return Err(load_err("the file does not exist".into()));
         };
-        let model =
-            efficientnet::EfficientNetLite::load(&weights).map_err(|e| load_err(format!("EfficientNet-Lite: {e}")))?;
+        let model = efficientnet::EfficientNetLite::load(&weights, (input.2, input.3))
+            .map_err(|e| load_err(format!("EfficientNet-Lite: {e}")))?;
         log::info!(
-            "model `{}`: Candle EfficientNet-Lite ({} blocks, {} classes) from {}",
+            "model `{}`: Candle EfficientNet-Lite ({} blocks, {} classes, {:.1} MiB of buffers) from {}",
             config.name,
             model.blocks(),
             model.classes(),
+            model.arena_bytes() as f64 / (1 << 20) as f64,
             path.display()
         );
         Ok(CandleBackend {
@@ -144,30 +148,44 @@ impl Backend for CandleBackend {
     }
 
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
-        let run = |e: candle_core::Error| BackendError::Run(e.to_string());
-        let x = Tensor::from_slice(input, self.input, &efficientnet::device()).map_err(run)?;
-        let y = match &self.net {
-            Net::EfficientNet(m) => m.forward(&x),
-            Net::Graph(plan) => plan.run(x),
-        }
-        .map_err(run)?;
         out.shape.clear();
-        out.shape.extend_from_slice(y.dims());
         out.values.clear();
-        out.values
-            .extend(y.flatten_all().map_err(run)?.to_vec1::<f32>().map_err(run)?);
+        match &mut self.net {
+            Net::EfficientNet(m) => {
+                let logits = m.forward(input).map_err(BackendError::Run)?;
+                out.shape.extend_from_slice(&[1, logits.len()]);
+                out.values.extend_from_slice(logits);
+            }
+            Net::Graph(plan) => {
+                let run = |e: candle_core::Error| BackendError::Run(e.to_string());
+                let x = Tensor::from_slice(input, self.input, &Device::Cpu).map_err(run)?;
+                let y = plan.run(x).map_err(run)?;
+                out.shape.extend_from_slice(y.dims());
+                out.values
+                    .extend(y.flatten_all().map_err(run)?.to_vec1::<f32>().map_err(run)?);
+            }
+        }
         Ok(())
     }
 
     fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
-        let x = Tensor::from_slice(input, self.input, &efficientnet::device()).ok()?;
         let mut times = Vec::new();
-        match &self.net {
-            Net::EfficientNet(m) => m.forward_profiled(&x, &mut times).ok()?,
-            Net::Graph(plan) => plan.run_profiled(x, Some(&mut times)).ok()?,
-        };
+        match &mut self.net {
+            Net::EfficientNet(m) => {
+                m.forward_profiled(input, &mut times).ok()?;
+            }
+            Net::Graph(plan) => {
+                let x = Tensor::from_slice(input, self.input, &Device::Cpu).ok()?;
+                plan.run_profiled(x, Some(&mut times)).ok()?;
+            }
+        }
         Some(times)
     }
+}
+
+/// The kernels' CPU threads (`CANDLE_THREADS`; 0: one per CPU).
+pub fn set_threads(n: usize) {
+    cpu::set_threads(n)
 }
 
 /// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip; safetensors; or an

@@ -1,0 +1,141 @@
+//! What the CPU kernels share: the instruction set chosen at run time, the
+//! thread pool, and the fused activations.
+//!
+//! Kernels are written once, as plain loops the compiler vectorises, and
+//! compiled three times by [`multiversion!`]: for AVX-512 (x86-64-v4), for
+//! AVX2+FMA (x86-64-v3), and for the build's baseline, which stays correct
+//! everywhere. [`Isa::detect`] picks one per process; a kernel can be handed
+//! another so that tests check every path this machine can run.
+
+use std::sync::OnceLock;
+
+/// An instruction set a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// The build target's baseline (SSE2 on x86-64; NEON on aarch64).
+    Base,
+    /// AVX2 and FMA.
+    V3,
+    /// AVX-512 (F, VL) with AVX2 and FMA.
+    V4,
+}
+
+impl Isa {
+    /// The best this CPU runs, detected once. `AEI_ISA=base|v3|v4` caps it.
+    pub fn detect() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = match std::env::var("AEI_ISA").as_deref() {
+                Ok("base") => Isa::Base,
+                Ok("v3") => Isa::V3,
+                _ => Isa::V4,
+            };
+            let best = Isa::supported().last().copied().unwrap_or(Isa::Base);
+            let isa = if (cap as u8) < (best as u8) { cap } else { best };
+            log::debug!("CPU kernels: {isa:?}");
+            isa
+        })
+    }
+
+    /// Every instruction set this CPU runs, the baseline first.
+    pub fn supported() -> Vec<Isa> {
+        let mut v = vec![Isa::Base];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(Isa::V3);
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
+                    v.push(Isa::V4);
+                }
+            }
+        }
+        v
+    }
+}
+
+/// Defines `fn NAME(isa: Isa, args...)` from one body, compiled for each [`Isa`].
+/// The body sees `const FMA: bool`: whether fused multiply-add is an instruction.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(isa: $crate::backend::candle::cpu::Isa, $($arg: $ty),*) {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn body<const FMA: bool>($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) { body::<true>($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) { body::<true>($($arg),*) }
+                // SAFETY: `isa` is V4 or V3 only where `Isa::supported` found those features.
+                match isa {
+                    $crate::backend::candle::cpu::Isa::V4 => return unsafe { v4($($arg),*) },
+                    $crate::backend::candle::cpu::Isa::V3 => return unsafe { v3($($arg),*) },
+                    $crate::backend::candle::cpu::Isa::Base => {}
+                }
+            }
+            let _ = isa;
+            body::<false>($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+/// Sets the kernels' thread count (0: one per CPU) for the whole process. The
+/// first call wins; later calls with another count are logged and ignored.
+pub fn set_threads(n: usize) {
+    let built = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("aei-cpu-{i}"))
+        .build_global();
+    if built.is_err() && n != 0 && n != threads() {
+        log::warn!(
+            "CANDLE_THREADS={n} ignored: the CPU pool already runs {} threads",
+            threads()
+        );
+    }
+}
+
+/// Threads the kernels split work across.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// An activation fused into a kernel's last pass. EfficientNet uses ReLU6;
+/// the others serve ONNX graphs, which builds without `candle-graph` leave out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "candle-graph"), allow(dead_code))]
+pub enum Act {
+    None,
+    Relu,
+    Relu6,
+    Silu,
+    Sigmoid,
+    /// Not an activation, but an element-wise function the kernels vectorise all the same.
+    Exp,
+}
+
+impl Act {
+    /// Applies to every element (the match outside the loop, so each loop vectorises).
+    #[inline(always)]
+    pub fn apply_all(self, s: &mut [f32]) {
+        match self {
+            Act::None => {}
+            Act::Relu => s.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Act::Relu6 => s.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0)),
+            Act::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+            Act::Sigmoid => s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp())),
+            Act::Exp => s.iter_mut().for_each(|v| *v = v.exp()),
+        }
+    }
+}
+
+/// Splits `n` items into about `parts` runs for the pool: `(runs, items per run)`.
+pub fn split(n: usize, parts: usize) -> (usize, usize) {
+    let per = n.div_ceil(parts.clamp(1, n.max(1)));
+    (n.div_ceil(per.max(1)), per.max(1))
+}

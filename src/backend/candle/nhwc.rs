@@ -1,0 +1,671 @@
+//! Convolution kernels over NHWC f32 buffers (batch 1), for plans that own
+//! their buffers.
+//!
+//! Owns: the pointwise (1x1) convolution as GEMM, the depthwise convolution,
+//! the general convolution (im2col + GEMM), each with bias, activation and
+//! (pointwise) a residual fused in; global average pooling; the dense layer.
+//! Weights are packed once, at construction. No kernel allocates: outputs
+//! and scratch are the caller's (the GEMM crate keeps its own small packing
+//! buffers). Work is split across the CPU pool (`cpu::threads`) by output
+//! rows.
+//!
+//! NHWC keeps a pixel's channels contiguous: a pointwise layer is one
+//! `[pixels, c_in] x [c_in, c_out]` GEMM with no copy, and a depthwise tap
+//! is a vector multiply-add across channels (EfficientNet's channel counts
+//! are multiples of 16). Measured against the NCHW depthwise kernel in
+//! `kernels.rs`, see BENCHMARKS.md.
+
+use rayon::prelude::*;
+
+use super::cpu::{multiversion, split, threads, Act, Isa};
+
+/// `out[m x n] += a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread.
+fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert above keeps every index gemm computes from these
+    // strides inside the three slices; `out` is borrowed mutably, the others shared.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// `a * b + c`, fused where the instruction set has FMA.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+multiversion! {
+    /// Each row of `out` (`bias.len()` wide) = `bias` (+ the same row of `residual`).
+    fn prefill(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
+        let c = bias.len();
+        match residual {
+            Some(r) => {
+                for (o, r) in out.chunks_exact_mut(c).zip(r.chunks_exact(c)) {
+                    for ((o, r), b) in o.iter_mut().zip(r).zip(bias) {
+                        *o = r + b;
+                    }
+                }
+            }
+            None => out.chunks_exact_mut(c).for_each(|o| o.copy_from_slice(bias)),
+        }
+    }
+}
+
+multiversion! {
+    /// `act` on every element.
+    pub fn activate(s: &mut [f32], act: Act) {
+        match act {
+            Act::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v)),
+            Act::Sigmoid => s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp(-*v))),
+            Act::Exp => s.iter_mut().for_each(|v| *v = exp(*v)),
+            other => other.apply_all(s),
+        }
+    }
+}
+
+/// `e^x` to about 2e-7 relative, in plain arithmetic so that loops over it
+/// vectorise (libm's `expf` does not): 2^k times a degree-7 polynomial on
+/// |r| <= ln2/2. `k` is rounded by adding 1.5 * 2^23, which leaves it in the
+/// low mantissa bits: no float-to-int conversion in the loop.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * LOG2E + ROUND;
+    let k = t - ROUND;
+    let r = x - k * LN2_HI - k * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // t's bits are ROUND's plus k; 2^k's exponent field is k + 127.
+    let two_k = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
+    p * f32::from_bits(two_k)
+}
+
+/// A 1x1 convolution: `[pixels, c_in] x [c_in, c_out]`, bias, optional residual, activation.
+pub struct Pointwise {
+    /// `[c_in][c_out]`.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    pub act: Act,
+}
+
+/// Output pixels per GEMM call: the call's output stays in L2 for the fused epilogue.
+const TILE: usize = 192;
+
+impl Pointwise {
+    /// From OIHW weights (`[c_out][c_in]` for 1x1) and a bias.
+    pub fn new(w_oi: &[f32], bias: &[f32], cout: usize, cin: usize, act: Act) -> Pointwise {
+        assert_eq!(w_oi.len(), cout * cin);
+        assert_eq!(bias.len(), cout);
+        let mut w = vec![0f32; cin * cout];
+        for o in 0..cout {
+            for i in 0..cin {
+                w[i * cout + o] = w_oi[o * cin + i];
+            }
+        }
+        Pointwise {
+            w,
+            bias: bias.to_vec(),
+            cin,
+            cout,
+            act,
+        }
+    }
+
+    /// `out[..pixels * c_out]` from `x[..pixels * c_in]`, plus `residual` (`pixels * c_out`) if given.
+    pub fn run(&self, isa: Isa, x: &[f32], pixels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
+        let (cin, cout) = (self.cin, self.cout);
+        let (_, per) = split(pixels, threads().max(pixels.div_ceil(TILE)));
+        out[..pixels * cout]
+            .par_chunks_mut(per * cout)
+            .enumerate()
+            .for_each(|(t, o)| {
+                let (p0, rows) = (t * per, o.len() / cout);
+                let res = residual.map(|r| &r[p0 * cout..(p0 + rows) * cout]);
+                prefill(isa, o, &self.bias, res);
+                gemm_acc(rows, cout, cin, &x[p0 * cin..], cin, &self.w, o);
+                activate(isa, o, self.act);
+            });
+    }
+}
+
+/// Convolution geometry: kernel, stride, padding (top, bottom, left, right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: [usize; 4],
+}
+
+impl Geometry {
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let [pt, pb, pl, pr] = self.pad;
+        (
+            (h + pt + pb - self.k) / self.stride + 1,
+            (w + pl + pr - self.k) / self.stride + 1,
+        )
+    }
+
+    /// The kernel rows (or columns) `lo..hi` that land inside an input of `size` for output `o`.
+    #[inline(always)]
+    fn taps(&self, o: usize, before: usize, size: usize) -> (usize, usize) {
+        let at = o * self.stride;
+        (
+            before.saturating_sub(at),
+            self.k.min((size + before).saturating_sub(at)),
+        )
+    }
+}
+
+/// A depthwise convolution: one `k x k` filter per channel, bias and activation fused.
+pub struct Depthwise {
+    /// `[k*k][c]`.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    pub c: usize,
+    pub geo: Geometry,
+    pub act: Act,
+}
+
+impl Depthwise {
+    /// From `[c][1][k][k]` weights and a bias.
+    pub fn new(w_c1kk: &[f32], bias: &[f32], c: usize, geo: Geometry, act: Act) -> Depthwise {
+        let kk = geo.k * geo.k;
+        assert_eq!(w_c1kk.len(), c * kk);
+        assert_eq!(bias.len(), c);
+        let mut w = vec![0f32; kk * c];
+        for ch in 0..c {
+            for t in 0..kk {
+                w[t * c + ch] = w_c1kk[ch * kk + t];
+            }
+        }
+        Depthwise {
+            w,
+            bias: bias.to_vec(),
+            c,
+            geo,
+            act,
+        }
+    }
+
+    /// `out` (`oh x ow x c`) from `x` (`h x w x c`).
+    pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        let (oh, ow) = self.geo.out_size(h, w);
+        let row = ow * self.c;
+        let (_, per) = split(oh, threads());
+        out[..oh * row]
+            .par_chunks_mut(per * row)
+            .enumerate()
+            .for_each(|(t, o)| depthwise_rows(isa, self, x, h, w, t * per, o));
+    }
+}
+
+multiversion! {
+    /// Output rows from `oy0` on, as many as `out` holds.
+    fn depthwise_rows(dw: &Depthwise, x: &[f32], h: usize, w: usize, oy0: usize, out: &mut [f32]) {
+        let (c, g) = (dw.c, dw.geo);
+        let (_, ow) = g.out_size(h, w);
+        let [pt, _, pl, _] = g.pad;
+        for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
+            let oy = oy0 + r;
+            let (ky0, ky1) = g.taps(oy, pt, h);
+            for ox in 0..ow {
+                let (kx0, kx1) = g.taps(ox, pl, w);
+                let o = &mut orow[ox * c..(ox + 1) * c];
+                let mut cb = 0;
+                // Channel blocks held in registers across the taps: 64, then 16, then 1.
+                while cb + 64 <= c {
+                    dw_block::<64, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 64]);
+                    cb += 64;
+                }
+                while cb + 16 <= c {
+                    dw_block::<16, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 16]);
+                    cb += 16;
+                }
+                while cb < c {
+                    dw_block::<1, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 1]);
+                    cb += 1;
+                }
+                dw.act.apply_all(o);
+            }
+        }
+    }
+}
+
+/// Channels `cb..cb + B` of one output pixel.
+#[inline(always)]
+fn dw_block<const B: usize, const FMA: bool>(
+    dw: &Depthwise,
+    x: &[f32],
+    w: usize,
+    (oy, ox): (usize, usize),
+    (ky0, ky1, kx0, kx1): (usize, usize, usize, usize),
+    cb: usize,
+    out: &mut [f32],
+) {
+    let (c, g) = (dw.c, dw.geo);
+    let [pt, _, pl, _] = g.pad;
+    let mut acc = [0f32; B];
+    acc.copy_from_slice(&dw.bias[cb..cb + B]);
+    for ky in ky0..ky1 {
+        let iy = oy * g.stride + ky - pt;
+        for kx in kx0..kx1 {
+            let ix = ox * g.stride + kx - pl;
+            let i = &x[(iy * w + ix) * c + cb..][..B];
+            let f = &dw.w[(ky * g.k + kx) * c + cb..][..B];
+            for j in 0..B {
+                acc[j] = madd::<FMA>(f[j], i[j], acc[j]);
+            }
+        }
+    }
+    out.copy_from_slice(&acc);
+}
+
+/// A general convolution (groups = 1) as im2col + GEMM, bias and activation fused.
+pub struct Conv {
+    /// `[k*k*c_in][c_out]`, rows in (ky, kx, c_in) order, matching the im2col rows.
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    pub cin: usize,
+    pub cout: usize,
+    pub geo: Geometry,
+    pub act: Act,
+}
+
+impl Conv {
+    /// From OIHW weights and a bias.
+    pub fn new(w_oihw: &[f32], bias: &[f32], cout: usize, cin: usize, geo: Geometry, act: Act) -> Conv {
+        let k = geo.k;
+        assert_eq!(w_oihw.len(), cout * cin * k * k);
+        assert_eq!(bias.len(), cout);
+        let mut w = vec![0f32; k * k * cin * cout];
+        for o in 0..cout {
+            for i in 0..cin {
+                for t in 0..k * k {
+                    w[(t * cin + i) * cout + o] = w_oihw[(o * cin + i) * k * k + t];
+                }
+            }
+        }
+        Conv {
+            w,
+            bias: bias.to_vec(),
+            cin,
+            cout,
+            geo,
+            act,
+        }
+    }
+
+    /// Scratch `run` needs for an `h x w` input.
+    pub fn scratch_len(&self, h: usize, w: usize) -> usize {
+        let (oh, ow) = self.geo.out_size(h, w);
+        oh * ow * self.geo.k * self.geo.k * self.cin
+    }
+
+    /// `out` (`oh x ow x c_out`) from `x` (`h x w x c_in`); `col` is scratch of `scratch_len`.
+    pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, col: &mut [f32], out: &mut [f32]) {
+        let (oh, ow) = self.geo.out_size(h, w);
+        let (pixels, kc) = (oh * ow, self.geo.k * self.geo.k * self.cin);
+        let (_, per) = split(pixels, threads().max(pixels.div_ceil(TILE)));
+        out[..pixels * self.cout]
+            .par_chunks_mut(per * self.cout)
+            .zip(col[..pixels * kc].par_chunks_mut(per * kc))
+            .enumerate()
+            .for_each(|(t, (o, col))| {
+                let p0 = t * per;
+                im2col(isa, self, x, h, w, p0, col);
+                prefill(isa, o, &self.bias, None);
+                gemm_acc(o.len() / self.cout, self.cout, kc, col, kc, &self.w, o);
+                activate(isa, o, self.act);
+            });
+    }
+}
+
+multiversion! {
+    /// The im2col rows of output pixels from `p0` on, as many as `col` holds; zeros where padded.
+    fn im2col(conv: &Conv, x: &[f32], h: usize, w: usize, p0: usize, col: &mut [f32]) {
+        let (g, cin) = (conv.geo, conv.cin);
+        let (_, ow) = g.out_size(h, w);
+        let [pt, _, pl, _] = g.pad;
+        for (i, row) in col.chunks_exact_mut(g.k * g.k * cin).enumerate() {
+            let (oy, ox) = ((p0 + i) / ow, (p0 + i) % ow);
+            let (ky0, ky1) = g.taps(oy, pt, h);
+            let (kx0, kx1) = g.taps(ox, pl, w);
+            for ky in 0..g.k {
+                let dst = &mut row[ky * g.k * cin..(ky + 1) * g.k * cin];
+                if ky < ky0 || ky >= ky1 {
+                    dst.fill(0.0);
+                    continue;
+                }
+                let iy = oy * g.stride + ky - pt;
+                dst[..kx0 * cin].fill(0.0);
+                dst[kx1.max(kx0) * cin..].fill(0.0);
+                if kx1 > kx0 {
+                    let ix = ox * g.stride + kx0 - pl;
+                    dst[kx0 * cin..kx1 * cin].copy_from_slice(&x[(iy * w + ix) * cin..(iy * w + ix + kx1 - kx0) * cin]);
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Mean over pixels: `x` (`pixels x c`) -> `out` (`c`).
+    pub fn mean_pixels(x: &[f32], c: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        let pixels = x.len() / c;
+        for p in x.chunks_exact(c) {
+            for (o, v) in out.iter_mut().zip(p) {
+                *o += v;
+            }
+        }
+        let inv = 1.0 / pixels.max(1) as f32;
+        out.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// A dense layer: `out = W x + b`, `W` as `[out][in]`.
+pub struct Dense {
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    pub inputs: usize,
+}
+
+impl Dense {
+    pub fn new(w: &[f32], bias: &[f32]) -> Dense {
+        assert_eq!(w.len() % bias.len().max(1), 0);
+        Dense {
+            inputs: w.len() / bias.len().max(1),
+            w: w.to_vec(),
+            bias: bias.to_vec(),
+        }
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.bias.len()
+    }
+
+    pub fn run(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
+        let (_, per) = split(self.outputs(), threads() * 2);
+        out[..self.outputs()]
+            .par_chunks_mut(per)
+            .enumerate()
+            .for_each(|(t, o)| dense_rows(isa, self, x, t * per, o));
+    }
+}
+
+multiversion! {
+    fn dense_rows(d: &Dense, x: &[f32], r0: usize, out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = &d.w[(r0 + i) * d.inputs..(r0 + i + 1) * d.inputs];
+            // Eight partial sums: independent lanes the compiler can vectorise.
+            let mut acc = [0f32; 16];
+            let mut chunks = row.chunks_exact(16).zip(x.chunks_exact(16));
+            for (a, b) in &mut chunks {
+                for j in 0..16 {
+                    acc[j] = madd::<FMA>(a[j], b[j], acc[j]);
+                }
+            }
+            let tail: f32 = row[row.len() / 16 * 16..]
+                .iter()
+                .zip(&x[row.len() / 16 * 16..])
+                .map(|(a, b)| a * b)
+                .sum();
+            *o = acc.iter().sum::<f32>() + tail + d.bias[r0 + i];
+        }
+    }
+}
+
+multiversion! {
+    /// `[c][h*w]` (NCHW, batch 1) -> `[h*w][c]`.
+    pub fn nchw_to_nhwc(x: &[f32], c: usize, out: &mut [f32]) {
+        let hw = x.len() / c;
+        for (p, o) in out[..hw * c].chunks_exact_mut(c).enumerate() {
+            for (ch, v) in o.iter_mut().enumerate() {
+                *v = x[ch * hw + p];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn randn(shape: &[usize], seed: u64) -> Vec<f32> {
+        // A small deterministic generator: the tests need no extra crate.
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..shape.iter().product::<usize>())
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn nhwc(t: &Tensor) -> Vec<f32> {
+        t.permute((0, 2, 3, 1))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn nchw(x: &[f32], (c, h, w): (usize, usize, usize)) -> Tensor {
+        Tensor::from_slice(x, (1, h, w, c), &Device::Cpu)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    fn close(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        for (i, (a, e)) in got.iter().zip(want).enumerate() {
+            assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{what} at {i}: {a} vs {e}");
+        }
+    }
+
+    /// candle's conv2d on NCHW with explicit (asymmetric) padding, bias and `act`.
+    fn reference(x: &Tensor, w: &Tensor, b: &[f32], g: Geometry, groups: usize, act: Act) -> Tensor {
+        let [pt, pb, pl, pr] = g.pad;
+        let y = x
+            .pad_with_zeros(2, pt, pb)
+            .unwrap()
+            .pad_with_zeros(3, pl, pr)
+            .unwrap()
+            .conv2d(w, 0, g.stride, 1, groups)
+            .unwrap();
+        let bias = Tensor::from_slice(b, (1, b.len(), 1, 1), &Device::Cpu).unwrap();
+        let y = y.broadcast_add(&bias).unwrap();
+        match act {
+            Act::None => y,
+            Act::Relu => y.relu().unwrap(),
+            Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+            Act::Silu => y.silu().unwrap(),
+            Act::Sigmoid => (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap(),
+            Act::Exp => y.exp().unwrap(),
+        }
+    }
+
+    /// (channels, h, w, k, stride, pad): odd sizes, one channel, stride 2, asymmetric
+    /// padding, no padding, a kernel as large as the input, channels past a 64 block.
+    type Shape = (usize, usize, usize, usize, usize, [usize; 4]);
+    const SHAPES: &[Shape] = &[
+        (32, 28, 28, 3, 1, [1, 1, 1, 1]),
+        (16, 15, 17, 3, 2, [0, 1, 0, 1]),
+        (1, 7, 5, 5, 1, [2, 2, 2, 2]),
+        (8, 9, 9, 5, 2, [1, 2, 1, 2]),
+        (3, 6, 11, 3, 1, [0, 0, 0, 0]),
+        (5, 5, 5, 5, 1, [0, 0, 0, 0]),
+        (4, 2, 3, 3, 2, [1, 1, 1, 1]),
+        (83, 6, 7, 3, 1, [1, 1, 1, 1]),
+        (144, 14, 14, 5, 2, [1, 2, 1, 2]),
+    ];
+    const ACTS: [Act; 5] = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
+
+    #[test]
+    fn depthwise_matches_candles_grouped_convolution_on_every_isa() {
+        for isa in Isa::supported() {
+            for (n, &(c, h, w, k, s, pad)) in SHAPES.iter().enumerate() {
+                let act = ACTS[n % ACTS.len()];
+                let geo = Geometry { k, stride: s, pad };
+                let x = randn(&[h, w, c], n as u64);
+                let wt = randn(&[c, 1, k, k], 100 + n as u64);
+                let b = randn(&[c], 200 + n as u64);
+                let wt_t = Tensor::from_slice(&wt, (c, 1, k, k), &Device::Cpu).unwrap();
+                let want = nhwc(&reference(&nchw(&x, (c, h, w)), &wt_t, &b, geo, c, act));
+                let dw = Depthwise::new(&wt, &b, c, geo, act);
+                let (oh, ow) = geo.out_size(h, w);
+                let mut got = vec![f32::NAN; oh * ow * c];
+                dw.run(isa, &x, h, w, &mut got);
+                close(
+                    &got,
+                    &want,
+                    &format!("{isa:?} depthwise {c}x{h}x{w} k{k} s{s} {pad:?} {act:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn conv_matches_candles_convolution_on_every_isa() {
+        for isa in Isa::supported() {
+            for (n, &(cin, h, w, k, s, pad)) in SHAPES.iter().enumerate() {
+                let cout = [32, 7, 1, 16, 24][n % 5];
+                let act = ACTS[(n + 2) % ACTS.len()];
+                let geo = Geometry { k, stride: s, pad };
+                let x = randn(&[h, w, cin], n as u64);
+                let wt = randn(&[cout, cin, k, k], 300 + n as u64);
+                let b = randn(&[cout], 400 + n as u64);
+                let wt_t = Tensor::from_slice(&wt, (cout, cin, k, k), &Device::Cpu).unwrap();
+                let want = nhwc(&reference(&nchw(&x, (cin, h, w)), &wt_t, &b, geo, 1, act));
+                let conv = Conv::new(&wt, &b, cout, cin, geo, act);
+                let (oh, ow) = geo.out_size(h, w);
+                let mut col = vec![f32::NAN; conv.scratch_len(h, w)];
+                let mut got = vec![f32::NAN; oh * ow * cout];
+                conv.run(isa, &x, h, w, &mut col, &mut got);
+                close(
+                    &got,
+                    &want,
+                    &format!("{isa:?} conv {cin}->{cout} {h}x{w} k{k} s{s} {pad:?} {act:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pointwise_with_residual_matches_candle_on_every_isa() {
+        for isa in Isa::supported() {
+            for (n, &(cin, cout, h, w)) in [(16, 96, 15, 17), (1, 1, 1, 1), (320, 1280, 7, 7), (83, 5, 40, 41)]
+                .iter()
+                .enumerate()
+            {
+                let act = ACTS[n % ACTS.len()];
+                let geo = Geometry {
+                    k: 1,
+                    stride: 1,
+                    pad: [0; 4],
+                };
+                let x = randn(&[h, w, cin], n as u64);
+                let wt = randn(&[cout, cin], 500 + n as u64);
+                let b = randn(&[cout], 600 + n as u64);
+                let res = randn(&[h, w, cout], 700 + n as u64);
+                let wt_t = Tensor::from_slice(&wt, (cout, cin, 1, 1), &Device::Cpu).unwrap();
+                let y = reference(&nchw(&x, (cin, h, w)), &wt_t, &b, geo, 1, Act::None);
+                let y = (y + nchw(&res, (cout, h, w))).unwrap();
+                let y = reference(
+                    &y,
+                    &Tensor::ones((cout, 1, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                    &vec![0.0; cout],
+                    geo,
+                    cout,
+                    act,
+                );
+                let pw = Pointwise::new(&wt, &b, cout, cin, act);
+                let mut got = vec![f32::NAN; h * w * cout];
+                pw.run(isa, &x, h * w, Some(&res), &mut got);
+                close(
+                    &got,
+                    &nhwc(&y),
+                    &format!("{isa:?} pointwise {cin}->{cout} {h}x{w} {act:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn pooling_and_dense_match_candle() {
+        for isa in Isa::supported() {
+            let (hw, c, out) = (49, 37, 11);
+            let x = randn(&[hw, c], 1);
+            let mut pooled = vec![f32::NAN; c];
+            mean_pixels(isa, &x, c, &mut pooled);
+            let xt = Tensor::from_slice(&x, (hw, c), &Device::Cpu).unwrap();
+            let want = xt.mean(0).unwrap();
+            close(&pooled, &want.to_vec1::<f32>().unwrap(), "mean");
+            let w = randn(&[out, c], 2);
+            let b = randn(&[out], 3);
+            let d = Dense::new(&w, &b);
+            let mut got = vec![f32::NAN; out];
+            d.run(isa, &pooled, &mut got);
+            let wt = Tensor::from_slice(&w, (out, c), &Device::Cpu).unwrap();
+            let want = (wt
+                .matmul(&want.reshape((c, 1)).unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                + Tensor::from_slice(&b, out, &Device::Cpu).unwrap())
+            .unwrap();
+            close(&got, &want.to_vec1::<f32>().unwrap(), &format!("{isa:?} dense"));
+        }
+    }
+
+    #[test]
+    fn exp_is_close_to_libm_over_the_range_activations_see() {
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let (got, want) = (exp(x), x.clamp(-87.0, 88.0).exp());
+            assert!((got - want).abs() <= 1e-6 * want, "exp({x}) = {got}, libm {want}");
+            x += 0.0137;
+        }
+    }
+}
