@@ -115,14 +115,14 @@ pub fn bench_model(
     let (mut allocs, mut bytes) = (0, 0);
     for i in 0..iters + 3 {
         let ml = &mut *ml;
-        let (a0, b0) = alloc_count::snapshot();
+        let (a0, b0) = alloc_count::snapshot_all();
         let t0 = Instant::now();
         ml.primary
             .engine
             .infer(&tensor, &mut ml.primary.outputs)
             .map_err(|e| e.to_string())?;
         let dt = t0.elapsed();
-        let (a1, b1) = alloc_count::snapshot();
+        let (a1, b1) = alloc_count::snapshot_all();
         if i >= 3 {
             times.push(dt);
             allocs = allocs.max(a1 - a0);
@@ -178,7 +178,7 @@ pub fn bench_model(
     Ok(format!(
         "model: {} ({}, provider {}, intra_threads {}, inter_threads {})\ninput: {file} {}x{} -> {}x{}\n\
          runs: {iters}\nbackend median_ms: {med:.3}\nbackend p99_ms: {p99:.3}\n\
-         allocations per run on this thread (max): {allocs} ({bytes} bytes)\npeak RSS of this process (VmHWM): {}\n{}",
+         allocations per run, all threads (max): {allocs} ({bytes} bytes)\npeak RSS of this process (VmHWM): {}\n{}",
         m.config.name,
         m.backend_name(),
         m.provider,

@@ -85,22 +85,42 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+static POOL: OnceLock<rayon::ThreadPool> = OnceLock::new();
+
 /// Sets the kernels' thread count (0: one per CPU) for the whole process. The
 /// first call wins; later calls with another count are logged and ignored.
 pub fn set_threads(n: usize) {
-    let built = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .thread_name(|i| format!("aei-cpu-{i}"))
-        .build_global();
-    if built.is_err() && n != 0 && n != threads() {
+    let pool = POOL.get_or_init(|| build(n));
+    if n != 0 && pool.current_num_threads() != n {
         log::warn!(
             "CANDLE_THREADS={n} ignored: the CPU pool already runs {} threads",
-            threads()
+            pool.current_num_threads()
         );
     }
 }
 
-/// Threads the kernels split work across.
+fn build(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("aei-cpu-{i}"))
+        .build()
+        .unwrap_or_else(|e| {
+            log::warn!("CPU pool of {n} threads: {e}; running on one");
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .expect("a one-thread pool")
+        })
+}
+
+/// Runs `f` on a thread of the CPU pool, so that every parallel step inside
+/// it runs on the pool with the calling worker taking part, instead of
+/// waking the caller and the pool once per layer.
+pub fn run<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    POOL.get_or_init(|| build(0)).install(f)
+}
+
+/// Threads the kernels split work across (the pool's, when called inside [`run`]).
 pub fn threads() -> usize {
     rayon::current_num_threads()
 }
@@ -134,8 +154,12 @@ impl Act {
     }
 }
 
-/// Splits `n` items into about `parts` runs for the pool: `(runs, items per run)`.
-pub fn split(n: usize, parts: usize) -> (usize, usize) {
-    let per = n.div_ceil(parts.clamp(1, n.max(1)));
-    (n.div_ceil(per.max(1)), per.max(1))
+/// Splits `n` items into runs of at most `most` (at least one item each), as
+/// many runs as it takes rounded up to a multiple of the pool's threads, so
+/// that no thread is left with one run more than the others: `(runs, items per run)`.
+pub fn split(n: usize, most: usize) -> (usize, usize) {
+    let t = threads().max(1);
+    let runs = n.div_ceil(most.max(1)).div_ceil(t) * t;
+    let per = n.div_ceil(runs.clamp(1, n.max(1))).max(1);
+    (n.div_ceil(per), per)
 }

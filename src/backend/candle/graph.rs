@@ -27,6 +27,15 @@ enum Src {
     Const(Tensor),
 }
 
+/// Element-wise binary ops, broadcasting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bin {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
 enum Op {
     /// candle's conv2d: for what our kernels do not take (dilation, other groupings).
     Conv {
@@ -47,9 +56,13 @@ enum Op {
         min: f32,
         max: f32,
     },
-    Binary(fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>),
-    /// Apart from the other binary ops: SiLU is found by it.
-    Mul,
+    Binary(Bin),
+    /// Softmax over one axis of `scale * x`: ONNX's, or the one exports spell
+    /// out (`ReduceMax, Sub, Exp, ReduceSum, Div`, after a `Mul` by a scalar), found at compile.
+    FastSoftmax {
+        axis: i64,
+        scale: f32,
+    },
     Split {
         axis: i64,
         sizes: Vec<usize>,
@@ -74,9 +87,6 @@ enum Op {
         max: bool,
         axes: Vec<i64>,
         keepdims: bool,
-    },
-    Softmax {
-        axis: i64,
     },
     Resize {
         scale_h: usize,
@@ -227,10 +237,10 @@ impl Plan {
                         max: attr_f(n, "max").map_or_else(|| bound(2, f32::MAX), Ok)?,
                     }
                 }
-                "Add" => Op::Binary(Tensor::broadcast_add),
-                "Sub" => Op::Binary(Tensor::broadcast_sub),
-                "Mul" => Op::Mul,
-                "Div" => Op::Binary(Tensor::broadcast_div),
+                "Add" => Op::Binary(Bin::Add),
+                "Sub" => Op::Binary(Bin::Sub),
+                "Mul" => Op::Binary(Bin::Mul),
+                "Div" => Op::Binary(Bin::Div),
                 "Split" => {
                     let sizes = match n.inputs.get(1).filter(|s| !s.is_empty()) {
                         Some(s) => int_param(s).map_err(what)?,
@@ -286,8 +296,9 @@ impl Plan {
                         keepdims: attr_i(n, "keepdims", 1) != 0,
                     }
                 }
-                "Softmax" => Op::Softmax {
+                "Softmax" => Op::FastSoftmax {
                     axis: attr_i(n, "axis", -1),
+                    scale: 1.0,
                 },
                 "Resize" => {
                     let mode = attr_s(n, "mode").unwrap_or_else(|| "nearest".into());
@@ -380,6 +391,7 @@ impl Plan {
             .get(&output.name)
             .ok_or("the graph output is produced by no node")?;
         fuse_activations(&mut steps, output_slot);
+        fuse_softmax(&mut steps, output_slot);
         for step in &mut steps {
             compile_conv(step)?;
         }
@@ -496,7 +508,7 @@ fn fuse_activations(steps: &mut Vec<Step>, graph_output: usize) {
                 };
                 let s = steps[sig].outputs[0];
                 let is_silu = matches!(steps[sig].op, Op::Sigmoid)
-                    && matches!(steps[mul].op, Op::Mul)
+                    && matches!(steps[mul].op, Op::Binary(Bin::Mul))
                     && steps[mul].inputs.len() == 2
                     && reads(&steps[mul], y)
                     && reads(&steps[mul], s)
@@ -521,6 +533,118 @@ fn fuse_activations(steps: &mut Vec<Step>, graph_output: usize) {
         i += 1;
         !dead[i - 1]
     });
+}
+
+/// Finds softmax as exports spell it out over one axis,
+/// `d = Div(e, ReduceSum(e))` with `e = Exp(Sub(x, ReduceMax(x)))`, and
+/// `x = Mul(y, scalar)` before it, where nothing else reads the
+/// intermediates, and runs it as one `FastSoftmax` step.
+fn fuse_softmax(steps: &mut Vec<Step>, graph_output: usize) {
+    let readers = readers(steps);
+    let mut dead = vec![false; steps.len()];
+    for r in 0..steps.len() {
+        let Some(f) = match_softmax(steps, &readers, r, graph_output) else {
+            continue;
+        };
+        for i in f.removed.into_iter().flatten() {
+            dead[i] = true;
+        }
+        steps[r].op = Op::FastSoftmax {
+            axis: f.axis,
+            scale: f.scale,
+        };
+        steps[r].name = format!("Softmax (fused) {}", steps[r].name.trim_start_matches("ReduceMax "));
+        steps[r].inputs = vec![Src::Slot(f.input)];
+        steps[r].outputs = std::mem::take(&mut steps[f.div].outputs);
+    }
+    let mut i = 0;
+    steps.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
+}
+
+/// A softmax spelled out from step `r` (its `ReduceMax`) on.
+struct SoftmaxMatch {
+    axis: i64,
+    scale: f32,
+    input: usize,
+    div: usize,
+    /// Steps folded in: Sub, Exp, ReduceSum, Div, and the scalar Mul if any.
+    removed: [Option<usize>; 5],
+}
+
+fn match_softmax(
+    steps: &[Step],
+    readers: &HashMap<usize, Vec<usize>>,
+    r: usize,
+    graph_output: usize,
+) -> Option<SoftmaxMatch> {
+    let read_by = |slot: usize| readers.get(&slot).map(Vec::as_slice).unwrap_or(&[]);
+    let slot = |s: &Src| match s {
+        Src::Slot(k) => Some(*k),
+        Src::Const(_) => None,
+    };
+    let ins = |i: usize| steps[i].inputs.iter().map(slot).collect::<Vec<_>>();
+    let out = |i: usize| steps[i].outputs.first().copied().unwrap_or(usize::MAX);
+    let Op::Reduce {
+        max: true,
+        ref axes,
+        keepdims: true,
+    } = steps[r].op
+    else {
+        return None;
+    };
+    let ([axis], Some(Some(x))) = (axes.as_slice(), steps[r].inputs.first().map(slot)) else {
+        return None;
+    };
+    let m = out(r);
+    let [sub] = *read_by(m) else { return None };
+    if !matches!(steps[sub].op, Op::Binary(Bin::Sub)) || ins(sub) != [Some(x), Some(m)] {
+        return None;
+    }
+    let [exp] = *read_by(out(sub)) else { return None };
+    if !matches!(steps[exp].op, Op::Exp) {
+        return None;
+    }
+    let e = out(exp);
+    let [a, b] = *read_by(e) else { return None };
+    let (sum, div) = if matches!(steps[a].op, Op::Reduce { .. }) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    let sum_ok =
+        matches!(&steps[sum].op, Op::Reduce { max: false, axes, keepdims: true } if axes.as_slice() == [*axis]);
+    if !sum_ok
+        || read_by(out(sum)) != [div]
+        || !matches!(steps[div].op, Op::Binary(Bin::Div))
+        || ins(div) != [Some(e), Some(out(sum))]
+        || [m, out(sub), e, out(sum)].contains(&graph_output)
+    {
+        return None;
+    }
+    let mut found = SoftmaxMatch {
+        axis: *axis,
+        scale: 1.0,
+        input: x,
+        div,
+        removed: [Some(sub), Some(exp), Some(sum), Some(div), None],
+    };
+    // A scalar Mul before it, read only by this softmax, folds in as its scale.
+    let producer = steps.iter().position(|s| s.outputs == [x]);
+    if let Some(p) = producer.filter(|_| read_by(x).len() == 2 && x != graph_output) {
+        if let (Op::Binary(Bin::Mul), [Src::Slot(y), Src::Const(c)]) = (&steps[p].op, steps[p].inputs.as_slice()) {
+            let v = c
+                .flatten_all()
+                .and_then(|c| c.to_dtype(DType::F32))
+                .and_then(|c| c.to_vec1::<f32>());
+            if let Ok([v]) = v.as_deref() {
+                (found.input, found.scale, found.removed[4]) = (*y, *v, Some(p));
+            }
+        }
+    }
+    Some(found)
 }
 
 /// Puts a convolution with constant weights on our kernels where they apply.
@@ -556,6 +680,12 @@ fn compile_conv(step: &mut Step) -> R<()> {
     };
     step.inputs.truncate(1);
     Ok(())
+}
+
+/// Whether `perm` swaps the last two axes and keeps the others.
+fn swaps_last_two(perm: &[usize]) -> bool {
+    let n = perm.len();
+    n >= 2 && perm[n - 2] == n - 1 && perm[n - 1] == n - 2 && perm[..n - 2].iter().enumerate().all(|(i, p)| i == *p)
 }
 
 fn axis(a: i64, rank: usize) -> usize {
@@ -600,8 +730,16 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
         Op::Exp => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Activation(Act::Exp))?),
         Op::Relu => one(x.relu()?),
         Op::Clip { min, max } => one(x.clamp(*min, *max)?),
-        Op::Binary(f) => one(f(x, a[1])?),
-        Op::Mul => one(x.broadcast_mul(a[1])?),
+        Op::Binary(b) => one(match b {
+            Bin::Add => x.broadcast_add(a[1])?,
+            Bin::Sub => x.broadcast_sub(a[1])?,
+            Bin::Mul => x.broadcast_mul(a[1])?,
+            Bin::Div => x.broadcast_div(a[1])?,
+        }),
+        Op::FastSoftmax { axis, scale } => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Softmax {
+            axis: *axis,
+            scale: *scale,
+        })?),
         Op::Split { axis: ax, sizes } => {
             let d = axis(*ax, x.rank());
             let mut start = 0;
@@ -640,13 +778,30 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             let outer: usize = x.dims()[..d].iter().product();
             one(x.contiguous()?.reshape((outer, x.elem_count() / outer.max(1)))?)
         }
+        // Swapping the last two axes stays a view: MatMul (its usual reader) takes the
+        // strides as they are; other readers make it contiguous.
+        Op::Transpose { perm } if swaps_last_two(perm) => one(x.permute(perm.as_slice())?),
         Op::Transpose { perm } => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?),
         Op::MatMul => {
-            let (l, r) = (x.contiguous()?, a[1].contiguous()?);
-            one(if l.rank() == r.rank() {
-                l.matmul(&r)?
-            } else {
-                l.broadcast_matmul(&r)?
+            // candle's matmul reads the strides of a transposed view as they are; other
+            // layouts it refuses are made contiguous first.
+            let mm = |l: &Tensor, r: &Tensor| {
+                if l.rank() == r.rank() {
+                    l.matmul(r)
+                } else {
+                    l.broadcast_matmul(r)
+                }
+            };
+            let same_batch = x.rank() == a[1].rank() && x.rank() >= 2 && {
+                let r = x.rank();
+                x.dims()[..r - 2] == a[1].dims()[..r - 2]
+            };
+            if same_batch && x.dtype() == DType::F32 && a[1].dtype() == DType::F32 {
+                return one(x.apply_op2_no_bwd(a[1], &kernels::MatMul)?);
+            }
+            one(match mm(x, a[1]) {
+                Ok(y) => y,
+                Err(_) => mm(&x.contiguous()?, &a[1].contiguous()?)?,
             })
         }
         Op::Gemm { trans_b } => {
@@ -670,11 +825,6 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
                 };
             }
             one(y)
-        }
-        Op::Softmax { axis: ax } => {
-            let d = axis(*ax, x.rank());
-            let e = x.broadcast_sub(&x.max_keepdim(d)?)?.exp()?;
-            one(e.broadcast_div(&e.sum_keepdim(d)?)?)
         }
         Op::Resize { scale_h, scale_w } => {
             let (_, _, h, w) = x.dims4()?;

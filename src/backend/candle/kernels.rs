@@ -10,7 +10,7 @@
 //! matmul, copy; these write each output once. Threads: the CPU pool
 //! (`cpu::threads`), by output channel.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
@@ -93,7 +93,7 @@ impl CustomOp1 for Conv {
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
         // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
         let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
-        let (tiles, per) = split(ohw, threads().max(ohw.div_ceil(cols)));
+        let (tiles, per) = split(ohw, cols);
         let mut out = vec![0f32; n * self.cout * ohw];
         for (b, o) in out.chunks_exact_mut(self.cout * ohw).enumerate() {
             let x = &x[b * c * hw..(b + 1) * c * hw];
@@ -361,10 +361,208 @@ impl CustomOp1 for Activation {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("activation: contiguous input expected".into()))?;
         let mut out = all[start..end].to_vec();
-        let (_, per) = split(out.len(), threads() * 4);
+        let (_, per) = split(out.len(), out.len().div_ceil(threads() * 4));
         let isa = Isa::detect();
         out.par_chunks_mut(per.max(4096)).for_each(|o| activate(isa, o, self.0));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// A batched matrix product `[..., m, k] x [..., k, n]` with the same batch
+/// dims on both sides, any strides (a transposed view is read as it is).
+/// Batches run in parallel, one GEMM each (candle runs them one after another).
+pub struct MatMul;
+
+/// The element offset of batch `b` (row-major over `dims`) under `strides`.
+fn batch_offset(mut b: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (d, s) in dims.iter().zip(strides).rev() {
+        off += (b % d) * s;
+        b /= d;
+    }
+    off
+}
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "aei-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("matmul: f32 inputs expected");
+        };
+        let (da, db) = (l1.shape().dims(), l2.shape().dims());
+        let r = da.len();
+        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+            candle_core::bail!("matmul: shapes {da:?} x {db:?}");
+        }
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        let batch_dims = &da[..r - 2];
+        let batches: usize = batch_dims.iter().product();
+        let (sa, sb) = (l1.stride(), l2.stride());
+        // Every element a GEMM reads must lie inside its storage.
+        let reach = |l: &Layout, rows: usize, cols: usize, st: &[usize], len: usize| {
+            let last = batch_offset(batches.saturating_sub(1), batch_dims, &st[..r - 2]);
+            let far = l.start_offset() + last + rows.saturating_sub(1) * st[r - 2] + cols.saturating_sub(1) * st[r - 1];
+            far < len || rows * cols == 0
+        };
+        if !reach(l1, m, k, sa, a.len()) || !reach(l2, k, n, sb, b.len()) {
+            candle_core::bail!("matmul: strides reach past the storage");
+        }
+        let mut out = vec![0f32; batches * m * n];
+        let par = if batches < threads() {
+            gemm::Parallelism::Rayon(threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        out.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, o)| {
+            if k == 0 {
+                return;
+            }
+            let oa = l1.start_offset() + batch_offset(i, batch_dims, &sa[..r - 2]);
+            let ob = l2.start_offset() + batch_offset(i, batch_dims, &sb[..r - 2]);
+            // SAFETY: `reach` checked the farthest element of the last batch on both
+            // sides; earlier batches lie below it; `o` is this batch's m x n output.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    o.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr().add(oa),
+                    sa[r - 1] as isize,
+                    sa[r - 2] as isize,
+                    b.as_ptr().add(ob),
+                    sb[r - 1] as isize,
+                    sb[r - 2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        });
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Softmax of `scale * x` over one axis, in one pass per row: max, then
+/// `exp` (vectorised) and sum, then scale. Rows along a middle axis are
+/// done a whole inner block at a time, vectorised across it.
+pub struct Softmax {
+    pub axis: i64,
+    pub scale: f32,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "aei-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("softmax: f32 input expected");
+        };
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: contiguous input expected".into()))?;
+        let x = &all[start..end];
+        let dims = layout.shape().dims();
+        let rank = dims.len() as i64;
+        let ax = if self.axis < 0 { self.axis + rank } else { self.axis };
+        if !(0..rank).contains(&ax) {
+            candle_core::bail!("softmax: axis {} of a rank-{rank} tensor", self.axis);
+        }
+        let ax = ax as usize;
+        let (n, inner) = (dims[ax], dims[ax + 1..].iter().product::<usize>());
+        // One block: the `n` rows one softmax runs over, `inner` columns each.
+        let block = (n * inner).max(1);
+        let mut out = vec![0f32; x.len()];
+        let isa = Isa::detect();
+        // Enough blocks per task that a task is worth handing to another thread.
+        let per = (16384 / block).max(1);
+        out.par_chunks_mut(block * per)
+            .zip(x.par_chunks(block * per))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
+                    if inner == 1 {
+                        softmax_row(isa, x, self.scale, o);
+                    } else {
+                        softmax_block(isa, x, inner, self.scale, o);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+multiversion! {
+    /// `o = softmax(scale * x)` over one contiguous row.
+    fn softmax_row(x: &[f32], scale: f32, o: &mut [f32]) {
+        const L: usize = 16;
+        let mut m = [f32::NEG_INFINITY; L];
+        let mut chunks = x.chunks_exact(L);
+        for c in &mut chunks {
+            for j in 0..L {
+                m[j] = m[j].max(scale * c[j]);
+            }
+        }
+        let mx = chunks.remainder().iter().fold(m.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)), |a, v| a.max(scale * v));
+        let mut s = [0f32; L];
+        let mut oc = o.chunks_exact_mut(L);
+        for (oc, xc) in (&mut oc).zip(x.chunks_exact(L)) {
+            for j in 0..L {
+                oc[j] = super::nhwc::exp(scale * xc[j] - mx);
+                s[j] += oc[j];
+            }
+        }
+        let tail = x.len() / L * L;
+        let mut sum: f32 = s.iter().sum();
+        for (o, v) in oc.into_remainder().iter_mut().zip(&x[tail..]) {
+            *o = super::nhwc::exp(scale * v - mx);
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+multiversion! {
+    /// Softmax over the `n` rows of an `n x inner` block, for each of the `inner` columns.
+    fn softmax_block(x: &[f32], inner: usize, scale: f32, o: &mut [f32]) {
+        let mut m: Vec<f32> = x[..inner].iter().map(|v| scale * v).collect();
+        for r in x.chunks_exact(inner).skip(1) {
+            for (m, v) in m.iter_mut().zip(r) {
+                *m = m.max(scale * v);
+            }
+        }
+        let mut s = vec![0f32; inner];
+        for (or, xr) in o.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
+            for (((o, v), m), s) in or.iter_mut().zip(xr).zip(&m).zip(s.iter_mut()) {
+                *o = super::nhwc::exp(scale * v - m);
+                *s += *o;
+            }
+        }
+        s.iter_mut().for_each(|v| *v = 1.0 / *v);
+        for or in o.chunks_exact_mut(inner) {
+            for (o, s) in or.iter_mut().zip(&s) {
+                *o *= s;
+            }
+        }
     }
 }
 
@@ -570,6 +768,51 @@ mod tests {
             );
             assert_eq!(g, w, "{perm:?}");
         }
+    }
+
+    #[test]
+    fn softmax_matches_candles_on_every_axis() {
+        let x = Tensor::randn(0f32, 3.0, (2, 7, 5, 37), &Device::Cpu).unwrap();
+        for axis in [-1i64, 0, 1, 2, 3] {
+            for scale in [1.0f32, 0.125] {
+                let d = if axis < 0 { 3 } else { axis as usize };
+                let xs = (&x * scale as f64).unwrap();
+                let e = xs.broadcast_sub(&xs.max_keepdim(d).unwrap()).unwrap().exp().unwrap();
+                let want = e.broadcast_div(&e.sum_keepdim(d).unwrap()).unwrap();
+                let got = x.apply_op1_no_bwd(&Softmax { axis, scale }).unwrap();
+                close(&got, &want, &format!("softmax axis {axis} scale {scale}"));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_candle_on_strided_views() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (3, 2, 17, 9), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (3, 2, 9, 13), &dev).unwrap();
+        let bt = Tensor::randn(0f32, 1.0, (3, 2, 13, 9), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let at = Tensor::randn(0f32, 1.0, (3, 2, 9, 17), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        for (l, r) in [(&a, &b), (&a, &bt), (&at, &b), (&at, &bt)] {
+            let want = l.contiguous().unwrap().matmul(&r.contiguous().unwrap()).unwrap();
+            close(&l.apply_op2_no_bwd(r, &MatMul).unwrap(), &want, "matmul");
+        }
+        let one = Tensor::randn(0f32, 1.0, (1, 5, 40), &dev).unwrap();
+        let two = Tensor::randn(0f32, 1.0, (1, 40, 3), &dev).unwrap();
+        close(
+            &one.apply_op2_no_bwd(&two, &MatMul).unwrap(),
+            &one.matmul(&two).unwrap(),
+            "one batch",
+        );
+        assert!(
+            a.apply_op2_no_bwd(&a, &MatMul).is_err(),
+            "mismatched inner dims are refused"
+        );
     }
 
     #[test]

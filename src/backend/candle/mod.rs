@@ -150,36 +150,41 @@ impl Backend for CandleBackend {
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
         out.shape.clear();
         out.values.clear();
-        match &mut self.net {
+        let dims = self.input;
+        cpu::run(|| match &mut self.net {
             Net::EfficientNet(m) => {
                 let logits = m.forward(input).map_err(BackendError::Run)?;
                 out.shape.extend_from_slice(&[1, logits.len()]);
                 out.values.extend_from_slice(logits);
+                Ok(())
             }
             Net::Graph(plan) => {
                 let run = |e: candle_core::Error| BackendError::Run(e.to_string());
-                let x = Tensor::from_slice(input, self.input, &Device::Cpu).map_err(run)?;
+                let x = Tensor::from_slice(input, dims, &Device::Cpu).map_err(run)?;
                 let y = plan.run(x).map_err(run)?;
                 out.shape.extend_from_slice(y.dims());
                 out.values
                     .extend(y.flatten_all().map_err(run)?.to_vec1::<f32>().map_err(run)?);
+                Ok(())
             }
-        }
-        Ok(())
+        })
     }
 
     fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
-        let mut times = Vec::new();
-        match &mut self.net {
-            Net::EfficientNet(m) => {
-                m.forward_profiled(input, &mut times).ok()?;
+        let dims = self.input;
+        cpu::run(|| {
+            let mut times = Vec::new();
+            match &mut self.net {
+                Net::EfficientNet(m) => {
+                    m.forward_profiled(input, &mut times).ok()?;
+                }
+                Net::Graph(plan) => {
+                    let x = Tensor::from_slice(input, dims, &Device::Cpu).ok()?;
+                    plan.run_profiled(x, Some(&mut times)).ok()?;
+                }
             }
-            Net::Graph(plan) => {
-                let x = Tensor::from_slice(input, self.input, &Device::Cpu).ok()?;
-                plan.run_profiled(x, Some(&mut times)).ok()?;
-            }
-        }
-        Some(times)
+            Some(times)
+        })
     }
 }
 

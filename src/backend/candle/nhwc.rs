@@ -150,7 +150,7 @@ impl Pointwise {
     /// `out[..pixels * c_out]` from `x[..pixels * c_in]`, plus `residual` (`pixels * c_out`) if given.
     pub fn run(&self, isa: Isa, x: &[f32], pixels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
         let (cin, cout) = (self.cin, self.cout);
-        let (_, per) = split(pixels, threads().max(pixels.div_ceil(TILE)));
+        let (_, per) = split(pixels, TILE);
         out[..pixels * cout]
             .par_chunks_mut(per * cout)
             .enumerate()
@@ -227,7 +227,7 @@ impl Depthwise {
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
         let (oh, ow) = self.geo.out_size(h, w);
         let row = ow * self.c;
-        let (_, per) = split(oh, threads());
+        let (_, per) = split(oh, oh.div_ceil(threads()));
         out[..oh * row]
             .par_chunks_mut(per * row)
             .enumerate()
@@ -341,7 +341,7 @@ impl Conv {
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, col: &mut [f32], out: &mut [f32]) {
         let (oh, ow) = self.geo.out_size(h, w);
         let (pixels, kc) = (oh * ow, self.geo.k * self.geo.k * self.cin);
-        let (_, per) = split(pixels, threads().max(pixels.div_ceil(TILE)));
+        let (_, per) = split(pixels, TILE);
         out[..pixels * self.cout]
             .par_chunks_mut(per * self.cout)
             .zip(col[..pixels * kc].par_chunks_mut(per * kc))
@@ -421,7 +421,7 @@ impl Dense {
     }
 
     pub fn run(&self, isa: Isa, x: &[f32], out: &mut [f32]) {
-        let (_, per) = split(self.outputs(), threads() * 2);
+        let (_, per) = split(self.outputs(), self.outputs().div_ceil(threads() * 2));
         out[..self.outputs()]
             .par_chunks_mut(per)
             .enumerate()
