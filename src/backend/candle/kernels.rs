@@ -14,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
-use super::nhwc::{activate, Geometry};
+use super::nhwc::{activate, bias_activate, Geometry};
 
 /// The contiguous f32 data of a custom op's input, and its 4 dims.
 /// N, C, H, W.
@@ -143,7 +143,7 @@ impl SharedOut {
 }
 
 impl Conv {
-    /// Columns `c0..c0 + cols` of every output row (`ohw` long): bias, GEMM, activation.
+    /// Columns `c0..c0 + cols` of every output row (`ohw` long): GEMM, then bias and activation.
     ///
     /// # Safety
     /// No other thread may touch those columns while this runs.
@@ -161,9 +161,6 @@ impl Conv {
         assert!(self.cout * ohw <= dst.1 && c0 + cols <= ohw);
         assert!(rhs.len() >= (k_len - 1) * rhs_rs + cols && self.w.len() >= self.cout * k_len);
         let o = dst.0.add(c0);
-        for r in 0..self.cout {
-            std::slice::from_raw_parts_mut(o.add(r * ohw), cols).fill(self.bias[r]);
-        }
         gemm::gemm(
             self.cout,
             cols,
@@ -171,14 +168,14 @@ impl Conv {
             o,
             1,
             ohw as isize,
-            true,
+            false,
             self.w.as_ptr(),
             1,
             k_len as isize,
             rhs.as_ptr(),
             1,
             rhs_rs as isize,
-            1.0,
+            0.0,
             1.0,
             false,
             false,
@@ -186,7 +183,8 @@ impl Conv {
             gemm::Parallelism::None,
         );
         for r in 0..self.cout {
-            activate(self.isa, std::slice::from_raw_parts_mut(o.add(r * ohw), cols), self.act);
+            let row = std::slice::from_raw_parts_mut(o.add(r * ohw), cols);
+            bias_activate(self.isa, row, self.bias[r], self.act);
         }
     }
 }
@@ -224,15 +222,34 @@ multiversion! {
                 if mid.is_empty() {
                     continue;
                 }
-                if g.stride == 1 {
-                    mid.copy_from_slice(&irow[a + kx - pl..b + kx - pl]);
-                } else {
-                    for (j, o) in mid.iter_mut().enumerate() {
-                        *o = irow[(a + j) * g.stride + kx - pl];
+                let first = a * g.stride + kx - pl;
+                match g.stride {
+                    1 => mid.copy_from_slice(&irow[first..first + mid.len()]),
+                    2 => every_other(&irow[first..], mid),
+                    s => {
+                        for (j, o) in mid.iter_mut().enumerate() {
+                            *o = irow[first + j * s];
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+/// `o[j] = x[2 j]`, sixteen at a time from fixed-size blocks, which the
+/// compiler turns into shuffles instead of one load per element.
+#[inline(always)]
+fn every_other(x: &[f32], o: &mut [f32]) {
+    // Whole blocks only where all 32 inputs exist; the last output needs just 2 len - 1.
+    let blocks = (o.len() / 16).min(x.len() / 32);
+    for (o, x) in o.chunks_exact_mut(16).zip(x.chunks_exact(32)).take(blocks) {
+        for j in 0..16 {
+            o[j] = x[2 * j];
+        }
+    }
+    for (j, o) in o[blocks * 16..].iter_mut().enumerate() {
+        *o = x[2 * (blocks * 16 + j)];
     }
 }
 
@@ -301,10 +318,7 @@ multiversion! {
                     }
                     let first = lo * s + kx - pl;
                     if s == 1 {
-                        let src = &irow[first..first + (hi - lo)];
-                        for (o, i) in orow[lo..hi].iter_mut().zip(src) {
-                            *o = if FMA { wv.mul_add(*i, *o) } else { *o + wv * i };
-                        }
+                        axpy::<FMA>(wv, &irow[first..first + (hi - lo)], &mut orow[lo..hi]);
                     } else {
                         for (j, o) in orow[lo..hi].iter_mut().enumerate() {
                             let i = irow[first + j * s];
@@ -312,6 +326,47 @@ multiversion! {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+std::thread_local! {
+    /// Each pool thread's zero-padded input plane for stride-1 depthwise layers.
+    static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+multiversion! {
+    /// One channel at stride 1: the plane is copied once into `pad` with its zero
+    /// border (and 16 spare columns), then each run of 16 outputs keeps its sums
+    /// in registers across all `k * k` taps, with no bounds to work out per tap.
+    fn depthwise_s1_channel(dw: &Depthwise, ch: usize, inp: &[f32], hw: (usize, usize), pad: &mut Vec<f32>, out: &mut [f32]) {
+        let (h, w) = hw;
+        let k = dw.geo.k;
+        let [pt, pb, pl, pr] = dw.geo.pad;
+        let (_, ow) = dw.geo.out_size(h, w);
+        let (hp, wp) = (h + pt + pb, w + pl + pr + 16);
+        pad.clear();
+        pad.resize(hp * wp, 0.0);
+        for (y, row) in inp.chunks_exact(w).enumerate() {
+            pad[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+        }
+        let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
+        let bias = dw.bias[ch];
+        for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
+            for x0 in (0..ow).step_by(16) {
+                let mut acc = [bias; 16];
+                for ky in 0..k {
+                    let prow = &pad[(oy + ky) * wp + x0..];
+                    for (kx, wv) in wk[ky * k..(ky + 1) * k].iter().enumerate() {
+                        let src = &prow[kx..kx + 16];
+                        for j in 0..16 {
+                            acc[j] = if FMA { wv.mul_add(src[j], acc[j]) } else { acc[j] + wv * src[j] };
+                        }
+                    }
+                }
+                let n = (ow - x0).min(16);
+                orow[x0..x0 + n].copy_from_slice(&acc[..n]);
             }
         }
     }
@@ -330,15 +385,15 @@ impl CustomOp1 for Depthwise {
         let (oh, ow) = self.geo.out_size(h, w);
         let mut out = vec![0f32; n * c * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
-            depthwise_channel(
-                self.isa,
-                self,
-                plane % c,
-                &x[plane * h * w..(plane + 1) * h * w],
-                h,
-                w,
-                o,
-            );
+            let inp = &x[plane * h * w..(plane + 1) * h * w];
+            if self.geo.stride == 1 {
+                PADDED.with(|pad| {
+                    let mut pad = pad.borrow_mut();
+                    depthwise_s1_channel(self.isa, self, plane % c, inp, (h, w), &mut pad, o)
+                });
+            } else {
+                depthwise_channel(self.isa, self, plane % c, inp, h, w, o);
+            }
             activate(self.isa, o, self.act);
         });
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
@@ -566,6 +621,23 @@ multiversion! {
     }
 }
 
+/// `o += a * x`, sixteen lanes at a time: rows here are short (20 to 160), too
+/// short for the compiler's own vector loop, which wants four vectors' worth
+/// before it starts and leaves the rest scalar.
+#[inline(always)]
+fn axpy<const FMA: bool>(a: f32, x: &[f32], o: &mut [f32]) {
+    let mut oc = o.chunks_exact_mut(16);
+    let mut xc = x.chunks_exact(16);
+    for (o, x) in (&mut oc).zip(&mut xc) {
+        for j in 0..16 {
+            o[j] = if FMA { a.mul_add(x[j], o[j]) } else { o[j] + a * x[j] };
+        }
+    }
+    for (o, x) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = if FMA { a.mul_add(*x, *o) } else { *o + a * x };
+    }
+}
+
 /// A transposition (ONNX `Transpose`) written once into a new buffer. When the
 /// input's last axis moves, the copy goes in square tiles, so that both the
 /// reads and the writes stay within a few cache lines (candle's
@@ -706,6 +778,10 @@ mod tests {
         (24, 13, 9, 1, 1, [0, 0, 0, 0]),
         (6, 10, 10, 1, 2, [0, 0, 0, 0]),
         (64, 20, 20, 7, 1, [3, 3, 3, 3]),
+        (8, 6, 71, 3, 2, [1, 1, 1, 1]),
+        (5, 5, 67, 5, 2, [1, 2, 1, 2]),
+        (6, 9, 21, 4, 1, [1, 2, 2, 1]),
+        (3, 3, 40, 3, 1, [2, 0, 0, 2]),
     ];
     const ACTS: [Act; 5] = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
 
@@ -745,6 +821,20 @@ mod tests {
                 &want,
                 &format!("conv case {n} {act:?}"),
             );
+        }
+    }
+
+    #[test]
+    fn every_other_takes_even_elements_at_every_length() {
+        let x: Vec<f32> = (0..200).map(|v| v as f32).collect();
+        for len in [0usize, 1, 15, 16, 17, 33, 64, 99] {
+            for extra in [0, 1, 2] {
+                let xs = &x[..(2 * len).saturating_sub(1) + extra];
+                let mut o = vec![f32::NAN; len];
+                every_other(xs, &mut o);
+                let want: Vec<f32> = (0..len).map(|j| (2 * j) as f32).collect();
+                assert_eq!(o, want, "len {len}, input {}", xs.len());
+            }
         }
     }
 

@@ -19,8 +19,8 @@ use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
 
-/// `out[m x n] += a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread.
-fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+/// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread.
+fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
     assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
     if m == 0 || n == 0 {
         return;
@@ -35,14 +35,14 @@ fn gemm_acc(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out:
             out.as_mut_ptr(),
             1,
             n as isize,
-            true,
+            false,
             a.as_ptr(),
             1,
             lda as isize,
             b.as_ptr(),
             1,
             n as isize,
-            1.0,
+            0.0,
             1.0,
             false,
             false,
@@ -63,18 +63,20 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 multiversion! {
-    /// Each row of `out` (`bias.len()` wide) = `bias` (+ the same row of `residual`).
-    fn prefill(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>) {
+    /// The GEMM's epilogue, row by row (`bias.len()` wide) while the row is in L1:
+    /// `act(out + bias (+ the same row of residual))`.
+    fn epilogue(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
         let c = bias.len();
-        match residual {
-            Some(r) => {
-                for (o, r) in out.chunks_exact_mut(c).zip(r.chunks_exact(c)) {
-                    for ((o, r), b) in o.iter_mut().zip(r).zip(bias) {
-                        *o = r + b;
+        for (i, o) in out.chunks_exact_mut(c).enumerate() {
+            match residual {
+                Some(r) => {
+                    for ((o, r), b) in o.iter_mut().zip(&r[i * c..(i + 1) * c]).zip(bias) {
+                        *o += r + b;
                     }
                 }
+                None => o.iter_mut().zip(bias).for_each(|(o, b)| *o += b),
             }
-            None => out.chunks_exact_mut(c).for_each(|o| o.copy_from_slice(bias)),
+            apply(o, act);
         }
     }
 }
@@ -82,17 +84,31 @@ multiversion! {
 multiversion! {
     /// `act` on every element.
     pub fn activate(s: &mut [f32], act: Act) {
-        match act {
-            Act::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v)),
-            Act::Sigmoid => s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp(-*v))),
-            Act::Exp => s.iter_mut().for_each(|v| *v = exp(*v)),
-            other => other.apply_all(s),
-        }
+        apply(s, act)
+    }
+}
+
+multiversion! {
+    /// `act(s + bias)` on every element.
+    pub fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
+        s.iter_mut().for_each(|v| *v += bias);
+        apply(s, act)
+    }
+}
+
+/// The body of the activations, inlined into each instruction set's copy.
+#[inline(always)]
+fn apply(s: &mut [f32], act: Act) {
+    match act {
+        Act::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v)),
+        Act::Sigmoid => s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp(-*v))),
+        Act::Exp => s.iter_mut().for_each(|v| *v = exp(*v)),
+        other => other.apply_all(s),
     }
 }
 
 /// `e^x` to about 2e-7 relative, in plain arithmetic so that loops over it
-/// vectorise (libm's `expf` does not): 2^k times a degree-7 polynomial on
+/// vectorise (libm's `expf` does not): 2^k times a degree-6 polynomial on
 /// |r| <= ln2/2. `k` is rounded by adding 1.5 * 2^23, which leaves it in the
 /// low mantissa bits: no float-to-int conversion in the loop.
 #[inline(always)]
@@ -157,9 +173,8 @@ impl Pointwise {
             .for_each(|(t, o)| {
                 let (p0, rows) = (t * per, o.len() / cout);
                 let res = residual.map(|r| &r[p0 * cout..(p0 + rows) * cout]);
-                prefill(isa, o, &self.bias, res);
-                gemm_acc(rows, cout, cin, &x[p0 * cin..], cin, &self.w, o);
-                activate(isa, o, self.act);
+                gemm_set(rows, cout, cin, &x[p0 * cin..], cin, &self.w, o);
+                epilogue(isa, o, &self.bias, res, self.act);
             });
     }
 }
@@ -349,9 +364,8 @@ impl Conv {
             .for_each(|(t, (o, col))| {
                 let p0 = t * per;
                 im2col(isa, self, x, h, w, p0, col);
-                prefill(isa, o, &self.bias, None);
-                gemm_acc(o.len() / self.cout, self.cout, kc, col, kc, &self.w, o);
-                activate(isa, o, self.act);
+                gemm_set(o.len() / self.cout, self.cout, kc, col, kc, &self.w, o);
+                epilogue(isa, o, &self.bias, None, self.act);
             });
     }
 }
