@@ -14,7 +14,22 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
-use super::nhwc::{activate, bias_activate, Geometry};
+use super::nhwc::{apply, Geometry};
+
+multiversion! {
+    /// `act` on every element.
+    fn activate(s: &mut [f32], act: Act) {
+        apply(s, act)
+    }
+}
+
+multiversion! {
+    /// `act(s + bias)` on every element.
+    fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
+        s.iter_mut().for_each(|v| *v += bias);
+        apply(s, act)
+    }
+}
 
 /// The contiguous f32 data of a custom op's input, and its 4 dims.
 /// N, C, H, W.

@@ -81,24 +81,9 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `act` on every element.
-    pub fn activate(s: &mut [f32], act: Act) {
-        apply(s, act)
-    }
-}
-
-multiversion! {
-    /// `act(s + bias)` on every element.
-    pub fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
-        s.iter_mut().for_each(|v| *v += bias);
-        apply(s, act)
-    }
-}
-
 /// The body of the activations, inlined into each instruction set's copy.
 #[inline(always)]
-fn apply(s: &mut [f32], act: Act) {
+pub(super) fn apply(s: &mut [f32], act: Act) {
     match act {
         Act::Silu => s.iter_mut().for_each(|v| *v /= 1.0 + exp(-*v)),
         Act::Sigmoid => s.iter_mut().for_each(|v| *v = 1.0 / (1.0 + exp(-*v))),
