@@ -22,7 +22,7 @@ use crate::{build_info, http, mqtt};
 /// fails to load is logged and left out; when none loads, that is an error.
 pub fn load_models(settings: &Settings) -> Result<Models, String> {
     let configs = model::load(settings.model_config_path.as_deref(), settings).map_err(|e| e.to_string())?;
-    crate::backend::set_cpu_threads(settings.candle_threads);
+    crate::backend::set_cpu(settings.candle_threads, &settings.candle_isa);
     let env = BackendEnv {
         ort_library: settings.ort_library.clone(),
     };

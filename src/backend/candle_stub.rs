@@ -37,4 +37,4 @@ pub fn convert(_input: &Path, _output: &Path, _dtype: &str) -> Result<String, St
     Err(BackendError::NotCompiled { backend: "candle" }.to_string())
 }
 
-pub fn set_threads(_n: usize) {}
+pub fn set_cpu(_threads: usize, _isa: &str) {}

@@ -66,9 +66,10 @@ pub fn convert(input: &Path, output: &Path, dtype: &str) -> Result<String, Strin
     candle::convert(input, output, dtype)
 }
 
-/// Sets the Candle kernels' CPU threads for the process (0: one per CPU); the first call wins.
-pub fn set_cpu_threads(n: usize) {
-    candle::set_threads(n)
+/// Sets the Candle kernels' CPU threads (0: one per CPU) and instruction-set
+/// cap ("auto", "v4", "v3", "base") for the process; the first call wins.
+pub fn set_cpu(threads: usize, isa: &str) {
+    candle::set_cpu(threads, isa)
 }
 
 /// Process-wide backend settings (from the service settings).

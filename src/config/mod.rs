@@ -59,6 +59,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "MAX_IMAGE_HEIGHT", flag: "--max-height", default: "1440", help: "Tallest accepted image in pixels (sizes the frame slots)." },
     Opt { env: "CANDLE_THREADS", flag: "--candle-threads", default: "0", help: "CPU threads of the Candle backend, process-wide (0: one per CPU)." },
+    Opt { env: "CANDLE_ISA", flag: "--candle-isa", default: "auto", help: "Instruction set of the Candle kernels: auto (the best this CPU has), v4 (AVX-512), v3 (AVX2+FMA) or base. A cap: asking for more than the CPU has gives what it has." },
     Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
     Opt { env: "SHUTDOWN_TIMEOUT_S", flag: "--shutdown-timeout", default: "10", help: "On SIGTERM/SIGINT: seconds to finish the frames in flight and flush their results before exiting anyway (unanswered frames stay unacknowledged and are redelivered)." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
@@ -113,8 +114,10 @@ pub struct Settings {
     pub max_image_height: u32,
     /// The ONNX Runtime library, when set.
     pub ort_library: Option<PathBuf>,
-    /// Candle's CPU threads; 0 leaves candle's default.
+    /// Candle's CPU threads; 0: one per CPU.
     pub candle_threads: usize,
+    /// The Candle kernels' instruction set cap: "auto", "v4", "v3" or "base".
+    pub candle_isa: String,
     /// Seconds a graceful stop may take.
     pub shutdown_timeout_s: u64,
     pub log: String,
@@ -288,6 +291,10 @@ impl Settings {
             max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
             ort_library: non_empty(get("ORT_DYLIB_PATH")).map(PathBuf::from),
             candle_threads: parse_num("CANDLE_THREADS", &get("CANDLE_THREADS"), 0, 1024)? as usize,
+            candle_isa: match get("CANDLE_ISA").as_str() {
+                v @ ("auto" | "v4" | "v3" | "base") => v.to_owned(),
+                v => return Err(bad("CANDLE_ISA", "auto, v4, v3 or base", v)),
+            },
             shutdown_timeout_s: parse_num("SHUTDOWN_TIMEOUT_S", &get("SHUTDOWN_TIMEOUT_S"), 0, 3600)?,
             log: get("RUST_LOG"),
         };

@@ -4,10 +4,26 @@
 //! Kernels are written once, as plain loops the compiler vectorises, and
 //! compiled three times by [`multiversion!`]: for AVX-512 (x86-64-v4), for
 //! AVX2+FMA (x86-64-v3), and for the build's baseline, which stays correct
-//! everywhere. [`Isa::detect`] picks one per process; a kernel can be handed
-//! another so that tests check every path this machine can run.
+//! everywhere. [`Isa::detect`] picks one per process (`CANDLE_ISA` caps it);
+//! a kernel can be handed another so that tests check every path this
+//! machine can run. The GEMM crate dispatches on its own, to the best it has.
 
 use std::sync::OnceLock;
+
+static ISA: OnceLock<Isa> = OnceLock::new();
+static CAP: OnceLock<Isa> = OnceLock::new();
+
+/// Caps the instruction set ("auto", "v4", "v3", "base"); before the first kernel runs.
+pub fn set_isa_cap(cap: &str) {
+    let cap = match cap {
+        "base" => Isa::Base,
+        "v3" => Isa::V3,
+        _ => Isa::V4,
+    };
+    if CAP.set(cap).is_err() && CAP.get() != Some(&cap) {
+        log::warn!("CANDLE_ISA={cap:?} ignored: the kernels have already chosen {:?}", Isa::detect());
+    }
+}
 
 /// An instruction set a kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,18 +37,13 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU runs, detected once. `AEI_ISA=base|v3|v4` caps it.
+    /// The best this CPU runs under the cap (`CANDLE_ISA`), chosen once.
     pub fn detect() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            let cap = match std::env::var("AEI_ISA").as_deref() {
-                Ok("base") => Isa::Base,
-                Ok("v3") => Isa::V3,
-                _ => Isa::V4,
-            };
             let best = Isa::supported().last().copied().unwrap_or(Isa::Base);
+            let cap = *CAP.get_or_init(|| Isa::V4);
             let isa = if (cap as u8) < (best as u8) { cap } else { best };
-            log::debug!("CPU kernels: {isa:?}");
+            log::info!("Candle CPU kernels: {isa:?} (this CPU: up to {best:?}), {} threads", POOL.get().map_or(0, |p| p.current_num_threads()));
             isa
         })
     }

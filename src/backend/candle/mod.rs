@@ -188,9 +188,11 @@ impl Backend for CandleBackend {
     }
 }
 
-/// The kernels' CPU threads (`CANDLE_THREADS`; 0: one per CPU).
-pub fn set_threads(n: usize) {
-    cpu::set_threads(n)
+/// The kernels' CPU threads (`CANDLE_THREADS`; 0: one per CPU) and
+/// instruction-set cap (`CANDLE_ISA`).
+pub fn set_cpu(threads: usize, isa: &str) {
+    cpu::set_isa_cap(isa);
+    cpu::set_threads(threads)
 }
 
 /// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip; safetensors; or an
