@@ -21,7 +21,10 @@ pub fn set_isa_cap(cap: &str) {
         _ => Isa::V4,
     };
     if CAP.set(cap).is_err() && CAP.get() != Some(&cap) {
-        log::warn!("CANDLE_ISA={cap:?} ignored: the kernels have already chosen {:?}", Isa::detect());
+        log::warn!(
+            "CANDLE_ISA={cap:?} ignored: the kernels have already chosen {:?}",
+            Isa::detect()
+        );
     }
 }
 
@@ -43,7 +46,10 @@ impl Isa {
             let best = Isa::supported().last().copied().unwrap_or(Isa::Base);
             let cap = *CAP.get_or_init(|| Isa::V4);
             let isa = if (cap as u8) < (best as u8) { cap } else { best };
-            log::info!("Candle CPU kernels: {isa:?} (this CPU: up to {best:?}), {} threads", POOL.get().map_or(0, |p| p.current_num_threads()));
+            log::info!(
+                "Candle CPU kernels: {isa:?} (this CPU: up to {best:?}), {} threads",
+                POOL.get().map_or(0, |p| p.current_num_threads())
+            );
             isa
         })
     }

@@ -108,11 +108,20 @@ impl CustomOp1 for Conv {
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
         // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
         let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
-        let (tiles, per) = split(ohw, cols);
-        let mut out = vec![0f32; n * self.cout * ohw];
-        for (b, o) in out.chunks_exact_mut(self.cout * ohw).enumerate() {
+        // Tiles a multiple of 16 wide: the GEMM then reads the im2col tile as it is, unpacked.
+        let (_, per) = split(ohw, cols);
+        let per = per.next_multiple_of(16).min(ohw);
+        let tiles = ohw.div_ceil(per);
+        let len = n * self.cout * ohw;
+        if k_len == 0 || len == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; len]), Shape::from((n, self.cout, oh, ow))));
+        }
+        // Not zeroed: the GEMM writes every element (see `uninit`).
+        let mut out = uninit(len);
+        for b in 0..n {
             let x = &x[b * c * hw..(b + 1) * c * hw];
-            let dst = SharedOut(o.as_mut_ptr(), o.len());
+            // SAFETY: batch b's outputs lie inside the allocation of `len` elements.
+            let dst = SharedOut(unsafe { out.as_mut_ptr().add(b * self.cout * ohw) }, self.cout * ohw);
             (0..tiles).into_par_iter().for_each(|t| {
                 let (c0, cols) = (t * per, per.min(ohw - t * per));
                 SCRATCH.with(|scratch| {
@@ -132,6 +141,9 @@ impl CustomOp1 for Conv {
                 });
             });
         }
+        // SAFETY: the tiles cover every column of every output row of every batch, and
+        // the GEMM (k_len > 0, read_dst off) has written each element.
+        unsafe { out.set_len(len) };
         Ok((CpuStorage::F32(out), Shape::from((n, self.cout, oh, ow))))
     }
 }
@@ -141,12 +153,24 @@ std::thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// An output buffer of `len` f32s, allocated but not zeroed (zeroing an output
+/// the GEMM overwrites anyway was 4 % of YOLOv12n's time). Length 0: only raw
+/// pointer writes may fill it, then `set_len` once every element is written.
+fn uninit(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
 /// An output buffer the pool's threads write disjoint parts of.
 struct SharedOut(*mut f32, usize);
 // SAFETY: threads write disjoint elements only (see `Conv::tile`, `Transpose`).
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    /// A pointer to element `i`.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
     /// The whole buffer.
     ///
     /// # Safety
@@ -486,26 +510,32 @@ impl CustomOp2 for MatMul {
         if !reach(l1, m, k, sa, a.len()) || !reach(l2, k, n, sb, b.len()) {
             candle_core::bail!("matmul: strides reach past the storage");
         }
-        let mut out = vec![0f32; batches * m * n];
+        if k == 0 || batches * m * n == 0 {
+            let mut shape = da.to_vec();
+            shape[r - 1] = n;
+            return Ok((CpuStorage::F32(vec![0f32; batches * m * n]), Shape::from(shape)));
+        }
+        // Not zeroed: each batch's GEMM writes all of its m x n outputs (see `uninit`).
+        let mut out = uninit(batches * m * n);
+        let dst = SharedOut(out.as_mut_ptr(), batches * m * n);
         let par = if batches < threads() {
             gemm::Parallelism::Rayon(threads())
         } else {
             gemm::Parallelism::None
         };
-        out.par_chunks_mut((m * n).max(1)).enumerate().for_each(|(i, o)| {
-            if k == 0 {
-                return;
-            }
+        (0..batches).into_par_iter().for_each(|i| {
+            let o = dst.at(i * m * n);
             let oa = l1.start_offset() + batch_offset(i, batch_dims, &sa[..r - 2]);
             let ob = l2.start_offset() + batch_offset(i, batch_dims, &sb[..r - 2]);
             // SAFETY: `reach` checked the farthest element of the last batch on both
-            // sides; earlier batches lie below it; `o` is this batch's m x n output.
+            // sides; earlier batches lie below it; `o` is this batch's m x n output,
+            // which no other batch touches.
             unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    o.as_mut_ptr(),
+                    o,
                     1,
                     n as isize,
                     false,
@@ -524,6 +554,8 @@ impl CustomOp2 for MatMul {
                 )
             }
         });
+        // SAFETY: every batch's GEMM (k > 0, read_dst off) has written its m x n outputs.
+        unsafe { out.set_len(batches * m * n) };
         let mut shape = da.to_vec();
         shape[r - 1] = n;
         Ok((CpuStorage::F32(out), Shape::from(shape)))
