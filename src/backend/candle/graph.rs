@@ -17,8 +17,11 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, D};
 
 use super::cpu::Act;
-use super::kernels;
 use super::onnx_proto::{self, AttrValue, NodeProto, TensorProto};
+
+/// The graph's own kernels: compiled with this module, so `candle-graph` keeps one `cfg`.
+#[path = "kernels.rs"]
+mod kernels;
 
 type R<T> = Result<T, String>;
 

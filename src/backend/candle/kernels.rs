@@ -13,8 +13,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{multiversion, split, threads, Act, Isa};
-use super::nhwc::{apply, Geometry};
+use super::super::cpu::{multiversion, split, threads, Act, Isa};
+use super::super::nhwc::{self, apply, Geometry};
 
 multiversion! {
     /// `act` on every element.
@@ -628,14 +628,14 @@ multiversion! {
         let mut oc = o.chunks_exact_mut(L);
         for (oc, xc) in (&mut oc).zip(x.chunks_exact(L)) {
             for j in 0..L {
-                oc[j] = super::nhwc::exp(scale * xc[j] - mx);
+                oc[j] = nhwc::exp(scale * xc[j] - mx);
                 s[j] += oc[j];
             }
         }
         let tail = x.len() / L * L;
         let mut sum: f32 = s.iter().sum();
         for (o, v) in oc.into_remainder().iter_mut().zip(&x[tail..]) {
-            *o = super::nhwc::exp(scale * v - mx);
+            *o = nhwc::exp(scale * v - mx);
             sum += *o;
         }
         let inv = 1.0 / sum;
@@ -655,7 +655,7 @@ multiversion! {
         let mut s = vec![0f32; inner];
         for (or, xr) in o.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
             for (((o, v), m), s) in or.iter_mut().zip(xr).zip(&m).zip(s.iter_mut()) {
-                *o = super::nhwc::exp(scale * v - m);
+                *o = nhwc::exp(scale * v - m);
                 *s += *o;
             }
         }

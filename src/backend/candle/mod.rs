@@ -13,8 +13,6 @@ mod graph;
 #[cfg(not(feature = "candle-graph"))]
 #[path = "graph_stub.rs"]
 mod graph;
-#[cfg(feature = "candle-graph")]
-mod kernels;
 mod nhwc;
 mod onnx_proto;
 mod weights;
