@@ -112,9 +112,20 @@ pub fn bench_model(
     let ((width, height), tensor) =
         crate::preprocess::tensor_for_jpeg(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
     let mut times = Vec::with_capacity(iters);
+    // Dual models: the other backend runs on the same tensor in the same loop, the two
+    // taking turns to go first, so a noisy machine slows both alike; their ratio is
+    // taken run by run.
+    let mut second_times = Vec::with_capacity(iters);
+    let mut ratios = Vec::with_capacity(iters);
     let (mut allocs, mut bytes) = (0, 0);
     for i in 0..iters + 3 {
         let ml = &mut *ml;
+        let mut second_dt = None;
+        if let (Some(s), true) = (ml.second.as_mut(), i % 2 == 1) {
+            let t0 = Instant::now();
+            s.engine.infer(&tensor, &mut s.outputs).map_err(|e| e.to_string())?;
+            second_dt = Some(t0.elapsed());
+        }
         let (a0, b0) = alloc_count::snapshot_all();
         let t0 = Instant::now();
         ml.primary
@@ -123,13 +134,32 @@ pub fn bench_model(
             .map_err(|e| e.to_string())?;
         let dt = t0.elapsed();
         let (a1, b1) = alloc_count::snapshot_all();
+        if let (Some(s), true) = (ml.second.as_mut(), i % 2 == 0) {
+            let t0 = Instant::now();
+            s.engine.infer(&tensor, &mut s.outputs).map_err(|e| e.to_string())?;
+            second_dt = Some(t0.elapsed());
+        }
         if i >= 3 {
             times.push(dt);
             allocs = allocs.max(a1 - a0);
             bytes = bytes.max(b1 - b0);
+            if let Some(d) = second_dt {
+                second_times.push(d);
+                ratios.push(dt.as_secs_f64() / d.as_secs_f64().max(1e-9));
+            }
         }
     }
     let (med, p99) = median_p99(&mut times);
+    let second = ml.second.as_ref().map(|s| {
+        let (m2, p2) = median_p99(&mut second_times);
+        ratios.sort_by(f64::total_cmp);
+        format!(
+            "second backend ({}) median_ms: {m2:.3}\nsecond backend p99_ms: {p2:.3}\n\
+             ratio primary/second, run by run (median): {:.2}\n",
+            s.engine.name(),
+            ratios[ratios.len() / 2]
+        )
+    });
     let i = &m.config.inference;
     let runs: Vec<Vec<(String, Duration)>> = (0..5).filter_map(|_| ml.primary.engine.profile(&tensor)).collect();
     let profile = runs.first().map(|first| {
@@ -178,7 +208,7 @@ pub fn bench_model(
     Ok(format!(
         "model: {} ({}, provider {}, intra_threads {}, inter_threads {})\ninput: {file} {}x{} -> {}x{}\n\
          runs: {iters}\nbackend median_ms: {med:.3}\nbackend p99_ms: {p99:.3}\n\
-         allocations per run, all threads (max): {allocs} ({bytes} bytes)\npeak RSS of this process (VmHWM): {}\n{}",
+         allocations per run, all threads (max): {allocs} ({bytes} bytes)\n{}peak RSS of this process (VmHWM): {}\n{}",
         m.config.name,
         m.backend_name(),
         m.provider,
@@ -192,6 +222,7 @@ pub fn bench_model(
         height,
         p.width,
         p.height,
+        second.unwrap_or_default(),
         peak_rss(),
         profile.unwrap_or_default(),
     ))
