@@ -847,3 +847,44 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
         Op::GlobalAveragePool => one(x.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `tests/fixtures/fusions.onnx` (made by `make_fusions.py` beside it): SiLU and softmax
+    /// as YOLO exports spell them out.
+    #[test]
+    fn silu_and_the_spelled_out_softmax_fuse_and_match_candles_ops() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fusions.onnx")).unwrap();
+        let plan = Plan::from_onnx(&bytes).unwrap();
+        let names: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["Conv conv", "Reshape reshape", "Softmax (fused) max"]);
+        assert!(matches!(plan.steps[0].op, Op::FastConv(_)));
+        assert!(matches!(plan.steps[2].op, Op::FastSoftmax { axis: -1, scale } if scale == 0.25));
+
+        let model = onnx_proto::parse_model(&bytes).unwrap();
+        let init = |n: &str| to_tensor(model.graph.initializers.iter().find(|t| t.name == n).unwrap()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 6), &Device::Cpu).unwrap();
+        let c = x
+            .conv2d(&init("w"), 1, 1, 1, 1)
+            .unwrap()
+            .broadcast_add(&init("b").reshape((1, 8, 1, 1)).unwrap())
+            .unwrap();
+        let q = (c.silu().unwrap().reshape((1, 8, 36)).unwrap() * 0.25).unwrap();
+        let e = q.broadcast_sub(&q.max_keepdim(2).unwrap()).unwrap().exp().unwrap();
+        let want: Vec<f32> = e
+            .broadcast_div(&e.sum_keepdim(2).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let got = plan.run(x).unwrap();
+        assert_eq!(got.dims(), [1, 8, 36]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+            assert!((a - e).abs() <= 1e-4 * e.abs().max(1e-3), "at {i}: {a} vs {e}");
+        }
+    }
+}
