@@ -81,6 +81,8 @@ enum Op {
     },
     Transpose {
         perm: Vec<usize>,
+        /// A view, not a copy: set at compile where the last two axes swap and only MatMuls read it.
+        view: bool,
     },
     MatMul,
     Gemm {
@@ -274,6 +276,7 @@ impl Plan {
                         .iter()
                         .map(|p| *p as usize)
                         .collect(),
+                    view: false,
                 },
                 "MatMul" => Op::MatMul,
                 "Gemm" => {
@@ -398,6 +401,7 @@ impl Plan {
         for step in &mut steps {
             compile_conv(step)?;
         }
+        mark_transpose_views(&mut steps);
         // Liveness: free each slot after the last step that reads it.
         let mut last: HashMap<usize, usize> = HashMap::new();
         for (i, s) in steps.iter().enumerate() {
@@ -685,6 +689,27 @@ fn compile_conv(step: &mut Step) -> R<()> {
     Ok(())
 }
 
+/// A Transpose that swaps the last two axes and is read only by MatMuls stays a
+/// view: our MatMul reads the strides as they are, so the copy is never made.
+fn mark_transpose_views(steps: &mut [Step]) {
+    let readers = readers(steps);
+    for i in 0..steps.len() {
+        let Op::Transpose { ref perm, .. } = steps[i].op else {
+            continue;
+        };
+        let only_matmuls = steps[i].outputs.iter().all(|o| {
+            readers
+                .get(o)
+                .is_some_and(|r| r.iter().all(|&j| matches!(steps[j].op, Op::MatMul)))
+        });
+        if swaps_last_two(perm) && only_matmuls {
+            if let Op::Transpose { view, .. } = &mut steps[i].op {
+                *view = true;
+            }
+        }
+    }
+}
+
 /// Whether `perm` swaps the last two axes and keeps the others.
 fn swaps_last_two(perm: &[usize]) -> bool {
     let n = perm.len();
@@ -727,10 +752,10 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
                 act => y.contiguous()?.apply_op1_no_bwd(&kernels::Activation(*act))?,
             })
         }
-        Op::FastConv(k) => one(x.contiguous()?.apply_op1_no_bwd(k)?),
-        Op::FastDepthwise(k) => one(x.contiguous()?.apply_op1_no_bwd(k)?),
-        Op::Sigmoid => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Activation(Act::Sigmoid))?),
-        Op::Exp => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Activation(Act::Exp))?),
+        Op::FastConv(k) => one(kernels::contiguous(x)?.apply_op1_no_bwd(k)?),
+        Op::FastDepthwise(k) => one(kernels::contiguous(x)?.apply_op1_no_bwd(k)?),
+        Op::Sigmoid => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Activation(Act::Sigmoid))?),
+        Op::Exp => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Activation(Act::Exp))?),
         Op::Relu => one(x.relu()?),
         Op::Clip { min, max } => one(x.clamp(*min, *max)?),
         Op::Binary(b) => one(match b {
@@ -739,7 +764,7 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             Bin::Mul => x.broadcast_mul(a[1])?,
             Bin::Div => x.broadcast_div(a[1])?,
         }),
-        Op::FastSoftmax { axis, scale } => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Softmax {
+        Op::FastSoftmax { axis, scale } => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Softmax {
             axis: *axis,
             scale: *scale,
         })?),
@@ -774,17 +799,16 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             if let Some(i) = infer {
                 out[i] = x.elem_count() / out.iter().product::<usize>().max(1);
             }
-            one(x.contiguous()?.reshape(out)?)
+            one(kernels::contiguous(x)?.reshape(out)?)
         }
         Op::Flatten { axis: ax } => {
             let d = axis(*ax, x.rank());
             let outer: usize = x.dims()[..d].iter().product();
-            one(x.contiguous()?.reshape((outer, x.elem_count() / outer.max(1)))?)
+            one(kernels::contiguous(x)?.reshape((outer, x.elem_count() / outer.max(1)))?)
         }
-        // Swapping the last two axes stays a view: MatMul (its usual reader) takes the
-        // strides as they are; other readers make it contiguous.
-        Op::Transpose { perm } if swaps_last_two(perm) => one(x.permute(perm.as_slice())?),
-        Op::Transpose { perm } => one(x.contiguous()?.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?),
+        Op::Transpose { perm, view: true } => one(x.permute(perm.as_slice())?),
+        // Our transpose reads any strides: a view is not copied twice.
+        Op::Transpose { perm, view: false } => one(x.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?),
         Op::MatMul => {
             // candle's matmul reads the strides of a transposed view as they are; other
             // layouts it refuses are made contiguous first.
@@ -804,7 +828,7 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             }
             one(match mm(x, a[1]) {
                 Ok(y) => y,
-                Err(_) => mm(&x.contiguous()?, &a[1].contiguous()?)?,
+                Err(_) => mm(&kernels::contiguous(x)?, &a[1].contiguous()?)?,
             })
         }
         Op::Gemm { trans_b } => {
@@ -829,10 +853,10 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             }
             one(y)
         }
-        Op::Resize { scale_h, scale_w } => {
-            let (_, _, h, w) = x.dims4()?;
-            one(x.upsample_nearest2d(h * scale_h, w * scale_w)?)
-        }
+        Op::Resize { scale_h, scale_w } => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Upsample {
+            sh: *scale_h,
+            sw: *scale_w,
+        })?),
         Op::Slice { starts, ends, axes, .. } => {
             let mut y = x.clone();
             for ((s, e), ax) in starts.iter().zip(ends).zip(axes) {

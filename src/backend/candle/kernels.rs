@@ -562,6 +562,41 @@ impl CustomOp2 for MatMul {
     }
 }
 
+/// Nearest-neighbour upsampling of NCHW by whole factors (ONNX `Resize`,
+/// nearest, integer scales): each input row widened once, then copied to
+/// its `sh` output rows; planes in parallel.
+pub struct Upsample {
+    pub sh: usize,
+    pub sw: usize,
+}
+
+impl CustomOp1 for Upsample {
+    fn name(&self) -> &'static str {
+        "aei-upsample"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, (n, c, h, w)) = input4(storage, layout, "upsample")?;
+        let (sh, sw) = (self.sh.max(1), self.sw.max(1));
+        let (oh, ow) = (h * sh, w * sw);
+        let mut out = vec![0f32; n * c * oh * ow];
+        if !out.is_empty() {
+            out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, x)| {
+                for (y, rows) in o.chunks_exact_mut(sh * ow).enumerate() {
+                    let (first, rest) = rows.split_at_mut(ow);
+                    for (o, v) in first.chunks_exact_mut(sw).zip(&x[y * w..(y + 1) * w]) {
+                        o.fill(*v);
+                    }
+                    for r in rest.chunks_exact_mut(ow) {
+                        r.copy_from_slice(first);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
 /// Softmax of `scale * x` over one axis, in one pass per row: max, then
 /// `exp` (vectorised) and sum, then scale. Rows along a middle axis are
 /// done a whole inner block at a time, vectorised across it.
@@ -702,37 +737,44 @@ impl CustomOp1 for Transpose {
         let CpuStorage::F32(all) = storage else {
             candle_core::bail!("transpose: f32 input expected");
         };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("transpose: contiguous input expected".into()))?;
-        let x = &all[start..end];
+        // Any strides: a view (a Split part, a transposed MatMul operand) is read where it lies.
+        let x = &all[layout.start_offset()..];
         let dims = layout.shape().dims();
+        let in_strides = layout.stride();
         let perm = &self.0;
         let rank = dims.len();
         if perm.len() != rank || (0..rank).any(|i| !perm.contains(&i)) {
             candle_core::bail!("transpose: perm {perm:?} for rank {rank}");
         }
-        let mut in_strides = vec![1usize; rank];
-        for i in (0..rank.saturating_sub(1)).rev() {
-            in_strides[i] = in_strides[i + 1] * dims[i + 1];
-        }
+        let len: usize = dims.iter().product();
         let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-        // For each output axis, the input stride it walks.
-        let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-        let mut out = vec![0f32; x.len()];
-        if x.is_empty() {
+        let mut out = vec![0f32; len];
+        if len == 0 || rank == 0 {
+            if len == 1 {
+                out[0] = x[0];
+            }
             return Ok((CpuStorage::F32(out), Shape::from(out_dims)));
         }
+        let reach: usize = dims.iter().zip(in_strides).map(|(d, s)| (d - 1) * s).sum();
+        if reach >= x.len() {
+            candle_core::bail!("transpose: strides {in_strides:?} reach past the storage");
+        }
+        // For each output axis, the input stride it walks.
+        let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
         let last = rank - 1;
-        // `a`: the output axis holding the input's last axis (input stride 1).
-        let a = perm.iter().position(|&p| p == last).unwrap_or(last);
-        let (n_last, n_a) = (out_dims[last], out_dims[a]);
+        let n_last = out_dims[last];
+        // `a`: another output axis that walks the input with stride 1, for square tiles.
+        let a = if src[last] == 1 {
+            None
+        } else {
+            (0..last).find(|&i| src[i] == 1 && out_dims[i] > 1)
+        };
         let mut out_strides = vec![1usize; rank];
         for i in (0..last).rev() {
             out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
         }
         // Outer index: every output axis but `last` and `a`, as an odometer, split across threads.
-        let outer: Vec<usize> = (0..rank).filter(|&i| i != last && i != a).collect();
+        let outer: Vec<usize> = (0..rank).filter(|&i| i != last && Some(i) != a).collect();
         let count: usize = outer.iter().map(|&i| out_dims[i]).product();
         let dst = SharedOut(out.as_mut_ptr(), out.len());
         (0..count).into_par_iter().for_each(|mut o| {
@@ -744,26 +786,44 @@ impl CustomOp1 for Transpose {
                 ob += d * out_strides[i];
             }
             // SAFETY: each outer index owns the output elements ob + j*out_strides[a] + k,
-            // disjoint from every other's; the indices stay below x.len() == out.len().
+            // disjoint from every other's; the indices stay below len == out.len().
             let out = unsafe { dst.all() };
-            if a == last {
-                // The input's last axis stays last: contiguous runs.
-                out[ob..ob + n_last].copy_from_slice(&x[ib..ib + n_last]);
-                return;
-            }
-            let (sa, sl, oa) = (src[a], src[last], out_strides[a]);
-            debug_assert_eq!(sa, 1);
-            for j0 in (0..n_a).step_by(TILE_T) {
-                for k0 in (0..n_last).step_by(TILE_T) {
-                    for j in j0..(j0 + TILE_T).min(n_a) {
-                        for k in k0..(k0 + TILE_T).min(n_last) {
-                            out[ob + j * oa + k] = x[ib + j * sa + k * sl];
+            let sl = src[last];
+            match a {
+                // The output's last axis walks the input with stride 1: contiguous runs.
+                None if sl == 1 => out[ob..ob + n_last].copy_from_slice(&x[ib..ib + n_last]),
+                None => {
+                    for (k, o) in out[ob..ob + n_last].iter_mut().enumerate() {
+                        *o = x[ib + k * sl];
+                    }
+                }
+                Some(a) => {
+                    let (n_a, oa) = (out_dims[a], out_strides[a]);
+                    for j0 in (0..n_a).step_by(TILE_T) {
+                        for k0 in (0..n_last).step_by(TILE_T) {
+                            for j in j0..(j0 + TILE_T).min(n_a) {
+                                for k in k0..(k0 + TILE_T).min(n_last) {
+                                    out[ob + j * oa + k] = x[ib + j + k * sl];
+                                }
+                            }
                         }
                     }
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// `x` laid out contiguously: itself when it already is, else one parallel
+/// copy (candle's own copies a strided view one element at a time, on one thread).
+pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.is_contiguous() {
+        Ok(x.clone())
+    } else if x.dtype() == candle_core::DType::F32 {
+        x.apply_op1_no_bwd(&Transpose((0..x.rank()).collect()))
+    } else {
+        x.contiguous()
     }
 }
 
@@ -905,6 +965,28 @@ mod tests {
             );
             assert_eq!(g, w, "{perm:?}");
         }
+        // Views: a narrowed last axis (a Split part), a transposed view, a broadcast-free slice.
+        let views = [
+            x.narrow(3, 5, 7).unwrap(),
+            x.narrow(1, 1, 3).unwrap().narrow(3, 0, 9).unwrap(),
+            x.transpose(2, 3).unwrap(),
+            x.permute((0, 2, 1, 3)).unwrap().narrow(0, 1, 2).unwrap(),
+        ];
+        for (i, v) in views.iter().enumerate() {
+            for perm in [[0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 3, 2], [3, 1, 0, 2]] {
+                let want = v.permute(perm.as_slice()).unwrap().contiguous().unwrap();
+                let got = v.apply_op1_no_bwd(&Transpose(perm.to_vec())).unwrap();
+                assert_eq!(got.dims(), want.dims(), "view {i} {perm:?}");
+                let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(g, w, "view {i} {perm:?}");
+            }
+            let c = contiguous(v).unwrap();
+            assert!(c.is_contiguous());
+            let g: Vec<f32> = c.flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(g, w, "contiguous view {i}");
+        }
     }
 
     #[test]
@@ -950,6 +1032,16 @@ mod tests {
             a.apply_op2_no_bwd(&a, &MatMul).is_err(),
             "mismatched inner dims are refused"
         );
+    }
+
+    #[test]
+    fn upsample_matches_candles_nearest() {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu).unwrap();
+        for (sh, sw) in [(2, 2), (1, 3), (3, 1), (1, 1)] {
+            let want = x.upsample_nearest2d(5 * sh, 7 * sw).unwrap();
+            let got = x.apply_op1_no_bwd(&Upsample { sh, sw }).unwrap();
+            close(&got, &want, &format!("upsample {sh}x{sw}"));
+        }
     }
 
     #[test]
