@@ -23,6 +23,7 @@ Commands:
   bench decode FILE [--iters N] [--size S]
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
   bench model FILE [--model NAME] [--iters N] [--layers N]
+  bench layouts [--iters N]   (candle-graph builds: NCHW vs NHWC kernels on EfficientNet-Lite0's shapes)
                           Time one model's backend on FILE's tensor (median, p99)
   bench mqtt FILE --topic T --result-topic R [--iters N]
                           Time publish -> result through a running service and the broker
@@ -121,6 +122,13 @@ fn main() -> ExitCode {
                         _ => Err("bench decode: name one JPEG file".into()),
                     }
                 }
+                "layouts" => match r.as_slice() {
+                    [] => {
+                        ai_edge_inference::backend::set_cpu(settings.candle_threads, &settings.candle_isa);
+                        ai_edge_inference::backend::bench_layouts(iters)
+                    }
+                    _ => Err("bench layouts: takes no file".into()),
+                },
                 "model" => {
                     let (model, r) = take_flag(&r, "--model");
                     let (layers, files) = take_flag(&r, "--layers");

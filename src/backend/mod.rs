@@ -72,6 +72,11 @@ pub fn set_cpu(threads: usize, isa: &str) {
     candle::set_cpu(threads, isa)
 }
 
+/// `bench layouts`: the Candle kernels' NCHW against NHWC on EfficientNet-Lite0's layer shapes.
+pub fn bench_layouts(iters: usize) -> Result<String, String> {
+    candle::bench_layouts(iters)
+}
+
 /// Process-wide backend settings (from the service settings).
 #[derive(Debug, Clone, Default)]
 pub struct BackendEnv {

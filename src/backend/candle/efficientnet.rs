@@ -143,7 +143,7 @@ impl EfficientNetLite {
     /// Compiles the checkpoint for `[1, 3, h, w]` input.
     pub fn load(w: &Weights, (h, wd): (usize, usize)) -> Result<EfficientNetLite, String> {
         let stem = ConvBn::load(w, "_conv_stem", "_bn0", 2)?;
-        let (stem_c, in_c3, k, _) = stem.dims();
+        let (stem_c, in_c3, ..) = stem.dims();
         if in_c3 != 3 {
             return Err(format!("_conv_stem takes {in_c3} channels, not 3"));
         }
@@ -153,7 +153,6 @@ impl EfficientNetLite {
         let stem_out = stem_geo.out_size(h, wd);
         let mut largest = stem_out.0 * stem_out.1 * stem_c;
         let col = stem_k.scratch_len(h, wd);
-        let _ = k;
         let mut blocks = Vec::new();
         let (mut stage, mut prev_out) = (0usize, None);
         let (mut in_c, mut size) = (stem_c, stem_out);

@@ -30,3 +30,7 @@ impl Plan {
         self.run(x)
     }
 }
+
+pub fn bench_layouts(_iters: usize) -> Result<String, String> {
+    Err("`bench layouts` compares the graph path's NCHW kernels with the NHWC ones; rebuild with `--features candle-graph`".into())
+}

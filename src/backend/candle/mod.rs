@@ -193,6 +193,11 @@ pub fn set_cpu(threads: usize, isa: &str) {
     cpu::set_threads(threads)
 }
 
+/// `bench layouts`: NCHW against NHWC kernels on EfficientNet-Lite0's shapes (`candle-graph`).
+pub fn bench_layouts(iters: usize) -> Result<String, String> {
+    graph::bench_layouts(iters)
+}
+
 /// `convert IN OUT`: a checkpoint (`.pth`, legacy or zip; safetensors; or an
 /// ONNX model's initializers) -> safetensors in `dtype` ("f16" or "f32"),
 /// names unchanged.

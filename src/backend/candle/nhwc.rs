@@ -12,8 +12,10 @@
 //! NHWC keeps a pixel's channels contiguous: a pointwise layer is one
 //! `[pixels, c_in] x [c_in, c_out]` GEMM with no copy, and a depthwise tap
 //! is a vector multiply-add across channels (EfficientNet's channel counts
-//! are multiples of 16). Measured against the NCHW depthwise kernel in
-//! `kernels.rs`, see BENCHMARKS.md.
+//! are multiples of 16). The layout was picked by measurement against the
+//! graph path's NCHW kernels (`bench layouts`, BENCHMARKS.md): NHWC depthwise
+//! is 1.4-10x faster; NCHW pointwise is faster where `c_out` is narrow (the
+//! GEMM's vectors run along the contiguous output axis), slower where wide.
 
 use rayon::prelude::*;
 
@@ -432,7 +434,7 @@ multiversion! {
     fn dense_rows(d: &Dense, x: &[f32], r0: usize, out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate() {
             let row = &d.w[(r0 + i) * d.inputs..(r0 + i + 1) * d.inputs];
-            // Eight partial sums: independent lanes the compiler can vectorise.
+            // Sixteen partial sums: independent lanes the compiler can vectorise.
             let mut acc = [0f32; 16];
             let mut chunks = row.chunks_exact(16).zip(x.chunks_exact(16));
             for (a, b) in &mut chunks {
