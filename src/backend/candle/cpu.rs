@@ -46,10 +46,7 @@ impl Isa {
             let best = Isa::supported().last().copied().unwrap_or(Isa::Base);
             let cap = *CAP.get_or_init(|| Isa::V4);
             let isa = if (cap as u8) < (best as u8) { cap } else { best };
-            log::info!(
-                "Candle CPU kernels: {isa:?} (this CPU: up to {best:?}), {} threads",
-                POOL.get().map_or(0, |p| p.current_num_threads())
-            );
+            log::info!("Candle CPU kernels: {isa:?} (this CPU: up to {best:?})");
             isa
         })
     }
@@ -117,7 +114,7 @@ pub fn set_threads(n: usize) {
 }
 
 fn build(n: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
+    let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("aei-cpu-{i}"))
         .build()
@@ -127,7 +124,9 @@ fn build(n: usize) -> rayon::ThreadPool {
                 .num_threads(1)
                 .build()
                 .expect("a one-thread pool")
-        })
+        });
+    log::info!("Candle CPU pool: {} threads", pool.current_num_threads());
+    pool
 }
 
 /// Runs `f` on a thread of the CPU pool, so that every parallel step inside
