@@ -102,7 +102,9 @@ impl CustomOp1 for Conv {
         if c != self.cin {
             candle_core::bail!("conv: {c} input channels for filters of {}", self.cin);
         }
-        let (oh, ow) = self.geo.out_size(h, w);
+        let (oh, ow) = self.geo.checked_out_size(h, w).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: a {h}x{w} input is smaller than the kernel", self.name()))
+        })?;
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
@@ -421,7 +423,9 @@ impl CustomOp1 for Depthwise {
         if c != self.channels {
             candle_core::bail!("depthwise: {c} input channels for {} filters", self.channels);
         }
-        let (oh, ow) = self.geo.out_size(h, w);
+        let (oh, ow) = self.geo.checked_out_size(h, w).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: a {h}x{w} input is smaller than the kernel", self.name()))
+        })?;
         let mut out = vec![0f32; n * c * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
             let inp = &x[plane * h * w..(plane + 1) * h * w];
@@ -929,6 +933,25 @@ mod tests {
                 &format!("conv case {n} {act:?}"),
             );
         }
+    }
+
+    #[test]
+    fn an_input_smaller_than_the_kernel_is_an_error_not_a_panic() {
+        let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((4, 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let dw = Depthwise::new(&w, None, 1, [0; 4], Act::None).unwrap();
+        assert!(x
+            .apply_op1_no_bwd(&dw)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
+        let w = Tensor::zeros((3, 4, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let conv = Conv::new(&w, None, 1, [1, 0, 1, 0], Act::None).unwrap();
+        assert!(x
+            .apply_op1_no_bwd(&conv)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
     }
 
     #[test]

@@ -183,6 +183,13 @@ impl Geometry {
         )
     }
 
+    /// `out_size`, or `None` where the padded input is smaller than the kernel (or the stride 0).
+    pub fn checked_out_size(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let [pt, pb, pl, pr] = self.pad;
+        let fits = self.stride > 0 && h + pt + pb >= self.k && w + pl + pr >= self.k;
+        fits.then(|| self.out_size(h, w))
+    }
+
     /// The kernel rows (or columns) `lo..hi` that land inside an input of `size` for output `o`.
     #[inline(always)]
     fn taps(&self, o: usize, before: usize, size: usize) -> (usize, usize) {
