@@ -150,7 +150,9 @@ impl EfficientNetLite {
         let stem_geo = stem.geometry(h, wd);
         let (sw, sb) = stem.vecs()?;
         let stem_k = nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6);
-        let stem_out = stem_geo.out_size(h, wd);
+        let stem_out = stem_geo
+            .checked_out_size(h, wd)
+            .ok_or_else(|| format!("a {h}x{wd} input is too small for the stem"))?;
         let mut largest = stem_out.0 * stem_out.1 * stem_c;
         let col = stem_k.scratch_len(h, wd);
         let mut blocks = Vec::new();
@@ -191,7 +193,9 @@ impl EfficientNetLite {
             if project.cin != mid {
                 return Err(format!("{p}._project_conv takes {} channels after {mid}", project.cin));
             }
-            let out = geo.out_size(size.0, size.1);
+            let out = geo
+                .checked_out_size(size.0, size.1)
+                .ok_or_else(|| format!("{p}: a {}x{} input is too small", size.0, size.1))?;
             largest = largest.max(size.0 * size.1 * mid).max(out.0 * out.1 * out_c.max(mid));
             blocks.push(Block {
                 expand,
