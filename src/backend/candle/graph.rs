@@ -881,7 +881,15 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
     use super::nhwc;
     use std::time::Instant;
     let e = |x: candle_core::Error| x.to_string();
-    let median = |mut v: Vec<f64>| {
+    // The median of `iters` runs of `f`, in ms.
+    let time = |f: &mut dyn FnMut()| {
+        let mut v: Vec<f64> = (0..iters.max(1))
+            .map(|_| {
+                let t0 = Instant::now();
+                f();
+                t0.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
@@ -923,21 +931,10 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
             let op = kernels::Depthwise::new(&w, Some(&bt), s, pad, Act::Relu6).map_err(e)?;
             let dw = nhwc::Depthwise::new(&wv, &b, cin, geo, Act::Relu6);
             cpu::run(|| {
-                let a: Vec<f64> = (0..iters)
-                    .map(|_| {
-                        let t0 = Instant::now();
-                        let _ = x.apply_op1_no_bwd(&op);
-                        t0.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect();
-                let b: Vec<f64> = (0..iters)
-                    .map(|_| {
-                        let t0 = Instant::now();
-                        dw.run(isa, &x_nhwc, h, h, &mut y);
-                        t0.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect();
-                (median(a), median(b))
+                (
+                    time(&mut || drop(x.apply_op1_no_bwd(&op))),
+                    time(&mut || dw.run(isa, &x_nhwc, h, h, &mut y)),
+                )
             })
         } else {
             let w = Tensor::randn(0f32, 0.1, (cout, cin, 1, 1), &dev).map_err(e)?;
@@ -945,21 +942,10 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
             let op = kernels::Conv::new(&w, Some(&bt), 1, [0; 4], Act::Relu6).map_err(e)?;
             let pw = nhwc::Pointwise::new(&wv, &b, cout, cin, Act::Relu6);
             cpu::run(|| {
-                let a: Vec<f64> = (0..iters)
-                    .map(|_| {
-                        let t0 = Instant::now();
-                        let _ = x.apply_op1_no_bwd(&op);
-                        t0.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect();
-                let b: Vec<f64> = (0..iters)
-                    .map(|_| {
-                        let t0 = Instant::now();
-                        pw.run(isa, &x_nhwc, h * h, None, &mut y);
-                        t0.elapsed().as_secs_f64() * 1e3
-                    })
-                    .collect();
-                (median(a), median(b))
+                (
+                    time(&mut || drop(x.apply_op1_no_bwd(&op))),
+                    time(&mut || pw.run(isa, &x_nhwc, h * h, None, &mut y)),
+                )
             })
         };
         let kind = if depthwise { "depthwise" } else { "pointwise" };

@@ -45,6 +45,21 @@ fn input4<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_co
     Ok((&all[start..end], layout.shape().dims4()?))
 }
 
+/// A convolution's output size for a `(c, h, w)` input, checked: the channels it was
+/// built for, and an input at least as large as the kernel.
+fn out_size(
+    geo: Geometry,
+    (c, h, w): (usize, usize, usize),
+    want_c: usize,
+    what: &str,
+) -> candle_core::Result<(usize, usize)> {
+    if c != want_c {
+        candle_core::bail!("{what}: {c} input channels for filters of {want_c}");
+    }
+    geo.checked_out_size(h, w)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: a {h}x{w} input is smaller than the kernel")))
+}
+
 fn f32s(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()
 }
@@ -99,12 +114,7 @@ impl CustomOp1 for Conv {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, (n, c, h, w)) = input4(storage, layout, "conv")?;
-        if c != self.cin {
-            candle_core::bail!("conv: {c} input channels for filters of {}", self.cin);
-        }
-        let (oh, ow) = self.geo.checked_out_size(h, w).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: a {h}x{w} input is smaller than the kernel", self.name()))
-        })?;
+        let (oh, ow) = out_size(self.geo, (c, h, w), self.cin, "conv")?;
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
@@ -420,12 +430,7 @@ impl CustomOp1 for Depthwise {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, (n, c, h, w)) = input4(storage, layout, "depthwise")?;
-        if c != self.channels {
-            candle_core::bail!("depthwise: {c} input channels for {} filters", self.channels);
-        }
-        let (oh, ow) = self.geo.checked_out_size(h, w).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: a {h}x{w} input is smaller than the kernel", self.name()))
-        })?;
+        let (oh, ow) = out_size(self.geo, (c, h, w), self.channels, "depthwise")?;
         let mut out = vec![0f32; n * c * oh * ow];
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
             let inp = &x[plane * h * w..(plane + 1) * h * w];
