@@ -64,6 +64,18 @@ fn f32s(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()
 }
 
+/// A convolution's bias as f32s, `filters` of them; zeros when the graph gives none.
+fn bias_or_zeros(bias: Option<&Tensor>, filters: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    let bias = match bias {
+        Some(b) => f32s(b)?,
+        None => vec![0.0; filters],
+    };
+    if bias.len() != filters {
+        candle_core::bail!("{what}: {} biases for {filters} filters", bias.len());
+    }
+    Ok(bias)
+}
+
 /// A convolution with groups = 1: weights `[c_out][c_in * k * k]` (OIHW as it comes), bias, activation.
 pub struct Conv {
     w: Vec<f32>,
@@ -88,13 +100,7 @@ impl Conv {
         if k != k2 || stride == 0 {
             candle_core::bail!("conv: weight {:?} stride {stride} unsupported", weight.dims());
         }
-        let bias = match bias {
-            Some(b) => f32s(b)?,
-            None => vec![0.0; cout],
-        };
-        if bias.len() != cout {
-            candle_core::bail!("conv: {} biases for {cout} filters", bias.len());
-        }
+        let bias = bias_or_zeros(bias, cout, "conv")?;
         Ok(Conv {
             w: f32s(weight)?,
             bias,
@@ -327,13 +333,7 @@ impl Depthwise {
         if one != 1 || k != k2 || stride == 0 {
             candle_core::bail!("depthwise: weight {:?} stride {stride} unsupported", weight.dims());
         }
-        let bias = match bias {
-            Some(b) => f32s(b)?,
-            None => vec![0.0; c],
-        };
-        if bias.len() != c {
-            candle_core::bail!("depthwise: {} biases for {c} channels", bias.len());
-        }
+        let bias = bias_or_zeros(bias, c, "depthwise")?;
         Ok(Depthwise {
             weight: f32s(weight)?,
             bias,
