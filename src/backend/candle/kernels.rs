@@ -31,18 +31,23 @@ multiversion! {
     }
 }
 
-/// The contiguous f32 data of a custom op's input, and its 4 dims.
 /// N, C, H, W.
 type Dims4 = (usize, usize, usize, usize);
 
-fn input4<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<(&'a [f32], Dims4)> {
+/// The contiguous f32 data of a custom op's input.
+fn input_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(all) = storage else {
         candle_core::bail!("{what}: f32 input expected");
     };
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous input expected")))?;
-    Ok((&all[start..end], layout.shape().dims4()?))
+    Ok(&all[start..end])
+}
+
+/// The contiguous f32 data of a custom op's input, and its 4 dims.
+fn input4<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<(&'a [f32], Dims4)> {
+    Ok((input_f32(storage, layout, what)?, layout.shape().dims4()?))
 }
 
 /// A convolution's output size for a `(c, h, w)` input, checked: the channels it was
@@ -457,13 +462,7 @@ impl CustomOp1 for Activation {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("activation: f32 input expected");
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("activation: contiguous input expected".into()))?;
-        let mut out = all[start..end].to_vec();
+        let mut out = input_f32(storage, layout, "activation")?.to_vec();
         let (_, per) = split(out.len(), out.len().div_ceil(threads() * 4));
         let isa = Isa::detect();
         out.par_chunks_mut(per.max(4096)).for_each(|o| activate(isa, o, self.0));
@@ -620,13 +619,7 @@ impl CustomOp1 for Softmax {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("softmax: f32 input expected");
-        };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("softmax: contiguous input expected".into()))?;
-        let x = &all[start..end];
+        let x = input_f32(storage, layout, "softmax")?;
         let dims = layout.shape().dims();
         let rank = dims.len() as i64;
         let ax = if self.axis < 0 { self.axis + rank } else { self.axis };

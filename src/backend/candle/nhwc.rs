@@ -117,6 +117,17 @@ pub fn exp(x: f32) -> f32 {
     p * f32::from_bits(two_k)
 }
 
+/// `m` (`rows x cols`, row-major) transposed: weights packed once, at construction.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = m[r * cols + c];
+        }
+    }
+    t
+}
+
 /// A 1x1 convolution: `[pixels, c_in] x [c_in, c_out]`, bias, optional residual, activation.
 pub struct Pointwise {
     /// `[c_in][c_out]`.
@@ -135,14 +146,8 @@ impl Pointwise {
     pub fn new(w_oi: &[f32], bias: &[f32], cout: usize, cin: usize, act: Act) -> Pointwise {
         assert_eq!(w_oi.len(), cout * cin);
         assert_eq!(bias.len(), cout);
-        let mut w = vec![0f32; cin * cout];
-        for o in 0..cout {
-            for i in 0..cin {
-                w[i * cout + o] = w_oi[o * cin + i];
-            }
-        }
         Pointwise {
-            w,
+            w: transposed(w_oi, cout, cin),
             bias: bias.to_vec(),
             cin,
             cout,
@@ -217,14 +222,8 @@ impl Depthwise {
         let kk = geo.k * geo.k;
         assert_eq!(w_c1kk.len(), c * kk);
         assert_eq!(bias.len(), c);
-        let mut w = vec![0f32; kk * c];
-        for ch in 0..c {
-            for t in 0..kk {
-                w[t * c + ch] = w_c1kk[ch * kk + t];
-            }
-        }
         Depthwise {
-            w,
+            w: transposed(w_c1kk, c, kk),
             bias: bias.to_vec(),
             c,
             geo,
