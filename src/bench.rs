@@ -106,7 +106,7 @@ pub fn bench_model(
             m.config.name
         ));
     };
-    let mut ml = ml.lock().unwrap_or_else(|e| e.into_inner());
+    let mut ml = ml.lock();
     let p = &m.config.preprocessing;
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
     let ((width, height), tensor) =

@@ -265,6 +265,77 @@ pub fn decode_base64(
         .map_err(|e| EnvelopeError::BadBase64(e.to_string()))
 }
 
+/// The instant an envelope's raw `timestamp` JSON names: a number of seconds
+/// since the Unix epoch (milliseconds when it is above 1e11, as JavaScript
+/// clocks send), or an RFC 3339 / ISO 8601 string (`2026-01-01T10:00:00.5Z`,
+/// `+02:00` offsets, a space for the `T`). `None` for anything else.
+pub fn timestamp_of(raw: &[u8]) -> Option<std::time::SystemTime> {
+    use std::time::{Duration, UNIX_EPOCH};
+    let text = std::str::from_utf8(raw).ok()?.trim();
+    if let Some(s) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        let secs = rfc3339_seconds(s)?;
+        return (secs >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(secs));
+    }
+    let n: f64 = text.parse().ok()?;
+    let secs = if n > 1e11 { n / 1000.0 } else { n };
+    (secs.is_finite() && (0.0..4e11).contains(&secs)).then(|| UNIX_EPOCH + Duration::from_secs_f64(secs))
+}
+
+/// Seconds since the epoch of `YYYY-MM-DD[T ]hh:mm:ss[.frac](Z|±hh:mm)`.
+fn rfc3339_seconds(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let d = b.get(r)?;
+        d.iter()
+            .all(u8::is_ascii_digit)
+            .then(|| d.iter().fold(0, |n, c| n * 10 + i64::from(c - b'0')))
+    };
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut frac = 0.0;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        frac = format!("0.{}", s.get(start..i)?).parse().ok()?;
+    }
+    let offset = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let o = num(i + 1..i + 3)? * 3600 + num(i + 4..i + 6)? * 60;
+            if *sign == b'+' {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let (y, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + sec - offset) as f64 + frac)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +430,30 @@ mod tests {
             decode_base64(b"", false, &mut scratch, &mut out),
             Err(EnvelopeError::BadBase64(_))
         ));
+    }
+
+    #[test]
+    fn timestamps_as_cameras_send_them() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |raw: &str| timestamp_of(raw.as_bytes()).map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64());
+        assert_eq!(at("1767225600"), Some(1_767_225_600.0));
+        assert_eq!(at("1767225600.25"), Some(1_767_225_600.25));
+        assert_eq!(at("1767225600250"), Some(1_767_225_600.25), "milliseconds");
+        assert_eq!(at(r#""2026-01-01T00:00:00Z""#), Some(1_767_225_600.0));
+        assert_eq!(at(r#""2026-01-01 00:00:00.5Z""#), Some(1_767_225_600.5));
+        assert_eq!(at(r#""2026-01-01T02:00:00+02:00""#), Some(1_767_225_600.0));
+        assert_eq!(at(r#""2000-02-29T12:00:00Z""#), Some(951_825_600.0));
+        for bad in [
+            r#""yesterday""#,
+            r#""2026-13-01T00:00:00Z""#,
+            r#""2026-01-01T00:00:00""#,
+            "-5",
+            "null",
+            "{}",
+            "1e400",
+        ] {
+            assert_eq!(at(bad), None, "{bad}");
+        }
+        assert!(timestamp_of(b"1767225600").unwrap() < UNIX_EPOCH + Duration::from_secs(1_767_225_601));
     }
 }

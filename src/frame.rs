@@ -2,15 +2,16 @@
 //!
 //! Owns: the preallocated per-frame buffers (message copy, JPEG bytes,
 //! decoded RGB, model tensor, scratch, result JSON) and the ring that moves
-//! slots between "free" and "waiting for a worker", dropping the oldest
-//! waiting frame of the same source when every slot is taken. Every buffer
+//! slots between "free" and "waiting for a worker": a new frame waits for a
+//! slot when every one is taken; only a newer frame of the same camera makes
+//! a waiting one give way. Every buffer
 //! is sized once at start-up; nothing here grows on the frame path.
 
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use crate::decode::Decoded;
 use crate::envelope::Form;
@@ -72,7 +73,12 @@ pub struct Slot {
     /// Acknowledged after the frame's answer is handed to the client.
     pub ack: Option<Ack>,
     pub form: Form,
+    /// Place in line in the ring (a superseding frame keeps its predecessor's).
+    pub seq: u64,
     pub received_at: Instant,
+    /// When the frame was taken: the envelope's `timestamp` when it has one,
+    /// else its arrival. Judged against `MAX_FRAME_AGE_S`.
+    pub taken_at: SystemTime,
     pub topic: String,
     pub device: String,
     pub routes: Vec<Route>,
@@ -105,7 +111,9 @@ impl Slot {
             models: None,
             ack: None,
             form: Form::RawJpeg,
+            seq: 0,
             received_at: Instant::now(),
+            taken_at: SystemTime::UNIX_EPOCH,
             topic: String::with_capacity(MAX_TOPIC_LEN),
             device: String::with_capacity(MAX_DEVICE_LEN),
             routes: Vec::with_capacity(MAX_MODELS),
@@ -163,14 +171,23 @@ impl Slot {
     }
 }
 
-/// The ring: free slots, and frames waiting for a worker.
+/// The ring: free slots, and frames waiting for a worker, oldest first.
+///
+/// Flow control, not eviction: a frame that finds every slot taken waits
+/// for one ([`Ring::free`]); the MQTT session's Receive Maximum keeps the
+/// broker from sending more than the service holds, so the broker is the
+/// buffer. The only frame that gives way is one still waiting when every
+/// slot is busy and a newer frame of the same camera arrives
+/// ([`Ring::supersede`]); the newer one takes its slot and its place in line.
 pub struct Ring {
     free_tx: async_channel::Sender<Box<Slot>>,
     free_rx: async_channel::Receiver<Box<Slot>>,
     waiting: Mutex<VecDeque<Box<Slot>>>,
-    /// One token per waiting frame (at most; a stolen frame may leave a spare).
+    /// One token per waiting frame (at most; a superseded frame may leave a spare).
     ready_tx: async_channel::Sender<()>,
     ready_rx: async_channel::Receiver<()>,
+    /// Place in line of the next new frame.
+    next_seq: std::sync::atomic::AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -189,6 +206,7 @@ impl Ring {
             waiting: Mutex::new(VecDeque::with_capacity(slots)),
             ready_tx,
             ready_rx,
+            next_seq: std::sync::atomic::AtomicU64::new(0),
             metrics,
         }
     }
@@ -197,39 +215,41 @@ impl Ring {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A free slot, or the waiting frame that must give way for a new frame
-    /// from `device`: its oldest own frame, else the oldest frame of all.
-    /// `None` when every slot is being worked on (wait with [`Ring::free`]).
-    pub fn take_or_evict(&self, device: &str) -> Option<(Box<Slot>, Option<DropReason>)> {
-        if let Ok(s) = self.free_rx.try_recv() {
-            self.metrics.slots_free.fetch_sub(1, Relaxed);
-            return Some((s, None));
-        }
+    /// The frame of `device` still waiting for a worker, taken out of line
+    /// so a newer frame of the same camera can have its slot and its place
+    /// (the slot keeps `seq`). Counted as `superseded`.
+    pub fn supersede(&self, device: &str) -> Option<Box<Slot>> {
         let mut w = self.waiting();
-        let (i, reason) = match w.iter().position(|s| s.device == device) {
-            Some(i) => (i, DropReason::Superseded),
-            None if !w.is_empty() => (0, DropReason::QueueFull),
-            None => return None,
-        };
+        let i = w.iter().position(|s| s.device == device)?;
         let slot = w.remove(i)?;
         // Its token stays behind unless we take one; a spare token only costs a worker a look.
         let _ = self.ready_rx.try_recv();
         self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
-        self.metrics.dropped(reason);
-        Some((slot, Some(reason)))
+        self.metrics.dropped(DropReason::Superseded);
+        Some(slot)
     }
 
-    /// Waits for a slot to come back from a worker.
-    pub async fn free(&self) -> Option<Box<Slot>> {
-        let s = self.free_rx.recv().await.ok()?;
+    /// A free slot, if one is in the pool now.
+    pub fn try_free(&self) -> Option<Box<Slot>> {
+        let mut s = self.free_rx.try_recv().ok()?;
         self.metrics.slots_free.fetch_sub(1, Relaxed);
+        s.seq = self.next_seq.fetch_add(1, Relaxed);
         Some(s)
     }
 
-    /// Queues a filled slot for the workers.
+    /// Waits for a slot to come back from a worker; `None` once the ring is gone.
+    pub async fn free(&self) -> Option<Box<Slot>> {
+        let mut s = self.free_rx.recv().await.ok()?;
+        self.metrics.slots_free.fetch_sub(1, Relaxed);
+        s.seq = self.next_seq.fetch_add(1, Relaxed);
+        Some(s)
+    }
+
+    /// Queues a filled slot for the workers, in its place in line (`seq`).
     pub fn push(&self, slot: Box<Slot>) {
         let mut w = self.waiting();
-        w.push_back(slot);
+        let at = w.iter().rposition(|s| s.seq < slot.seq).map_or(0, |i| i + 1);
+        w.insert(at, slot);
         self.metrics.queue_waiting.store(w.len() as u64, Relaxed);
         drop(w);
         let _ = self.ready_tx.try_send(());
@@ -280,46 +300,73 @@ mod tests {
         }
     }
 
-    fn filled(ring: &Ring, device: &str) -> Option<DropReason> {
-        let (mut s, reason) = ring.take_or_evict(device).expect("a slot");
+    /// What ingest does: a free slot, else the camera's waiting frame gives way.
+    fn filled(ring: &Ring, device: &str) -> Option<bool> {
+        let (mut s, superseded) = match ring.try_free() {
+            Some(s) => (s, false),
+            None => (ring.supersede(device)?, true),
+        };
+        let seq = s.seq;
         s.reset();
+        s.seq = seq;
         s.device.push_str(device);
         ring.push(s);
-        reason
+        Some(superseded)
     }
 
-    #[test]
-    fn evicts_oldest_of_same_source_then_oldest_overall() {
-        let m = Arc::new(Metrics::default());
-        let ring = Ring::new(3, &limits(), m.clone());
-        assert_eq!(filled(&ring, "a"), None);
-        assert_eq!(filled(&ring, "b"), None);
-        assert_eq!(filled(&ring, "a"), None);
-        // Full: a new frame from `b` replaces b's waiting frame.
-        assert_eq!(filled(&ring, "b"), Some(DropReason::Superseded));
-        // A new source takes the oldest frame of all (the first `a`).
-        assert_eq!(filled(&ring, "c"), Some(DropReason::QueueFull));
-        let order: Vec<String> = smol::block_on(async {
+    fn drain(ring: &Ring, n: usize) -> Vec<String> {
+        smol::block_on(async {
             let mut v = Vec::new();
-            for _ in 0..3 {
+            for _ in 0..n {
                 let s = ring.next().await.unwrap();
                 v.push(s.device.clone());
                 ring.release(s);
             }
             v
-        });
-        assert_eq!(order, ["a", "b", "c"]);
+        })
+    }
+
+    #[test]
+    fn a_full_ring_waits_and_never_evicts_another_camera() {
+        let m = Arc::new(Metrics::default());
+        let ring = Ring::new(3, &limits(), m.clone());
+        assert_eq!(filled(&ring, "a"), Some(false));
+        assert_eq!(filled(&ring, "b"), Some(false));
+        assert_eq!(filled(&ring, "c"), Some(false));
+        // Full: a fourth camera gets no slot (it waits for one), and nobody is dropped.
+        assert_eq!(filled(&ring, "d"), None);
+        assert_eq!(m.dropped.iter().map(|d| d.load(Relaxed)).sum::<u64>(), 0);
+        let first = smol::block_on(ring.next()).unwrap();
+        assert_eq!(first.device, "a");
+        ring.release(first);
+        assert_eq!(smol::block_on(ring.free()).map(|s| s.device.is_empty()), Some(true));
+    }
+
+    #[test]
+    fn a_newer_frame_of_the_same_camera_takes_the_waiting_ones_place() {
+        let m = Arc::new(Metrics::default());
+        let ring = Ring::new(3, &limits(), m.clone());
+        filled(&ring, "a");
+        filled(&ring, "b");
+        // A slot is free: `a` again is simply queued.
+        assert_eq!(filled(&ring, "a"), Some(false));
+        // Full: `b` again replaces b's waiting frame, and keeps its place in line.
+        assert_eq!(filled(&ring, "b"), Some(true));
+        // Full, and `c` has nothing waiting: it gets no slot (it waits for one).
+        assert_eq!(filled(&ring, "c"), None);
+        assert_eq!(drain(&ring, 3), ["a", "b", "a"]);
         assert_eq!(m.dropped[DropReason::Superseded as usize].load(Relaxed), 1);
         assert_eq!(m.slots_free.load(Relaxed), 3);
     }
 
     #[test]
-    fn nothing_to_evict_while_all_slots_are_in_workers() {
+    fn a_frame_in_a_worker_is_never_superseded() {
         let ring = Ring::new(1, &limits(), Arc::new(Metrics::default()));
         filled(&ring, "a");
         let s = smol::block_on(ring.next()).unwrap();
-        assert!(ring.take_or_evict("a").is_none());
+        assert!(ring.supersede("a").is_none());
+        assert!(ring.try_free().is_none());
         ring.release(s);
-        assert!(ring.take_or_evict("a").is_some());
+        assert!(ring.try_free().is_some());
     }
 }

@@ -142,6 +142,7 @@ pub fn fill(slot: &mut Slot, topic: &str, payload: &[u8], a: &Admitted<'_>, orig
     slot.origin = origin;
     slot.form = a.envelope.form;
     slot.received_at = Instant::now();
+    slot.taken_at = taken_at(&a.envelope);
     slot.topic.clear();
     slot.topic.push_str(topic);
     slot.device.clear();
@@ -167,6 +168,13 @@ pub fn fill(slot: &mut Slot, topic: &str, payload: &[u8], a: &Admitted<'_>, orig
         }
     }
     Ok(())
+}
+
+/// When the frame was taken: its envelope's `timestamp`, else now (its arrival).
+pub fn taken_at(e: &Envelope<'_>) -> SystemTime {
+    e.timestamp_json
+        .and_then(envelope::timestamp_of)
+        .unwrap_or_else(SystemTime::now)
 }
 
 /// The `Source` of a frame held in a slot.

@@ -54,8 +54,8 @@ impl FailReason {
 pub enum DropReason {
     /// A newer frame of the same source needed the slot.
     Superseded,
-    /// All slots were taken; the oldest waiting frame of another source gave way.
-    QueueFull,
+    /// Older than MAX_FRAME_AGE_S when its turn came (or its one-shot caller stopped waiting).
+    Stale,
     /// The service was shutting down.
     Shutdown,
     /// The source sent faster than MAX_FPS_PER_SOURCE.
@@ -65,14 +65,14 @@ pub enum DropReason {
 impl DropReason {
     pub const ALL: [DropReason; 4] = [
         DropReason::Superseded,
-        DropReason::QueueFull,
+        DropReason::Stale,
         DropReason::Shutdown,
         DropReason::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Superseded => "superseded",
-            DropReason::QueueFull => "queue_full",
+            DropReason::Stale => "stale",
             DropReason::Shutdown => "shutdown",
             DropReason::RateLimited => "rate_limited",
         }
@@ -158,6 +158,8 @@ pub struct Metrics {
     pub repeats: AtomicU64,
     pub stages: [Histogram; Stage::ALL.len()],
     pub queue_waiting: AtomicU64,
+    /// Frames that found every slot busy and waited for one (flow control at work).
+    pub slot_waits: AtomicU64,
     pub slots_total: AtomicU64,
     pub slots_free: AtomicU64,
     pub mqtt_connected: AtomicBool,
@@ -411,6 +413,13 @@ impl Metrics {
             "Frames waiting for a worker.",
         );
         let _ = writeln!(o, "aei_queue_waiting_frames {}", self.queue_waiting.load(Relaxed));
+        head(
+            &mut o,
+            "aei_slot_waits_total",
+            "counter",
+            "Frames that found every frame slot busy and waited for one (none is evicted).",
+        );
+        let _ = writeln!(o, "aei_slot_waits_total {}", self.slot_waits.load(Relaxed));
         head(
             &mut o,
             "aei_frame_slots",

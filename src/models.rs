@@ -40,7 +40,44 @@ pub struct MlModel {
 
 pub enum Runner {
     Health(health::Monitor),
-    Ml(Box<Mutex<MlModel>>),
+    Ml(Pool),
+}
+
+/// An ML model's engine copies (`inference.instances`), each with its own
+/// buffers; workers run frames on them in parallel.
+pub struct Pool {
+    copies: Box<[Mutex<MlModel>]>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(copies: Vec<MlModel>) -> Pool {
+        Pool {
+            copies: copies.into_iter().map(Mutex::new).collect(),
+            next: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// A copy no other worker is using, else waits for one, taken in turn.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, MlModel> {
+        for c in self.copies.iter() {
+            match c.try_lock() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.copies.len();
+        self.copies[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn len(&self) -> usize {
+        self.copies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
 }
 
 pub struct Model {
@@ -224,6 +261,22 @@ fn source_of(config: &ModelConfig) -> String {
 /// warms each side up once, which also fixes the output layout and sizes
 /// every post-processing buffer.
 fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), BackendError> {
+    let n = config.inference.engine_copies();
+    let mut copies = Vec::with_capacity(n);
+    let mut provider = String::new();
+    for _ in 0..n {
+        let (ml, p) = load_copy(config, env)?;
+        copies.push(ml);
+        provider = p;
+    }
+    if n > 1 {
+        log::info!("model `{}`: {n} engine copies run frames in parallel", config.name);
+    }
+    Ok((Runner::Ml(Pool::new(copies)), provider))
+}
+
+/// One copy of an ML model: its engine(s), warmed up, and its buffers.
+fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String), BackendError> {
     let path = config.model_path.as_deref().unwrap_or(Path::new(""));
     let (primary, second) = match config.backend {
         BackendKind::Dual => {
@@ -302,7 +355,7 @@ fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), B
         labels,
         yolo,
     };
-    Ok((Runner::Ml(Box::new(Mutex::new(ml))), provider))
+    Ok((ml, provider))
 }
 
 /// One warm-up inference on zeros before the model is called ready.

@@ -8,13 +8,14 @@
 //!                                              └─ worker ─┘   (or the request's reply)
 //! ```
 //!
-//! Owns: task wiring, slot acquisition with drop-oldest, delivery of results
+//! Owns: task wiring, slot acquisition (wait for a free slot; a newer frame
+//! of the same camera supersedes; too old is stale), delivery of results
 //! and error results to their destination. The work on a frame is
 //! `process.rs`; message checks are `ingest.rs`.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
@@ -78,6 +79,27 @@ pub struct Shared {
     pub outbound: Option<async_channel::Sender<ToMqtt>>,
     /// Recently admitted QoS 1/2 messages; `None`: repeats are not detected.
     pub dedup: Option<std::sync::Mutex<dedup::Window>>,
+    pub policy: Policy,
+}
+
+/// Which frames may go unprocessed (answered `dropped`), besides none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// A newer frame of the same camera replaces its frame still waiting for
+    /// a worker (`DROP_SUPERSEDED`, live monitoring); off: every frame is inferred.
+    pub supersede: bool,
+    /// Frames older than this when their turn comes are answered `stale`
+    /// (`MAX_FRAME_AGE_S`); `None`: no limit.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Policy {
+    /// How far past `max_age` a frame taken at `taken_at` is, if it is.
+    fn too_old(&self, taken_at: SystemTime, now: SystemTime) -> Option<std::time::Duration> {
+        let max = self.max_age?;
+        let age = now.duration_since(taken_at).unwrap_or_default();
+        (age > max).then_some(age)
+    }
 }
 
 impl Shared {
@@ -244,16 +266,51 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 continue;
             }
         }
-        let mut slot = match shared.ring.take_or_evict(a.device) {
-            Some((mut slot, dropped)) => {
-                if let Some(reason) = dropped {
-                    report_drop(shared, &mut slot, reason).await;
+        // Too old already (an envelope stamped long ago, or a backlog the broker kept): say so
+        // now rather than hold a slot for it.
+        if let Some(age) = shared.policy.too_old(ingest::taken_at(&a.envelope), SystemTime::now()) {
+            shared.metrics.dropped(DropReason::Stale);
+            ingest::write_unslotted(
+                &mut err_buf,
+                topic,
+                &msg.payload,
+                oneshot.is_some(),
+                "dropped",
+                format_args!("stale: {}", stale_why(&shared.policy, age)),
+            );
+            let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
+            deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(503)).await;
+            ack(shared, msg_ack).await;
+            continue;
+        }
+        let mut slot = match shared.ring.try_free() {
+            Some(s) => s,
+            None => match shared
+                .policy
+                .supersede
+                .then(|| shared.ring.supersede(a.device))
+                .flatten()
+            {
+                // Every slot is busy and this camera's previous frame still waits: the newer
+                // frame takes its slot and its place in line.
+                Some(mut old) => {
+                    report_drop(
+                        shared,
+                        &mut old,
+                        DropReason::Superseded,
+                        "a newer frame from the same camera arrived while every frame slot was busy",
+                    )
+                    .await;
+                    old
                 }
-                slot
-            }
-            None => match shared.ring.free().await {
-                Some(s) => s,
-                None => return,
+                // Wait for a slot; nothing is evicted. The broker holds the rest (Receive Maximum).
+                None => {
+                    shared.metrics.slot_waits.fetch_add(1, Relaxed);
+                    match shared.ring.free().await {
+                        Some(s) => s,
+                        None => return,
+                    }
+                }
             },
         };
         slot.reset();
@@ -266,26 +323,30 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 shared.ring.push(slot)
             }
             Err(e) => {
-                emit_all(shared, &mut slot, |slot, ctx, c| {
+                let (origin, pending) = work(shared, &mut slot, |slot, ctx, c| {
                     process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k))
-                })
-                .await;
-                ack(shared, msg_ack).await;
+                });
                 shared.ring.release(slot);
+                for (o, kind) in pending.0 {
+                    deliver_owned(shared, &origin, o, kind).await;
+                }
+                ack(shared, msg_ack).await;
             }
         }
         shared.metrics.stage(Stage::Ingest, t0.elapsed());
     }
 }
 
-/// Tells the owner of a dropped frame why it got no result.
-async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
-    let why = match reason {
-        DropReason::Superseded => "a newer frame from the same source arrived while every frame slot was busy",
-        DropReason::QueueFull => "every frame slot was busy and this was the oldest waiting frame",
-        DropReason::Shutdown => "the service is shutting down",
-        DropReason::RateLimited => "the source sends faster than MAX_FPS_PER_SOURCE",
-    };
+fn stale_why(p: &Policy, age: std::time::Duration) -> String {
+    format!(
+        "the frame was {:.1} s old when its turn came, over MAX_FRAME_AGE_S = {}",
+        age.as_secs_f64(),
+        p.max_age.unwrap_or_default().as_secs_f64()
+    )
+}
+
+/// Tells the owner of a dropped frame why it got no result, and acknowledges it.
+async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason, why: &str) {
     log::debug!("dropped frame from `{}`: {}", slot.device, reason.as_str());
     let mut out = std::mem::take(&mut slot.out);
     result::write_error(
@@ -303,26 +364,41 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason) {
 
 async fn worker_loop(shared: &Shared) {
     while let Some(mut slot) = shared.ring.next().await {
-        emit_all(shared, &mut slot, |slot, ctx, c| {
+        let age = shared.policy.too_old(slot.taken_at, SystemTime::now());
+        let abandoned = matches!(&slot.origin, Origin::Reply(tx) if tx.is_closed());
+        if age.is_some() || abandoned {
+            shared.metrics.dropped(DropReason::Stale);
+            let why = match age {
+                Some(age) => stale_why(&shared.policy, age),
+                None => "the one-shot caller stopped waiting for the answer".to_owned(),
+            };
+            report_drop(shared, &mut slot, DropReason::Stale, &why).await;
+            shared.ring.release(slot);
+            continue;
+        }
+        let (origin, pending) = work(shared, &mut slot, |slot, ctx, c| {
             process::process(slot, ctx, |s, k| c.push(s, k))
-        })
-        .await;
-        ack(shared, slot.ack.take()).await;
+        });
+        // The slot goes back before the acknowledgement does, so the frame the broker sends
+        // in answer to it finds a free slot.
+        let a = slot.ack.take();
         shared.ring.release(slot);
+        for (o, kind) in pending.0 {
+            deliver_owned(shared, &origin, o, kind).await;
+        }
+        ack(shared, a).await;
     }
 }
 
-/// Runs `work` on the slot, then delivers what it emitted. Messages are
-/// copied out once (the MQTT client needs owned buffers) so the slot can
-/// be reused as soon as its work is done.
-async fn emit_all(shared: &Shared, slot: &mut Slot, work: impl FnOnce(&mut Slot, &Ctx<'_>, &mut Collect)) {
+/// Runs `work` on the slot and collects what it emitted, copied out once
+/// (the MQTT client needs owned buffers) so the slot can be reused as soon
+/// as its work is done.
+fn work(shared: &Shared, slot: &mut Slot, f: impl FnOnce(&mut Slot, &Ctx<'_>, &mut Collect)) -> (Origin, Collect) {
     let mut pending = Collect(Vec::new());
     let origin = std::mem::take(&mut slot.origin);
     let models = slot.models.clone().unwrap_or_else(|| shared.registry.snapshot());
-    work(slot, &shared.ctx(&models), &mut pending);
-    for (o, kind) in pending.0 {
-        deliver_owned(shared, &origin, o, kind).await;
-    }
+    f(slot, &shared.ctx(&models), &mut pending);
+    (origin, pending)
 }
 
 /// Messages a frame produced, owned, waiting for delivery.

@@ -6,7 +6,6 @@
 //! pipeline (`pipeline.rs`) and the one-shot CLI both call it.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use crate::alloc_count;
@@ -17,7 +16,7 @@ use crate::frame::Slot;
 use crate::health;
 use crate::ingest::{slot_source, FrameError};
 use crate::metrics::{FailReason, Metrics, Stage};
-use crate::models::{MlModel, Model, Models, Route, Runner, Side};
+use crate::models::{MlModel, Model, Models, Pool, Route, Runner, Side};
 use crate::postprocess;
 use crate::postprocess::YoloLayout;
 use crate::preprocess::{self, Geometry};
@@ -169,7 +168,7 @@ fn run_ml(
     model: &Model,
     route: Route,
     t: &mut Timings,
-    ml: &Mutex<MlModel>,
+    ml: &Pool,
     emit: &mut impl FnMut(&Slot, Emitted),
 ) -> Result<bool, FrameError> {
     let (w, h) = (slot.decoded.width, slot.decoded.height);
@@ -182,7 +181,7 @@ fn run_ml(
     t.preprocess = tp.elapsed();
     ctx.metrics.stage(Stage::Preprocess, t.preprocess);
 
-    let mut guard = ml.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = ml.lock();
     let MlModel {
         primary,
         second,

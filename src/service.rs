@@ -83,7 +83,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
     }
     reload_on_sighup(registry.clone())?;
 
-    let (in_tx, in_rx) = async_channel::bounded(settings.queue_depth.max(16));
+    // Room for every QoS 1 delivery the broker may have out to us (Receive Maximum) and for
+    // the HTTP callers, so the MQTT thread never blocks on it with QoS 1 traffic.
+    let receive_maximum = mqtt::receive_maximum(settings.queue_depth);
+    let (in_tx, in_rx) = async_channel::bounded(receive_maximum as usize + 16);
     let (out_tx, out_rx) = async_channel::bounded(settings.queue_depth * 4 + 16);
     let shared = Arc::new(Shared {
         registry: registry.clone(),
@@ -94,6 +97,10 @@ pub fn run(settings: Settings) -> Result<(), String> {
         max_fps_per_source: settings.max_fps_per_source,
         outbound: mqtt_on.then_some(out_tx.clone()),
         dedup: crate::dedup::Window::new(settings.dedup_window).map(std::sync::Mutex::new),
+        policy: pipeline::Policy {
+            supersede: settings.drop_superseded,
+            max_age: (settings.max_frame_age_s > 0.0).then(|| Duration::from_secs_f64(settings.max_frame_age_s)),
+        },
     });
     let mut threads = Vec::new();
     if settings.http_addr.is_some() || settings.http_admin_addr.is_some() {
@@ -160,6 +167,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             tls: settings.tls.clone(),
             auth: settings.auth.clone(),
             offline_queue: settings.offline_queue,
+            receive_maximum,
             problems: {
                 let reg = Arc::downgrade(&registry);
                 Arc::new(move || reg.upgrade().map(|r| r.problems()).unwrap_or_default())

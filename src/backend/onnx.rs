@@ -155,17 +155,18 @@ impl OnnxBackend {
             OptLevel::Extended => GraphOptimizationLevel::Level2,
             OptLevel::All => GraphOptimizationLevel::All,
         };
-        let mut builder = Session::builder(&rt.env)
+        let threads = inf.threads_per_copy();
+        let session = Session::builder(&rt.env)
             .and_then(|b| b.with_optimization_level(level).map_err(Into::into))
             .and_then(|b| b.with_inter_threads(inf.inter_threads).map_err(Into::into))
+            .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
+            // Spinning threads take the core from the JPEG decoding beside them.
+            .and_then(|b| b.with_intra_op_spinning(inf.spinning).map_err(Into::into))
+            .and_then(|b| b.with_inter_op_spinning(inf.spinning).map_err(Into::into))
             .and_then(|b| b.with_execution_providers(eps).map_err(Into::into))
-            .map_err(|e: ort::Error| load_err(format!("session options: {e}")))?;
-        if inf.intra_threads > 0 {
-            builder = builder
-                .with_intra_threads(inf.intra_threads)
-                .map_err(|e| load_err(e.to_string()))?;
-        }
-        let session = builder.commit_from_file(path).map_err(|e| load_err(e.to_string()))?;
+            .map_err(|e: ort::Error| load_err(format!("session options: {e}")))?
+            .commit_from_file(path)
+            .map_err(|e| load_err(e.to_string()))?;
 
         // The model's input must fit the preprocessing config.
         let input_shape = check_input(&session, config).map_err(load_err)?;
@@ -178,17 +179,14 @@ impl OnnxBackend {
             .and_then(|m| m.custom("names"))
             .and_then(|names| crate::postprocess::parse_names(&names));
         log::info!(
-            "model `{}`: ONNX Runtime ({}), provider {provider}, input `{}` {:?}, {} threads intra / {} inter",
+            "model `{}`: ONNX Runtime ({}), provider {provider}, input `{}` {:?}, {threads} threads intra{} / {} inter, spinning {}",
             config.name,
             rt.path.display(),
             session.inputs()[0].name(),
             input_shape,
-            if inf.intra_threads == 0 {
-                "default".to_owned()
-            } else {
-                inf.intra_threads.to_string()
-            },
+            if inf.intra_threads == 0 { " (auto)" } else { "" },
             inf.inter_threads,
+            if inf.spinning { "on" } else { "off" },
         );
         log::debug!("ONNX Runtime build: {}", rt.info);
         // `Models::load` runs the warm-up inference before the model is called ready.

@@ -54,6 +54,8 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "HTTP_TOKEN_FILE", flag: "--http-token-file", default: "", help: "File holding a bearer token that the mutating endpoints require (re-read when it changes). Empty: they are open to whoever reaches HTTP_ADMIN_ADDR." },
     Opt { env: "QUEUE_DEPTH", flag: "--queue-depth", default: "4", help: "Frame slots (preallocated buffers) in the ring (1..=256)." },
     Opt { env: "MAX_FPS_PER_SOURCE", flag: "--max-fps", default: "0", help: "Most frames per second taken from one camera; the rest get a `dropped: rate_limited` answer. 0: no limit." },
+    Opt { env: "DROP_SUPERSEDED", flag: "--drop-superseded", default: "true", help: "Live monitoring: a newer frame from a camera replaces its frame still waiting for a worker (answered `dropped: superseded`). false: every frame is inferred, in order." },
+    Opt { env: "MAX_FRAME_AGE_S", flag: "--max-frame-age", default: "0", help: "Seconds after which a frame not yet inferred is answered `dropped: stale` instead, judged from the envelope's `timestamp` when it has one, else from its arrival. 0: no limit." },
     Opt { env: "WORKERS", flag: "--workers", default: "0", help: "Worker tasks decoding and inferring in parallel; 0: one per CPU core." },
     Opt { env: "MAX_PAYLOAD_BYTES", flag: "--max-payload", default: "4194304", help: "Largest accepted MQTT payload or /infer body in bytes." },
     Opt { env: "MAX_IMAGE_WIDTH", flag: "--max-width", default: "2560", help: "Widest accepted image in pixels (sizes the frame slots)." },
@@ -109,6 +111,10 @@ pub struct Settings {
     /// Frames per second per source; 0: unlimited.
     pub max_fps_per_source: f64,
     pub workers: usize,
+    /// A newer frame of a camera supersedes its waiting one.
+    pub drop_superseded: bool,
+    /// Seconds after which an uninferred frame is stale; 0: never.
+    pub max_frame_age_s: f64,
     pub max_payload_bytes: usize,
     pub max_image_width: u32,
     pub max_image_height: u32,
@@ -285,6 +291,17 @@ impl Settings {
             workers: match parse_num("WORKERS", &get("WORKERS"), 0, 256)? as usize {
                 0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 n => n,
+            },
+            drop_superseded: parse_bool("DROP_SUPERSEDED", &get("DROP_SUPERSEDED"))?,
+            max_frame_age_s: match get("MAX_FRAME_AGE_S").parse::<f64>() {
+                Ok(f) if (0.0..=86_400.0).contains(&f) => f,
+                _ => {
+                    return Err(bad(
+                        "MAX_FRAME_AGE_S",
+                        "a number of seconds in 0..=86400",
+                        &get("MAX_FRAME_AGE_S"),
+                    ))
+                }
             },
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &get("MAX_PAYLOAD_BYTES"), 1024, 256 << 20)? as usize,
             max_image_width: parse_num("MAX_IMAGE_WIDTH", &get("MAX_IMAGE_WIDTH"), 16, 16384)? as u32,

@@ -132,8 +132,13 @@ pub struct Inference {
     /// Detection: NMS across classes instead of per class.
     pub class_agnostic_nms: bool,
     pub yolo_version: YoloVersion,
-    /// Backend threads within one operator (0: the backend's default).
+    /// Backend threads within one operator (0: the CPU cores shared out among `instances`).
     pub intra_threads: usize,
+    /// Copies of the engine that run frames in parallel (0: auto, see `models::instances`).
+    pub instances: usize,
+    /// ONNX Runtime's threads spin-wait for work after each run (off: they sleep, and leave the
+    /// core to the decoding beside them).
+    pub spinning: bool,
     /// Backend threads across operators.
     pub inter_threads: usize,
     pub optimization_level: OptLevel,
@@ -141,6 +146,34 @@ pub struct Inference {
     pub execution_providers: Vec<String>,
     /// Dual mode: largest probability difference that still counts as agreement.
     pub dual_tolerance: f32,
+}
+
+impl Inference {
+    /// Engine copies that run frames in parallel: `instances`, or when 0 (auto) one.
+    /// Measured on 2 cores (BENCHMARKS.md, "Under load"): see `AUTO_INSTANCES`.
+    pub fn engine_copies(&self) -> usize {
+        match self.instances {
+            0 => AUTO_INSTANCES,
+            n => n,
+        }
+    }
+
+    /// Threads within one operator for each copy: `intra_threads`, or when 0 the CPU
+    /// cores shared out among the copies (at least one each).
+    pub fn threads_per_copy(&self) -> usize {
+        match self.intra_threads {
+            0 => (cpu_cores() / self.engine_copies()).max(1),
+            n => n,
+        }
+    }
+}
+
+/// `inference.instances: 0` means this many engine copies.
+pub const AUTO_INSTANCES: usize = 1;
+
+/// The CPU cores this process may use.
+pub fn cpu_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
 /// Thresholds of the camera-health job.
@@ -227,6 +260,8 @@ const INF_KEYS: &[&str] = &[
     "class_agnostic_nms",
     "yolo_version",
     "intra_threads",
+    "instances",
+    "spinning",
     "inter_threads",
     "optimization_level",
     "execution_providers",
@@ -718,6 +753,8 @@ impl Ctx {
                 _ => YoloVersion::Auto,
             },
             intra_threads: self.int(&v["intra_threads"], "inference.intra_threads", 0, 0, 256)? as usize,
+            instances: self.int(&v["instances"], "inference.instances", 0, 0, 16)? as usize,
+            spinning: self.boolean(&v["spinning"], "inference.spinning", false)?,
             inter_threads: self.int(&v["inter_threads"], "inference.inter_threads", 1, 1, 256)? as usize,
             optimization_level: match choice("optimization_level", &["disable", "basic", "extended", "all"], "all")?
                 .as_str()
@@ -867,7 +904,7 @@ pub fn describe(m: &ModelConfig) -> String {
     let i = &m.inference;
     let inputs: Vec<&str> = m.input_topics.iter().map(|t| t.subscription()).collect();
     format!(
-        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
+        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
         m.name,
         m.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()),
         m.backend.as_str(),
@@ -890,6 +927,8 @@ pub fn describe(m: &ModelConfig) -> String {
         i.class_agnostic_nms,
         i.yolo_version,
         i.intra_threads,
+        i.instances,
+        i.spinning,
         i.inter_threads,
         i.optimization_level,
         i.execution_providers.join(", "),

@@ -51,6 +51,8 @@ pub struct MqttConfig {
     pub auth: AuthSettings,
     /// Results kept while disconnected.
     pub offline_queue: usize,
+    /// Most unacknowledged QoS 1/2 frames the broker may send us ([`receive_maximum`]).
+    pub receive_maximum: u16,
     /// Model problems for the `online` status.
     pub problems: Problems,
 }
@@ -105,6 +107,16 @@ pub fn low_latency() -> rumqttc::NetworkOptions {
     let mut n = rumqttc::NetworkOptions::new();
     n.set_tcp_nodelay(true);
     n
+}
+
+/// The MQTT v5 Receive Maximum for `slots` frame slots: the broker keeps
+/// every QoS 1/2 frame beyond it until we acknowledge one, so the broker,
+/// not the service, is the buffer under load. Twice the slots: one frame in
+/// every slot and as many again read ahead (held as received, in the ingest
+/// channel), so a newer frame of a camera can be seen while its older one
+/// waits (`DROP_SUPERSEDED`) and a slot that comes free is filled at once.
+pub fn receive_maximum(slots: usize) -> u16 {
+    (slots.saturating_mul(2)).clamp(1, u16::MAX as usize) as u16
 }
 
 /// Longest wait between reconnect attempts.
@@ -305,6 +317,8 @@ pub fn start(
     opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
     // A frame is acknowledged only once its answer is with the client (see pipeline::ToMqtt).
     opts.set_manual_acks(true);
+    // Flow control: no more unacknowledged frames from the broker than the service holds.
+    opts.set_receive_maximum(Some(cfg.receive_maximum));
     opts.set_max_packet_size(Some(max_packet_size(cfg.max_payload)));
     opts.set_request_channel_capacity(1024);
     opts.set_network_options(low_latency());

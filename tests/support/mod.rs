@@ -171,6 +171,17 @@ impl Broker {
         });
     }
 
+    /// An outage: stops the broker (it saves its state), keeps it down for `d`, then starts it
+    /// again on the same port. Clients queue what they publish meanwhile and send it on reconnect.
+    pub fn outage(&mut self, d: Duration) {
+        self.stop();
+        std::thread::sleep(d);
+        self.child = spawn_mosquitto(&self.conf);
+        wait_for("mosquitto to listen again", || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
     /// SIGTERM, then waits for the process to exit.
     pub fn stop(&mut self) {
         let _ = Command::new("kill")
