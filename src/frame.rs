@@ -138,6 +138,21 @@ impl Slot {
         }
     }
 
+    /// A slot for the ring: the buffers only a frame in a worker needs (RGB,
+    /// tensor, scratch) are left empty; each worker lends its own
+    /// ([`WorkBuffers::swap`]), so there are as many of them as workers, not slots.
+    pub fn for_ring(l: &Limits) -> Slot {
+        let mut s = Slot::new(&Limits {
+            max_width: 0,
+            max_height: 0,
+            max_tensor: 0,
+            max_input_width: 0,
+            ..*l
+        });
+        s.rgb = Vec::new();
+        s
+    }
+
     /// The JPEG bytes of this frame.
     pub fn jpeg_bytes(&self) -> &[u8] {
         if self.jpeg_in_payload {
@@ -171,6 +186,37 @@ impl Slot {
     }
 }
 
+/// A worker's own buffers for the frame it works on: decoded RGB, the model
+/// tensor and the preprocessing and health scratch. Allocated once per
+/// worker (they are the largest part of a frame's memory) and swapped into
+/// the slot for the work, then back.
+pub struct WorkBuffers {
+    rgb: Vec<u8>,
+    tensor: Vec<f32>,
+    pre_scratch: preprocess::Scratch,
+    health_scratch: health::Scratch,
+}
+
+impl WorkBuffers {
+    pub fn new(l: &Limits) -> WorkBuffers {
+        let s = Slot::new(l);
+        WorkBuffers {
+            rgb: s.rgb,
+            tensor: s.tensor,
+            pre_scratch: s.pre_scratch,
+            health_scratch: s.health_scratch,
+        }
+    }
+
+    /// Lends these buffers to `slot` (or takes them back: the same swap).
+    pub fn swap(&mut self, slot: &mut Slot) {
+        std::mem::swap(&mut self.rgb, &mut slot.rgb);
+        std::mem::swap(&mut self.tensor, &mut slot.tensor);
+        std::mem::swap(&mut self.pre_scratch, &mut slot.pre_scratch);
+        std::mem::swap(&mut self.health_scratch, &mut slot.health_scratch);
+    }
+}
+
 /// The ring: free slots, and frames waiting for a worker, oldest first.
 ///
 /// Flow control, not eviction: a frame that finds every slot taken waits
@@ -195,7 +241,7 @@ impl Ring {
     pub fn new(slots: usize, limits: &Limits, metrics: Arc<Metrics>) -> Ring {
         let (free_tx, free_rx) = async_channel::bounded(slots);
         for _ in 0..slots {
-            let _ = free_tx.try_send(Box::new(Slot::new(limits)));
+            let _ = free_tx.try_send(Box::new(Slot::for_ring(limits)));
         }
         let (ready_tx, ready_rx) = async_channel::bounded(slots);
         metrics.slots_total.store(slots as u64, Relaxed);

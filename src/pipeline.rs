@@ -20,7 +20,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 
 use crate::dedup::{self, Seen};
-use crate::frame::{Ack, Limits, Origin, Reply, Ring, Slot, RESULT_CAPACITY};
+use crate::frame::{Ack, Limits, Origin, Reply, Ring, Slot, WorkBuffers, RESULT_CAPACITY};
 use crate::ingest;
 use crate::metrics::{DropReason, Metrics, Stage};
 use crate::models::{Models, Route, MAX_MODELS};
@@ -151,7 +151,8 @@ pub fn start(
     }
     for _ in 0..workers {
         let shared = shared.clone();
-        tasks.push(ex.spawn(async move { worker_loop(&shared).await }));
+        let buffers = WorkBuffers::new(&shared.limits);
+        tasks.push(ex.spawn(async move { worker_loop(&shared, buffers).await }));
     }
     let (done_tx, done_rx) = async_channel::bounded::<()>(1);
     let join = {
@@ -362,7 +363,7 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason, why: 
     ack(shared, slot.ack.take()).await;
 }
 
-async fn worker_loop(shared: &Shared) {
+async fn worker_loop(shared: &Shared, mut buffers: WorkBuffers) {
     while let Some(mut slot) = shared.ring.next().await {
         let age = shared.policy.too_old(slot.taken_at, SystemTime::now());
         let abandoned = matches!(&slot.origin, Origin::Reply(tx) if tx.is_closed());
@@ -376,9 +377,11 @@ async fn worker_loop(shared: &Shared) {
             shared.ring.release(slot);
             continue;
         }
+        buffers.swap(&mut slot);
         let (origin, pending) = work(shared, &mut slot, |slot, ctx, c| {
             process::process(slot, ctx, |s, k| c.push(s, k))
         });
+        buffers.swap(&mut slot);
         // The slot goes back before the acknowledgement does, so the frame the broker sends
         // in answer to it finds a free slot.
         let a = slot.ack.take();

@@ -128,7 +128,7 @@ impl OnnxBackend {
                 }
                 "cuda" => (ep::CUDA::is_available(), ep::CUDA::default().build()),
                 "tensorrt" => (ep::TensorRT::is_available(), ep::TensorRT::default().build()),
-                _ => (Ok(true), ep::CPU::default().build()),
+                _ => (Ok(true), ep::CPU::default().with_arena_allocator(inf.cpu_arena).build()),
             };
             if available.unwrap_or(false) {
                 provider.get_or_insert_with(|| name.clone());
@@ -163,6 +163,7 @@ impl OnnxBackend {
             // Spinning threads take the core from the JPEG decoding beside them.
             .and_then(|b| b.with_intra_op_spinning(inf.spinning).map_err(Into::into))
             .and_then(|b| b.with_inter_op_spinning(inf.spinning).map_err(Into::into))
+            .and_then(|b| b.with_memory_pattern(inf.memory_pattern).map_err(Into::into))
             .and_then(|b| b.with_execution_providers(eps).map_err(Into::into))
             .map_err(|e: ort::Error| load_err(format!("session options: {e}")))?
             .commit_from_file(path)

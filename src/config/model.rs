@@ -139,6 +139,10 @@ pub struct Inference {
     /// ONNX Runtime's threads spin-wait for work after each run (off: they sleep, and leave the
     /// core to the decoding beside them).
     pub spinning: bool,
+    /// ONNX Runtime's CPU arena (keeps its peak allocation for reuse) and its memory-pattern
+    /// planning (allocates each run's intermediates as one block).
+    pub cpu_arena: bool,
+    pub memory_pattern: bool,
     /// Backend threads across operators.
     pub inter_threads: usize,
     pub optimization_level: OptLevel,
@@ -262,6 +266,8 @@ const INF_KEYS: &[&str] = &[
     "intra_threads",
     "instances",
     "spinning",
+    "cpu_arena",
+    "memory_pattern",
     "inter_threads",
     "optimization_level",
     "execution_providers",
@@ -755,6 +761,8 @@ impl Ctx {
             intra_threads: self.int(&v["intra_threads"], "inference.intra_threads", 0, 0, 256)? as usize,
             instances: self.int(&v["instances"], "inference.instances", 0, 0, 16)? as usize,
             spinning: self.boolean(&v["spinning"], "inference.spinning", false)?,
+            cpu_arena: self.boolean(&v["cpu_arena"], "inference.cpu_arena", true)?,
+            memory_pattern: self.boolean(&v["memory_pattern"], "inference.memory_pattern", false)?,
             inter_threads: self.int(&v["inter_threads"], "inference.inter_threads", 1, 1, 256)? as usize,
             optimization_level: match choice("optimization_level", &["disable", "basic", "extended", "all"], "all")?
                 .as_str()
@@ -904,7 +912,7 @@ pub fn describe(m: &ModelConfig) -> String {
     let i = &m.inference;
     let inputs: Vec<&str> = m.input_topics.iter().map(|t| t.subscription()).collect();
     format!(
-        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
+        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  cpu_arena: {}\n  memory_pattern: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
         m.name,
         m.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()),
         m.backend.as_str(),
@@ -929,6 +937,8 @@ pub fn describe(m: &ModelConfig) -> String {
         i.intra_threads,
         i.instances,
         i.spinning,
+        i.cpu_arena,
+        i.memory_pattern,
         i.inter_threads,
         i.optimization_level,
         i.execution_providers.join(", "),
