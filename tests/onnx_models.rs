@@ -432,7 +432,7 @@ fn a_detection_frame_allocates_only_in_the_decoder_and_ort() {
     };
     let n = preprocess::tensor_len(&models.list[0].config.preprocessing);
     let ort_run = {
-        let mut ml = ml.lock().unwrap();
+        let mut ml = ml.lock();
         let ml = &mut *ml;
         let tensor = slot.tensor[..n].to_vec();
         allocs_during(|| ml.primary.engine.infer(&tensor, &mut ml.primary.outputs).unwrap())
