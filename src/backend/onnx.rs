@@ -7,10 +7,10 @@
 //! slot's tensor as a borrowed view.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use ort::ep::{self, ExecutionProvider as _, ExecutionProviderDispatch};
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
@@ -95,8 +95,26 @@ fn runtime(configured: Option<&Path>) -> Result<&'static Runtime, BackendError> 
     r.as_ref().map_err(|e| err(e.clone()))
 }
 
+/// Prepacked weights shared by the sessions of one model file (its engine
+/// copies, and the old and new version during a hot reload), so each copy
+/// adds only its own run-time buffers. Freed when the last of them goes.
+static PREPACKED: Mutex<Vec<(PathBuf, Weak<PrepackedWeights>)>> = Mutex::new(Vec::new());
+
+fn prepacked_for(path: &Path) -> Arc<PrepackedWeights> {
+    let mut all = PREPACKED.lock().unwrap_or_else(|e| e.into_inner());
+    all.retain(|(_, w)| w.strong_count() > 0);
+    if let Some(p) = all.iter().find(|(p, _)| p == path).and_then(|(_, w)| w.upgrade()) {
+        return p;
+    }
+    let p = Arc::new(PrepackedWeights::new());
+    all.push((path.to_path_buf(), Arc::downgrade(&p)));
+    p
+}
+
 pub struct OnnxBackend {
     session: Session,
+    /// Kept alive with the session that uses it.
+    _prepacked: Arc<PrepackedWeights>,
     input_shape: [usize; 4],
     provider: String,
     metadata_labels: Option<Vec<String>>,
@@ -156,7 +174,9 @@ impl OnnxBackend {
             OptLevel::All => GraphOptimizationLevel::All,
         };
         let threads = inf.threads_per_copy();
+        let prepacked = prepacked_for(path);
         let session = Session::builder(&rt.env)
+            .and_then(|b| b.with_prepacked_weights(&prepacked).map_err(Into::into))
             .and_then(|b| b.with_optimization_level(level).map_err(Into::into))
             .and_then(|b| b.with_inter_threads(inf.inter_threads).map_err(Into::into))
             .and_then(|b| b.with_intra_threads(threads).map_err(Into::into))
@@ -193,6 +213,7 @@ impl OnnxBackend {
         // `Models::load` runs the warm-up inference before the model is called ready.
         Ok(OnnxBackend {
             session,
+            _prepacked: prepacked,
             input_shape,
             provider,
             metadata_labels,

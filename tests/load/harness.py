@@ -29,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 p = argparse.ArgumentParser()
 p.add_argument("--model", choices=["yolov12n", "efficientnet-lite0"], required=True)
 p.add_argument("--ours", default=os.path.join(ROOT, "target/release/ai-edge-inference"))
-p.add_argument("--ours-config", help="model config for ai-edge-inference (default models/<model>.yaml)")
+p.add_argument("--ours-config", help="model config for ai-edge-inference (default models/<model>.yaml; "
+               "`embedded`: none, the build's embedded default model)")
 p.add_argument("--ours-env", action="append", default=[], help="KEY=VALUE for ai-edge-inference (repeatable)")
 p.add_argument("--ours-label", default="ours", help="name of our stack in the table")
 p.add_argument("--onnx", help="the ONNX file (default models/.cache/<model>.onnx)")
@@ -46,6 +47,8 @@ p.add_argument("--json", help="also write the runs as JSON to this file")
 args = p.parse_args()
 onnx = args.onnx or os.path.join(ROOT, "models/.cache", args.model + ".onnx")
 ours_config = args.ours_config or os.path.join(ROOT, "models", args.model + ".yaml")
+if ours_config == "embedded":
+    ours_config = ""
 frames = [open(f, "rb").read() for f in (args.image or [os.path.join(ROOT, "tests/fixtures/rocket-1080p.jpg")])]
 CLK = os.sysconf("SC_CLK_TCK")
 
