@@ -17,6 +17,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod json;
+pub mod memory;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;

@@ -45,6 +45,7 @@ fn render_service_topic(t: &str, client_id: &str) -> Result<String, String> {
 pub fn run(settings: Settings) -> Result<(), String> {
     log::info!("{}", build_info::line());
     let models = Arc::new(load_models(&settings)?);
+    crate::memory::return_free_memory();
     for m in &models.list {
         log::info!(
             "model `{}`: {} on {}, inputs {:?} -> {}",

@@ -33,12 +33,19 @@ struct ConvBn {
 
 impl ConvBn {
     fn load(w: &Weights, conv: &str, bn: &str, stride: usize) -> Result<ConvBn, String> {
-        let get = |n: &str| w.get(n).ok_or_else(|| format!("missing tensor `{n}`"));
-        let weight = get(&format!("{conv}.weight"))?.clone();
+        // Folded in f32 whatever the checkpoint stores (the embedded one is f16).
+        let get = |n: &str| {
+            w.get(n)
+                .ok_or_else(|| format!("missing tensor `{n}`"))?
+                .to_dtype(candle_core::DType::F32)
+                .map_err(|e| format!("{n}: {e}"))
+        };
+        let weight = get(&format!("{conv}.weight"))?;
         let (out_c, ..) = weight.dims4().map_err(|e| format!("{conv}.weight: {e}"))?;
         let e = |x: candle_core::Error| format!("{conv}: {x}");
         let (weight, bias) = match w.get(&format!("{bn}.running_var")) {
             Some(var) => {
+                let var = var.to_dtype(candle_core::DType::F32).map_err(e)?;
                 let gamma = get(&format!("{bn}.weight"))?;
                 let beta = get(&format!("{bn}.bias"))?;
                 let mean = get(&format!("{bn}.running_mean"))?;
@@ -51,7 +58,7 @@ impl ConvBn {
                 let bias = beta.sub(&mean.mul(&scale).map_err(e)?).map_err(e)?;
                 (weight, bias)
             }
-            None => (weight, get(&format!("{conv}.bias"))?.clone()),
+            None => (weight, get(&format!("{conv}.bias"))?),
         };
         let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32).map_err(e);
         Ok(ConvBn {

@@ -103,7 +103,10 @@ impl CandleBackend {
             )));
         }
         let weights = if path == Path::new(EMBEDDED_MODEL) {
-            weights::load_bytes(EMBEDDED_WEIGHTS).map_err(load_err)?
+            let w = weights::load_bytes(EMBEDDED_WEIGHTS).map_err(load_err)?;
+            // Copied out: the 9.4 MB image in the binary need not stay resident.
+            crate::memory::release_embedded(EMBEDDED_WEIGHTS);
+            w
         } else if path.is_file() {
             weights::load(path).map_err(load_err)?
         } else {

@@ -69,12 +69,12 @@ fn read_onnx_initializers(path: &Path) -> Result<Weights, String> {
     Ok(out)
 }
 
-/// Loads safetensors bytes held in memory (the embedded default model).
+/// Loads safetensors bytes held in memory (the embedded default model), in
+/// the dtype they are stored in (f16): the architecture converts each layer
+/// to f32 as it compiles it, so the whole checkpoint is never held in f32
+/// beside its compiled form.
 pub fn load_bytes(bytes: &[u8]) -> Result<Weights, String> {
-    let raw = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| e.to_string())?;
-    raw.into_iter()
-        .map(|(k, t)| t.to_dtype(DType::F32).map(|t| (k, t)).map_err(|e| e.to_string()))
-        .collect()
+    candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| e.to_string())
 }
 
 /// Writes `weights` as safetensors in `dtype` (f16 halves the file).
