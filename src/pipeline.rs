@@ -250,37 +250,27 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             }
         };
         shared.metrics.received(a.envelope.form);
-        if let Some(r) = rate.as_mut() {
-            if !r.admit(a.device, t0) {
-                shared.metrics.dropped(DropReason::RateLimited);
-                ingest::write_unslotted(
-                    &mut err_buf,
-                    topic,
-                    &msg.payload,
-                    oneshot.is_some(),
-                    "dropped",
-                    format_args!("rate_limited: `{}` sends faster than MAX_FPS_PER_SOURCE", a.device),
-                );
-                let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
-                deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(429)).await;
-                ack(shared, msg_ack).await;
-                continue;
-            }
-        }
-        // Too old already (an envelope stamped long ago, or a backlog the broker kept): say so
-        // now rather than hold a slot for it.
-        if let Some(age) = shared.policy.too_old(ingest::taken_at(&a.envelope), SystemTime::now()) {
-            shared.metrics.dropped(DropReason::Stale);
+        // Refused before it takes a slot: over its camera's rate, or too old already (an
+        // envelope stamped long ago, or a backlog the broker kept).
+        let refused = if rate.as_mut().is_some_and(|r| !r.admit(a.device, t0)) {
+            let why = format!("`{}` sends faster than MAX_FPS_PER_SOURCE", a.device);
+            Some((DropReason::RateLimited, why, 429))
+        } else {
+            let age = shared.policy.too_old(ingest::taken_at(&a.envelope), SystemTime::now());
+            age.map(|age| (DropReason::Stale, stale_why(&shared.policy, age), 503))
+        };
+        if let Some((reason, why, status)) = refused {
+            shared.metrics.dropped(reason);
             ingest::write_unslotted(
                 &mut err_buf,
                 topic,
                 &msg.payload,
                 oneshot.is_some(),
                 "dropped",
-                format_args!("stale: {}", stale_why(&shared.policy, age)),
+                format_args!("{}: {why}", reason.as_str()),
             );
             let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
-            deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(503)).await;
+            deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(status)).await;
             ack(shared, msg_ack).await;
             continue;
         }
@@ -328,9 +318,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     process::fail(slot, ctx, &e, &mut |s: &Slot, k| c.push(s, k))
                 });
                 shared.ring.release(slot);
-                for (o, kind) in pending.0 {
-                    deliver_owned(shared, &origin, o, kind).await;
-                }
+                deliver_all(shared, &origin, pending).await;
                 ack(shared, msg_ack).await;
             }
         }
@@ -386,9 +374,7 @@ async fn worker_loop(shared: &Shared, mut buffers: WorkBuffers) {
         // in answer to it finds a free slot.
         let a = slot.ack.take();
         shared.ring.release(slot);
-        for (o, kind) in pending.0 {
-            deliver_owned(shared, &origin, o, kind).await;
-        }
+        deliver_all(shared, &origin, pending).await;
         ack(shared, a).await;
     }
 }
@@ -402,6 +388,12 @@ fn work(shared: &Shared, slot: &mut Slot, f: impl FnOnce(&mut Slot, &Ctx<'_>, &m
     let models = slot.models.clone().unwrap_or_else(|| shared.registry.snapshot());
     f(slot, &shared.ctx(&models), &mut pending);
     (origin, pending)
+}
+
+async fn deliver_all(shared: &Shared, origin: &Origin, pending: Collect) {
+    for (o, kind) in pending.0 {
+        deliver_owned(shared, origin, o, kind).await;
+    }
 }
 
 /// Messages a frame produced, owned, waiting for delivery.
