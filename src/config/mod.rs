@@ -278,31 +278,18 @@ impl Settings {
             http_admin_addr: non_empty(get("HTTP_ADMIN_ADDR")),
             http_token_file: non_empty(get("HTTP_TOKEN_FILE")).map(PathBuf::from),
             queue_depth: parse_num("QUEUE_DEPTH", &get("QUEUE_DEPTH"), 1, 256)? as usize,
-            max_fps_per_source: match get("MAX_FPS_PER_SOURCE").parse::<f64>() {
-                Ok(f) if (0.0..=1000.0).contains(&f) => f,
-                _ => {
-                    return Err(bad(
-                        "MAX_FPS_PER_SOURCE",
-                        "a number of frames per second in 0..=1000",
-                        &get("MAX_FPS_PER_SOURCE"),
-                    ))
-                }
-            },
+            max_fps_per_source: parse_float(
+                "MAX_FPS_PER_SOURCE",
+                &get("MAX_FPS_PER_SOURCE"),
+                1000.0,
+                "frames per second",
+            )?,
             workers: match parse_num("WORKERS", &get("WORKERS"), 0, 256)? as usize {
                 0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
                 n => n,
             },
             drop_superseded: parse_bool("DROP_SUPERSEDED", &get("DROP_SUPERSEDED"))?,
-            max_frame_age_s: match get("MAX_FRAME_AGE_S").parse::<f64>() {
-                Ok(f) if (0.0..=86_400.0).contains(&f) => f,
-                _ => {
-                    return Err(bad(
-                        "MAX_FRAME_AGE_S",
-                        "a number of seconds in 0..=86400",
-                        &get("MAX_FRAME_AGE_S"),
-                    ))
-                }
-            },
+            max_frame_age_s: parse_float("MAX_FRAME_AGE_S", &get("MAX_FRAME_AGE_S"), 86_400.0, "seconds")?,
             max_payload_bytes: parse_num("MAX_PAYLOAD_BYTES", &get("MAX_PAYLOAD_BYTES"), 1024, 256 << 20)? as usize,
             max_image_width: parse_num("MAX_IMAGE_WIDTH", &get("MAX_IMAGE_WIDTH"), 16, 16384)? as u32,
             max_image_height: parse_num("MAX_IMAGE_HEIGHT", &get("MAX_IMAGE_HEIGHT"), 16, 16384)? as u32,
@@ -348,6 +335,14 @@ fn parse_bool(key: &str, v: &str) -> Result<bool, SettingsError> {
         "true" | "1" | "yes" | "on" => Ok(true),
         "false" | "0" | "no" | "off" | "" => Ok(false),
         _ => Err(bad(key, "true or false", v)),
+    }
+}
+
+/// A number of `unit` in `0..=max` (fractions allowed).
+fn parse_float(key: &str, v: &str, max: f64, unit: &str) -> Result<f64, SettingsError> {
+    match v.parse::<f64>() {
+        Ok(f) if (0.0..=max).contains(&f) => Ok(f),
+        _ => Err(bad(key, &format!("a number of {unit} in 0..={max}"), v)),
     }
 }
 
