@@ -79,6 +79,40 @@ impl DropReason {
     }
 }
 
+/// Why the HTTP server closed a connection without serving a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpRefusal {
+    /// Not HTTP/1.x, a malformed head or body framing, a non-UTF-8 target.
+    BadRequest,
+    /// The head (request line and headers) was over its size or count limit.
+    HeadTooLarge,
+    /// The head or the body did not arrive in time (slow or silent client).
+    Timeout,
+    /// Every connection was taken: the one idle longest was closed for a new one.
+    Evicted,
+    /// Every connection was busy with a request: a new one was turned away.
+    Busy,
+}
+
+impl HttpRefusal {
+    pub const ALL: [HttpRefusal; 5] = [
+        HttpRefusal::BadRequest,
+        HttpRefusal::HeadTooLarge,
+        HttpRefusal::Timeout,
+        HttpRefusal::Evicted,
+        HttpRefusal::Busy,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpRefusal::BadRequest => "bad_request",
+            HttpRefusal::HeadTooLarge => "head_too_large",
+            HttpRefusal::Timeout => "timeout",
+            HttpRefusal::Evicted => "evicted",
+            HttpRefusal::Busy => "busy",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
     Ingest,
@@ -166,6 +200,7 @@ pub struct Metrics {
     pub mqtt_connects: AtomicU64,
     pub mqtt_connection_errors: AtomicU64,
     pub http_requests: AtomicU64,
+    pub http_refused: [AtomicU64; HttpRefusal::ALL.len()],
     /// Inference time per backend: candle, onnx.
     pub backends: [Histogram; 2],
     pub dual_comparisons: AtomicU64,
@@ -178,6 +213,9 @@ impl Metrics {
     }
     pub fn failed(&self, r: FailReason) {
         self.failed[r as usize].fetch_add(1, Relaxed);
+    }
+    pub fn http_refused(&self, r: HttpRefusal) {
+        self.http_refused[r as usize].fetch_add(1, Relaxed);
     }
     pub fn dropped(&self, r: DropReason) {
         self.dropped[r as usize].fetch_add(1, Relaxed);
@@ -460,6 +498,20 @@ impl Metrics {
         );
         head(&mut o, "aei_http_requests_total", "counter", "HTTP requests served.");
         let _ = writeln!(o, "aei_http_requests_total {}", self.http_requests.load(Relaxed));
+        head(
+            &mut o,
+            "aei_http_refused_total",
+            "counter",
+            "HTTP connections closed without serving a request, by reason.",
+        );
+        for r in HttpRefusal::ALL {
+            let _ = writeln!(
+                o,
+                "aei_http_refused_total{{reason=\"{}\"}} {}",
+                r.as_str(),
+                self.http_refused[r as usize].load(Relaxed)
+            );
+        }
         head(
             &mut o,
             "aei_model_ready",

@@ -34,8 +34,9 @@ pub struct Incoming {
     pub payload: Bytes,
     /// `Some` for one-shot requests: the answer goes back here.
     pub reply: Option<async_channel::Sender<Reply>>,
-    /// One-shot requests name their model (by index); MQTT messages are routed by topic.
-    pub model: Option<usize>,
+    /// One-shot requests name their model: an index into the model set it was
+    /// looked up in, which the frame then uses. MQTT messages are routed by topic.
+    pub model: Option<(Arc<Models>, usize)>,
     /// MQTT QoS 1/2 deliveries: acknowledged only once answered.
     pub ack: Option<Ack>,
     /// The broker marked this delivery as a repeat (DUP).
@@ -193,17 +194,21 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         let t0 = Instant::now();
         shared.metrics.messages_received.fetch_add(1, Relaxed);
         let topic = std::str::from_utf8(&msg.topic).unwrap_or("");
-        let models = shared.registry.snapshot();
-        match msg.model {
-            Some(m) => {
+        let models = match msg.model {
+            Some((models, m)) => {
                 routes.clear();
                 routes.push(Route {
                     model: m as u16,
                     filter: 0,
                 });
+                models
             }
-            None => models.route(topic, &mut routes),
-        }
+            None => {
+                let models = shared.registry.snapshot();
+                models.route(topic, &mut routes);
+                models
+            }
+        };
         if routes.is_empty() {
             log::warn!("message on `{topic}` matches no model's input topics; ignored");
             ack(shared, msg.ack).await;

@@ -1,6 +1,7 @@
-//! HTTP (tiny_http) on threads of its own: probes, metrics, one-shot infer.
+//! HTTP on a thread per listener: probes, metrics, one-shot infer.
 //!
-//! Owns: routes, status codes, authorisation and body limits. Two listeners
+//! Owns: routes, status codes, authorisation and body limits (connections,
+//! parsing and deadlines are `server.rs`'s). Two listeners
 //! (or one serving both): the read-only one (`GET /healthz`, `/readyz`,
 //! `/metrics`, `/models`) for probes and scrapers, and the admin one for what
 //! changes state or spends CPU (`POST /infer[?model=NAME]`: a JPEG body in,
@@ -8,13 +9,15 @@
 //! by default and behind the bearer token when one is set. Frames go through
 //! the pipeline like MQTT ones.
 
-use std::io::Read as _;
+mod server;
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tiny_http::{Header, Method, Request, Response, Server};
+
+use server::{BodyError, Head, Response};
 
 use crate::metrics::Metrics;
 use crate::pipeline::Incoming;
@@ -22,7 +25,6 @@ use crate::registry::Registry;
 
 /// How long `/infer` waits for its result.
 pub const INFER_TIMEOUT: Duration = Duration::from_secs(30);
-const THREADS: usize = 2;
 
 /// A bearer token kept in a file, re-read when the file changes (rotation).
 pub struct TokenFile {
@@ -102,45 +104,34 @@ impl Role {
     }
 }
 
-/// Binds `addr` (errors name it) and serves `role`'s endpoints on background threads.
+/// Binds `addr` (errors name it) and serves `role`'s endpoints on a thread
+/// of their own (one executor, a task per connection).
 pub fn start(
     addr: &str,
     role: Role,
     state: Arc<HttpState>,
 ) -> Result<(String, Vec<std::thread::JoinHandle<()>>), String> {
-    let server = Server::http(addr).map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
-    let bound = server
-        .server_addr()
-        .to_ip()
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
+    let bound = listener
+        .local_addr()
         .map(|a| a.to_string())
-        .unwrap_or_else(|| addr.to_owned());
-    let server = Arc::new(server);
-    let handles = (0..THREADS)
-        .map(|i| {
-            let server = server.clone();
-            let state = state.clone();
-            std::thread::Builder::new()
-                .name(format!("http-{}{i}", if role == Role::Admin { "admin-" } else { "" }))
-                .spawn(move || {
-                    while let Ok(rq) = server.recv() {
-                        state.metrics.http_requests.fetch_add(1, Relaxed);
-                        handle(&state, role, rq);
-                    }
-                })
-                .expect("spawn http thread")
+        .unwrap_or_else(|_| addr.to_owned());
+    let listener = smol::net::TcpListener::try_from(listener)
+        .map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
+    let handle = std::thread::Builder::new()
+        .name(format!("http{}", if role == Role::Admin { "-admin" } else { "" }))
+        .spawn(move || {
+            let ex = std::rc::Rc::new(smol::LocalExecutor::new());
+            let routes = std::rc::Rc::new(Routes { state, role });
+            smol::block_on(ex.run(server::serve(ex.clone(), listener, routes, server::Limits::default())));
         })
-        .collect();
-    Ok((bound, handles))
+        .map_err(|e| format!("cannot start the HTTP thread: {e}"))?;
+    Ok((bound, vec![handle]))
 }
 
-fn header(k: &str, v: &str) -> Header {
-    Header::from_bytes(k.as_bytes(), v.as_bytes()).expect("static header")
-}
-
-fn json_response(status: u16, body: Vec<u8>) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(body)
-        .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"))
+fn json_response(status: u16, body: Vec<u8>) -> Response {
+    Response::new(status, "application/json", body)
 }
 
 fn error_body(message: &str) -> Vec<u8> {
@@ -151,64 +142,114 @@ fn error_body(message: &str) -> Vec<u8> {
     miniserde::json::to_string(&E { error: message }).into_bytes()
 }
 
-fn handle(state: &HttpState, role: Role, mut rq: Request) {
-    let url = rq.url().to_owned();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let method = rq.method().clone();
-    let admin_path = path == "/infer" || (path.starts_with("/models/") && path.ends_with("/reload"));
-    let resp = match (&method, path) {
-        _ if role == Role::ReadOnly && admin_path => json_response(
-            404,
-            error_body("not served here: POST /infer and POST /models/{name}/reload listen on HTTP_ADMIN_ADDR"),
-        ),
-        _ if role == Role::Admin && !admin_path => json_response(
-            404,
-            error_body("this is the admin listener (POST /infer, POST /models/{name}/reload); probes and metrics are on HTTP_ADDR"),
-        ),
-        (Method::Get | Method::Head, "/healthz") => {
-            Response::from_string("ok\n").with_header(header("Content-Type", "text/plain"))
+/// `Some(name)` for `/models/{name}/reload` (the name may be empty or odd; checked later).
+fn reload_target(path: &str) -> Option<&str> {
+    path.strip_prefix("/models/")?.strip_suffix("/reload")
+}
+
+/// A listener's routes.
+struct Routes {
+    state: Arc<HttpState>,
+    role: Role,
+}
+
+impl Routes {
+    fn is_admin(path: &str) -> bool {
+        path == "/infer" || reload_target(path).is_some()
+    }
+
+    /// The answer for a request on a route this listener does not serve, if so.
+    fn misrouted(&self, path: &str) -> Option<Response> {
+        match (self.role, Self::is_admin(path)) {
+            (Role::ReadOnly, true) => Some(json_response(
+                404,
+                error_body("not served here: POST /infer and POST /models/{name}/reload listen on HTTP_ADMIN_ADDR"),
+            )),
+            (Role::Admin, false) => Some(json_response(
+                404,
+                error_body("this is the admin listener (POST /infer, POST /models/{name}/reload); probes and metrics are on HTTP_ADDR"),
+            )),
+            _ => None,
         }
-        (Method::Get | Method::Head, "/readyz") => {
-            let (ready, body) = readiness(state);
-            json_response(if ready { 200 } else { 503 }, body)
-        }
-        (Method::Get | Method::Head, "/metrics") => Response::from_string(metrics_text(state))
-            .with_header(header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")),
-        (Method::Get | Method::Head, "/models") => json_response(200, models_json(state)),
-        (Method::Post, p) if p.starts_with("/models/") && p.ends_with("/reload") => reload(state, &rq, p),
-        (Method::Post, "/infer") if !authorized(state, &rq) => json_response(
-            401,
-            error_body("POST /infer needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"),
-        )
-        .with_header(header("WWW-Authenticate", "Bearer")),
-        (Method::Post, "/infer") => infer(state, &mut rq, query),
-        (_, "/healthz" | "/readyz" | "/metrics") => json_response(405, error_body("method not allowed; use GET")),
-        (_, "/infer") => json_response(405, error_body("method not allowed; POST a JPEG body")),
-        _ => json_response(
-            404,
-            error_body("not found; try /healthz, /readyz, /metrics, /models or POST /infer"),
-        ),
-    };
-    if let Err(e) = rq.respond(resp) {
-        log::debug!("HTTP response to {method} {path} failed: {e}");
     }
 }
 
-/// `POST /models/{name}/reload` (behind the bearer token when one is set).
-fn reload(state: &HttpState, rq: &Request, path: &str) -> Response<std::io::Cursor<Vec<u8>>> {
-    let name = &path["/models/".len()..path.len() - "/reload".len()];
-    if !authorized(state, rq) {
-        return json_response(
-            401,
-            error_body("reloading needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"),
-        )
-        .with_header(header("WWW-Authenticate", "Bearer"));
+impl server::Handler for Routes {
+    fn body_limit(&self, head: &Head) -> Option<usize> {
+        let infer = head.method == "POST" && head.path == "/infer";
+        (infer && self.misrouted(&head.path).is_none() && authorized(&self.state, head)).then_some(self.state.max_body)
     }
+
+    async fn respond(&self, head: Head, body: Result<Vec<u8>, BodyError>) -> Response {
+        let state = &self.state;
+        if let Some(r) = self.misrouted(&head.path) {
+            return r;
+        }
+        let (method, path) = (head.method.as_str(), head.path.as_str());
+        let get = matches!(method, "GET" | "HEAD");
+        match path {
+            "/healthz" if get => Response::new(200, "text/plain", b"ok\n".to_vec()),
+            "/readyz" if get => {
+                let (ready, body) = readiness(state);
+                json_response(if ready { 200 } else { 503 }, body)
+            }
+            "/metrics" if get => Response::new(
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics_text(state).into_bytes(),
+            ),
+            "/models" if get => json_response(200, models_json(state)),
+            "/healthz" | "/readyz" | "/metrics" | "/models" => {
+                json_response(405, error_body("method not allowed; use GET")).with_header("Allow", "GET, HEAD")
+            }
+            "/infer" if method != "POST" => {
+                json_response(405, error_body("method not allowed; POST a JPEG body")).with_header("Allow", "POST")
+            }
+            "/infer" if !authorized(state, &head) => unauthorized("POST /infer"),
+            "/infer" => infer(state, &head.query, body).await,
+            p => match reload_target(p) {
+                Some(_) if method != "POST" => {
+                    json_response(405, error_body("method not allowed; use POST")).with_header("Allow", "POST")
+                }
+                Some(_) if !authorized(state, &head) => unauthorized("reloading"),
+                Some(name) => reload(state, name).await,
+                None => json_response(
+                    404,
+                    error_body("not found; try /healthz, /readyz, /metrics, /models or POST /infer"),
+                ),
+            },
+        }
+    }
+
+    fn on_request(&self) {
+        self.state.metrics.http_requests.fetch_add(1, Relaxed);
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+}
+
+fn unauthorized(what: &str) -> Response {
+    json_response(
+        401,
+        error_body(&format!("{what} needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)")),
+    )
+    .with_header("WWW-Authenticate", "Bearer")
+}
+
+/// `POST /models/{name}/reload` (authorised by now). Loading runs off the
+/// listener's thread, so probes keep answering while a model loads.
+async fn reload(state: &HttpState, name: &str) -> Response {
     #[derive(miniserde::Serialize)]
     struct Reloaded<'a> {
         reloaded: &'a str,
     }
-    match state.registry.reload(name) {
+    if name.is_empty() || name.contains('/') {
+        return json_response(404, error_body("no model named in the path; use POST /models/{name}/reload"));
+    }
+    let (registry, owned) = (state.registry.clone(), name.to_owned());
+    match smol::unblock(move || registry.reload(&owned)).await {
         Ok(()) => json_response(
             200,
             miniserde::json::to_string(&Reloaded { reloaded: name }).into_bytes(),
@@ -218,17 +259,10 @@ fn reload(state: &HttpState, rq: &Request, path: &str) -> Response<std::io::Curs
     }
 }
 
-fn authorized(state: &HttpState, rq: &Request) -> bool {
+fn authorized(state: &HttpState, head: &Head) -> bool {
     match &state.token {
         None => true,
-        Some(t) => {
-            let h = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Authorization"))
-                .map(|h| h.value.as_str());
-            t.allows(h)
-        }
+        Some(t) => t.allows(head.header("authorization")),
     }
 }
 
@@ -356,52 +390,53 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         mqtt: Mqtt {
             enabled: state.mqtt_enabled,
             connected,
-            last_error: Some(state.metrics.mqtt_last_error.lock().unwrap().clone())
+            last_error: Some(state.metrics.mqtt_last_error.lock().unwrap_or_else(|e| e.into_inner()).clone())
                 .filter(|e| !connected && !e.is_empty()),
         },
     };
     (ready, miniserde::json::to_string(&body).into_bytes())
 }
 
-fn infer(state: &HttpState, rq: &mut Request, query: &str) -> Response<std::io::Cursor<Vec<u8>>> {
+async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>) -> Response {
+    let models = state.registry.snapshot();
     let model = match query.split('&').find_map(|kv| kv.strip_prefix("model=")) {
-        Some(name) => match state.registry.snapshot().find(name) {
+        Some(name) => match models.find(name) {
             Some(i) => i,
             None => return json_response(404, error_body(&format!("no model named `{name}`"))),
         },
         None => 0,
     };
-    if rq.body_length().is_some_and(|n| n > state.max_body) {
-        state.metrics.failed(crate::metrics::FailReason::PayloadTooLarge);
-        return json_response(
-            413,
-            error_body(&format!("body over MAX_PAYLOAD_BYTES = {}", state.max_body)),
-        );
-    }
-    // Read at most one byte past the limit, so chunked bodies are bounded too.
-    let mut body = Vec::with_capacity(rq.body_length().unwrap_or(64 * 1024).min(state.max_body + 1));
-    if let Err(e) = rq.as_reader().take(state.max_body as u64 + 1).read_to_end(&mut body) {
-        return json_response(400, error_body(&format!("cannot read body: {e}")));
-    }
+    let body = match body {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            state.metrics.failed(crate::metrics::FailReason::PayloadTooLarge);
+            return json_response(
+                413,
+                error_body(&format!("body over MAX_PAYLOAD_BYTES = {}", state.max_body)),
+            );
+        }
+        Err(BodyError::Timeout) => return json_response(408, error_body("the body did not arrive in time")),
+        Err(BodyError::Broken) => return json_response(400, error_body("cannot read the body (framing or connection)")),
+    };
     let (tx, rx) = async_channel::bounded(1);
     let msg = Incoming {
         topic: Bytes::from_static(b"http/infer"),
         payload: Bytes::from(body),
         reply: Some(tx),
-        model: Some(model),
+        // The index belongs to this snapshot: the frame runs on the same model set.
+        model: Some((models, model)),
         ack: None,
         dup: false,
     };
-    if state.incoming.send_blocking(msg).is_err() {
+    if state.incoming.send(msg).await.is_err() {
         return json_response(503, error_body("the pipeline is shutting down"));
     }
-    match smol::block_on(async {
-        smol::future::or(async { rx.recv().await.ok() }, async {
-            smol::Timer::after(INFER_TIMEOUT).await;
-            None
-        })
-        .await
-    }) {
+    match smol::future::or(async { rx.recv().await.ok() }, async {
+        smol::Timer::after(INFER_TIMEOUT).await;
+        None
+    })
+    .await
+    {
         Some(reply) => json_response(reply.status, reply.body),
         None => json_response(504, error_body("no result within 30 s")),
     }
