@@ -205,6 +205,8 @@ pub struct Metrics {
     pub backends: [Histogram; 2],
     pub dual_comparisons: AtomicU64,
     pub dual_matches: AtomicU64,
+    /// Dual comparisons whose second backend failed (the primary's result went out).
+    pub dual_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -444,6 +446,13 @@ impl Metrics {
             "aei_dual_predictions_matched_total {}",
             self.dual_matches.load(Relaxed)
         );
+        head(
+            &mut o,
+            "aei_dual_comparisons_failed_total",
+            "counter",
+            "Dual comparisons whose second backend failed; the primary's result still went out.",
+        );
+        let _ = writeln!(o, "aei_dual_comparisons_failed_total {}", self.dual_failed.load(Relaxed));
         head(
             &mut o,
             "aei_queue_waiting_frames",

@@ -210,17 +210,33 @@ fn run_ml(
     emit_to(slot, ctx, model, route, &config.output_topic, Emitted::Result, emit);
 
     if let Some(second) = second {
-        let run_b = run_side(second, &slot.tensor[..n], ctx)?;
-        postprocess_side(second, *yolo, config, &g);
-        let matched = match yolo {
-            Some(_) => postprocess::detections_match(&primary.kept, &second.kept, DUAL_IOU),
-            None => postprocess::probabilities_match(
-                &primary.outputs.values,
-                &second.outputs.values,
-                config.inference.dual_tolerance,
-            ),
+        // One frame, one result: a failing second backend marks the comparison failed.
+        let run_b = run_side(second, &slot.tensor[..n], ctx);
+        let matched = match &run_b {
+            Ok(_) => {
+                postprocess_side(second, *yolo, config, &g);
+                let matched = match yolo {
+                    Some(_) => postprocess::detections_match(&primary.kept, &second.kept, DUAL_IOU),
+                    None => postprocess::probabilities_match(
+                        &primary.outputs.values,
+                        &second.outputs.values,
+                        config.inference.dual_tolerance,
+                    ),
+                };
+                ctx.metrics.dual(matched);
+                matched
+            }
+            Err(e) => {
+                ctx.metrics.dual_failed.fetch_add(1, Relaxed);
+                log::warn!(
+                    "model `{}`: the second backend ({}) failed on a frame from `{}`: {e}",
+                    config.name,
+                    second.engine.name(),
+                    slot.device
+                );
+                false
+            }
         };
-        ctx.metrics.dual(matched);
         let mut out = std::mem::take(&mut slot.out);
         result::write_comparison(
             &mut out,
@@ -230,12 +246,12 @@ fn run_ml(
             [
                 (
                     primary.engine.name(),
-                    run_a,
+                    Ok(run_a),
                     predictions(primary, labels, config.model_type),
                 ),
                 (
                     second.engine.name(),
-                    run_b,
+                    run_b.as_ref().map(|r| *r).map_err(|e| e.detail.as_str()),
                     predictions(second, labels, config.model_type),
                 ),
             ],
@@ -258,16 +274,17 @@ fn run_ml(
 /// Boxes of two backends match when their IoU reaches this (dual mode).
 pub const DUAL_IOU: f32 = 0.9;
 
-/// Runs one backend on the tensor, timing it and counting what its call
-/// allocated on this thread.
+/// Runs one backend on the tensor, timing it and counting what the process
+/// allocated meanwhile (every thread: Candle's work runs on its pool; with
+/// several workers at once, theirs is counted too).
 fn run_side(side: &mut Side, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun, FrameError> {
-    let (_, bytes0) = alloc_count::snapshot();
+    let (_, bytes0) = alloc_count::snapshot_all();
     let t0 = Instant::now();
     side.engine
         .infer(tensor, &mut side.outputs)
         .map_err(|e| FrameError::new(FailReason::InferenceFailed, e))?;
     let time = t0.elapsed();
-    let (_, bytes1) = alloc_count::snapshot();
+    let (_, bytes1) = alloc_count::snapshot_all();
     ctx.metrics.backend(side.engine.name(), time);
     Ok(BackendRun {
         time,

@@ -204,15 +204,21 @@ fn write_predictions<'p>(w: &mut Writer<'_>, predictions: impl Iterator<Item = P
 /// Dual-backend comparison (`dual_backend_comparison`): both backends' times,
 /// memory and predictions on the same tensor, which was faster, and whether
 /// they agree.
+/// `runs[1]` is `Err(reason)` when the second backend failed: the comparison
+/// is then marked failed (`comparison_failed`, the backend's `error`) and has no
+/// performance delta; the frame's result went out from the primary already.
 pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
     buf: &mut Vec<u8>,
     now: SystemTime,
     src: &Source<'_>,
     model_name: &str,
-    runs: [(&str, BackendRun, P); 2],
+    runs: [(&str, Result<BackendRun, &str>, P); 2],
     predictions_match: bool,
 ) {
-    let (ta, tb) = (ms(runs[0].1.time), ms(runs[1].1.time));
+    let times = match (&runs[0].1, &runs[1].1) {
+        (Ok(a), Ok(b)) => Some((ms(a.time), ms(b.time))),
+        _ => None,
+    };
     let (na, nb) = (runs[0].0, runs[1].0);
     let mut w = Writer::new(buf);
     header(&mut w, "dual_backend_comparison", now, src.device_id);
@@ -220,22 +226,32 @@ pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
     w.key("backends").begin_object();
     for (name, run, preds) in runs {
         w.key(name).begin_object();
-        w.key("inference_time_ms").f64(ms(run.time), 3);
-        w.key("memory_usage_mb")
-            .f64(run.allocated_bytes as f64 / (1024.0 * 1024.0), 3);
-        w.key("predictions");
-        write_predictions(&mut w, preds);
+        match run {
+            Ok(run) => {
+                w.key("inference_time_ms").f64(ms(run.time), 3);
+                w.key("memory_usage_mb")
+                    .f64(run.allocated_bytes as f64 / (1024.0 * 1024.0), 3);
+                w.key("predictions");
+                write_predictions(&mut w, preds);
+            }
+            Err(reason) => {
+                w.key("error").str(reason);
+            }
+        }
         w.end_object();
     }
     w.end_object();
-    let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
-    w.key("performance_delta").begin_object();
-    w.key("time_difference_ms").f64(slow - fast, 3);
-    w.key("faster_backend").str(faster);
-    w.key("faster_by_percent")
-        .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
-    w.end_object();
-    w.key("predictions_match").bool(predictions_match);
+    if let Some((ta, tb)) = times {
+        let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
+        w.key("performance_delta").begin_object();
+        w.key("time_difference_ms").f64(slow - fast, 3);
+        w.key("faster_backend").str(faster);
+        w.key("faster_by_percent")
+            .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
+        w.end_object();
+    }
+    w.key("predictions_match").bool(predictions_match && times.is_some());
+    w.key("comparison_failed").bool(times.is_none());
     w.key("metadata").begin_object();
     source(&mut w, src);
     w.end_object();
@@ -397,5 +413,38 @@ mod tests {
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
         assert!(matches!(get(&v, &["device_id"]), Value::Null));
         assert!(matches!(get(&v, &["reason"]), Value::String(s) if s == "payload \"x\" is a PNG"));
+    }
+
+    #[test]
+    fn a_failed_second_backend_marks_the_comparison_failed() {
+        let mut buf = Vec::new();
+        let preds = [Prediction {
+            class_id: 3,
+            label: "cat",
+            confidence: 0.9,
+            bbox: None,
+        }];
+        let run = BackendRun {
+            time: Duration::from_millis(4),
+            allocated_bytes: 0,
+        };
+        let sides = |b: Result<BackendRun, &'static str>| {
+            [
+                ("candle", Ok(run), preds.iter().copied()),
+                ("onnx", b, preds.iter().copied()),
+            ]
+        };
+        write_comparison(&mut buf, SystemTime::now(), &src(), "m", sides(Err("boom")), true);
+        let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
+        assert!(matches!(get(&v, &["comparison_failed"]), Value::Bool(true)));
+        assert!(matches!(get(&v, &["predictions_match"]), Value::Bool(false)));
+        assert!(matches!(get(&v, &["backends", "onnx", "error"]), Value::String(s) if s == "boom"));
+        let Value::Object(o) = &v else { panic!() };
+        assert!(!o.contains_key("performance_delta"));
+        write_comparison(&mut buf, SystemTime::now(), &src(), "m", sides(Ok(run)), true);
+        let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
+        assert!(matches!(get(&v, &["comparison_failed"]), Value::Bool(false)));
+        assert!(matches!(get(&v, &["predictions_match"]), Value::Bool(true)));
+        assert!(matches!(get(&v, &["performance_delta", "faster_backend"]), Value::String(_)));
     }
 }
