@@ -4,6 +4,9 @@
 //! it owns. The binary (`main.rs`) only parses the command line and calls
 //! into `service`.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod alloc_count;
 pub mod backend;
 pub mod bench;

@@ -1,5 +1,8 @@
 //! The command line: parses arguments and hands over to `service`.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::process::ExitCode;
 
 use ai_edge_inference::config::{self, Settings};

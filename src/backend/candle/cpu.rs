@@ -11,14 +11,14 @@
 use std::sync::OnceLock;
 
 static ISA: OnceLock<Isa> = OnceLock::new();
-static CAP: OnceLock<Isa> = OnceLock::new();
+static CAP: OnceLock<Level> = OnceLock::new();
 
 /// Caps the instruction set ("auto", "v4", "v3", "base"); before the first kernel runs.
 pub fn set_isa_cap(cap: &str) {
     let cap = match cap {
-        "base" => Isa::Base,
-        "v3" => Isa::V3,
-        _ => Isa::V4,
+        "base" => Level::Base,
+        "v3" => Level::V3,
+        _ => Level::V4,
     };
     if CAP.set(cap).is_err() && CAP.get() != Some(&cap) {
         log::warn!(
@@ -28,9 +28,9 @@ pub fn set_isa_cap(cap: &str) {
     }
 }
 
-/// An instruction set a kernel is compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Isa {
+/// An instruction-set level a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
     /// The build target's baseline (SSE2 on x86-64; NEON on aarch64).
     Base,
     /// AVX2 and FMA.
@@ -39,13 +39,32 @@ pub enum Isa {
     V4,
 }
 
+/// A [`Level`] this CPU runs: made only by [`Isa::detect`] and
+/// [`Isa::supported`], which check the CPU, so a kernel handed an `Isa` may
+/// use its instructions (the field is private to this module).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Isa(Level);
+
+impl std::fmt::Debug for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 impl Isa {
     /// The best this CPU runs under the cap (`CANDLE_ISA`), chosen once.
     pub fn detect() -> Isa {
         *ISA.get_or_init(|| {
-            let best = Isa::supported().last().copied().unwrap_or(Isa::Base);
-            let cap = *CAP.get_or_init(|| Isa::V4);
-            let isa = if (cap as u8) < (best as u8) { cap } else { best };
+            let supported = Isa::supported();
+            let best = supported.last().copied().unwrap_or(Isa(Level::Base));
+            let cap = *CAP.get_or_init(|| Level::V4);
+            // The best supported level at or below the cap.
+            let isa = supported
+                .iter()
+                .rev()
+                .find(|i| i.0 <= cap)
+                .copied()
+                .unwrap_or(Isa(Level::Base));
             log::info!("Candle CPU kernels: {isa:?} (this CPU: up to {best:?})");
             isa
         })
@@ -53,17 +72,21 @@ impl Isa {
 
     /// Every instruction set this CPU runs, the baseline first.
     pub fn supported() -> Vec<Isa> {
-        let mut v = vec![Isa::Base];
+        let mut v = vec![Isa(Level::Base)];
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                v.push(Isa::V3);
+                v.push(Isa(Level::V3));
                 if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl") {
-                    v.push(Isa::V4);
+                    v.push(Isa(Level::V4));
                 }
             }
         }
         v
+    }
+
+    pub fn level(self) -> Level {
+        self.0
     }
 }
 
@@ -85,11 +108,14 @@ macro_rules! multiversion {
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn v3($($arg: $ty),*) { body::<true>($($arg),*) }
-                // SAFETY: `isa` is V4 or V3 only where `Isa::supported` found those features.
-                match isa {
-                    $crate::backend::candle::cpu::Isa::V4 => return unsafe { v4($($arg),*) },
-                    $crate::backend::candle::cpu::Isa::V3 => return unsafe { v3($($arg),*) },
-                    $crate::backend::candle::cpu::Isa::Base => {}
+                use $crate::backend::candle::cpu::Level;
+                match isa.level() {
+                    // SAFETY: an `Isa` of level V4 exists only where `Isa::supported`
+                    // found AVX-512 F and VL, AVX2 and FMA on this CPU.
+                    Level::V4 => return unsafe { v4($($arg),*) },
+                    // SAFETY: likewise, level V3 only where AVX2 and FMA were found.
+                    Level::V3 => return unsafe { v3($($arg),*) },
+                    Level::Base => {}
                 }
             }
             let _ = isa;

@@ -73,6 +73,14 @@ impl ConvBn {
         self.weight.dims4().unwrap_or((0, 0, 0, 0))
     }
 
+    /// The kernel size; an error unless the kernel is square.
+    fn square(&self, name: &str) -> Result<usize, String> {
+        match self.dims() {
+            (_, _, kh, kw) if kh == kw && kh > 0 => Ok(kh),
+            (_, _, kh, kw) => Err(format!("{name}: a {kh}x{kw} kernel; EfficientNet-Lite's are square")),
+        }
+    }
+
     fn vecs(&self) -> Result<(Vec<f32>, Vec<f32>), String> {
         let v = |t: &Tensor| {
             t.flatten_all()
@@ -94,17 +102,20 @@ impl ConvBn {
         }
     }
 
-    fn pointwise(&self, act: Act) -> Result<nhwc::Pointwise, String> {
-        let (o, i, ..) = self.dims();
+    fn pointwise(&self, name: &str, act: Act) -> Result<nhwc::Pointwise, String> {
+        let (o, i, kh, kw) = self.dims();
+        if (kh, kw) != (1, 1) {
+            return Err(format!("{name}: a {kh}x{kw} kernel where a 1x1 convolution belongs"));
+        }
         let (w, b) = self.vecs()?;
-        Ok(nhwc::Pointwise::new(&w, &b, o, i, act))
+        nhwc::Pointwise::new(&w, &b, o, i, act).map_err(|e| format!("{name}: {e}"))
     }
 }
 
 /// TF "same" padding for one axis: (before, after).
 fn same_pad(size: usize, k: usize, s: usize) -> (usize, usize) {
-    let out = size.div_ceil(s);
-    let total = ((out - 1) * s + k).saturating_sub(size);
+    let out = size.div_ceil(s.max(1));
+    let total = (out.saturating_sub(1) * s + k).saturating_sub(size);
     (total / 2, total - total / 2)
 }
 
@@ -154,9 +165,10 @@ impl EfficientNetLite {
         if in_c3 != 3 {
             return Err(format!("_conv_stem takes {in_c3} channels, not 3"));
         }
+        stem.square("_conv_stem")?;
         let stem_geo = stem.geometry(h, wd);
         let (sw, sb) = stem.vecs()?;
-        let stem_k = nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6);
+        let stem_k = nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6).map_err(|e| format!("_conv_stem: {e}"))?;
         let stem_out = stem_geo
             .checked_out_size(h, wd)
             .ok_or_else(|| format!("a {h}x{wd} input is too small for the stem"))?;
@@ -184,7 +196,7 @@ impl EfficientNetLite {
             };
             let expand = if w.contains_key(&format!("{p}._expand_conv.weight")) {
                 let e = ConvBn::load(w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), 1)?;
-                Some(e.pointwise(Act::Relu6)?)
+                Some(e.pointwise(&format!("{p}._expand_conv"), Act::Relu6)?)
             } else {
                 None
             };
@@ -196,10 +208,12 @@ impl EfficientNetLite {
                     "{p}._depthwise_conv: {mid} filters of {one} channels after {mid_in} channels"
                 ));
             }
+            dw.square(&format!("{p}._depthwise_conv"))?;
             let geo = dw.geometry(size.0, size.1);
             let (dwv, dbv) = dw.vecs()?;
-            let depthwise = nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6);
-            let project = project.pointwise(Act::None)?;
+            let depthwise =
+                nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6).map_err(|e| format!("{p}._depthwise_conv: {e}"))?;
+            let project = project.pointwise(&format!("{p}._project_conv"), Act::None)?;
             if project.cin != mid {
                 return Err(format!("{p}._project_conv takes {} channels after {mid}", project.cin));
             }
@@ -223,7 +237,7 @@ impl EfficientNetLite {
         if blocks.is_empty() {
             return Err("no `_blocks.N` tensors: not an EfficientNet-Lite checkpoint".into());
         }
-        let head = ConvBn::load(w, "_conv_head", "_bn1", 1)?.pointwise(Act::Relu6)?;
+        let head = ConvBn::load(w, "_conv_head", "_bn1", 1)?.pointwise("_conv_head", Act::Relu6)?;
         if head.cin != in_c {
             return Err(format!("_conv_head takes {} channels after {in_c}", head.cin));
         }
@@ -235,7 +249,7 @@ impl EfficientNetLite {
                 .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
                 .map_err(|e| format!("{n}: {e}"))
         };
-        let fc = nhwc::Dense::new(&get("_fc.weight")?, &get("_fc.bias")?);
+        let fc = nhwc::Dense::new(&get("_fc.weight")?, &get("_fc.bias")?).map_err(|e| format!("_fc: {e}"))?;
         if fc.inputs != head.cout {
             return Err(format!(
                 "_fc takes {} features, the head gives {}",

@@ -106,6 +106,24 @@ enum Op {
     GlobalAveragePool,
 }
 
+/// Convolution strides, dilations and pads above this are refused at compile.
+const MAX_CONV_PARAM: i64 = 1024;
+/// Resize scales above this are refused at compile.
+const MAX_RESIZE_SCALE: f32 = 64.0;
+
+impl Op {
+    /// How many data inputs (graph values or float constants) the op takes: (least, most).
+    fn arity(&self) -> (usize, usize) {
+        match self {
+            Op::Conv { .. } | Op::Gemm { .. } => (2, 3),
+            Op::FastConv(_) | Op::FastDepthwise(_) => (1, 1),
+            Op::Binary(_) | Op::MatMul => (2, 2),
+            Op::Concat { .. } => (1, usize::MAX),
+            _ => (1, 1),
+        }
+    }
+}
+
 struct Step {
     name: String,
     op: Op,
@@ -158,7 +176,6 @@ fn to_tensor(t: &TensorProto) -> R<Tensor> {
             t.name
         ));
     }
-    let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
     let (dtype, data): (DType, &[u8]) = match t.data_type {
         onnx_proto::FLOAT => (DType::F32, &t.raw),
         onnx_proto::FLOAT16 => (DType::F16, &t.raw),
@@ -171,6 +188,7 @@ fn to_tensor(t: &TensorProto) -> R<Tensor> {
             ))
         }
     };
+    let dims = t.shape(dtype.size_in_bytes())?;
     let t2 = Tensor::from_raw_buffer(data, dtype, &dims, &Device::Cpu)
         .map_err(|e| format!("initializer `{}`: {e}", t.name))?;
     match dtype {
@@ -206,18 +224,34 @@ impl Plan {
                 "Conv" => {
                     let strides = attr_ints(n, "strides").unwrap_or(vec![1, 1]);
                     let dil = attr_ints(n, "dilations").unwrap_or(vec![1, 1]);
-                    if strides.len() != 2 || strides[0] != strides[1] || dil[0] != dil[1] {
-                        return Err(what("only 2-D convolutions with equal strides and dilations".into()));
-                    }
+                    let (stride, dilation) = match (strides.as_slice(), dil.as_slice()) {
+                        ([s, s2], [d, d2]) if s == s2 && d == d2 => (*s, *d),
+                        _ => return Err(what("only 2-D convolutions with equal strides and dilations".into())),
+                    };
                     if attr_s(n, "auto_pad").is_some_and(|p| p != "NOTSET") {
                         return Err(what("auto_pad is not supported; export with explicit pads".into()));
                     }
-                    let p = attr_ints(n, "pads").unwrap_or(vec![0; 4]);
+                    let pads = attr_ints(n, "pads").unwrap_or(vec![0; 4]);
+                    let groups = attr_i(n, "group", 1);
+                    // Bounds that no real network passes: a flipped bit must not ask for terabytes.
+                    let small = |v: i64, lo: i64| (lo..=MAX_CONV_PARAM).contains(&v);
+                    let [pt, pl, pb, pr] = pads.as_slice() else {
+                        return Err(what(format!("pads must be 4 values, found {pads:?}")));
+                    };
+                    if !small(stride, 1)
+                        || !small(dilation, 1)
+                        || !(1..=1 << 20).contains(&groups)
+                        || ![pt, pl, pb, pr].iter().all(|p| small(**p, 0))
+                    {
+                        return Err(what(format!(
+                            "stride {stride}, dilation {dilation}, group {groups}, pads {pads:?}: out of range"
+                        )));
+                    }
                     Op::Conv {
-                        stride: strides[0] as usize,
-                        pads: [p[0] as usize, p[1] as usize, p[2] as usize, p[3] as usize],
-                        dilation: dil[0] as usize,
-                        groups: attr_i(n, "group", 1) as usize,
+                        stride: stride as usize,
+                        pads: [*pt as usize, *pl as usize, *pb as usize, *pr as usize],
+                        dilation: dilation as usize,
+                        groups: groups as usize,
                         act: Act::None,
                     }
                 }
@@ -263,21 +297,25 @@ impl Plan {
                     if attr_i(n, "allowzero", 0) != 0 {
                         return Err(what("allowzero=1 is not supported".into()));
                     }
+                    let shape = n.inputs.get(1).ok_or_else(|| what("the shape input is missing".into()))?;
                     Op::Reshape {
-                        shape: int_param(&n.inputs[1]).map_err(what)?,
+                        shape: int_param(shape).map_err(what)?,
                     }
                 }
                 "Flatten" => Op::Flatten {
                     axis: attr_i(n, "axis", 1),
                 },
-                "Transpose" => Op::Transpose {
-                    perm: attr_ints(n, "perm")
-                        .ok_or_else(|| what("perm is required".into()))?
-                        .iter()
-                        .map(|p| *p as usize)
-                        .collect(),
-                    view: false,
-                },
+                "Transpose" => {
+                    let perm = attr_ints(n, "perm").ok_or_else(|| what("perm is required".into()))?;
+                    let rank = perm.len() as i64;
+                    if (0..rank).any(|i| !perm.contains(&i)) {
+                        return Err(what(format!("perm {perm:?} is not a permutation")));
+                    }
+                    Op::Transpose {
+                        perm: perm.iter().map(|p| *p as usize).collect(),
+                        view: false,
+                    }
+                }
                 "MatMul" => Op::MatMul,
                 "Gemm" => {
                     if attr_i(n, "transA", 0) != 0
@@ -315,7 +353,7 @@ impl Plan {
                             .to_f32s()?,
                         None => return Err(what("only Resize with constant scales".into())),
                     };
-                    let int = |v: f32| (v.fract() == 0.0 && v >= 1.0).then_some(v as usize);
+                    let int = |v: f32| (v.fract() == 0.0 && (1.0..=MAX_RESIZE_SCALE).contains(&v)).then_some(v as usize);
                     match (mode.as_str(), scales.as_slice()) {
                         ("nearest", [1.0, 1.0, h, w]) if int(*h).is_some() && int(*w).is_some() => Op::Resize {
                             scale_h: *h as usize,
@@ -323,7 +361,7 @@ impl Plan {
                         },
                         _ => {
                             return Err(what(format!(
-                                "only nearest Resize by whole-number scales (found {mode} {scales:?})"
+                                "only nearest Resize by whole-number scales up to {MAX_RESIZE_SCALE} (found {mode} {scales:?})"
                             )))
                         }
                     }
@@ -379,6 +417,16 @@ impl Plan {
                 } else {
                     return Err(what(format!("input `{name}` is produced by no earlier node")));
                 }
+            }
+            let (least, most) = op.arity();
+            if inputs.len() < least || inputs.len() > most {
+                return Err(what(format!(
+                    "{} inputs; this op takes {least} to {most}",
+                    inputs.len()
+                )));
+            }
+            if n.outputs.is_empty() {
+                return Err(what("no outputs".into()));
             }
             let mut outputs = Vec::with_capacity(n.outputs.len());
             for o in &n.outputs {
@@ -716,16 +764,23 @@ fn swaps_last_two(perm: &[usize]) -> bool {
     n >= 2 && perm[n - 2] == n - 1 && perm[n - 1] == n - 2 && perm[..n - 2].iter().enumerate().all(|(i, p)| i == *p)
 }
 
-fn axis(a: i64, rank: usize) -> usize {
-    if a < 0 {
-        (a + rank as i64) as usize
-    } else {
-        a as usize
-    }
+/// An ONNX axis (negative counts from the end) as an index below `rank`.
+fn axis(a: i64, rank: usize) -> candle_core::Result<usize> {
+    let i = if a < 0 { a + rank as i64 } else { a };
+    usize::try_from(i)
+        .ok()
+        .filter(|&i| i < rank)
+        .ok_or_else(|| candle_core::Error::Msg(format!("axis {a} for rank {rank}")))
 }
 
 fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
-    let x = a[0];
+    // Compile checked each op's input count (`Op::arity`); this keeps a miss an error.
+    let arg = |i: usize| {
+        a.get(i)
+            .copied()
+            .ok_or_else(|| candle_core::Error::Msg(format!("input {i} is missing")))
+    };
+    let x = arg(0)?;
     let one = |t: Tensor| Ok(vec![t]);
     match op {
         Op::Conv {
@@ -737,11 +792,11 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
         } => {
             let [t, l, b, r] = *pads;
             let y = if t == b && l == r && t == l {
-                x.conv2d(a[1], t, *stride, *dilation, *groups)?
+                x.conv2d(arg(1)?, t, *stride, *dilation, *groups)?
             } else {
                 x.pad_with_zeros(2, t, b)?
                     .pad_with_zeros(3, l, r)?
-                    .conv2d(a[1], 0, *stride, *dilation, *groups)?
+                    .conv2d(arg(1)?, 0, *stride, *dilation, *groups)?
             };
             let y = match a.get(2) {
                 Some(bias) => y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
@@ -759,17 +814,17 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
         Op::Relu => one(x.relu()?),
         Op::Clip { min, max } => one(x.clamp(*min, *max)?),
         Op::Binary(b) => one(match b {
-            Bin::Add => x.broadcast_add(a[1])?,
-            Bin::Sub => x.broadcast_sub(a[1])?,
-            Bin::Mul => x.broadcast_mul(a[1])?,
-            Bin::Div => x.broadcast_div(a[1])?,
+            Bin::Add => x.broadcast_add(arg(1)?)?,
+            Bin::Sub => x.broadcast_sub(arg(1)?)?,
+            Bin::Mul => x.broadcast_mul(arg(1)?)?,
+            Bin::Div => x.broadcast_div(arg(1)?)?,
         }),
         Op::FastSoftmax { axis, scale } => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Softmax {
             axis: *axis,
             scale: *scale,
         })?),
         Op::Split { axis: ax, sizes } => {
-            let d = axis(*ax, x.rank());
+            let d = axis(*ax, x.rank())?;
             let mut start = 0;
             let mut outs = Vec::with_capacity(sizes.len());
             for s in sizes {
@@ -779,30 +834,35 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             Ok(outs)
         }
         Op::Concat { axis: ax } => {
-            let d = axis(*ax, x.rank());
+            let d = axis(*ax, x.rank())?;
             one(Tensor::cat(a, d)?)
         }
         Op::Reshape { shape } => {
             let dims = x.dims();
             let mut out: Vec<usize> = Vec::with_capacity(shape.len());
             let mut infer = None;
+            let bad = || candle_core::Error::Msg(format!("cannot reshape {dims:?} to {shape:?}"));
             for (i, s) in shape.iter().enumerate() {
                 match *s {
-                    0 => out.push(dims[i]),
-                    -1 => {
+                    0 => out.push(*dims.get(i).ok_or_else(bad)?),
+                    -1 if infer.is_none() => {
                         infer = Some(i);
                         out.push(1);
                     }
-                    s => out.push(s as usize),
+                    s => out.push(usize::try_from(s).map_err(|_| bad())?),
                 }
             }
             if let Some(i) = infer {
-                out[i] = x.elem_count() / out.iter().product::<usize>().max(1);
+                let known = out.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(bad)?;
+                out[i] = x.elem_count() / known.max(1);
+            }
+            if out.iter().try_fold(1usize, |n, &d| n.checked_mul(d)) != Some(x.elem_count()) {
+                return Err(bad());
             }
             one(kernels::contiguous(x)?.reshape(out)?)
         }
         Op::Flatten { axis: ax } => {
-            let d = axis(*ax, x.rank());
+            let d = if *ax == x.rank() as i64 { x.rank() } else { axis(*ax, x.rank())? };
             let outer: usize = x.dims()[..d].iter().product();
             one(kernels::contiguous(x)?.reshape((outer, x.elem_count() / outer.max(1)))?)
         }
@@ -819,20 +879,21 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
                     l.broadcast_matmul(r)
                 }
             };
-            let same_batch = x.rank() == a[1].rank() && x.rank() >= 2 && {
+            let b = arg(1)?;
+            let same_batch = x.rank() == b.rank() && x.rank() >= 2 && {
                 let r = x.rank();
-                x.dims()[..r - 2] == a[1].dims()[..r - 2]
+                x.dims()[..r - 2] == b.dims()[..r - 2]
             };
-            if same_batch && x.dtype() == DType::F32 && a[1].dtype() == DType::F32 {
-                return one(x.apply_op2_no_bwd(a[1], &kernels::MatMul)?);
+            if same_batch && x.dtype() == DType::F32 && b.dtype() == DType::F32 {
+                return one(x.apply_op2_no_bwd(b, &kernels::MatMul)?);
             }
-            one(match mm(x, a[1]) {
+            one(match mm(x, b) {
                 Ok(y) => y,
-                Err(_) => mm(&kernels::contiguous(x)?, &a[1].contiguous()?)?,
+                Err(_) => mm(&kernels::contiguous(x)?, &b.contiguous()?)?,
             })
         }
         Op::Gemm { trans_b } => {
-            let w = if *trans_b { a[1].t()? } else { a[1].clone() };
+            let w = if *trans_b { arg(1)?.t()? } else { arg(1)?.clone() };
             let y = x.matmul(&w.contiguous()?)?;
             one(match a.get(2) {
                 Some(c) => y.broadcast_add(c)?,
@@ -840,7 +901,11 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             })
         }
         Op::Reduce { max, axes, keepdims } => {
-            let mut ds: Vec<usize> = axes.iter().map(|a| axis(*a, x.rank())).collect();
+            let mut ds: Vec<usize> = axes
+                .iter()
+                .map(|a| axis(*a, x.rank()))
+                .collect::<candle_core::Result<_>>()?;
+            ds.dedup();
             ds.sort_unstable_by(|a, b| b.cmp(a));
             let mut y = x.clone();
             for d in ds {
@@ -860,7 +925,7 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
         Op::Slice { starts, ends, axes, .. } => {
             let mut y = x.clone();
             for ((s, e), ax) in starts.iter().zip(ends).zip(axes) {
-                let d = axis(*ax, y.rank());
+                let d = axis(*ax, y.rank())?;
                 let n = y.dims()[d] as i64;
                 let clamp = |v: i64| if v < 0 { (v + n).max(0) } else { v.min(n) };
                 let (s, e) = (clamp(*s), clamp(*e));
@@ -929,7 +994,7 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
             let w = Tensor::randn(0f32, 0.1, (cin, 1, k, k), &dev).map_err(e)?;
             let wv: Vec<f32> = w.flatten_all().and_then(|t| t.to_vec1()).map_err(e)?;
             let op = kernels::Depthwise::new(&w, Some(&bt), s, pad, Act::Relu6).map_err(e)?;
-            let dw = nhwc::Depthwise::new(&wv, &b, cin, geo, Act::Relu6);
+            let dw = nhwc::Depthwise::new(&wv, &b, cin, geo, Act::Relu6)?;
             cpu::run(|| {
                 (
                     time(&mut || drop(x.apply_op1_no_bwd(&op))),
@@ -940,7 +1005,7 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
             let w = Tensor::randn(0f32, 0.1, (cout, cin, 1, 1), &dev).map_err(e)?;
             let wv: Vec<f32> = w.flatten_all().and_then(|t| t.to_vec1()).map_err(e)?;
             let op = kernels::Conv::new(&w, Some(&bt), 1, [0; 4], Act::Relu6).map_err(e)?;
-            let pw = nhwc::Pointwise::new(&wv, &b, cout, cin, Act::Relu6);
+            let pw = nhwc::Pointwise::new(&wv, &b, cout, cin, Act::Relu6)?;
             cpu::run(|| {
                 (
                     time(&mut || drop(x.apply_op1_no_bwd(&op))),

@@ -194,13 +194,27 @@ impl SharedOut {
         self.0.wrapping_add(i)
     }
 
-    /// The whole buffer.
+    /// Writes `v` to element `i`.
     ///
     /// # Safety
-    /// The caller writes only elements no other thread touches meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn all(&self) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0, self.1)
+    /// No other thread reads or writes element `i` meanwhile.
+    #[inline(always)]
+    unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.1, "SharedOut: {i} past {}", self.1);
+        // SAFETY: `i` is inside the buffer (checked above); the caller owns the element.
+        unsafe { self.0.add(i).write(v) }
+    }
+
+    /// Copies `src` to elements `at..at + src.len()`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those elements meanwhile, and `src` is not part of this buffer.
+    #[inline(always)]
+    unsafe fn copy_from(&self, at: usize, src: &[f32]) {
+        assert!(at.checked_add(src.len()).is_some_and(|end| end <= self.1), "SharedOut: copy past the end");
+        // SAFETY: the range is inside the buffer (checked above), owned by the caller, and
+        // `src` lies elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) }
     }
 }
 
@@ -222,30 +236,38 @@ impl Conv {
     ) {
         assert!(self.cout * ohw <= dst.1 && c0 + cols <= ohw);
         assert!(rhs.len() >= (k_len - 1) * rhs_rs + cols && self.w.len() >= self.cout * k_len);
-        let o = dst.0.add(c0);
-        gemm::gemm(
-            self.cout,
-            cols,
-            k_len,
-            o,
-            1,
-            ohw as isize,
-            false,
-            self.w.as_ptr(),
-            1,
-            k_len as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+        // SAFETY: `c0 < ohw <= dst.1` (asserted), so the pointer stays inside the buffer.
+        let o = unsafe { dst.0.add(c0) };
+        // SAFETY: the asserts bound every element gemm reads (`cout x k_len` of `w`,
+        // `k_len x cols` of `rhs` at row stride `rhs_rs`) and writes (`cout` rows of
+        // `cols` at stride `ohw` from `o`, inside `dst`); the caller owns those columns.
+        unsafe {
+            gemm::gemm(
+                self.cout,
+                cols,
+                k_len,
+                o,
+                1,
+                ohw as isize,
+                false,
+                self.w.as_ptr(),
+                1,
+                k_len as isize,
+                rhs.as_ptr(),
+                1,
+                rhs_rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
         for r in 0..self.cout {
-            let row = std::slice::from_raw_parts_mut(o.add(r * ohw), cols);
+            // SAFETY: row r's columns c0..c0 + cols lie inside `dst` (asserted) and belong to
+            // this caller alone; gemm has written them.
+            let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * ohw), cols) };
             bias_activate(self.isa, row, self.bias[r], self.act);
         }
     }
@@ -787,16 +809,17 @@ impl CustomOp1 for Transpose {
                 ib += d * src[i];
                 ob += d * out_strides[i];
             }
-            // SAFETY: each outer index owns the output elements ob + j*out_strides[a] + k,
-            // disjoint from every other's; the indices stay below len == out.len().
-            let out = unsafe { dst.all() };
+            // Each outer index owns the output elements ob + j*out_strides[a] + k, disjoint
+            // from every other's: every write below is to an element only this task touches.
             let sl = src[last];
             match a {
                 // The output's last axis walks the input with stride 1: contiguous runs.
-                None if sl == 1 => out[ob..ob + n_last].copy_from_slice(&x[ib..ib + n_last]),
+                // SAFETY: this task's own elements (above); `x` is the input, not `out`.
+                None if sl == 1 => unsafe { dst.copy_from(ob, &x[ib..ib + n_last]) },
                 None => {
-                    for (k, o) in out[ob..ob + n_last].iter_mut().enumerate() {
-                        *o = x[ib + k * sl];
+                    for k in 0..n_last {
+                        // SAFETY: this task's own element (above).
+                        unsafe { dst.write(ob + k, x[ib + k * sl]) };
                     }
                 }
                 Some(a) => {
@@ -805,7 +828,8 @@ impl CustomOp1 for Transpose {
                         for k0 in (0..n_last).step_by(TILE_T) {
                             for j in j0..(j0 + TILE_T).min(n_a) {
                                 for k in k0..(k0 + TILE_T).min(n_last) {
-                                    out[ob + j * oa + k] = x[ib + j + k * sl];
+                                    // SAFETY: this task's own element (above).
+                                    unsafe { dst.write(ob + j * oa + k, x[ib + j + k * sl]) };
                                 }
                             }
                         }

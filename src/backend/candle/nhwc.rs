@@ -143,16 +143,15 @@ const TILE: usize = 192;
 
 impl Pointwise {
     /// From OIHW weights (`[c_out][c_in]` for 1x1) and a bias.
-    pub fn new(w_oi: &[f32], bias: &[f32], cout: usize, cin: usize, act: Act) -> Pointwise {
-        assert_eq!(w_oi.len(), cout * cin);
-        assert_eq!(bias.len(), cout);
-        Pointwise {
+    pub fn new(w_oi: &[f32], bias: &[f32], cout: usize, cin: usize, act: Act) -> Result<Pointwise, String> {
+        sizes_fit("a 1x1 convolution", w_oi.len(), &[cout, cin], bias.len(), cout)?;
+        Ok(Pointwise {
             w: transposed(w_oi, cout, cin),
             bias: bias.to_vec(),
             cin,
             cout,
             act,
-        }
+        })
     }
 
     /// `out[..pixels * c_out]` from `x[..pixels * c_in]`, plus `residual` (`pixels * c_out`) if given.
@@ -179,7 +178,29 @@ pub struct Geometry {
     pub pad: [usize; 4],
 }
 
+/// Checks that `weights` values make `dims` and `bias` values make `outputs` (`what` names the layer).
+fn sizes_fit(what: &str, weights: usize, dims: &[usize], bias: usize, outputs: usize) -> Result<(), String> {
+    let want = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if want != Some(weights) || bias != outputs || dims.contains(&0) {
+        return Err(format!(
+            "{what} of shape {dims:?} with {weights} weights and {bias} biases for {outputs} outputs"
+        ));
+    }
+    Ok(())
+}
+
 impl Geometry {
+    /// A kernel and stride of at least 1 and pads smaller than the kernel.
+    pub fn check(&self) -> Result<(), String> {
+        if self.k == 0 || self.stride == 0 || self.k > 64 || self.pad.iter().any(|&p| p >= self.k) {
+            return Err(format!(
+                "kernel {} stride {} pads {:?} is not a convolution these kernels run",
+                self.k, self.stride, self.pad
+            ));
+        }
+        Ok(())
+    }
+
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
         let [pt, pb, pl, pr] = self.pad;
         (
@@ -218,17 +239,17 @@ pub struct Depthwise {
 
 impl Depthwise {
     /// From `[c][1][k][k]` weights and a bias.
-    pub fn new(w_c1kk: &[f32], bias: &[f32], c: usize, geo: Geometry, act: Act) -> Depthwise {
+    pub fn new(w_c1kk: &[f32], bias: &[f32], c: usize, geo: Geometry, act: Act) -> Result<Depthwise, String> {
+        geo.check()?;
         let kk = geo.k * geo.k;
-        assert_eq!(w_c1kk.len(), c * kk);
-        assert_eq!(bias.len(), c);
-        Depthwise {
+        sizes_fit("a depthwise convolution", w_c1kk.len(), &[c, kk], bias.len(), c)?;
+        Ok(Depthwise {
             w: transposed(w_c1kk, c, kk),
             bias: bias.to_vec(),
             c,
             geo,
             act,
-        }
+        })
     }
 
     /// `out` (`oh x ow x c`) from `x` (`h x w x c`).
@@ -317,10 +338,10 @@ pub struct Conv {
 
 impl Conv {
     /// From OIHW weights and a bias.
-    pub fn new(w_oihw: &[f32], bias: &[f32], cout: usize, cin: usize, geo: Geometry, act: Act) -> Conv {
+    pub fn new(w_oihw: &[f32], bias: &[f32], cout: usize, cin: usize, geo: Geometry, act: Act) -> Result<Conv, String> {
+        geo.check()?;
         let k = geo.k;
-        assert_eq!(w_oihw.len(), cout * cin * k * k);
-        assert_eq!(bias.len(), cout);
+        sizes_fit("a convolution", w_oihw.len(), &[cout, cin, k, k], bias.len(), cout)?;
         let mut w = vec![0f32; k * k * cin * cout];
         for o in 0..cout {
             for i in 0..cin {
@@ -329,14 +350,14 @@ impl Conv {
                 }
             }
         }
-        Conv {
+        Ok(Conv {
             w,
             bias: bias.to_vec(),
             cin,
             cout,
             geo,
             act,
-        }
+        })
     }
 
     /// Scratch `run` needs for an `h x w` input.
@@ -414,13 +435,19 @@ pub struct Dense {
 }
 
 impl Dense {
-    pub fn new(w: &[f32], bias: &[f32]) -> Dense {
-        assert_eq!(w.len() % bias.len().max(1), 0);
-        Dense {
-            inputs: w.len() / bias.len().max(1),
+    pub fn new(w: &[f32], bias: &[f32]) -> Result<Dense, String> {
+        if bias.is_empty() || w.len() % bias.len() != 0 {
+            return Err(format!(
+                "a dense layer of {} weights cannot have {} outputs",
+                w.len(),
+                bias.len()
+            ));
+        }
+        Ok(Dense {
+            inputs: w.len() / bias.len(),
             w: w.to_vec(),
             bias: bias.to_vec(),
-        }
+        })
     }
 
     pub fn outputs(&self) -> usize {
@@ -560,7 +587,7 @@ mod tests {
                 let b = randn(&[c], 200 + n as u64);
                 let wt_t = Tensor::from_slice(&wt, (c, 1, k, k), &Device::Cpu).unwrap();
                 let want = nhwc(&reference(&nchw(&x, (c, h, w)), &wt_t, &b, geo, c, act));
-                let dw = Depthwise::new(&wt, &b, c, geo, act);
+                let dw = Depthwise::new(&wt, &b, c, geo, act).unwrap();
                 let (oh, ow) = geo.out_size(h, w);
                 let mut got = vec![f32::NAN; oh * ow * c];
                 dw.run(isa, &x, h, w, &mut got);
@@ -585,7 +612,7 @@ mod tests {
                 let b = randn(&[cout], 400 + n as u64);
                 let wt_t = Tensor::from_slice(&wt, (cout, cin, k, k), &Device::Cpu).unwrap();
                 let want = nhwc(&reference(&nchw(&x, (cin, h, w)), &wt_t, &b, geo, 1, act));
-                let conv = Conv::new(&wt, &b, cout, cin, geo, act);
+                let conv = Conv::new(&wt, &b, cout, cin, geo, act).unwrap();
                 let (oh, ow) = geo.out_size(h, w);
                 let mut col = vec![f32::NAN; conv.scratch_len(h, w)];
                 let mut got = vec![f32::NAN; oh * ow * cout];
@@ -627,7 +654,7 @@ mod tests {
                     cout,
                     act,
                 );
-                let pw = Pointwise::new(&wt, &b, cout, cin, act);
+                let pw = Pointwise::new(&wt, &b, cout, cin, act).unwrap();
                 let mut got = vec![f32::NAN; h * w * cout];
                 pw.run(isa, &x, h * w, Some(&res), &mut got);
                 close(
@@ -651,7 +678,7 @@ mod tests {
             close(&pooled, &want.to_vec1::<f32>().unwrap(), "mean");
             let w = randn(&[out, c], 2);
             let b = randn(&[out], 3);
-            let d = Dense::new(&w, &b);
+            let d = Dense::new(&w, &b).unwrap();
             let mut got = vec![f32::NAN; out];
             d.run(isa, &pooled, &mut got);
             let wt = Tensor::from_slice(&w, (out, c), &Device::Cpu).unwrap();

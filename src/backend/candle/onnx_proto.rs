@@ -388,6 +388,28 @@ impl TensorProto {
         }
     }
 
+    /// The dimensions, checked: none negative, and their product is the
+    /// element count that `elem_bytes`-wide elements give the data.
+    pub fn shape(&self, elem_bytes: usize) -> R<Vec<usize>> {
+        let bad = |why: &str| format!("tensor `{}`: dims {:?} {why}", self.name, self.dims);
+        let dims = self
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(|_| bad("include a negative size")))
+            .collect::<R<Vec<usize>>>()?;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad("overflow"))?;
+        if count.checked_mul(elem_bytes) != Some(self.raw.len()) {
+            return Err(bad(&format!(
+                "need {count} elements, but the data holds {} bytes",
+                self.raw.len()
+            )));
+        }
+        Ok(dims)
+    }
+
     /// The values as f32 (for float parameters such as Resize scales).
     pub fn to_f32s(&self) -> R<Vec<f32>> {
         match self.data_type {

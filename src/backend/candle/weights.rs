@@ -62,7 +62,7 @@ fn read_onnx_initializers(path: &Path) -> Result<Weights, String> {
                 format!("initializer `{}` is stored outside the file", t.name),
             ));
         }
-        let dims: Vec<usize> = t.dims.iter().map(|d| *d as usize).collect();
+        let dims = t.shape(dtype.size_in_bytes()).map_err(|e| err(path, e))?;
         let tensor = Tensor::from_raw_buffer(&t.raw, dtype, &dims, &Device::Cpu).map_err(|e| err(path, e))?;
         out.insert(t.name.clone(), tensor);
     }
@@ -163,6 +163,12 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
         };
         let shape: Vec<usize> = size.into_iter().map(int).collect::<Result<_, _>>()?;
         let strides: Vec<usize> = stride.into_iter().map(int).collect::<Result<_, _>>()?;
+        if strides.len() != shape.len() {
+            return Err(err(
+                path,
+                format!("tensor {name}: {} strides for {} dimensions", strides.len(), shape.len()),
+            ));
+        }
         let offset = int(offset)?;
         tensors.push((name, key, dtype, offset, shape, strides));
     }
@@ -181,9 +187,20 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
             .find(|t| t.1 == key)
             .map(|t| t.2.size_in_bytes())
             .unwrap_or(4);
-        let mut data = vec![0u8; numel.checked_mul(size).ok_or_else(|| err(path, "storage too large"))?];
-        r.read_exact(&mut data)
+        let bytes = numel.checked_mul(size).ok_or_else(|| err(path, "storage too large"))?;
+        // Read what is there, up to the declared size: a corrupt count costs
+        // no more memory than the file holds.
+        let mut data = Vec::new();
+        (&mut r)
+            .take(bytes as u64)
+            .read_to_end(&mut data)
             .map_err(|e| err(path, format!("storage {key}: {e}")))?;
+        if data.len() != bytes {
+            return Err(err(
+                path,
+                format!("storage {key}: declares {bytes} bytes, the file holds {}", data.len()),
+            ));
+        }
         storages.insert(key, data);
     }
 
@@ -193,22 +210,26 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
             .get(&key)
             .ok_or_else(|| err(path, format!("tensor {name}: storage {key} missing")))?;
         let esize = dtype.size_in_bytes();
-        let numel: usize = shape.iter().product();
+        let outside = || err(path, format!("tensor {name}: outside its storage"));
+        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(outside)?;
         // Strides that are a permutation of a contiguous layout (a transposed
         // weight): read it in storage order, then permute back.
         let mut order: Vec<usize> = (0..shape.len()).collect();
         order.sort_by(|a, b| strides[*b].cmp(&strides[*a]).then(a.cmp(b)));
         let stored: Vec<usize> = order.iter().map(|&i| shape[i]).collect();
         let permuted_strides: Vec<usize> = order.iter().map(|&i| strides[i]).collect();
-        if numel > 1 && permuted_strides != contiguous_strides(&stored) {
+        if numel > 1 && Some(permuted_strides) != contiguous_strides(&stored) {
             return Err(err(
                 path,
                 format!("tensor {name}: strides {strides:?} for shape {shape:?} are not supported"),
             ));
         }
-        let bytes = data
-            .get(offset * esize..(offset + numel) * esize)
-            .ok_or_else(|| err(path, format!("tensor {name}: outside its storage")))?;
+        let start = offset.checked_mul(esize).ok_or_else(outside)?;
+        let end = offset
+            .checked_add(numel)
+            .and_then(|e| e.checked_mul(esize))
+            .ok_or_else(outside)?;
+        let bytes = data.get(start..end).ok_or_else(outside)?;
         let t = Tensor::from_raw_buffer(bytes, dtype, &stored, &Device::Cpu).map_err(|e| err(path, e))?;
         let mut inverse = vec![0; order.len()];
         for (pos, &dim) in order.iter().enumerate() {
@@ -231,10 +252,11 @@ const LEGACY_MAGIC: [u8; 15] = [
     0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, 0x2e,
 ];
 
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
+/// Row-major strides of `shape`; `None` when they overflow.
+fn contiguous_strides(shape: &[usize]) -> Option<Vec<usize>> {
+    let mut s = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
+        s[i] = s[i + 1].checked_mul(shape[i + 1])?;
     }
-    s
+    Some(s)
 }
