@@ -453,12 +453,14 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
                 format!("camera-health needs no ML backend; omit it (found `{other}`)"),
             ))
         }
+        (_, Some(other)) if !matches!(other, "candle" | "onnx" | "dual") => {
+            return Err(ctx.err("backend", format!("expected candle, onnx or dual, found `{other}`")))
+        }
         (_, _) if settings.enable_dual => BackendKind::Dual,
         (_, None) => settings.default_backend,
         (_, Some("candle")) => BackendKind::Candle,
         (_, Some("onnx")) => BackendKind::Onnx,
-        (_, Some("dual")) => BackendKind::Dual,
-        (_, Some(other)) => return Err(ctx.err("backend", format!("expected candle, onnx or dual, found `{other}`"))),
+        (_, Some(_)) => BackendKind::Dual,
     };
     let base = path.parent().unwrap_or(Path::new("."));
     let model_path = ctx.string(&doc["model_path"], "model_path")?.map(|p| {
@@ -894,60 +896,138 @@ fn kind(v: &Yaml) -> String {
     }
 }
 
-/// The effective configuration as YAML-like text, for `check-config`.
-pub fn describe(m: &ModelConfig) -> String {
-    let p = &m.preprocessing;
-    let mode = match p.mode {
-        ResizeMode::Stretch => "stretch".to_owned(),
-        ResizeMode::Letterbox { pad_value } => format!("letterbox\n  pad_value: {pad_value}"),
-        ResizeMode::CenterCrop { resize_short } => {
-            format!("center-crop\n  resize_short: {resize_short}")
+/// A YAML double-quoted scalar.
+fn quoted(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if c.is_control() => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
         }
-    };
-    let labels = match &m.labels {
-        Labels::FromModel => "from model metadata".to_owned(),
-        Labels::Inline(v) => format!("{} inline", v.len()),
-        Labels::File(f, v) => format!("{} from {}", v.len(), f.display()),
-    };
-    let i = &m.inference;
-    let inputs: Vec<&str> = m.input_topics.iter().map(|t| t.subscription()).collect();
-    format!(
-        "name: {}\nsource: {}\nbackend: {}\nmodel_type: {}\nmodel_path: {}\nlabels: {labels}\npreprocessing:\n  resize: [{}, {}]\n  mode: {mode}\n  normalize: {}\n  mean: {:?}\n  std: {:?}\n  channel_order: {:?}\n  layout: {:?}\ninference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {:?}\n  class_agnostic_nms: {}\n  yolo_version: {:?}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  cpu_arena: {}\n  memory_pattern: {}\n  inter_threads: {}\n  optimization_level: {:?}\n  execution_providers: [{}]\nalerts: {:?}\nhealth:\n  black_threshold: {}\n  blur_threshold: {}\nmqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n",
-        m.name,
-        m.source.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "built-in".into()),
-        m.backend.as_str(),
-        m.model_type.as_str(),
-        m.model_path.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "none".into()),
-        p.width,
-        p.height,
+    }
+    o.push('"');
+    o
+}
+
+fn path_text(p: &Path) -> String {
+    quoted(&p.display().to_string())
+}
+
+/// The effective configuration, for `check-config`: YAML in the spellings
+/// [`parse`] takes, every setting spelled out (defaults included), so the
+/// output is itself a valid config file for the same model.
+pub fn describe(m: &ModelConfig) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let source = m.source.as_deref().map(|p| p.display().to_string());
+    let _ = writeln!(o, "# source: {}", source.as_deref().unwrap_or("built-in"));
+    let _ = writeln!(o, "name: {}", quoted(&m.name));
+    let _ = writeln!(o, "backend: {}", m.backend.as_str());
+    let _ = writeln!(o, "model_type: {}", m.model_type.as_str());
+    if let Some(p) = &m.model_path {
+        let _ = writeln!(o, "model_path: {}", path_text(p));
+    }
+    if let Some(p) = &m.onnx_model_path {
+        let _ = writeln!(o, "onnx_model_path: {}", path_text(p));
+    }
+    match &m.labels {
+        Labels::FromModel => o.push_str("# labels: from the model's metadata\n"),
+        Labels::Inline(v) => {
+            let items: Vec<String> = v.iter().map(|l| quoted(l)).collect();
+            let _ = writeln!(o, "labels: [{}]", items.join(", "));
+        }
+        Labels::File(f, v) => {
+            let _ = writeln!(o, "labels: {}  # {} labels", path_text(f), v.len());
+        }
+    }
+    let p = &m.preprocessing;
+    let _ = writeln!(o, "preprocessing:\n  resize: [{}, {}]", p.width, p.height);
+    match p.mode {
+        ResizeMode::Stretch => o.push_str("  mode: stretch\n"),
+        ResizeMode::Letterbox { pad_value } => {
+            let _ = writeln!(o, "  mode: letterbox\n  pad_value: {pad_value}");
+        }
+        ResizeMode::CenterCrop { resize_short } => {
+            let _ = writeln!(o, "  mode: center-crop\n  resize_short: {resize_short}");
+        }
+    }
+    let triple = |v: [f32; 3]| format!("[{}, {}, {}]", v[0], v[1], v[2]);
+    let _ = writeln!(
+        o,
+        "  normalize: {}\n  mean: {}\n  std: {}\n  channel_order: {}\n  layout: {}",
         p.normalize,
-        p.mean,
-        p.std,
-        p.channel_order,
-        p.layout,
+        triple(p.mean),
+        triple(p.std),
+        match p.channel_order {
+            ChannelOrder::Rgb => "rgb",
+            ChannelOrder::Bgr => "bgr",
+        },
+        match p.layout {
+            Layout::Nchw => "nchw",
+            Layout::Nhwc => "nhwc",
+        }
+    );
+    let i = &m.inference;
+    let _ = writeln!(
+        o,
+        "inference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {}\n  class_agnostic_nms: {}\n  yolo_version: {}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  cpu_arena: {}\n  memory_pattern: {}\n  inter_threads: {}\n  optimization_level: {}\n  execution_providers: [{}]\n  dual_tolerance: {}",
         i.confidence_threshold,
         i.iou_threshold,
         i.max_detections,
         i.batch_size,
         i.gpu_enabled,
         i.top_k,
-        i.softmax,
+        match i.softmax {
+            Softmax::Auto => "auto",
+            Softmax::Always => "true",
+            Softmax::Never => "false",
+        },
         i.class_agnostic_nms,
-        i.yolo_version,
+        match i.yolo_version {
+            YoloVersion::Auto => "auto",
+            YoloVersion::V5 => "v5",
+            YoloVersion::V8 => "v8",
+        },
         i.intra_threads,
         i.instances,
         i.spinning,
         i.cpu_arena,
         i.memory_pattern,
         i.inter_threads,
-        i.optimization_level,
+        match i.optimization_level {
+            OptLevel::Disable => "disable",
+            OptLevel::Basic => "basic",
+            OptLevel::Extended => "extended",
+            OptLevel::All => "all",
+        },
         i.execution_providers.join(", "),
-        m.alerts,
-        m.health.black_threshold,
-        m.health.blur_threshold,
+        i.dual_tolerance,
+    );
+    if m.alerts.is_empty() {
+        o.push_str("alerts: {}\n");
+    } else {
+        o.push_str("alerts:\n");
+        for (label, t) in &m.alerts {
+            let _ = writeln!(o, "  {}: {t}", quoted(label));
+        }
+    }
+    let _ = writeln!(
+        o,
+        "health:\n  black_threshold: {}\n  blur_threshold: {}",
+        m.health.black_threshold, m.health.blur_threshold
+    );
+    let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(t.subscription())).collect();
+    let _ = writeln!(
+        o,
+        "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}",
         inputs.join(", "),
-        m.output_topic.as_str(),
-    )
+        quoted(m.output_topic.as_str()),
+        quoted(m.comparison_topic.as_str())
+    );
+    o
 }
 
 #[cfg(test)]
@@ -1024,5 +1104,46 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         assert_eq!(m.unwrap().backend, BackendKind::Dual);
         let h = builtin_camera_health(&settings()).unwrap();
         assert_eq!(h.input_topics[0].subscription(), "edge-ai/+/+/+/camera/snapshots");
+    }
+
+    #[test]
+    fn check_config_output_parses_back_to_the_same_config() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let mut configs: Vec<ModelConfig> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .map(|p| load_file(&p, &settings()).unwrap())
+            .collect();
+        assert!(configs.len() >= 5);
+        configs.push(builtin_camera_health(&settings()).unwrap());
+        configs.push(
+            parse_str("name: ab\nmodel_type: image-classification\nmodel_path: m.onnx\nlabels: [\"x\", \"y: \\\"z\\\"\"]\nalerts: {\"x\": 0.25}\n")
+                .unwrap(),
+        );
+        for c in configs {
+            let text = describe(&c);
+            let back = parse(&text, Path::new("/elsewhere/x.yaml"), &settings())
+                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            assert_eq!(
+                ModelConfig {
+                    source: None,
+                    ..back
+                },
+                ModelConfig { source: None, ..c },
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn dual_mode_still_refuses_an_unknown_backend() {
+        let mut s = settings();
+        s.enable_dual = true;
+        let e = parse("name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: tensorflow\n", Path::new("/c/m.yaml"), &s)
+            .unwrap_err();
+        assert_eq!(e.key, "backend", "{e}");
+        let ok = parse("name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: onnx\n", Path::new("/c/m.yaml"), &s).unwrap();
+        assert_eq!(ok.backend, BackendKind::Dual);
     }
 }
