@@ -26,8 +26,9 @@ Commands:
   bench decode FILE [--iters N] [--size S]
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
   bench model FILE [--model NAME] [--iters N] [--layers N]
-  bench layouts [--iters N]   (candle-graph builds: NCHW vs NHWC kernels on EfficientNet-Lite0's shapes)
                           Time one model's backend on FILE's tensor (median, p99)
+  bench layouts [--iters N]
+                          NCHW against NHWC kernels on EfficientNet-Lite0's shapes (candle-graph builds)
   bench mqtt FILE --topic T --result-topic R [--iters N]
                           Time publish -> result through a running service and the broker
   --version               Print build facts
@@ -115,13 +116,16 @@ fn main() -> ExitCode {
         }
         "bench" if !rest.is_empty() => {
             let (iters, r) = take_flag(&rest[1..], "--iters");
-            let iters = iters.and_then(|v| v.parse().ok()).unwrap_or(50usize).max(1);
+            let iters = match number(iters, "--iters", 50usize, 1, 1_000_000) {
+                Ok(n) => n,
+                Err(e) => return fail(&e),
+            };
             let report = match rest[0].as_str() {
                 "decode" => {
                     let (size, files) = take_flag(&r, "--size");
-                    let size = size.and_then(|v| v.parse().ok()).unwrap_or(640u32).clamp(8, 8192);
-                    match files.as_slice() {
-                        [file] => bench::bench_decode(file, iters, size),
+                    match (number(size, "--size", 640u32, 8, 8192), files.as_slice()) {
+                        (Err(e), _) => Err(e),
+                        (Ok(size), [file]) => bench::bench_decode(file, iters, size),
                         _ => Err("bench decode: name one JPEG file".into()),
                     }
                 }
@@ -135,9 +139,9 @@ fn main() -> ExitCode {
                 "model" => {
                     let (model, r) = take_flag(&r, "--model");
                     let (layers, files) = take_flag(&r, "--layers");
-                    let layers = layers.and_then(|v| v.parse().ok()).unwrap_or(12usize);
-                    match files.as_slice() {
-                        [file] => bench::bench_model(&settings, model.as_deref(), file, iters, layers),
+                    match (number(layers, "--layers", 12usize, 0, 100_000), files.as_slice()) {
+                        (Err(e), _) => Err(e),
+                        (Ok(layers), [file]) => bench::bench_model(&settings, model.as_deref(), file, iters, layers),
                         _ => Err("bench model: name one JPEG file".into()),
                     }
                 }
@@ -149,7 +153,7 @@ fn main() -> ExitCode {
                         _ => Err("bench mqtt: name one JPEG file, --topic and --result-topic".into()),
                     }
                 }
-                other => Err(format!("unknown benchmark `{other}` (decode, model, mqtt)")),
+                other => Err(format!("unknown benchmark `{other}` (decode, model, layouts, mqtt)")),
             };
             match report {
                 Ok(text) => {
@@ -178,6 +182,21 @@ fn take_flag(args: &[String], flag: &str) -> (Option<String>, Vec<String>) {
         }
     }
     (value, rest)
+}
+
+/// A whole-number flag: its default when absent, an error naming it when not a number in `min..=max`.
+fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
+    value: Option<String>,
+    flag: &str,
+    default: T,
+    min: T,
+    max: T,
+) -> Result<T, String> {
+    let Some(v) = value else { return Ok(default) };
+    match v.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(format!("{flag}: expected a whole number in {min}..={max}, found `{v}`")),
+    }
 }
 
 fn fail(msg: &str) -> ExitCode {

@@ -52,8 +52,9 @@ pub enum ToMqtt {
     Ack(Ack),
     /// Reconnected: publish the results kept while offline.
     Flush,
-    /// A new retained status message (a model failed or recovered).
-    Status(Vec<u8>),
+    /// The models' problems changed (a model failed or recovered): publish a
+    /// fresh retained status. Built when published, so it is never stale.
+    StatusChanged,
     /// Stopping: publish what is queued and the `offline` status, then disconnect.
     Shutdown,
 }
@@ -216,7 +217,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         }
         let mut msg_ack = msg.ack;
         if let (Some(a), Some(w)) = (msg_ack.as_mut(), &shared.dedup) {
-            let repeat = check_repeat(&mut w.lock().unwrap(), topic, &msg.payload, a, msg.dup);
+            let repeat = check_repeat(&mut w.lock().unwrap_or_else(std::sync::PoisonError::into_inner), topic, &msg.payload, a, msg.dup);
             if repeat != Repeat::No {
                 shared.metrics.repeats.fetch_add(1, Relaxed);
                 log::debug!("message on `{topic}` repeats one already admitted; not answered again");
@@ -419,7 +420,7 @@ impl Collect {
 async fn ack(shared: &Shared, a: Option<Ack>) {
     if let (Some(a), Some(out)) = (a, &shared.outbound) {
         if let (Some(k), Some(w)) = (a.key, &shared.dedup) {
-            w.lock().unwrap().answered(k);
+            w.lock().unwrap_or_else(std::sync::PoisonError::into_inner).answered(k);
         }
         let _ = out.send(ToMqtt::Ack(a)).await;
     }

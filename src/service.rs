@@ -169,18 +169,19 @@ pub fn run(settings: Settings) -> Result<(), String> {
             auth: settings.auth.clone(),
             offline_queue: settings.offline_queue,
             receive_maximum,
+            status_dirty: Default::default(),
             problems: {
                 let reg = Arc::downgrade(&registry);
                 Arc::new(move || reg.upgrade().map(|r| r.problems()).unwrap_or_default())
             },
         };
         {
-            let out = out_tx.clone();
-            let client_id = settings.client_id.clone();
-            registry.on_change(move |problems| {
-                let _ = out.try_send(pipeline::ToMqtt::Status(mqtt::status_message(
-                    true, &client_id, &problems,
-                )));
+            let (out, dirty) = (out_tx.clone(), cfg.status_dirty.clone());
+            registry.on_change(move |_| {
+                // A full queue must not lose the change: the publisher picks the flag up.
+                if out.try_send(pipeline::ToMqtt::StatusChanged).is_err() {
+                    dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             });
         }
         mqtt_threads = mqtt::start(cfg, metrics, in_tx.clone(), out_rx, out_tx.clone())?;

@@ -237,6 +237,21 @@ fn help_and_version() {
         );
         assert!(help.contains(o.env) && help.contains(o.flag));
     }
+    // Each command's description follows its own line; the default model is named right.
+    let model = help.find("bench model FILE").unwrap();
+    let layouts = help.find("bench layouts").unwrap();
+    assert!(help[model..layouts].contains("Time one model's backend"), "{help}");
+    assert!(help.contains("embedded EfficientNet-Lite0"), "{help}");
+    // A number flag that is not a number is an error, not a silent default.
+    for args in [
+        &["bench", "decode", "tests/fixtures/coffee.jpg", "--iters", "x"][..],
+        &["bench", "decode", "tests/fixtures/coffee.jpg", "--size", "0"][..],
+        &["bench", "model", "tests/fixtures/coffee.jpg", "--layers", "-1"][..],
+    ] {
+        let out = binary().args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(text(&out.stderr).contains("expected a whole number"), "{}", text(&out.stderr));
+    }
     let out = binary().arg("--version").output().unwrap();
     assert!(
         text(&out.stdout).starts_with("ai-edge-inference 0.1.0 (commit "),

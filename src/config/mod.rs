@@ -22,7 +22,7 @@ pub struct Opt {
 
 /// Every service setting. `--help` and the README's table are written from this.
 pub const OPTIONS: &[Opt] = &[
-    Opt { env: "MODEL_CONFIG_PATH", flag: "--model-config", default: "", help: "Model config YAML file, or a directory of them. Empty: the built-in camera-health job on MQTT_INPUT_TOPICS." },
+    Opt { env: "MODEL_CONFIG_PATH", flag: "--model-config", default: "", help: "Model config YAML file, or a directory of them. Empty: the built-in default on MQTT_INPUT_TOPICS (the embedded EfficientNet-Lite0 on Candle in builds with Candle, camera health in the minimal build)." },
     Opt { env: "MODEL_WATCH_S", flag: "--model-watch", default: "2", help: "Seconds between checks of model config and model files for changes (reloaded without restart). 0: no watching." },
     Opt { env: "DEFAULT_BACKEND", flag: "--backend", default: "candle", help: "Backend for model configs that name none: candle | onnx | dual." },
     Opt { env: "ENABLE_DUAL_BACKEND", flag: "--dual", default: "false", help: "Run every ML model on both backends and publish comparisons (true | false)." },

@@ -303,8 +303,8 @@ fn models_json(state: &HttpState) -> Vec<u8> {
         .registry
         .reload_errors
         .lock()
-        .map(|e| e.clone())
-        .unwrap_or_default();
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     let list: Vec<M> = state
         .registry
         .snapshot()

@@ -55,6 +55,8 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Model problems for the `online` status.
     pub problems: Problems,
+    /// Set when a status change could not be queued; the publisher publishes a fresh status.
+    pub status_dirty: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A model that failed to load or reload, and why (the old version, if
@@ -178,7 +180,7 @@ impl Subscriptions {
     /// Changes the wanted filters; subscribes to the new ones and unsubscribes
     /// from the dropped ones now when connected (else on the next CONNACK).
     pub fn set(&self, wanted: Vec<String>) {
-        let mut st = self.inner.lock().unwrap();
+        let mut st = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let removed: Vec<String> = st
             .wanted
             .iter()
@@ -214,7 +216,7 @@ impl Subscriptions {
         if ids.is_empty() {
             return true;
         }
-        let st = self.inner.lock().unwrap();
+        let st = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let lowest = st
             .wanted
             .iter()
@@ -225,7 +227,7 @@ impl Subscriptions {
     }
 
     fn on_connack(&self, client: &Client) {
-        let mut st = self.inner.lock().unwrap();
+        let mut st = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         st.client = Some(client.clone());
         st.sent.clear();
         for i in 0..st.wanted.len() {
@@ -235,7 +237,7 @@ impl Subscriptions {
 
     /// Reports a filter the broker refused (an ACL, a bad filter); returns how many.
     fn on_suback(&self, codes: &[SubscribeReasonCode]) -> usize {
-        let filter = self.inner.lock().unwrap().sent.pop_front().unwrap_or_default();
+        let filter = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sent.pop_front().unwrap_or_default();
         let mut refused = 0;
         for code in codes {
             if !matches!(code, SubscribeReasonCode::Success(_)) {
@@ -293,9 +295,9 @@ impl Refresh {
     /// Applies what changed to the options used by the next CONNECT.
     fn apply(&self, opts: &mut MqttOptions) {
         if self.creds_changed.swap(false, Relaxed) {
-            self.creds.lock().unwrap().apply(opts);
+            self.creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(opts);
         }
-        if let Some(t) = self.transport.lock().unwrap().take() {
+        if let Some(t) = self.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
             opts.set_transport(t);
         }
     }
@@ -357,6 +359,7 @@ pub fn start(
     // Set by the publisher once it has sent the final DISCONNECT.
     let stopping = Arc::new(AtomicBool::new(false));
 
+    let (problems, status_dirty) = (cfg.problems.clone(), cfg.status_dirty.clone());
     let events = {
         let client = client.clone();
         let metrics = metrics.clone();
@@ -460,7 +463,7 @@ pub fn start(
                             } else {
                                 log::debug!("MQTT connect failed again: {msg}; retry in {backoff:?}");
                             }
-                            *metrics.mqtt_last_error.lock().unwrap() = msg.clone();
+                            *metrics.mqtt_last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = msg.clone();
                             last_error = msg;
                             std::thread::sleep(with_jitter(backoff));
                             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -487,14 +490,14 @@ pub fn start(
                         match tls::client_config(t) {
                             Ok(c) => {
                                 log::info!("TLS files changed; the next connection uses them");
-                                *refresh.transport.lock().unwrap() =
+                                *refresh.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                                     Some(Transport::tls_with_config(TlsConfiguration::Rustls(c)));
                             }
                             Err(e) => log::error!("TLS files changed but cannot be used: {e}; keeping the old ones"),
                         }
                     }
                 }
-                let change = refresh.creds.lock().unwrap().check(std::time::SystemTime::now());
+                let change = refresh.creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(std::time::SystemTime::now());
                 match change {
                     auth::Change::None => {}
                     auth::Change::NextConnect => {
@@ -535,12 +538,8 @@ pub fn start(
                 match next {
                     ToMqtt::Flush => {}
                     // Offline, it would be stale by the next CONNACK, which publishes a fresh one.
-                    ToMqtt::Status(_) if !online => {}
-                    ToMqtt::Status(s) => {
-                        if let Err(e) = client.publish(status_topic.as_str(), QoS::AtLeastOnce, true, s) {
-                            log::warn!("cannot publish the status: {e}");
-                        }
-                    }
+                    ToMqtt::StatusChanged if !online => {}
+                    ToMqtt::StatusChanged => status_dirty.store(true, Relaxed),
                     ToMqtt::Shutdown => {
                         if !online && outbox.len() > 0 {
                             log::warn!("stopping while disconnected: {} queued results are lost", outbox.len());
@@ -577,6 +576,12 @@ pub fn start(
                         if let Err(e) = client.ack(&p) {
                             log::warn!("MQTT client refused an acknowledgement: {e}");
                         }
+                    }
+                }
+                if online && status_dirty.swap(false, Relaxed) {
+                    let s = status_message(true, &client_id, &problems());
+                    if let Err(e) = client.publish(status_topic.as_str(), QoS::AtLeastOnce, true, s) {
+                        log::warn!("cannot publish the status: {e}");
                     }
                 }
                 metrics.offline_queued.store(outbox.len() as u64, Relaxed);
