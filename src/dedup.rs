@@ -27,9 +27,12 @@ struct Entry {
     used: bool,
 }
 
-/// The last `capacity` messages, oldest overwritten first. Allocated once.
+/// The last `capacity` messages, oldest overwritten first, with a hashed
+/// index from key to its newest entry: a lookup costs the same for a window
+/// of 10 or 1,000,000. Both are allocated once, at their full size.
 pub struct Window {
     entries: Box<[Entry]>,
+    index: std::collections::HashMap<u64, usize>,
     next: usize,
 }
 
@@ -38,16 +41,18 @@ impl Window {
     pub fn new(capacity: usize) -> Option<Window> {
         (capacity > 0).then(|| Window {
             entries: vec![Entry::default(); capacity].into_boxed_slice(),
+            index: std::collections::HashMap::with_capacity(capacity),
             next: 0,
         })
     }
 
+    /// The newest entry for `key` (a key can be present twice: a raw frame
+    /// repeated on a reused packet id).
     fn find(&self, key: u64) -> Option<usize> {
-        // Newest first: a key can be present twice (a raw frame repeated on a reused packet id).
-        let n = self.entries.len();
-        (1..=n)
-            .map(|back| (self.next + n - back) % n)
-            .find(|&i| self.entries[i].used && self.entries[i].key == key)
+        self.index
+            .get(&key)
+            .copied()
+            .filter(|&i| self.entries[i].used && self.entries[i].key == key)
     }
 
     /// Looks `key` up; records it as in flight when it is new.
@@ -66,6 +71,12 @@ impl Window {
 
     /// Records `key` as in flight without looking it up.
     pub fn insert(&mut self, key: u64, pkid: u16) {
+        let old = self.entries[self.next];
+        // The overwritten entry leaves the index, unless a newer one holds its key.
+        if old.used && self.index.get(&old.key) == Some(&self.next) {
+            self.index.remove(&old.key);
+        }
+        self.index.insert(key, self.next);
         self.entries[self.next] = Entry {
             key,
             pkid,
@@ -149,6 +160,23 @@ mod tests {
         }
         assert_eq!(w.check(keys[0], 1), Seen::New, "evicted, so new again");
         assert_eq!(w.check(keys[2], 1), Seen::InFlight { pkid: 1 });
+    }
+
+    #[test]
+    fn the_index_follows_the_ring_through_repeats_and_wraparound() {
+        let mut w = Window::new(3).unwrap();
+        let (a, b, c, d) = (1u64, 2, 3, 4);
+        w.insert(a, 1);
+        w.insert(a, 2); // a raw frame repeated on another packet id: the newest counts
+        assert_eq!(w.check(a, 9), Seen::InFlight { pkid: 2 });
+        w.insert(b, 3); // overwrites nothing yet
+        w.insert(c, 4); // overwrites the older `a`; the newer one stays indexed
+        assert_eq!(w.check(a, 9), Seen::InFlight { pkid: 2 });
+        w.insert(d, 5); // overwrites the newer `a`
+        assert_eq!(w.check(a, 9), Seen::New);
+        assert_eq!(w.check(c, 9), Seen::InFlight { pkid: 4 });
+        // The index holds one entry per key in the window, never more.
+        assert_eq!(w.index.len(), 3);
     }
 
     #[test]

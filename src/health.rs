@@ -5,13 +5,13 @@
 //! Laplacian, frozen-frame detection by content hash) and the per-camera
 //! memory that frozen detection needs. Pure computation over decoded RGB.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
+use crate::cameras::Table;
 use crate::config::model::Health;
 
-/// Cameras remembered for frozen-frame detection; beyond this the memory is
-/// cleared rather than grown.
+/// Cameras remembered for frozen-frame detection and rate limiting; beyond
+/// this the least recently seen is forgotten (`cameras.rs`).
 pub const MAX_CAMERAS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -115,25 +115,27 @@ pub fn content_hash(bytes: &[u8]) -> u64 {
 }
 
 /// Remembers each camera's last frame hash to spot frozen streams.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Monitor {
-    last: Mutex<HashMap<String, u64>>,
+    last: Mutex<Table<Option<u64>>>,
+}
+
+impl Default for Monitor {
+    fn default() -> Monitor {
+        Monitor {
+            last: Mutex::new(Table::new(MAX_CAMERAS)),
+        }
+    }
 }
 
 impl Monitor {
     /// Records `hash` for `camera`; true when it equals the previous one.
     pub fn frozen(&self, camera: &str, hash: u64) -> bool {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(prev) = last.get_mut(camera) {
-            let same = *prev == hash;
-            *prev = hash;
-            return same;
-        }
-        if last.len() >= MAX_CAMERAS {
-            last.clear();
-        }
-        last.insert(camera.to_owned(), hash);
-        false
+        let prev = last.touch(camera, || None);
+        let same = *prev == Some(hash);
+        *prev = Some(hash);
+        same
     }
 }
 

@@ -233,10 +233,11 @@ pub fn write_unslotted(
 
 /// Per-source rate limit: at most one frame per `1 / fps` seconds from each
 /// device; the rest are refused (and answered). Remembers at most
-/// `health::MAX_CAMERAS` sources, then starts over rather than grow.
+/// `health::MAX_CAMERAS` sources, forgetting the least recently seen.
 pub struct RateLimit {
     interval: std::time::Duration,
-    last: std::collections::HashMap<String, Instant>,
+    /// Each source's last admitted frame.
+    last: crate::cameras::Table<Option<Instant>>,
 }
 
 impl RateLimit {
@@ -244,23 +245,17 @@ impl RateLimit {
     pub fn new(fps: f64) -> Option<RateLimit> {
         (fps > 0.0).then(|| RateLimit {
             interval: std::time::Duration::from_secs_f64(1.0 / fps),
-            last: std::collections::HashMap::new(),
+            last: crate::cameras::Table::new(crate::health::MAX_CAMERAS),
         })
     }
 
     /// Whether a frame from `device` at `now` may pass.
     pub fn admit(&mut self, device: &str, now: Instant) -> bool {
-        if let Some(last) = self.last.get_mut(device) {
-            if now.saturating_duration_since(*last) < self.interval {
-                return false;
-            }
-            *last = now;
-            return true;
+        let last = self.last.touch(device, || None);
+        if last.is_some_and(|t| now.saturating_duration_since(t) < self.interval) {
+            return false;
         }
-        if self.last.len() >= crate::health::MAX_CAMERAS {
-            self.last.clear();
-        }
-        self.last.insert(device.to_owned(), now);
+        *last = Some(now);
         true
     }
 }
@@ -279,5 +274,19 @@ mod tests {
         assert!(!r.admit("a", t + Duration::from_millis(100)));
         assert!(r.admit("a", t + Duration::from_millis(500)));
         assert!(RateLimit::new(0.0).is_none());
+    }
+
+    #[test]
+    fn made_up_device_ids_do_not_reset_a_real_cameras_budget() {
+        let mut r = RateLimit::new(1.0).unwrap();
+        let t = Instant::now();
+        assert!(r.admit("real", t));
+        for i in 0..2 * crate::health::MAX_CAMERAS {
+            assert!(r.admit(&format!("fake-{i}"), t));
+            if i % 1000 == 0 {
+                assert!(!r.admit("real", t + Duration::from_millis(10)), "after {i} fake ids");
+            }
+        }
+        assert!(!r.admit("real", t + Duration::from_millis(500)));
     }
 }

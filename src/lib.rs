@@ -11,6 +11,7 @@ pub mod alloc_count;
 pub mod backend;
 pub mod bench;
 pub mod build_info;
+pub mod cameras;
 pub mod config;
 pub mod decode;
 pub mod dedup;
