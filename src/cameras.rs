@@ -44,7 +44,11 @@ impl<V> Table<V> {
         let tick = self.tick;
         if !self.entries.contains_key(camera) {
             if self.entries.len() >= self.capacity {
-                let oldest = self.entries.iter().min_by_key(|(_, (_, seen))| *seen).map(|(k, _)| k.clone());
+                let oldest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, seen))| *seen)
+                    .map(|(k, _)| k.clone());
                 if let Some(k) = oldest {
                     self.entries.remove(&k);
                 }

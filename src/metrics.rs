@@ -452,7 +452,11 @@ impl Metrics {
             "counter",
             "Dual comparisons whose second backend failed; the primary's result still went out.",
         );
-        let _ = writeln!(o, "aei_dual_comparisons_failed_total {}", self.dual_failed.load(Relaxed));
+        let _ = writeln!(
+            o,
+            "aei_dual_comparisons_failed_total {}",
+            self.dual_failed.load(Relaxed)
+        );
         head(
             &mut o,
             "aei_queue_waiting_frames",

@@ -217,7 +217,13 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         }
         let mut msg_ack = msg.ack;
         if let (Some(a), Some(w)) = (msg_ack.as_mut(), &shared.dedup) {
-            let repeat = check_repeat(&mut w.lock().unwrap_or_else(std::sync::PoisonError::into_inner), topic, &msg.payload, a, msg.dup);
+            let repeat = check_repeat(
+                &mut w.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+                topic,
+                &msg.payload,
+                a,
+                msg.dup,
+            );
             if repeat != Repeat::No {
                 shared.metrics.repeats.fetch_add(1, Relaxed);
                 log::debug!("message on `{topic}` repeats one already admitted; not answered again");

@@ -445,6 +445,9 @@ mod tests {
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
         assert!(matches!(get(&v, &["comparison_failed"]), Value::Bool(false)));
         assert!(matches!(get(&v, &["predictions_match"]), Value::Bool(true)));
-        assert!(matches!(get(&v, &["performance_delta", "faster_backend"]), Value::String(_)));
+        assert!(matches!(
+            get(&v, &["performance_delta", "faster_backend"]),
+            Value::String(_)
+        ));
     }
 }

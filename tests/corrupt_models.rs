@@ -114,3 +114,67 @@ fn corrupt_onnx_files_on_onnx_runtime_are_refused_not_a_crash() {
     sweep("yolov12n.yaml", "yolov12n.onnx", 45);
     sweep("efficientnet-lite0.yaml", "efficientnet-lite0.onnx", 45);
 }
+
+/// Through the running service: each corrupt version of the real checkpoint is
+/// hot-reloaded; a refused one answers 422 with a reason and the old model
+/// keeps answering, and the service never goes down.
+#[test]
+#[cfg(feature = "candle")]
+fn corrupt_checkpoints_hot_reloaded_into_the_service_are_refused_and_the_old_model_serves() {
+    let good = std::fs::read(source("efficientnet-lite0.pth")).expect("run `bash models/fetch`");
+    let dir = TempDir::new("corrupt-reload");
+    let weights = dir.0.join("lite0.pth");
+    std::fs::write(&weights, &good).unwrap();
+    let cfg = dir.write(
+        "lite0.yaml",
+        &format!(
+            "name: lite0\nbackend: candle\nmodel_type: image-classification\nmodel_path: lite0.pth\n\
+             labels: {}/models/imagenet-labels.txt\npreprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, \
+             normalize: false, mean: [127, 127, 127], std: [128, 128, 128] }}\ninference: {{ confidence_threshold: 0.0 }}\n",
+            root().display()
+        ),
+    );
+    let mut svc = Service::start(&[
+        ("AIO_BROKER_HOSTNAME", ""),
+        ("MODEL_CONFIG_PATH", cfg.to_str().unwrap()),
+        ("MODEL_WATCH_S", "0"),
+    ]);
+    let top = |svc: &Service| {
+        let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("coffee.jpg"));
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
+        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
+            panic!()
+        };
+        get_str(&p[0], &["label"]).unwrap()
+    };
+    assert_eq!(top(&svc), "espresso");
+    let (mut refused, mut loaded) = (0, 0);
+    for (what, v) in variants(&good, 0xC0FFEE, 24) {
+        std::fs::write(&weights, &v).unwrap();
+        let (code, body) = http_request(svc.admin(), "POST", "/models/lite0/reload", b"");
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(svc.still_running(), "{what}: the service died");
+        match code {
+            422 => {
+                assert!(
+                    body.contains("lite0.pth") && body.len() > 40,
+                    "{what}: a reason: {body}"
+                );
+                assert_eq!(top(&svc), "espresso", "{what}: the old model keeps answering");
+                refused += 1;
+            }
+            200 => {
+                // A flipped bit in a weight loads; put the good file back for the next round.
+                std::fs::write(&weights, &good).unwrap();
+                assert_eq!(http_request(svc.admin(), "POST", "/models/lite0/reload", b"").0, 200);
+                loaded += 1;
+            }
+            other => panic!("{what}: reload answered {other}: {body}"),
+        }
+        assert_eq!(svc.get("/healthz").0, 200);
+    }
+    println!("hot reloads of corrupt checkpoints: {refused} refused with a reason, {loaded} loaded");
+    assert!(refused >= 10, "{refused}");
+    assert_eq!(svc.metric("aei_model_reload_failures_total"), refused as f64);
+}

@@ -142,7 +142,11 @@ fn hostile_requests(addr: &str, token: bool, role: &str) -> usize {
                 if let Some(a) = a {
                     req.push_str(&format!("Authorization: {a}\r\n"));
                 }
-                let body: &[u8] = if m == "POST" && p.starts_with("/infer") { &jpeg } else { b"" };
+                let body: &[u8] = if m == "POST" && p.starts_with("/infer") {
+                    &jpeg
+                } else {
+                    b""
+                };
                 req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
                 let mut req = req.into_bytes();
                 req.extend_from_slice(body);
@@ -160,12 +164,28 @@ fn hostile_requests(addr: &str, token: bool, role: &str) -> usize {
     }
     let auth = format!("Authorization: Bearer {TOKEN}\r\n");
     let head_cases: Vec<(&str, Vec<u8>, Option<u16>)> = vec![
-        ("no colon", b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n".to_vec(), Some(400)),
-        ("not HTTP", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), Some(400)),
-        ("HTTP/2 preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), Some(400)),
+        (
+            "no colon",
+            b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n".to_vec(),
+            Some(400),
+        ),
+        (
+            "not HTTP",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(),
+            Some(400),
+        ),
+        (
+            "HTTP/2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            Some(400),
+        ),
         ("non-UTF-8 path", b"GET /\xff\xfe HTTP/1.1\r\n\r\n".to_vec(), Some(400)),
         ("NUL in path", b"GET /he\0althz HTTP/1.1\r\n\r\n".to_vec(), Some(400)),
-        ("non-ASCII value", b"GET /healthz HTTP/1.1\r\nX: \xff\xfe\r\nConnection: close\r\n\r\n".to_vec(), Some(200)),
+        (
+            "non-ASCII value",
+            b"GET /healthz HTTP/1.1\r\nX: \xff\xfe\r\nConnection: close\r\n\r\n".to_vec(),
+            Some(200),
+        ),
         (
             "200 headers",
             format!("GET /healthz HTTP/1.1\r\n{}\r\n", "X-A: b\r\n".repeat(200)).into_bytes(),
@@ -181,26 +201,77 @@ fn hostile_requests(addr: &str, token: bool, role: &str) -> usize {
             format!("GET /{} HTTP/1.1\r\n\r\n", "p".repeat(100 * 1024)).into_bytes(),
             Some(431),
         ),
-        ("two lengths", format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 3\r\nContent-Length: 4\r\n\r\nabc").into_bytes(), Some(400)),
-        ("negative length", format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: -3\r\n\r\nabc").into_bytes(), Some(400)),
-        ("length and chunked", format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").into_bytes(), Some(400)),
-        ("gzip encoding", format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: gzip\r\n\r\nabc").into_bytes(), Some(400)),
-        ("huge length", format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 999999999999999999\r\n\r\nabc").into_bytes(), Some(413)),
-        ("bad chunk size", format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n").into_bytes(), Some(400)),
-        ("chunk over the limit", format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\nfffffff\r\nabc").into_bytes(), Some(413)),
-        ("short body then close", format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 1000\r\n\r\nabc").into_bytes(), Some(400)),
-        ("body on GET", b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_vec(), Some(200)),
+        (
+            "two lengths",
+            format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 3\r\nContent-Length: 4\r\n\r\nabc").into_bytes(),
+            Some(400),
+        ),
+        (
+            "negative length",
+            format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: -3\r\n\r\nabc").into_bytes(),
+            Some(400),
+        ),
+        (
+            "length and chunked",
+            format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+                .into_bytes(),
+            Some(400),
+        ),
+        (
+            "gzip encoding",
+            format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: gzip\r\n\r\nabc").into_bytes(),
+            Some(400),
+        ),
+        (
+            "huge length",
+            format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 999999999999999999\r\n\r\nabc").into_bytes(),
+            Some(413),
+        ),
+        (
+            "bad chunk size",
+            format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+                .into_bytes(),
+            Some(400),
+        ),
+        (
+            "chunk over the limit",
+            format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\n\r\nfffffff\r\nabc").into_bytes(),
+            Some(413),
+        ),
+        (
+            "short body then close",
+            format!("POST /infer HTTP/1.1\r\n{auth}Content-Length: 1000\r\n\r\nabc").into_bytes(),
+            Some(400),
+        ),
+        (
+            "body on GET",
+            b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            Some(200),
+        ),
         ("HTTP/1.0", b"GET /healthz HTTP/1.0\r\n\r\n".to_vec(), Some(200)),
-        ("absolute form", b"GET http://x/healthz HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(), Some(404)),
-        ("reload, empty name", format!("POST /models//reload HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n").into_bytes(), Some(404)),
-        ("reload, no name", format!("POST /models/reload HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n").into_bytes(), Some(404)),
+        (
+            "absolute form",
+            b"GET http://x/healthz HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec(),
+            Some(404),
+        ),
+        (
+            "reload, empty name",
+            format!("POST /models//reload HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n").into_bytes(),
+            Some(404),
+        ),
+        (
+            "reload, no name",
+            format!("POST /models/reload HTTP/1.1\r\n{auth}Content-Length: 0\r\n\r\n").into_bytes(),
+            Some(404),
+        ),
     ];
     for (what, req, mut want) in head_cases {
         // A parsed request on a route this listener does not serve is a 404.
         let text = String::from_utf8_lossy(&req);
         let probe_route = text.starts_with("GET /healthz");
         let admin_route = text.starts_with("POST ");
-        let parsed = want.is_some_and(|w| w != 400 && w != 431) || what == "bad chunk size" || what == "short body then close";
+        let parsed =
+            want.is_some_and(|w| w != 400 && w != 431) || what == "bad chunk size" || what == "short body then close";
         if parsed && ((probe_route && role == "admin") || (admin_route && role == "probes")) {
             want = Some(404);
         }
@@ -213,7 +284,10 @@ fn hostile_requests(addr: &str, token: bool, role: &str) -> usize {
             s.shutdown(std::net::Shutdown::Write).unwrap();
             let mut buf = Vec::new();
             let _ = s.read_to_end(&mut buf);
-            String::from_utf8_lossy(&buf).split_whitespace().nth(1).and_then(|s| s.parse().ok())
+            String::from_utf8_lossy(&buf)
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
         } else {
             raw(addr, &req)
         };
@@ -236,7 +310,8 @@ fn hostile_requests(addr: &str, token: bool, role: &str) -> usize {
     let _ = s.read_to_string(&mut both);
     assert_eq!(both.matches("HTTP/1.1 200").count(), 2, "{both}");
     tried += 1;
-    let mut req = format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").into_bytes();
+    let mut req =
+        format!("POST /infer HTTP/1.1\r\n{auth}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").into_bytes();
     for part in jpeg.chunks(7000) {
         req.extend_from_slice(format!("{:x};ext=1\r\n", part.len()).as_bytes());
         req.extend_from_slice(part);

@@ -248,9 +248,17 @@ fn help_and_version() {
         &["bench", "decode", "tests/fixtures/coffee.jpg", "--size", "0"][..],
         &["bench", "model", "tests/fixtures/coffee.jpg", "--layers", "-1"][..],
     ] {
-        let out = binary().args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        let out = binary()
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
-        assert!(text(&out.stderr).contains("expected a whole number"), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("expected a whole number"),
+            "{}",
+            text(&out.stderr)
+        );
     }
     let out = binary().arg("--version").output().unwrap();
     assert!(

@@ -42,3 +42,7 @@ pub fn set_cpu(_threads: usize, _isa: &str) {}
 pub fn bench_layouts(_iters: usize) -> Result<String, String> {
     Err(BackendError::NotCompiled { backend: "candle" }.to_string())
 }
+
+pub fn compile_untrusted(_kind: &str, _bytes: &[u8]) -> Result<(), String> {
+    Err(BackendError::NotCompiled { backend: "candle" }.to_string())
+}

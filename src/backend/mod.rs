@@ -77,6 +77,15 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
     candle::bench_layouts(iters)
 }
 
+/// What loading does with a model file's bytes, short of running them: parse
+/// and compile an ONNX graph for Candle (`kind` "onnx-graph"), or read a
+/// checkpoint (`kind` "pth", "safetensors" or "onnx": its initializers) and
+/// compile EfficientNet-Lite from it. For the fuzz targets (`fuzz/`): any
+/// bytes must give `Ok` or a reason, never a panic.
+pub fn compile_untrusted(kind: &str, bytes: &[u8]) -> Result<(), String> {
+    candle::compile_untrusted(kind, bytes)
+}
+
 /// Process-wide backend settings (from the service settings).
 #[derive(Debug, Clone, Default)]
 pub struct BackendEnv {

@@ -404,9 +404,16 @@ pub fn builtin_camera_health(settings: &Settings) -> Result<ModelConfig, ConfigE
 }
 
 pub fn load_file(path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
+    let text = read_small(path, MAX_CONFIG_FILE).map_err(|e| ConfigError {
+        file: path.display().to_string(),
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
     parse(&text, path, settings)
 }
+
+/// Config files larger than this are refused.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
 
 /// Parses one config's text; `path` names it in errors and anchors relative paths.
 pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
@@ -489,7 +496,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         ),
         Yaml::String(p) => {
             let file = base.join(p);
-            let text = std::fs::read_to_string(&file)
+            let text = read_small(&file, MAX_LABELS_FILE)
                 .map_err(|e| ctx.err("labels", format!("cannot read labels file {}: {e}", file.display())))?;
             let labels: Vec<String> = text
                 .lines()
@@ -532,6 +539,22 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         output_topic,
         comparison_topic,
     })
+}
+
+/// Labels files larger than this are refused (a path such as `/dev/zero` must not hang a load).
+const MAX_LABELS_FILE: u64 = 16 << 20;
+
+/// A UTF-8 text file of at most `limit` bytes.
+fn read_small(path: &Path, limit: u64) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > limit {
+        return Err(format!("larger than {} MiB", limit >> 20));
+    }
+    Ok(text)
 }
 
 struct Ctx {
@@ -1123,13 +1146,10 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         );
         for c in configs {
             let text = describe(&c);
-            let back = parse(&text, Path::new("/elsewhere/x.yaml"), &settings())
-                .unwrap_or_else(|e| panic!("{e}\n{text}"));
+            let back =
+                parse(&text, Path::new("/elsewhere/x.yaml"), &settings()).unwrap_or_else(|e| panic!("{e}\n{text}"));
             assert_eq!(
-                ModelConfig {
-                    source: None,
-                    ..back
-                },
+                ModelConfig { source: None, ..back },
                 ModelConfig { source: None, ..c },
                 "{text}"
             );
@@ -1140,10 +1160,19 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
     fn dual_mode_still_refuses_an_unknown_backend() {
         let mut s = settings();
         s.enable_dual = true;
-        let e = parse("name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: tensorflow\n", Path::new("/c/m.yaml"), &s)
-            .unwrap_err();
+        let e = parse(
+            "name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: tensorflow\n",
+            Path::new("/c/m.yaml"),
+            &s,
+        )
+        .unwrap_err();
         assert_eq!(e.key, "backend", "{e}");
-        let ok = parse("name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: onnx\n", Path::new("/c/m.yaml"), &s).unwrap();
+        let ok = parse(
+            "name: a\nmodel_type: image-classification\nmodel_path: m.onnx\nbackend: onnx\n",
+            Path::new("/c/m.yaml"),
+            &s,
+        )
+        .unwrap();
         assert_eq!(ok.backend, BackendKind::Dual);
     }
 }

@@ -233,7 +233,9 @@ impl server::Handler for Routes {
 fn unauthorized(what: &str) -> Response {
     json_response(
         401,
-        error_body(&format!("{what} needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)")),
+        error_body(&format!(
+            "{what} needs `Authorization: Bearer <token>` (HTTP_TOKEN_FILE)"
+        )),
     )
     .with_header("WWW-Authenticate", "Bearer")
 }
@@ -246,7 +248,10 @@ async fn reload(state: &HttpState, name: &str) -> Response {
         reloaded: &'a str,
     }
     if name.is_empty() || name.contains('/') {
-        return json_response(404, error_body("no model named in the path; use POST /models/{name}/reload"));
+        return json_response(
+            404,
+            error_body("no model named in the path; use POST /models/{name}/reload"),
+        );
     }
     let (registry, owned) = (state.registry.clone(), name.to_owned());
     match smol::unblock(move || registry.reload(&owned)).await {
@@ -390,8 +395,15 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         mqtt: Mqtt {
             enabled: state.mqtt_enabled,
             connected,
-            last_error: Some(state.metrics.mqtt_last_error.lock().unwrap_or_else(|e| e.into_inner()).clone())
-                .filter(|e| !connected && !e.is_empty()),
+            last_error: Some(
+                state
+                    .metrics
+                    .mqtt_last_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            )
+            .filter(|e| !connected && !e.is_empty()),
         },
     };
     (ready, miniserde::json::to_string(&body).into_bytes())
@@ -416,7 +428,9 @@ async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>)
             );
         }
         Err(BodyError::Timeout) => return json_response(408, error_body("the body did not arrive in time")),
-        Err(BodyError::Broken) => return json_response(400, error_body("cannot read the body (framing or connection)")),
+        Err(BodyError::Broken) => {
+            return json_response(400, error_body("cannot read the body (framing or connection)"))
+        }
     };
     let (tx, rx) = async_channel::bounded(1);
     let msg = Incoming {

@@ -144,7 +144,12 @@ pub trait Handler: 'static {
 }
 
 /// Serves `listener` until it fails, on the current (local) executor.
-pub async fn serve<H: Handler>(ex: Rc<smol::LocalExecutor<'static>>, listener: TcpListener, handler: Rc<H>, limits: Limits) {
+pub async fn serve<H: Handler>(
+    ex: Rc<smol::LocalExecutor<'static>>,
+    listener: TcpListener,
+    handler: Rc<H>,
+    limits: Limits,
+) {
     let table: Rc<RefCell<Table>> = Rc::default();
     let mut next_id = 0u64;
     loop {
@@ -312,7 +317,11 @@ async fn connection<H: Handler>(stream: TcpStream, handler: &H, limits: Limits, 
         };
         let unread_body = close && head.has_body();
         let resp = handler.respond(head, body).await;
-        let sent = with_deadline(limits.write_timeout, write_response(&mut c.stream, &resp, is_head, close)).await;
+        let sent = with_deadline(
+            limits.write_timeout,
+            write_response(&mut c.stream, &resp, is_head, close),
+        )
+        .await;
         if !matches!(sent, Some(Ok(()))) || close {
             if unread_body {
                 // Let the client read the answer before the unread body makes the kernel reset.
@@ -347,7 +356,10 @@ impl Conn {
         self.pos = 0;
         loop {
             // Blank lines before a request are allowed (RFC 9112 2.2).
-            let lead = self.buf[..self.end].iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            let lead = self.buf[..self.end]
+                .iter()
+                .take_while(|b| matches!(b, b'\r' | b'\n'))
+                .count();
             if lead > 0 {
                 self.buf.copy_within(lead..self.end, 0);
                 self.end -= lead;
@@ -431,7 +443,11 @@ impl Conn {
                     if line.last() == Some(&b'\r') {
                         line.pop();
                     }
-                    return if line.len() > max { Err(BodyError::Broken) } else { Ok(line) };
+                    return if line.len() > max {
+                        Err(BodyError::Broken)
+                    } else {
+                        Ok(line)
+                    };
                 }
                 None => {
                     line.extend_from_slice(avail);
@@ -490,7 +506,12 @@ fn head_of(rq: &httparse::Request<'_, '_>) -> Option<Head> {
     let headers: Vec<(String, String)> = rq
         .headers
         .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
     fn value<'h>(headers: &'h [(String, String)], name: &'static str) -> impl Iterator<Item = &'h str> {
         headers.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
@@ -513,7 +534,10 @@ fn head_of(rq: &httparse::Request<'_, '_>) -> Option<Head> {
         (true, None) => Framing::Chunked,
         (false, n) => Framing::Length(n.unwrap_or(0)),
     };
-    let connection = value(&headers, "connection").collect::<Vec<_>>().join(",").to_ascii_lowercase();
+    let connection = value(&headers, "connection")
+        .collect::<Vec<_>>()
+        .join(",")
+        .to_ascii_lowercase();
     let close = version == 0 && !connection.contains("keep-alive") || connection.contains("close");
     let expect_continue = value(&headers, "expect").any(|v| v.trim().eq_ignore_ascii_case("100-continue"));
     Some(Head {

@@ -237,7 +237,13 @@ impl Subscriptions {
 
     /// Reports a filter the broker refused (an ACL, a bad filter); returns how many.
     fn on_suback(&self, codes: &[SubscribeReasonCode]) -> usize {
-        let filter = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sent.pop_front().unwrap_or_default();
+        let filter = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sent
+            .pop_front()
+            .unwrap_or_default();
         let mut refused = 0;
         for code in codes {
             if !matches!(code, SubscribeReasonCode::Success(_)) {
@@ -295,9 +301,17 @@ impl Refresh {
     /// Applies what changed to the options used by the next CONNECT.
     fn apply(&self, opts: &mut MqttOptions) {
         if self.creds_changed.swap(false, Relaxed) {
-            self.creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).apply(opts);
+            self.creds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .apply(opts);
         }
-        if let Some(t) = self.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        if let Some(t) = self
+            .transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
             opts.set_transport(t);
         }
     }
@@ -463,7 +477,10 @@ pub fn start(
                             } else {
                                 log::debug!("MQTT connect failed again: {msg}; retry in {backoff:?}");
                             }
-                            *metrics.mqtt_last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = msg.clone();
+                            *metrics
+                                .mqtt_last_error
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = msg.clone();
                             last_error = msg;
                             std::thread::sleep(with_jitter(backoff));
                             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -490,14 +507,21 @@ pub fn start(
                         match tls::client_config(t) {
                             Ok(c) => {
                                 log::info!("TLS files changed; the next connection uses them");
-                                *refresh.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                *refresh
+                                    .transport
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
                                     Some(Transport::tls_with_config(TlsConfiguration::Rustls(c)));
                             }
                             Err(e) => log::error!("TLS files changed but cannot be used: {e}; keeping the old ones"),
                         }
                     }
                 }
-                let change = refresh.creds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).check(std::time::SystemTime::now());
+                let change = refresh
+                    .creds
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .check(std::time::SystemTime::now());
                 match change {
                     auth::Change::None => {}
                     auth::Change::NextConnect => {

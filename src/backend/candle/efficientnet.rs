@@ -168,7 +168,8 @@ impl EfficientNetLite {
         stem.square("_conv_stem")?;
         let stem_geo = stem.geometry(h, wd);
         let (sw, sb) = stem.vecs()?;
-        let stem_k = nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6).map_err(|e| format!("_conv_stem: {e}"))?;
+        let stem_k =
+            nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6).map_err(|e| format!("_conv_stem: {e}"))?;
         let stem_out = stem_geo
             .checked_out_size(h, wd)
             .ok_or_else(|| format!("a {h}x{wd} input is too small for the stem"))?;
@@ -211,8 +212,8 @@ impl EfficientNetLite {
             dw.square(&format!("{p}._depthwise_conv"))?;
             let geo = dw.geometry(size.0, size.1);
             let (dwv, dbv) = dw.vecs()?;
-            let depthwise =
-                nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6).map_err(|e| format!("{p}._depthwise_conv: {e}"))?;
+            let depthwise = nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6)
+                .map_err(|e| format!("{p}._depthwise_conv: {e}"))?;
             let project = project.pointwise(&format!("{p}._project_conv"), Act::None)?;
             if project.cin != mid {
                 return Err(format!("{p}._project_conv takes {} channels after {mid}", project.cin));

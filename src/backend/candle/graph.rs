@@ -297,7 +297,10 @@ impl Plan {
                     if attr_i(n, "allowzero", 0) != 0 {
                         return Err(what("allowzero=1 is not supported".into()));
                     }
-                    let shape = n.inputs.get(1).ok_or_else(|| what("the shape input is missing".into()))?;
+                    let shape = n
+                        .inputs
+                        .get(1)
+                        .ok_or_else(|| what("the shape input is missing".into()))?;
                     Op::Reshape {
                         shape: int_param(shape).map_err(what)?,
                     }
@@ -353,7 +356,8 @@ impl Plan {
                             .to_f32s()?,
                         None => return Err(what("only Resize with constant scales".into())),
                     };
-                    let int = |v: f32| (v.fract() == 0.0 && (1.0..=MAX_RESIZE_SCALE).contains(&v)).then_some(v as usize);
+                    let int =
+                        |v: f32| (v.fract() == 0.0 && (1.0..=MAX_RESIZE_SCALE).contains(&v)).then_some(v as usize);
                     match (mode.as_str(), scales.as_slice()) {
                         ("nearest", [1.0, 1.0, h, w]) if int(*h).is_some() && int(*w).is_some() => Op::Resize {
                             scale_h: *h as usize,
@@ -862,7 +866,11 @@ fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
             one(kernels::contiguous(x)?.reshape(out)?)
         }
         Op::Flatten { axis: ax } => {
-            let d = if *ax == x.rank() as i64 { x.rank() } else { axis(*ax, x.rank())? };
+            let d = if *ax == x.rank() as i64 {
+                x.rank()
+            } else {
+                axis(*ax, x.rank())?
+            };
             let outer: usize = x.dims()[..d].iter().product();
             one(kernels::contiguous(x)?.reshape((outer, x.elem_count() / outer.max(1)))?)
         }

@@ -211,7 +211,10 @@ impl SharedOut {
     /// No other thread reads or writes those elements meanwhile, and `src` is not part of this buffer.
     #[inline(always)]
     unsafe fn copy_from(&self, at: usize, src: &[f32]) {
-        assert!(at.checked_add(src.len()).is_some_and(|end| end <= self.1), "SharedOut: copy past the end");
+        assert!(
+            at.checked_add(src.len()).is_some_and(|end| end <= self.1),
+            "SharedOut: copy past the end"
+        );
         // SAFETY: the range is inside the buffer (checked above), owned by the caller, and
         // `src` lies elsewhere.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) }

@@ -166,7 +166,11 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
         if strides.len() != shape.len() {
             return Err(err(
                 path,
-                format!("tensor {name}: {} strides for {} dimensions", strides.len(), shape.len()),
+                format!(
+                    "tensor {name}: {} strides for {} dimensions",
+                    strides.len(),
+                    shape.len()
+                ),
             ));
         }
         let offset = int(offset)?;
@@ -211,7 +215,10 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
             .ok_or_else(|| err(path, format!("tensor {name}: storage {key} missing")))?;
         let esize = dtype.size_in_bytes();
         let outside = || err(path, format!("tensor {name}: outside its storage"));
-        let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(outside)?;
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(outside)?;
         // Strides that are a permutation of a contiguous layout (a transposed
         // weight): read it in storage order, then permute back.
         let mut order: Vec<usize> = (0..shape.len()).collect();
