@@ -29,6 +29,7 @@ pub fn load(path: &Path) -> Result<Weights, String> {
     } else if path.extension().is_some_and(|e| e == "safetensors") {
         candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(path, e))?
     } else if head.starts_with(b"PK") {
+        check_zip_pickles(path)?;
         candle_core::pickle::read_all(path)
             .map_err(|e| err(path, e))?
             .into_iter()
@@ -92,18 +93,19 @@ pub fn save(weights: &Weights, dtype: DType, path: &Path) -> Result<(), String> 
 /// key), the list of storage keys, then each storage as an 8-byte element
 /// count and raw little-endian data.
 fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
-    let file = std::fs::File::open(path).map_err(|e| err(path, e))?;
-    let mut r = BufReader::new(file);
+    let bytes = std::fs::read(path).map_err(|e| err(path, e))?;
     // The magic number 0x1950a86a20f9469cfc6c is an 80-bit LONG1, wider than
     // candle's pickle machine takes, so that first pickle is matched byte for byte.
-    let mut magic = [0u8; LEGACY_MAGIC.len()];
-    r.read_exact(&mut magic).map_err(|e| err(path, e))?;
-    if magic != LEGACY_MAGIC {
+    if !bytes.starts_with(&LEGACY_MAGIC) {
         return Err(err(path, "not a PyTorch checkpoint (bad magic number)"));
     }
+    let mut at = LEGACY_MAGIC.len();
     let mut next = |what: &str| -> Result<Object, String> {
+        let len = check_pickle(&bytes[at..]).map_err(|e| err(path, format!("{what}: {e}")))?;
         let mut s = Stack::empty();
-        s.read_loop(&mut r).map_err(|e| err(path, format!("{what}: {e}")))?;
+        s.read_loop(&mut &bytes[at..at + len])
+            .map_err(|e| err(path, format!("{what}: {e}")))?;
+        at += len;
         s.finalize().map_err(|e| err(path, format!("{what}: {e}")))
     };
     match next("protocol version")? {
@@ -113,6 +115,7 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
     next("system info")?;
     let state = next("state dict")?;
     let keys = next("storage keys")?;
+    let mut r = &bytes[at..];
     let Object::Dict(items) = state else {
         return Err(err(path, "the state dict is not a dict"));
     };
@@ -252,6 +255,125 @@ fn read_legacy_pth(path: &Path) -> Result<Weights, String> {
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// Checks the pickles of a zip `.pth` (`*/data.pkl`) before candle reads the file.
+fn check_zip_pickles(path: &Path) -> Result<(), String> {
+    let file = std::fs::File::open(path).map_err(|e| err(path, e))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| err(path, e))?;
+    for i in 0..zip.len() {
+        let mut entry = zip.by_index(i).map_err(|e| err(path, e))?;
+        if !entry.name().map_err(|e| err(path, e))?.ends_with("data.pkl") {
+            continue;
+        }
+        let mut pickle = Vec::new();
+        (&mut entry)
+            .take(MAX_PICKLE + 1)
+            .read_to_end(&mut pickle)
+            .map_err(|e| err(path, e))?;
+        if pickle.len() as u64 > MAX_PICKLE {
+            return Err(err(path, "the pickle is over 64 MiB"));
+        }
+        check_pickle(&pickle).map_err(|e| err(path, format!("data.pkl: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The largest `data.pkl` read (it holds names and shapes, not weights).
+const MAX_PICKLE: u64 = 64 << 20;
+
+/// The length of the pickle at the start of `b`, up to and including its
+/// STOP, walking every opcode's argument. Refuses a truncated stream, an
+/// unknown opcode, and what candle's pickle machine would mishandle: a LONG1
+/// wider than 8 bytes (its decoder shifts past 64 bits).
+fn check_pickle(b: &[u8]) -> Result<usize, String> {
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> Result<(), String> {
+        match at.checked_add(n) {
+            Some(end) if end <= b.len() => {
+                *at = end;
+                Ok(())
+            }
+            _ => Err("truncated".into()),
+        }
+    };
+    let len_le = |at: usize, n: usize| -> Result<usize, String> {
+        let bytes = b.get(at..at + n).ok_or("truncated")?;
+        let v = bytes.iter().rev().fold(0u64, |v, &x| (v << 8) | x as u64);
+        usize::try_from(v).map_err(|_| "length too large".to_string())
+    };
+    let line = |at: &mut usize| -> Result<(), String> {
+        let n = b[*at..].iter().position(|&c| c == b'\n').ok_or("truncated")?;
+        *at += n + 1;
+        Ok(())
+    };
+    loop {
+        let op = *b.get(at).ok_or("truncated: no STOP")?;
+        at += 1;
+        match op {
+            b'.' => return Ok(at),
+            // No argument.
+            b'('
+            | b'0'
+            | b'1'
+            | b'2'
+            | b'N'
+            | b'R'
+            | b'a'
+            | b'b'
+            | b'd'
+            | b'}'
+            | b'e'
+            | b'l'
+            | b']'
+            | b'o'
+            | b's'
+            | b't'
+            | b')'
+            | b'u'
+            | b'Q'
+            | 0x81
+            | 0x85..=0x89
+            | 0x8f..=0x94
+            | 0x97
+            | 0x98 => {}
+            // Fixed-size arguments.
+            b'K' | b'q' | b'h' | 0x80 | 0x82 => take(&mut at, 1)?,
+            b'M' | 0x83 => take(&mut at, 2)?,
+            b'J' | b'r' | b'j' | 0x84 => take(&mut at, 4)?,
+            b'G' | 0x95 => take(&mut at, 8)?,
+            0x8a => {
+                let n = len_le(at, 1)?;
+                if n > 8 {
+                    return Err(format!("a {n}-byte integer (LONG1) is wider than 64 bits"));
+                }
+                take(&mut at, 1 + n)?;
+            }
+            // A length, then that many bytes.
+            b'U' | 0x8c | b'C' => {
+                let n = len_le(at, 1)?;
+                take(&mut at, 1)?;
+                take(&mut at, n)?;
+            }
+            b'T' | b'X' | b'B' | 0x8b => {
+                let n = len_le(at, 4)?;
+                take(&mut at, 4)?;
+                take(&mut at, n)?;
+            }
+            0x8d | 0x8e | 0x96 => {
+                let n = len_le(at, 8)?;
+                take(&mut at, 8)?;
+                take(&mut at, n)?;
+            }
+            // Newline-terminated arguments.
+            b'I' | b'L' | b'S' | b'V' | b'F' | b'p' | b'g' | b'P' => line(&mut at)?,
+            b'c' | b'i' => {
+                line(&mut at)?;
+                line(&mut at)?;
+            }
+            other => return Err(format!("unknown pickle opcode 0x{other:02x}")),
+        }
+    }
 }
 
 /// `pickle.dumps(0x1950a86a20f9469cfc6c, protocol=2)`.

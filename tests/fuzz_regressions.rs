@@ -1,0 +1,42 @@
+//! Every input the fuzz targets ever crashed on (`fuzz/regressions/<target>/`),
+//! run through the same entry points: each must now give a result or a reason.
+
+use std::path::Path;
+
+fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions")
+        .join(target);
+    let mut v: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+#[cfg(feature = "candle")]
+fn model_weights_regressions_are_refused_with_a_reason() {
+    let cases = inputs("model_weights");
+    assert!(!cases.is_empty());
+    for (name, bytes) in cases {
+        for kind in ["pth", "safetensors"] {
+            let r = ai_edge_inference::backend::compile_untrusted(kind, &bytes);
+            assert!(r.as_ref().is_err_and(|e| !e.is_empty()), "{name} as {kind}: {r:?}");
+        }
+    }
+}
+
+#[test]
+#[cfg(feature = "candle-graph")]
+fn model_onnx_regressions_are_refused_with_a_reason() {
+    for (name, bytes) in inputs("model_onnx") {
+        for kind in ["onnx-graph", "onnx"] {
+            let r = ai_edge_inference::backend::compile_untrusted(kind, &bytes);
+            assert!(r.is_err(), "{name} as {kind}: {r:?}");
+        }
+    }
+}
