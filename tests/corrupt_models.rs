@@ -5,10 +5,9 @@
 //!
 //! Needs the files `models/fetch` caches (YOLOv12n and EfficientNet-Lite0 as
 //! ONNX and `.pth`) and, for the ONNX Runtime cases, its library.
+#![cfg(any(feature = "candle", feature = "onnx"))]
 
 mod support;
-
-use std::path::Path;
 
 use ai_edge_inference::config::model;
 use ai_edge_inference::models::Models;
@@ -89,8 +88,9 @@ fn source(file: &str) -> std::path::PathBuf {
     }
 }
 
+#[cfg(feature = "candle")]
 fn have(file: &str) -> bool {
-    Path::new(&source(file)).exists()
+    source(file).exists()
 }
 
 #[test]

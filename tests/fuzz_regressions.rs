@@ -1,5 +1,6 @@
 //! Every input the fuzz targets ever crashed on (`fuzz/regressions/<target>/`),
 //! run through the same entry points: each must now give a result or a reason.
+#![cfg(feature = "candle")]
 
 use std::path::Path;
 
@@ -18,7 +19,6 @@ fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
 }
 
 #[test]
-#[cfg(feature = "candle")]
 fn model_weights_regressions_are_refused_with_a_reason() {
     let cases = inputs("model_weights");
     assert!(!cases.is_empty());
