@@ -221,6 +221,12 @@ impl server::Handler for Routes {
         }
     }
 
+    fn is_probe(&self, head: &Head) -> bool {
+        matches!(head.method.as_str(), "GET" | "HEAD")
+            && matches!(head.path.as_str(), "/healthz" | "/readyz" | "/metrics" | "/models")
+            && self.misrouted(&head.path).is_none()
+    }
+
     fn on_request(&self) {
         self.state.metrics.http_requests.fetch_add(1, Relaxed);
     }

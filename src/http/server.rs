@@ -10,7 +10,11 @@
 //! silent client costs a few kilobytes and never a thread: probes answer while
 //! others upload slowly or hold connections open. At [`Limits::max_connections`]
 //! the connection that has waited longest for a request head is closed to make
-//! room; when every connection is inside a request, a new one is answered 503.
+//! room; when every connection is inside a request, up to
+//! [`Limits::probe_reserve`] more are taken for probes only (anything else
+//! there is answered 503), so a kubelet's probe still gets its answer. At
+//! most [`Limits::max_bodies`] bodies are read at once (the rest wait their
+//! turn within their deadline), which bounds the memory bodies take.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -27,6 +31,10 @@ use crate::metrics::{HttpRefusal, Metrics};
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Connections beyond `max_connections` kept for probes ([`Handler::is_probe`]).
+    pub probe_reserve: usize,
+    /// Bodies read at the same time.
+    pub max_bodies: usize,
     /// Request line and headers together.
     pub head_bytes: usize,
     pub max_headers: usize,
@@ -43,6 +51,8 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_connections: 256,
+            probe_reserve: 32,
+            max_bodies: 16,
             head_bytes: 16 * 1024,
             max_headers: 64,
             head_timeout: Duration::from_secs(10),
@@ -138,6 +148,8 @@ pub trait Handler: 'static {
     /// The answer to a request; `body` is what [`Handler::body_limit`] allowed
     /// (empty when it allowed none).
     fn respond(&self, head: Head, body: Result<Vec<u8>, BodyError>) -> impl Future<Output = Response>;
+    /// Whether a request is a cheap probe, served from the probe reserve.
+    fn is_probe(&self, head: &Head) -> bool;
     /// A request head was read (for counting).
     fn on_request(&self) {}
     fn metrics(&self) -> &Metrics;
@@ -150,7 +162,10 @@ pub async fn serve<H: Handler>(
     handler: Rc<H>,
     limits: Limits,
 ) {
-    let table: Rc<RefCell<Table>> = Rc::default();
+    // The connections, and the probe reserve's (each may evict its own idlest).
+    let main: Rc<RefCell<Table>> = Rc::default();
+    let reserve: Rc<RefCell<Table>> = Rc::default();
+    let bodies = Rc::new(smol::lock::Semaphore::new(limits.max_bodies.max(1)));
     let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
@@ -163,8 +178,17 @@ pub async fn serve<H: Handler>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let full = table.borrow().conns.len() >= limits.max_connections;
-        if full && !table.borrow_mut().evict_idlest() {
+        // Into the main table (evicting its idlest when full), else, when every main
+        // connection is inside a request, into the probe reserve (likewise), else 503.
+        let metrics = handler.metrics();
+        let (table, probes_only) = if main.borrow_mut().make_room(limits.max_connections, MIN_IDLE, metrics) {
+            (main.clone(), false)
+        } else if reserve
+            .borrow_mut()
+            .make_room(limits.probe_reserve, Duration::ZERO, metrics)
+        {
+            (reserve.clone(), true)
+        } else {
             handler.metrics().http_refused(HttpRefusal::Busy);
             ex.spawn(async move {
                 let mut stream = stream;
@@ -174,10 +198,7 @@ pub async fn serve<H: Handler>(
             })
             .detach();
             continue;
-        }
-        if full {
-            handler.metrics().http_refused(HttpRefusal::Evicted);
-        }
+        };
         let id = next_id;
         next_id += 1;
         let idle_since = Rc::new(Cell::new(Some(Instant::now())));
@@ -189,9 +210,11 @@ pub async fn serve<H: Handler>(
                 _kill: kill,
             },
         );
-        let (handler, table) = (handler.clone(), table.clone());
+        let (handler, bodies) = (handler.clone(), bodies.clone());
         ex.spawn(async move {
-            smol::future::or(connection(stream, &*handler, limits, &idle_since), async {
+            let turns = (!probes_only).then_some(&*bodies);
+            let conn = connection(stream, &*handler, limits, &idle_since, turns);
+            smol::future::or(conn, async {
                 let _ = killed.recv().await;
             })
             .await;
@@ -200,6 +223,10 @@ pub async fn serve<H: Handler>(
         .detach();
     }
 }
+
+/// A connection that has just opened is not closed to make room for another:
+/// it gets this long to send its request head.
+const MIN_IDLE: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct Table {
@@ -214,12 +241,27 @@ struct Entry {
 }
 
 impl Table {
-    /// Closes the connection that has waited longest for a head; false when all are busy.
-    fn evict_idlest(&mut self) -> bool {
+    /// Room for one more under `cap`, closing the idlest connection if need be
+    /// (one that has waited at least `min_idle` for a head); false when none may go.
+    fn make_room(&mut self, cap: usize, min_idle: Duration, metrics: &Metrics) -> bool {
+        if self.conns.len() < cap {
+            return true;
+        }
+        let evicted = self.evict_idlest(min_idle);
+        if evicted {
+            metrics.http_refused(HttpRefusal::Evicted);
+        }
+        evicted && self.conns.len() < cap
+    }
+
+    /// Closes the connection that has waited longest for a head (at least
+    /// `min_idle`); false when there is none.
+    fn evict_idlest(&mut self, min_idle: Duration) -> bool {
         let idlest = self
             .conns
             .iter()
             .filter_map(|(id, e)| e.idle_since.get().map(|t| (t, *id)))
+            .filter(|(t, _)| t.elapsed() >= min_idle)
             .min();
         match idlest {
             Some((_, id)) => {
@@ -255,7 +297,15 @@ enum HeadOutcome {
     Refused(HttpRefusal, Option<u16>),
 }
 
-async fn connection<H: Handler>(stream: TcpStream, handler: &H, limits: Limits, idle_since: &Cell<Option<Instant>>) {
+/// One connection's requests, in turn. `bodies`: the turns to hold a body;
+/// `None` on a connection from the probe reserve, which serves one probe.
+async fn connection<H: Handler>(
+    stream: TcpStream,
+    handler: &H,
+    limits: Limits,
+    idle_since: &Cell<Option<Instant>>,
+    bodies: Option<&smol::lock::Semaphore>,
+) {
     let mut c = Conn {
         stream,
         buf: vec![0; limits.head_bytes],
@@ -283,6 +333,19 @@ async fn connection<H: Handler>(stream: TcpStream, handler: &H, limits: Limits, 
         handler.on_request();
         let is_head = head.method == "HEAD";
         let mut close = head.close;
+        let Some(bodies) = bodies else {
+            // From the probe reserve: probes only, one request, then close.
+            let r = if handler.is_probe(&head) {
+                handler.respond(head, Ok(Vec::new())).await
+            } else {
+                handler.metrics().http_refused(HttpRefusal::Busy);
+                Response::new(503, "application/json", refusal_body(HttpRefusal::Busy)).with_header("Retry-After", "1")
+            };
+            let _ = with_deadline(limits.write_timeout, write_response(&mut c.stream, &r, is_head, true)).await;
+            return;
+        };
+        // Held until the answer is written: at most `max_bodies` requests with a body in memory.
+        let mut _turn = None;
         let body = match handler.body_limit(&head) {
             Some(limit) => {
                 if head.expect_continue && head.content_length().is_none_or(|n| n <= limit as u64) {
@@ -295,9 +358,13 @@ async fn connection<H: Handler>(stream: TcpStream, handler: &H, limits: Limits, 
                         return;
                     }
                 }
-                let b = with_deadline(limits.body_timeout, c.read_body(head.framing, limit))
-                    .await
-                    .unwrap_or(Err(BodyError::Timeout));
+                // Waiting for a turn counts against the body's deadline.
+                let b = with_deadline(limits.body_timeout, async {
+                    _turn = Some(bodies.acquire().await);
+                    c.read_body(head.framing, limit).await
+                })
+                .await
+                .unwrap_or(Err(BodyError::Timeout));
                 if b.is_err() {
                     // Where the next request would start is unknown.
                     close = true;
