@@ -223,32 +223,18 @@ pub fn alert<'a>(alerts: &[(String, f32)], predictions: impl IntoIterator<Item =
         .any(|(label, conf)| alerts.iter().any(|(l, t)| l == label && conf >= *t))
 }
 
-/// Class names from an Ultralytics `names` metadata value, e.g.
-/// `{0: 'person', 1: 'bicycle'}`, in index order.
-pub fn parse_names(text: &str) -> Option<Vec<String>> {
-    let body = text.trim().strip_prefix('{')?.strip_suffix('}')?;
-    let mut names: Vec<(usize, String)> = Vec::new();
-    let mut rest = body;
-    while !rest.trim().is_empty() {
-        let (key, after) = rest.split_once(':')?;
-        let idx: usize = key.trim().trim_start_matches(',').trim().parse().ok()?;
-        let after = after.trim_start();
-        let quote = after.chars().next().filter(|c| *c == '\'' || *c == '"')?;
-        let end = after[1..].find(quote)? + 1;
-        names.push((idx, after[1..end].to_owned()));
-        rest = after[end + 1..].trim_start().trim_start_matches(',');
-    }
-    names.sort_by_key(|(i, _)| *i);
-    names
-        .iter()
-        .enumerate()
-        .all(|(i, (k, _))| i == *k)
-        .then(|| names.into_iter().map(|(_, n)| n).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iou_and_alerts() {
+        assert!((iou(&[0.0, 0.0, 2.0, 2.0], &[1.0, 1.0, 3.0, 3.0]) - 1.0 / 7.0).abs() < 1e-6);
+        assert_eq!(iou(&[0.0, 0.0, 1.0, 1.0], &[2.0, 2.0, 3.0, 3.0]), 0.0);
+        let alerts = vec![("person".to_owned(), 0.5)];
+        assert!(alert(&alerts, [("car", 0.9), ("person", 0.6)]));
+        assert!(!alert(&alerts, [("person", 0.4)]));
+    }
 
     #[test]
     fn softmax_and_probability_detection() {
@@ -375,25 +361,5 @@ mod tests {
             "one to one"
         );
         assert!(detections_match(&[], &[], 0.9));
-    }
-
-    #[test]
-    fn iou_alerts_and_names() {
-        assert!((iou(&[0.0, 0.0, 2.0, 2.0], &[1.0, 1.0, 3.0, 3.0]) - 1.0 / 7.0).abs() < 1e-6);
-        assert_eq!(iou(&[0.0, 0.0, 1.0, 1.0], &[2.0, 2.0, 3.0, 3.0]), 0.0);
-        let alerts = vec![("person".to_owned(), 0.5)];
-        assert!(alert(&alerts, [("car", 0.9), ("person", 0.6)]));
-        assert!(!alert(&alerts, [("person", 0.4)]));
-        assert_eq!(
-            parse_names("{0: 'person', 1: \"traffic light\", 2: 'it''s'}").map(|v| v.len()),
-            None,
-            "malformed quoting is refused"
-        );
-        assert_eq!(parse_names("{1: 'b', 0: 'a'}").unwrap(), ["a", "b"]);
-        assert_eq!(
-            parse_names("{0: 'person', 1: 'traffic light'}").unwrap(),
-            ["person", "traffic light"]
-        );
-        assert!(parse_names("{0: 'a', 2: 'c'}").is_none(), "gaps are refused");
     }
 }

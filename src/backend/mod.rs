@@ -58,9 +58,6 @@ impl fmt::Display for BackendError {
     }
 }
 
-/// `model_path` of the EfficientNet-Lite0 weights embedded in Candle builds.
-pub const EMBEDDED_MODEL: &str = "embedded:efficientnet-lite0";
-
 /// `convert IN OUT --dtype f16|f32`: a checkpoint to safetensors (Candle builds).
 pub fn convert(input: &Path, output: &Path, dtype: &str) -> Result<String, String> {
     candle::convert(input, output, dtype)

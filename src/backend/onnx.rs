@@ -198,7 +198,7 @@ impl OnnxBackend {
             .metadata()
             .ok()
             .and_then(|m| m.custom("names"))
-            .and_then(|names| crate::postprocess::parse_names(&names));
+            .and_then(|names| crate::config::model::parse_names(&names));
         log::info!(
             "model `{}`: ONNX Runtime ({}), provider {provider}, input `{}` {:?}, {threads} threads intra{} / {} inter, spinning {}",
             config.name,

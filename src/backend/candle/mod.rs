@@ -21,7 +21,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{Backend, BackendEnv, BackendError, Outputs, EMBEDDED_MODEL};
+use super::{Backend, BackendEnv, BackendError, Outputs};
+use crate::config::model::EMBEDDED_MODEL;
 use crate::config::model::{Layout, ModelConfig, ModelType};
 
 /// EfficientNet-Lite0 ImageNet weights in f16 (Apache-2.0; see models/NOTICE).
@@ -143,7 +144,7 @@ impl Backend for CandleBackend {
             Net::Graph(plan) => plan
                 .metadata
                 .get("names")
-                .and_then(|n| crate::postprocess::parse_names(n)),
+                .and_then(|n| crate::config::model::parse_names(n)),
             Net::EfficientNet(_) => None,
         }
     }

@@ -1,0 +1,439 @@
+//! The schema: which keys a model config has, their defaults and checks.
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::yaml::{kind, scalar_text, Ctx};
+use super::*;
+use crate::config::Settings;
+use crate::topic::{TopicFilter, TopicTemplate};
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "backend",
+    "model_path",
+    "onnx_model_path",
+    "model_type",
+    "labels",
+    "preprocessing",
+    "inference",
+    "health",
+    "alerts",
+    "mqtt",
+];
+const PRE_KEYS: &[&str] = &[
+    "resize",
+    "mode",
+    "pad_value",
+    "resize_short",
+    "normalize",
+    "mean",
+    "std",
+    "channel_order",
+    "layout",
+];
+const INF_KEYS: &[&str] = &[
+    "confidence_threshold",
+    "iou_threshold",
+    "max_detections",
+    "batch_size",
+    "gpu_enabled",
+    "top_k",
+    "softmax",
+    "class_agnostic_nms",
+    "yolo_version",
+    "intra_threads",
+    "instances",
+    "spinning",
+    "cpu_arena",
+    "memory_pattern",
+    "inter_threads",
+    "optimization_level",
+    "execution_providers",
+    "dual_tolerance",
+];
+/// Execution providers a config may name.
+pub const PROVIDERS: &[&str] = &["cpu", "cuda", "tensorrt"];
+const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
+const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template", "comparison_topic_template"];
+
+/// Parses one config's text; `path` names it in errors and anchors relative paths.
+pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
+    let ctx = Ctx {
+        file: path.display().to_string(),
+    };
+    let docs = YamlLoader::load_from_str(text).map_err(|e| ctx.err("", format!("not valid YAML: {e}")))?;
+    let doc = match docs.as_slice() {
+        [d] => d,
+        [] => return Err(ctx.err("", "the file is empty".into())),
+        _ => return Err(ctx.err("", "expected one YAML document, found several".into())),
+    };
+    ctx.known_keys(doc, "", TOP_KEYS)?;
+    let name = ctx
+        .string(&doc["name"], "name")?
+        .ok_or_else(|| ctx.err("name", "is required".into()))?;
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    {
+        return Err(ctx.err(
+            "name",
+            format!("expected letters, digits, `-`, `_` or `.`, found `{name}`"),
+        ));
+    }
+    let model_type = match ctx.string(&doc["model_type"], "model_type")?.as_deref() {
+        Some("image-classification") => ModelType::Classification,
+        Some("object-detection") => ModelType::Detection,
+        Some("camera-health") => ModelType::CameraHealth,
+        Some(other) => {
+            return Err(ctx.err(
+                "model_type",
+                format!("expected image-classification, object-detection or camera-health, found `{other}`"),
+            ))
+        }
+        None => return Err(ctx.err("model_type", "is required".into())),
+    };
+    let backend = match (model_type, ctx.string(&doc["backend"], "backend")?.as_deref()) {
+        (ModelType::CameraHealth, None | Some("builtin")) => BackendKind::Builtin,
+        (ModelType::CameraHealth, Some(other)) => {
+            return Err(ctx.err(
+                "backend",
+                format!("camera-health needs no ML backend; omit it (found `{other}`)"),
+            ))
+        }
+        (_, Some(other)) if !matches!(other, "candle" | "onnx" | "dual") => {
+            return Err(ctx.err("backend", format!("expected candle, onnx or dual, found `{other}`")))
+        }
+        (_, _) if settings.enable_dual => BackendKind::Dual,
+        (_, None) => settings.default_backend,
+        (_, Some("candle")) => BackendKind::Candle,
+        (_, Some("onnx")) => BackendKind::Onnx,
+        (_, Some(_)) => BackendKind::Dual,
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let model_path = ctx.string(&doc["model_path"], "model_path")?.map(|p| {
+        if p.starts_with("embedded:") {
+            PathBuf::from(p)
+        } else {
+            base.join(p)
+        }
+    });
+    if model_path.is_none() && model_type != ModelType::CameraHealth {
+        return Err(ctx.err("model_path", format!("is required for {}", model_type.as_str())));
+    }
+    let onnx_model_path = ctx
+        .string(&doc["onnx_model_path"], "onnx_model_path")?
+        .map(|p| base.join(p));
+    let labels = match &doc["labels"] {
+        Yaml::BadValue | Yaml::Null => Labels::FromModel,
+        Yaml::Array(items) => Labels::Inline(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    scalar_text(v).ok_or_else(|| ctx.err(&format!("labels[{i}]"), "expected a label string".into()))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+        Yaml::String(p) => {
+            let file = base.join(p);
+            let text = read_small(&file, MAX_LABELS_FILE)
+                .map_err(|e| ctx.err("labels", format!("cannot read labels file {}: {e}", file.display())))?;
+            let labels: Vec<String> = text
+                .lines()
+                .map(|l| l.trim().to_owned())
+                .filter(|l| !l.is_empty())
+                .collect();
+            if labels.is_empty() {
+                return Err(ctx.err("labels", format!("labels file {} holds no labels", file.display())));
+            }
+            Labels::File(file, labels)
+        }
+        other => {
+            return Err(ctx.err(
+                "labels",
+                format!("expected a list or a file path, found {}", kind(other)),
+            ))
+        }
+    };
+    let (input_topics, output_topic, comparison_topic) = ctx.topics(&doc["mqtt"], settings)?;
+    if backend == BackendKind::Dual {
+        for f in &input_topics {
+            comparison_topic
+                .check_against(f)
+                .map_err(|e| ctx.err("mqtt.comparison_topic_template", e.0))?;
+        }
+    }
+    Ok(ModelConfig {
+        name,
+        source: Some(path.to_path_buf()),
+        backend,
+        model_path,
+        onnx_model_path,
+        model_type,
+        labels,
+        preprocessing: ctx.preprocessing(&doc["preprocessing"], model_type)?,
+        inference: ctx.inference(&doc["inference"], settings)?,
+        health: ctx.health(&doc["health"])?,
+        alerts: ctx.alerts(&doc["alerts"])?,
+        input_topics,
+        output_topic,
+        comparison_topic,
+    })
+}
+
+/// Labels files larger than this are refused (a path such as `/dev/zero` must not hang a load).
+const MAX_LABELS_FILE: u64 = 16 << 20;
+
+impl Ctx {
+    pub(super) fn preprocessing(&self, v: &Yaml, model_type: ModelType) -> Result<Preprocessing, ConfigError> {
+        self.known_keys(v, "preprocessing.", PRE_KEYS)?;
+        let (dw, dh, dmode) = match model_type {
+            ModelType::Detection => (640, 640, "letterbox"),
+            _ => (224, 224, "center-crop"),
+        };
+        let (width, height) = match &v["resize"] {
+            Yaml::BadValue | Yaml::Null => (dw, dh),
+            Yaml::Array(a) if a.len() == 2 => (
+                self.int(&a[0], "preprocessing.resize[0]", 0, 8, 8192)? as u32,
+                self.int(&a[1], "preprocessing.resize[1]", 0, 8, 8192)? as u32,
+            ),
+            other => {
+                return Err(self.err(
+                    "preprocessing.resize",
+                    format!("expected [width, height], found {}", kind(other)),
+                ))
+            }
+        };
+        let mode_name = self
+            .string(&v["mode"], "preprocessing.mode")?
+            .unwrap_or_else(|| dmode.to_owned());
+        let mode = match mode_name.as_str() {
+            "stretch" => ResizeMode::Stretch,
+            "letterbox" => ResizeMode::Letterbox {
+                pad_value: self.int(&v["pad_value"], "preprocessing.pad_value", 114, 0, 255)? as u8,
+            },
+            "center-crop" | "resize-short-side-center-crop" => {
+                let default_short = (width.max(height) as f32 / 0.875).round() as u64;
+                let short = self.int(
+                    &v["resize_short"],
+                    "preprocessing.resize_short",
+                    default_short,
+                    8,
+                    16384,
+                )? as u32;
+                if short < width.max(height) {
+                    return Err(self.err(
+                        "preprocessing.resize_short",
+                        format!("must be at least the crop size {}, found {short}", width.max(height)),
+                    ));
+                }
+                ResizeMode::CenterCrop { resize_short: short }
+            }
+            other => {
+                return Err(self.err(
+                    "preprocessing.mode",
+                    format!("expected stretch, letterbox or center-crop, found `{other}`"),
+                ))
+            }
+        };
+        let std = self.triple(&v["std"], "preprocessing.std", [1.0; 3])?;
+        if std.contains(&0.0) {
+            return Err(self.err("preprocessing.std", "must not contain 0".into()));
+        }
+        Ok(Preprocessing {
+            width,
+            height,
+            mode,
+            normalize: self.boolean(&v["normalize"], "preprocessing.normalize", true)?,
+            mean: self.triple(&v["mean"], "preprocessing.mean", [0.0; 3])?,
+            std,
+            channel_order: match self
+                .string(&v["channel_order"], "preprocessing.channel_order")?
+                .as_deref()
+            {
+                None | Some("rgb" | "RGB") => ChannelOrder::Rgb,
+                Some("bgr" | "BGR") => ChannelOrder::Bgr,
+                Some(o) => {
+                    return Err(self.err(
+                        "preprocessing.channel_order",
+                        format!("expected rgb or bgr, found `{o}`"),
+                    ))
+                }
+            },
+            layout: match self.string(&v["layout"], "preprocessing.layout")?.as_deref() {
+                None | Some("nchw" | "NCHW") => Layout::Nchw,
+                Some("nhwc" | "NHWC") => Layout::Nhwc,
+                Some(o) => return Err(self.err("preprocessing.layout", format!("expected nchw or nhwc, found `{o}`"))),
+            },
+        })
+    }
+
+    pub(super) fn inference(&self, v: &Yaml, settings: &Settings) -> Result<Inference, ConfigError> {
+        self.known_keys(v, "inference.", INF_KEYS)?;
+        let batch_size = self.int(&v["batch_size"], "inference.batch_size", 1, 1, 1)? as usize;
+        let choice = |key: &str, options: &[&str], default: &str| -> Result<String, ConfigError> {
+            let k = format!("inference.{key}");
+            let s = match &v[key] {
+                Yaml::Boolean(b) => b.to_string(),
+                other => self.string(other, &k)?.unwrap_or_else(|| default.to_owned()),
+            };
+            if options.contains(&s.as_str()) {
+                Ok(s)
+            } else {
+                Err(self.err(&k, format!("expected one of {}, found `{s}`", options.join(", "))))
+            }
+        };
+        let execution_providers = match &v["execution_providers"] {
+            Yaml::BadValue | Yaml::Null => vec!["cpu".to_owned()],
+            Yaml::Array(a) if !a.is_empty() => a
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let k = format!("inference.execution_providers[{i}]");
+                    match self.string(p, &k)? {
+                        Some(p) if PROVIDERS.contains(&p.as_str()) => Ok(p),
+                        other => Err(self.err(
+                            &k,
+                            format!(
+                                "expected one of {}, found `{}`",
+                                PROVIDERS.join(", "),
+                                other.unwrap_or_default()
+                            ),
+                        )),
+                    }
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(self.err(
+                    "inference.execution_providers",
+                    format!("expected a list such as [cuda, cpu], found {}", kind(other)),
+                ))
+            }
+        };
+        Ok(Inference {
+            top_k: self.int(&v["top_k"], "inference.top_k", 5, 1, 1000)? as usize,
+            softmax: match choice("softmax", &["auto", "true", "false"], "auto")?.as_str() {
+                "true" => Softmax::Always,
+                "false" => Softmax::Never,
+                _ => Softmax::Auto,
+            },
+            class_agnostic_nms: self.boolean(&v["class_agnostic_nms"], "inference.class_agnostic_nms", false)?,
+            yolo_version: match choice("yolo_version", &["auto", "v5", "v8"], "auto")?.as_str() {
+                "v5" => YoloVersion::V5,
+                "v8" => YoloVersion::V8,
+                _ => YoloVersion::Auto,
+            },
+            intra_threads: self.int(&v["intra_threads"], "inference.intra_threads", 0, 0, 256)? as usize,
+            instances: self.int(&v["instances"], "inference.instances", 0, 0, 16)? as usize,
+            spinning: self.boolean(&v["spinning"], "inference.spinning", false)?,
+            cpu_arena: self.boolean(&v["cpu_arena"], "inference.cpu_arena", true)?,
+            memory_pattern: self.boolean(&v["memory_pattern"], "inference.memory_pattern", false)?,
+            inter_threads: self.int(&v["inter_threads"], "inference.inter_threads", 1, 1, 256)? as usize,
+            optimization_level: match choice("optimization_level", &["disable", "basic", "extended", "all"], "all")?
+                .as_str()
+            {
+                "disable" => OptLevel::Disable,
+                "basic" => OptLevel::Basic,
+                "extended" => OptLevel::Extended,
+                _ => OptLevel::All,
+            },
+            execution_providers,
+            dual_tolerance: self.float(&v["dual_tolerance"], "inference.dual_tolerance", 0.005, 0.0, 1.0)?,
+            confidence_threshold: self.float(
+                &v["confidence_threshold"],
+                "inference.confidence_threshold",
+                0.25,
+                0.0,
+                1.0,
+            )?,
+            iou_threshold: self.float(&v["iou_threshold"], "inference.iou_threshold", 0.45, 0.0, 1.0)?,
+            max_detections: self.int(&v["max_detections"], "inference.max_detections", 100, 1, 10000)? as usize,
+            batch_size,
+            gpu_enabled: self.boolean(&v["gpu_enabled"], "inference.gpu_enabled", settings.gpu_enabled)?
+                && settings.gpu_enabled,
+        })
+    }
+
+    pub(super) fn alerts(&self, v: &Yaml) -> Result<Vec<(String, f32)>, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(Vec::new()),
+            Yaml::Hash(h) => h
+                .iter()
+                .map(|(k, t)| {
+                    let label = scalar_text(k).unwrap_or_default();
+                    let threshold = self.float(t, &format!("alerts.{label}"), 0.5, 0.0, 1.0)?;
+                    Ok((label, threshold))
+                })
+                .collect(),
+            other => Err(self.err(
+                "alerts",
+                format!(
+                    "expected a mapping of class label to threshold, e.g. {{person: 0.5}}, found {}",
+                    kind(other)
+                ),
+            )),
+        }
+    }
+
+    pub(super) fn health(&self, v: &Yaml) -> Result<Health, ConfigError> {
+        self.known_keys(v, "health.", HEALTH_KEYS)?;
+        Ok(Health {
+            black_threshold: self.float(&v["black_threshold"], "health.black_threshold", 16.0, 0.0, 255.0)?,
+            blur_threshold: self.float(&v["blur_threshold"], "health.blur_threshold", 20.0, 0.0, 1e9)?,
+        })
+    }
+
+    pub(super) fn topics(
+        &self,
+        v: &Yaml,
+        settings: &Settings,
+    ) -> Result<(Vec<TopicFilter>, TopicTemplate, TopicTemplate), ConfigError> {
+        self.known_keys(v, "mqtt.", MQTT_KEYS)?;
+        let (texts, key): (Vec<String>, &str) = match &v["input_topics"] {
+            Yaml::BadValue | Yaml::Null => (settings.input_topics.clone(), "MQTT_INPUT_TOPICS"),
+            Yaml::Array(a) if !a.is_empty() => (
+                a.iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        scalar_text(t).ok_or_else(|| {
+                            self.err(&format!("mqtt.input_topics[{i}]"), "expected a topic filter".into())
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                "mqtt.input_topics",
+            ),
+            Yaml::String(s) => (vec![s.clone()], "mqtt.input_topics"),
+            other => {
+                return Err(self.err(
+                    "mqtt.input_topics",
+                    format!("expected a list of topic filters, found {}", kind(other)),
+                ))
+            }
+        };
+        let filters: Vec<TopicFilter> = texts
+            .iter()
+            .map(|t| TopicFilter::parse(t).map_err(|e| self.err(key, e.0)))
+            .collect::<Result<_, _>>()?;
+        let (tpl_text, tkey) = match self.string(&v["output_topic_template"], "mqtt.output_topic_template")? {
+            Some(t) => (t, "mqtt.output_topic_template"),
+            None => (settings.output_topic_template.clone(), "MQTT_OUTPUT_TOPIC_TEMPLATE"),
+        };
+        let tpl = TopicTemplate::parse(&tpl_text).map_err(|e| self.err(tkey, e.0))?;
+        for f in &filters {
+            tpl.check_against(f).map_err(|e| self.err(tkey, e.0))?;
+        }
+        let (cmp_text, ckey) = match self.string(&v["comparison_topic_template"], "mqtt.comparison_topic_template")? {
+            Some(t) => (t, "mqtt.comparison_topic_template"),
+            None => (
+                settings.comparison_topic_template.clone(),
+                "MQTT_COMPARISON_TOPIC_TEMPLATE",
+            ),
+        };
+        let cmp = TopicTemplate::parse(&cmp_text).map_err(|e| self.err(ckey, e.0))?;
+        // Only dual models publish comparisons; others need not bind its variables.
+        Ok((filters, tpl, cmp))
+    }
+}
