@@ -14,11 +14,64 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use crate::decode::Decoded;
+use crate::envelope::EnvelopeError;
 use crate::envelope::Form;
 use crate::health;
+use crate::messages::{Ack, Reply};
+use crate::metrics::FailReason;
 use crate::metrics::{DropReason, Metrics};
-use crate::models::{Route, MAX_MODELS};
+use crate::models::{Models, Runner, MAX_MODELS};
 use crate::preprocess;
+use crate::result::Source;
+
+/// A model a frame goes to, and which of its input filters matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub model: u16,
+    pub filter: u16,
+}
+
+/// Why a frame gets an error result; `detail` is for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub reason: FailReason,
+    pub detail: String,
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.reason.as_str(), self.detail)
+    }
+}
+
+impl FrameError {
+    pub fn new(reason: FailReason, detail: impl std::fmt::Display) -> FrameError {
+        FrameError {
+            reason,
+            detail: detail.to_string(),
+        }
+    }
+
+    /// HTTP status for a one-shot request that failed this way.
+    pub fn http_status(&self) -> u16 {
+        match self.reason {
+            FailReason::PayloadTooLarge | FailReason::ImageTooLarge => 413,
+            FailReason::InferenceFailed => 500,
+            _ => 422,
+        }
+    }
+}
+
+impl From<EnvelopeError> for FrameError {
+    fn from(e: EnvelopeError) -> FrameError {
+        let reason = match e {
+            EnvelopeError::BadJson(_) => FailReason::BadJson,
+            EnvelopeError::BadBase64(_) => FailReason::BadBase64,
+            EnvelopeError::BadField { .. } | EnvelopeError::UnsupportedSchema => FailReason::BadEnvelope,
+        };
+        FrameError::new(reason, e)
+    }
+}
 
 /// Longest topic and device id a slot holds (longer ones are refused).
 pub const MAX_TOPIC_LEN: usize = 1024;
@@ -38,6 +91,31 @@ pub struct Limits {
     pub max_input_width: usize,
 }
 
+impl Limits {
+    /// Slot sizes for a set of models and the payload and image limits.
+    pub fn for_models(models: &Models, max_payload: usize, max_width: u32, max_height: u32) -> Limits {
+        let pre = models.list.iter().map(|m| &m.config.preprocessing);
+        Limits {
+            max_payload,
+            max_width,
+            max_height,
+            max_tensor: models
+                .list
+                .iter()
+                .filter(|m| matches!(m.runner, Runner::Ml(_)))
+                .map(|m| preprocess::tensor_len(&m.config.preprocessing))
+                .max()
+                .unwrap_or(0),
+            max_input_width: pre.map(|p| p.width as usize).max().unwrap_or(0),
+        }
+    }
+
+    /// Whether a model with this preprocessing fits slots of these sizes.
+    pub fn fits(&self, p: &crate::config::model::Preprocessing) -> bool {
+        preprocess::tensor_len(p) <= self.max_tensor && p.width as usize <= self.max_input_width
+    }
+}
+
 /// Who waits for the frame's answer.
 #[derive(Debug, Default)]
 pub enum Origin {
@@ -45,23 +123,6 @@ pub enum Origin {
     Mqtt,
     /// `POST /infer` (or the CLI): the answer goes back on this channel.
     Reply(async_channel::Sender<Reply>),
-}
-
-/// The broker's delivery to acknowledge once the frame's answer is with the
-/// MQTT client (QoS 1: PUBACK; QoS 2: PUBREC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ack {
-    pub pkid: u16,
-    pub exactly_once: bool,
-    /// The message's key in the redelivery window (`dedup.rs`), once admitted.
-    pub key: Option<u64>,
-}
-
-/// The answer to a one-shot request: HTTP status and JSON body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub status: u16,
-    pub body: Vec<u8>,
 }
 
 /// One frame's buffers and identity.
@@ -165,6 +226,19 @@ impl Slot {
     /// Raw JSON of an envelope field kept as a range into the payload.
     pub fn field(&self, r: &Option<Range<usize>>) -> Option<&[u8]> {
         r.as_ref().map(|r| &self.payload[r.clone()])
+    }
+
+    /// Where the frame came from, as results report it.
+    pub fn source(&self) -> Source<'_> {
+        Source {
+            device_id: Some(self.device.as_str()),
+            form: self.form.as_str(),
+            topic: &self.topic,
+            timestamp_json: self.field(&self.timestamp_json),
+            correlation_id_json: self.field(&self.correlation_id_json),
+            location_json: self.field(&self.location_json),
+            metadata_json: self.field(&self.metadata_json),
+        }
     }
 
     /// Forgets the previous frame (keeps every buffer).

@@ -7,53 +7,12 @@
 use std::fmt;
 use std::time::{Instant, SystemTime};
 
-use crate::envelope::{self, Envelope, EnvelopeError, Form, Image};
+use crate::envelope::{self, Envelope, Form, Image};
+use crate::frame::{FrameError, Route};
 use crate::frame::{Origin, Slot, MAX_DEVICE_LEN, MAX_TOPIC_LEN};
 use crate::metrics::FailReason;
-use crate::models::{Models, Route};
+use crate::models::Models;
 use crate::result::{self, Source};
-
-/// Why a frame gets an error result; `detail` is for people.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FrameError {
-    pub reason: FailReason,
-    pub detail: String,
-}
-
-impl fmt::Display for FrameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.reason.as_str(), self.detail)
-    }
-}
-
-impl FrameError {
-    pub fn new(reason: FailReason, detail: impl fmt::Display) -> FrameError {
-        FrameError {
-            reason,
-            detail: detail.to_string(),
-        }
-    }
-
-    /// HTTP status for a one-shot request that failed this way.
-    pub fn http_status(&self) -> u16 {
-        match self.reason {
-            FailReason::PayloadTooLarge | FailReason::ImageTooLarge => 413,
-            FailReason::InferenceFailed => 500,
-            _ => 422,
-        }
-    }
-}
-
-impl From<EnvelopeError> for FrameError {
-    fn from(e: EnvelopeError) -> FrameError {
-        let reason = match e {
-            EnvelopeError::BadJson(_) => FailReason::BadJson,
-            EnvelopeError::BadBase64(_) => FailReason::BadBase64,
-            EnvelopeError::BadField { .. } | EnvelopeError::UnsupportedSchema => FailReason::BadEnvelope,
-        };
-        FrameError::new(reason, e)
-    }
-}
 
 /// A message that passed the checks that need no slot.
 pub struct Admitted<'a> {
@@ -177,16 +136,17 @@ pub fn taken_at(e: &Envelope<'_>) -> SystemTime {
         .unwrap_or_else(SystemTime::now)
 }
 
-/// The `Source` of a frame held in a slot.
-pub fn slot_source(slot: &Slot) -> Source<'_> {
-    Source {
-        device_id: Some(slot.device.as_str()),
-        form: slot.form.as_str(),
-        topic: &slot.topic,
-        timestamp_json: slot.field(&slot.timestamp_json),
-        correlation_id_json: slot.field(&slot.correlation_id_json),
-        location_json: slot.field(&slot.location_json),
-        metadata_json: slot.field(&slot.metadata_json),
+/// The models a message on `topic` goes to (and which of each one's input
+/// filters matched), into `out`.
+pub fn route(models: &Models, topic: &str, out: &mut Vec<Route>) {
+    out.clear();
+    for (mi, m) in models.list.iter().enumerate() {
+        if let Some(fi) = m.config.input_topics.iter().position(|f| f.matches(topic)) {
+            out.push(Route {
+                model: mi as u16,
+                filter: fi as u16,
+            });
+        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod http;
 pub mod ingest;
 pub mod json;
 pub mod memory;
+pub mod messages;
 pub mod metrics;
 pub mod models;
 pub mod mqtt;

@@ -18,6 +18,14 @@ use crate::postprocess::{self, Detection, YoloLayout};
 pub const MAX_MODELS: usize = 64;
 
 /// One backend's engine and the buffers its results land in, sized at load.
+/// A model that is not serving as configured: it failed to load, a reload of
+/// it failed (its old version serving), or its config file was not added.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, miniserde::Serialize)]
+pub struct Problem {
+    pub model: String,
+    pub error: String,
+}
+
 pub struct Side {
     pub engine: Engine,
     pub outputs: Outputs,
@@ -100,13 +108,6 @@ impl Model {
             Runner::Ml(_) => self.config.backend.as_str(),
         }
     }
-}
-
-/// A model a frame goes to, and which of its input filters matched.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Route {
-    pub model: u16,
-    pub filter: u16,
 }
 
 #[derive(Debug, Clone)]
@@ -193,20 +194,6 @@ impl Models {
 
     pub fn all_ready(&self) -> bool {
         self.failed.is_empty() && self.list.iter().all(|m| m.ready.load(Ordering::Relaxed))
-    }
-
-    /// Fills `out` with every model whose input filters match `topic`
-    /// (each model once, with its first matching filter).
-    pub fn route(&self, topic: &str, out: &mut Vec<Route>) {
-        out.clear();
-        for (mi, m) in self.list.iter().enumerate() {
-            if let Some(fi) = m.config.input_topics.iter().position(|f| f.matches(topic)) {
-                out.push(Route {
-                    model: mi as u16,
-                    filter: fi as u16,
-                });
-            }
-        }
     }
 
     /// Distinct subscription filters over all models.

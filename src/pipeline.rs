@@ -17,55 +17,16 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use bytes::Bytes;
-
 use crate::dedup::{self, Seen};
-use crate::frame::{Ack, Limits, Origin, Reply, Ring, Slot, WorkBuffers, RESULT_CAPACITY};
+use crate::frame::Route;
+use crate::frame::{Limits, Origin, Ring, Slot, WorkBuffers, RESULT_CAPACITY};
 use crate::ingest;
+use crate::messages::{Ack, Incoming, Outbound, Reply, ToMqtt};
 use crate::metrics::{DropReason, Metrics, Stage};
-use crate::models::{Models, Route, MAX_MODELS};
+use crate::models::{Models, MAX_MODELS};
 use crate::process::{self, Ctx, Emitted};
 use crate::registry::Registry;
 use crate::result;
-
-/// A message for the pipeline.
-pub struct Incoming {
-    pub topic: Bytes,
-    pub payload: Bytes,
-    /// `Some` for one-shot requests: the answer goes back here.
-    pub reply: Option<async_channel::Sender<Reply>>,
-    /// One-shot requests name their model: an index into the model set it was
-    /// looked up in, which the frame then uses. MQTT messages are routed by topic.
-    pub model: Option<(Arc<Models>, usize)>,
-    /// MQTT QoS 1/2 deliveries: acknowledged only once answered.
-    pub ack: Option<Ack>,
-    /// The broker marked this delivery as a repeat (DUP).
-    pub dup: bool,
-}
-
-/// What the MQTT publisher thread does, in order: a frame's answers are
-/// queued before its acknowledgement, so an input is acknowledged only after
-/// its result is with the client.
-#[derive(Debug)]
-pub enum ToMqtt {
-    Publish(Outbound),
-    Ack(Ack),
-    /// Reconnected: publish the results kept while offline.
-    Flush,
-    /// The models' problems changed (a model failed or recovered): publish a
-    /// fresh retained status. Built when published, so it is never stale.
-    StatusChanged,
-    /// Stopping: publish what is queued and the `offline` status, then disconnect.
-    Shutdown,
-}
-
-/// A message for the MQTT publisher.
-#[derive(Debug)]
-pub struct Outbound {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub error: bool,
-}
 
 /// Everything the tasks share.
 pub struct Shared {
@@ -113,24 +74,6 @@ impl Shared {
             max_height: self.limits.max_height,
             error_topic: &self.error_topic,
         }
-    }
-}
-
-/// Slot sizes for a set of models and settings.
-pub fn limits(models: &Models, max_payload: usize, max_width: u32, max_height: u32) -> Limits {
-    let pre = models.list.iter().map(|m| &m.config.preprocessing);
-    Limits {
-        max_payload,
-        max_width,
-        max_height,
-        max_tensor: models
-            .list
-            .iter()
-            .filter(|m| matches!(m.runner, crate::models::Runner::Ml(_)))
-            .map(|m| crate::preprocess::tensor_len(&m.config.preprocessing))
-            .max()
-            .unwrap_or(0),
-        max_input_width: pre.map(|p| p.width as usize).max().unwrap_or(0),
     }
 }
 
@@ -206,7 +149,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             }
             None => {
                 let models = shared.registry.snapshot();
-                models.route(topic, &mut routes);
+                ingest::route(&models, topic, &mut routes);
                 models
             }
         };
@@ -353,7 +296,7 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason, why: 
     result::write_error(
         &mut out,
         std::time::SystemTime::now(),
-        &ingest::slot_source(slot),
+        &slot.source(),
         "dropped",
         format_args!("{}: {why}", reason.as_str()),
     );

@@ -12,11 +12,10 @@ use crate::alloc_count;
 use crate::backend::Backend as _;
 use crate::config::model::{ModelConfig, ModelType, Softmax};
 use crate::decode::{self, DecodeError};
-use crate::frame::Slot;
+use crate::frame::{FrameError, Route, Slot};
 use crate::health;
-use crate::ingest::{slot_source, FrameError};
 use crate::metrics::{FailReason, Metrics, Stage};
-use crate::models::{MlModel, Model, Models, Pool, Route, Runner, Side};
+use crate::models::{MlModel, Model, Models, Pool, Runner, Side};
 use crate::postprocess;
 use crate::postprocess::YoloLayout;
 use crate::preprocess::{self, Geometry};
@@ -99,7 +98,7 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                 result::write_health(
                     &mut out,
                     SystemTime::now(),
-                    &slot_source(slot),
+                    &slot.source(),
                     &model.config.name,
                     &t,
                     &report,
@@ -198,7 +197,7 @@ fn run_ml(
     result::write_inference(
         &mut out,
         SystemTime::now(),
-        &slot_source(slot),
+        &slot.source(),
         &config.name,
         primary.engine.name(),
         t,
@@ -241,7 +240,7 @@ fn run_ml(
         result::write_comparison(
             &mut out,
             SystemTime::now(),
-            &slot_source(slot),
+            &slot.source(),
             &config.name,
             [
                 (
@@ -370,7 +369,7 @@ pub fn fail(slot: &mut Slot, ctx: &Ctx<'_>, e: &FrameError, emit: &mut impl FnMu
     result::write_error(
         &mut out,
         SystemTime::now(),
-        &slot_source(slot),
+        &slot.source(),
         e.reason.as_str(),
         format_args!("{}", e.detail),
     );

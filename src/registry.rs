@@ -19,12 +19,9 @@ use crate::backend::BackendEnv;
 use crate::config::model;
 use crate::config::Settings;
 use crate::frame::Limits;
-use crate::models::{Models, MAX_MODELS};
-use crate::mqtt::Subscriptions;
+use crate::models::{Models, Problem, MAX_MODELS};
 
 pub struct Registry {
-    /// The broker subscriptions follow the models' input topics; `None`: MQTT is off.
-    subscriptions: Option<Arc<Subscriptions>>,
     current: Mutex<Arc<Models>>,
     settings: Settings,
     env: BackendEnv,
@@ -37,21 +34,17 @@ pub struct Registry {
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
     /// Told the current problems after every reload, addition or removal.
-    on_change: std::sync::OnceLock<Box<dyn Fn(Vec<crate::mqtt::Problem>) + Send + Sync>>,
+    on_change: std::sync::OnceLock<Box<dyn Fn(Vec<Problem>) + Send + Sync>>,
+    /// Told the input topics of every model set swapped in (the broker subscriptions follow).
+    on_topics: std::sync::OnceLock<Box<dyn Fn(Vec<String>) + Send + Sync>>,
 }
 
 impl Registry {
-    pub fn new(
-        models: Models,
-        settings: Settings,
-        limits: Limits,
-        subscriptions: Option<Arc<Subscriptions>>,
-    ) -> Registry {
+    pub fn new(models: Models, settings: Settings, limits: Limits) -> Registry {
         let env = BackendEnv {
             ort_library: settings.ort_library.clone(),
         };
         Registry {
-            subscriptions,
             current: Mutex::new(Arc::new(models)),
             settings,
             env,
@@ -61,24 +54,39 @@ impl Registry {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             on_change: std::sync::OnceLock::new(),
+            on_topics: std::sync::OnceLock::new(),
         }
     }
 
     /// Sets what to call with the problems after every change (once).
-    pub fn on_change(&self, f: impl Fn(Vec<crate::mqtt::Problem>) + Send + Sync + 'static) {
+    pub fn on_change(&self, f: impl Fn(Vec<Problem>) + Send + Sync + 'static) {
         let _ = self.on_change.set(Box::new(f));
     }
 
+    /// Sets what to call with the input topics of every model set swapped in (once).
+    pub fn on_topics(&self, f: impl Fn(Vec<String>) + Send + Sync + 'static) {
+        let _ = self.on_topics.set(Box::new(f));
+    }
+
     /// Models that failed to load, and reloads that failed (their old version serving).
-    pub fn problems(&self) -> Vec<crate::mqtt::Problem> {
+    pub fn problems(&self) -> Vec<Problem> {
         let mut p: Vec<_> = self
             .snapshot()
             .failed
             .iter()
-            .map(|f| (f.model.clone(), f.to_string()))
+            .map(|f| Problem {
+                model: f.model.clone(),
+                error: f.to_string(),
+            })
             .collect();
         let errors = self.reload_errors.lock().unwrap_or_else(|e| e.into_inner());
-        let mut reloads: Vec<_> = errors.iter().map(|(m, e)| (m.clone(), e.clone())).collect();
+        let mut reloads: Vec<_> = errors
+            .iter()
+            .map(|(m, e)| Problem {
+                model: m.clone(),
+                error: e.clone(),
+            })
+            .collect();
         reloads.sort();
         p.extend(reloads);
         p
@@ -131,10 +139,7 @@ impl Registry {
     fn fits(&self, config: &model::ModelConfig) -> Result<(), String> {
         let p = &config.preprocessing;
         let needs_tensor = config.model_type != model::ModelType::CameraHealth;
-        if needs_tensor
-            && (crate::preprocess::tensor_len(p) > self.limits.max_tensor
-                || p.width as usize > self.limits.max_input_width)
-        {
+        if needs_tensor && !self.limits.fits(p) {
             return Err(format!(
                 "the input size {}x{} needs bigger frame slots than this process allocated; restart to apply it",
                 p.width, p.height
@@ -147,8 +152,8 @@ impl Registry {
     fn swap(&self, next: Models) {
         let subs = next.subscriptions();
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
-        if let Some(s) = &self.subscriptions {
-            s.set(subs);
+        if let Some(f) = self.on_topics.get() {
+            f(subs);
         }
     }
 

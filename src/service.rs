@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::BackendEnv;
 use crate::config::{model, Settings};
-use crate::frame::{Ring, Slot};
+use crate::frame::{Limits, Ring, Slot};
 use crate::metrics::Metrics;
 use crate::models::Models;
 use crate::pipeline::{self, Shared};
@@ -61,7 +61,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         );
     }
     let metrics = Arc::new(Metrics::default());
-    let limits = pipeline::limits(
+    let limits = Limits::for_models(
         &models,
         settings.max_payload_bytes,
         settings.max_image_width,
@@ -73,12 +73,12 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let model_count = models.list.len();
     let models = Arc::into_inner(models).ok_or("models are shared before start-up")?;
     let mqtt_on = settings.broker.is_some();
-    let registry = Arc::new(Registry::new(
-        models,
-        settings.clone(),
-        limits,
-        mqtt_on.then(|| subscriptions.clone()),
-    ));
+    let registry = Arc::new(Registry::new(models, settings.clone(), limits));
+    if mqtt_on {
+        // The broker subscriptions follow the models' input topics.
+        let subscriptions = subscriptions.clone();
+        registry.on_topics(move |topics| subscriptions.set(topics));
+    }
     if settings.model_watch_s > 0 {
         registry.watch(Duration::from_secs(settings.model_watch_s));
     }
@@ -179,7 +179,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
             let (out, dirty) = (out_tx.clone(), cfg.status_dirty.clone());
             registry.on_change(move |_| {
                 // A full queue must not lose the change: the publisher picks the flag up.
-                if out.try_send(pipeline::ToMqtt::StatusChanged).is_err() {
+                if out.try_send(crate::messages::ToMqtt::StatusChanged).is_err() {
                     dirty.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             });
@@ -214,7 +214,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
         );
     }
     if !mqtt_threads.is_empty() {
-        let _ = out_tx.send_blocking(pipeline::ToMqtt::Shutdown);
+        let _ = out_tx.send_blocking(crate::messages::ToMqtt::Shutdown);
         if !wait_all(&mqtt_threads, Instant::now() + Duration::from_secs(5)) {
             log::warn!("the MQTT client did not finish within 5 s");
         }
@@ -299,7 +299,7 @@ pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -
         None => 0,
     };
     let metrics = Metrics::default();
-    let limits = pipeline::limits(
+    let limits = Limits::for_models(
         &models,
         settings.max_payload_bytes,
         settings.max_image_width,

@@ -66,7 +66,7 @@ fn ingest_decode_analyse_and_result_allocate_only_in_the_decoder() {
 
     let mut one_frame = |slot: &mut Slot, results: &mut usize| -> (u64, u64) {
         let ingest_allocs = allocs_during(|| {
-            models.route(topic, &mut routes);
+            ingest::route(&models, topic, &mut routes);
             let a = ingest::admit(topic, &envelope, None, limits.max_payload, &models, &routes).unwrap();
             slot.reset();
             slot.routes.extend_from_slice(&routes);

@@ -8,7 +8,7 @@
 mod support;
 
 use ai_edge_inference::config::model::{self, ModelConfig};
-use ai_edge_inference::frame::Slot;
+use ai_edge_inference::frame::{Limits, Slot};
 use ai_edge_inference::metrics::Metrics;
 use ai_edge_inference::models::Models;
 use ai_edge_inference::pipeline;
@@ -31,7 +31,7 @@ fn efficientnet_on(backend: &str) -> ModelConfig {
 /// Every message each photo produces through model 0, parsed.
 fn run(models: &Models, photos: &[&str]) -> Vec<Vec<(Emitted, Value)>> {
     let metrics = Metrics::default();
-    let limits = pipeline::limits(models, 1 << 22, 2560, 1440);
+    let limits = Limits::for_models(models, 1 << 22, 2560, 1440);
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {
         models,

@@ -109,7 +109,7 @@ fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
     let mut routes = Vec::new();
     for i in 0..1500 {
         let payload = mutate(&mut rng, &seeds[i % seeds.len()]);
-        models.route(topic, &mut routes);
+        ingest::route(&models, topic, &mut routes);
         let mut answers: Vec<(Emitted, String)> = Vec::new();
         match ingest::admit(topic, &payload, None, limits.max_payload, &models, &routes) {
             Err(e) => {

@@ -9,7 +9,7 @@ mod support;
 
 use ai_edge_inference::backend::{Backend as _, BackendEnv, Engine, Outputs};
 use ai_edge_inference::config::model::{self, ModelConfig};
-use ai_edge_inference::frame::Slot;
+use ai_edge_inference::frame::{Limits, Slot};
 use ai_edge_inference::metrics::Metrics;
 use ai_edge_inference::models::Models;
 use ai_edge_inference::pipeline;
@@ -50,7 +50,7 @@ fn config(name: &str) -> ModelConfig {
 /// Runs each photo through `models` once, as the service does; returns the parsed results.
 fn run_photos(models: &Models, photos: &[&str]) -> Vec<Value> {
     let metrics = Metrics::default();
-    let limits = pipeline::limits(models, 1 << 22, 2560, 1440);
+    let limits = Limits::for_models(models, 1 << 22, 2560, 1440);
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {
         models,
@@ -398,7 +398,7 @@ fn a_detection_frame_allocates_only_in_the_decoder_and_ort() {
 
     let models = Models::load(vec![config("yolov12n")], &env());
     let metrics = Metrics::default();
-    let limits = pipeline::limits(&models, 1 << 20, 1024, 1024);
+    let limits = Limits::for_models(&models, 1 << 20, 1024, 1024);
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {
         models: &models,
@@ -411,7 +411,7 @@ fn a_detection_frame_allocates_only_in_the_decoder_and_ort() {
     let topic = "edge-ai/a/b/c/camera/snapshots";
     let mut routes = Vec::with_capacity(4);
     let mut frame = |slot: &mut Slot| {
-        models.route(topic, &mut routes);
+        ingest::route(&models, topic, &mut routes);
         let a = ingest::admit(topic, &jpeg, None, limits.max_payload, &models, &routes).unwrap();
         slot.reset();
         slot.routes.extend_from_slice(&routes);

@@ -19,8 +19,8 @@ use bytes::Bytes;
 
 use server::{BodyError, Head, Response};
 
+use crate::messages::Incoming;
 use crate::metrics::Metrics;
-use crate::pipeline::Incoming;
 use crate::registry::Registry;
 
 /// How long `/infer` waits for its result.
@@ -363,16 +363,11 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         last_error: Option<String>,
     }
     #[derive(miniserde::Serialize)]
-    struct Problem {
-        model: String,
-        error: String,
-    }
-    #[derive(miniserde::Serialize)]
     struct Ready {
         ready: bool,
         models: Vec<Model>,
         /// Failed loads and reloads (an old version keeps serving) and config files not added.
-        model_errors: Vec<Problem>,
+        model_errors: Vec<crate::models::Problem>,
         mqtt: Mqtt,
     }
     let connected = state.metrics.mqtt_connected.load(Relaxed);
@@ -392,12 +387,7 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
                 error: m.error,
             })
             .collect(),
-        model_errors: state
-            .registry
-            .problems()
-            .into_iter()
-            .map(|(model, error)| Problem { model, error })
-            .collect(),
+        model_errors: state.registry.problems(),
         mqtt: Mqtt {
             enabled: state.mqtt_enabled,
             connected,

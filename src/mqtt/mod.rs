@@ -28,9 +28,8 @@ use rumqttc::{TlsConfiguration, Transport};
 
 use crate::build_info;
 use crate::config::{AuthSettings, TlsSettings};
-use crate::frame::Ack;
+use crate::messages::{Ack, Incoming, Outbound, ToMqtt};
 use crate::metrics::Metrics;
-use crate::pipeline::{Incoming, Outbound, ToMqtt};
 use crate::topic::TopicFilter;
 use outbox::Outbox;
 
@@ -61,7 +60,7 @@ pub struct MqttConfig {
 
 /// A model that failed to load or reload, and why (the old version, if
 /// any, keeps serving).
-pub type Problem = (String, String);
+pub use crate::models::Problem;
 
 /// The current problems, for the status message.
 pub type Problems = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
@@ -70,11 +69,6 @@ pub type Problems = Arc<dyn Fn() -> Vec<Problem> + Send + Sync>;
 /// models that failed to load or reload.
 pub fn status_message(online: bool, client_id: &str, problems: &[Problem]) -> Vec<u8> {
     #[derive(miniserde::Serialize)]
-    struct P<'a> {
-        model: &'a str,
-        error: &'a str,
-    }
-    #[derive(miniserde::Serialize)]
     struct Status<'a> {
         message_type: &'a str,
         status: &'a str,
@@ -82,7 +76,7 @@ pub fn status_message(online: bool, client_id: &str, problems: &[Problem]) -> Ve
         version: &'a str,
         commit: &'a str,
         features: &'a str,
-        model_errors: Vec<P<'a>>,
+        model_errors: &'a [Problem],
     }
     miniserde::json::to_string(&Status {
         message_type: "service_status",
@@ -91,7 +85,7 @@ pub fn status_message(online: bool, client_id: &str, problems: &[Problem]) -> Ve
         version: build_info::VERSION,
         commit: build_info::GIT_COMMIT,
         features: build_info::FEATURES,
-        model_errors: problems.iter().map(|(m, e)| P { model: m, error: e }).collect(),
+        model_errors: problems,
     })
     .into_bytes()
 }
@@ -331,7 +325,7 @@ pub fn start(
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_clean_start(cfg.clean_start);
     opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
-    // A frame is acknowledged only once its answer is with the client (see pipeline::ToMqtt).
+    // A frame is acknowledged only once its answer is with the client (see messages::ToMqtt).
     opts.set_manual_acks(true);
     // Flow control: no more unacknowledged frames from the broker than the service holds.
     opts.set_receive_maximum(Some(cfg.receive_maximum));

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use crate::pipeline::Outbound;
+use crate::messages::Outbound;
 
 pub struct Outbox {
     queue: VecDeque<Outbound>,
