@@ -1,0 +1,360 @@
+//! Convolutions: the general one (im2col + GEMM, column tiles) and depthwise.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::super::super::cpu::{multiversion, split, Act, Isa};
+use super::super::super::nhwc::Geometry;
+use super::*;
+
+/// A convolution with groups = 1: weights `[c_out][c_in * k * k]` (OIHW as it comes), bias, activation.
+pub struct Conv {
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    cin: usize,
+    cout: usize,
+    geo: Geometry,
+    act: Act,
+    isa: Isa,
+}
+
+impl Conv {
+    /// From a `[c_out, c_in, k, k]` weight and an optional `[c_out]` bias.
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: [usize; 4],
+        act: Act,
+    ) -> candle_core::Result<Conv> {
+        let (cout, cin, k, k2) = weight.dims4()?;
+        if k != k2 || stride == 0 {
+            candle_core::bail!("conv: weight {:?} stride {stride} unsupported", weight.dims());
+        }
+        let bias = bias_or_zeros(bias, cout, "conv")?;
+        Ok(Conv {
+            w: f32s(weight)?,
+            bias,
+            cin,
+            cout,
+            geo: Geometry { k, stride, pad },
+            act,
+            isa: Isa::detect(),
+        })
+    }
+}
+
+impl CustomOp1 for Conv {
+    fn name(&self) -> &'static str {
+        "aei-conv"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, (n, c, h, w)) = input4(storage, layout, "conv")?;
+        let (oh, ow) = out_size(self.geo, (c, h, w), self.cin, "conv")?;
+        let (hw, ohw) = (h * w, oh * ow);
+        let k_len = c * self.geo.k * self.geo.k;
+        let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
+        // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
+        let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
+        // Tiles a multiple of 16 wide: the GEMM then reads the im2col tile as it is, unpacked.
+        let (_, per) = split(ohw, cols);
+        let per = per.next_multiple_of(16).min(ohw);
+        let tiles = ohw.div_ceil(per);
+        let len = n * self.cout * ohw;
+        if k_len == 0 || len == 0 {
+            return Ok((CpuStorage::F32(vec![0f32; len]), Shape::from((n, self.cout, oh, ow))));
+        }
+        // Not zeroed: the GEMM writes every element (see `uninit`).
+        let mut out = uninit(len);
+        for b in 0..n {
+            let x = &x[b * c * hw..(b + 1) * c * hw];
+            // SAFETY: batch b's outputs lie inside the allocation of `len` elements.
+            let dst = SharedOut(unsafe { out.as_mut_ptr().add(b * self.cout * ohw) }, self.cout * ohw);
+            (0..tiles).into_par_iter().for_each(|t| {
+                let (c0, cols) = (t * per, per.min(ohw - t * per));
+                SCRATCH.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let (rhs, rhs_rs): (&[f32], usize) = if direct {
+                        (&x[c0..], hw)
+                    } else {
+                        if scratch.len() < k_len * cols {
+                            scratch.resize(k_len * cols, 0.0);
+                        }
+                        im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, &mut scratch[..k_len * cols]);
+                        (&scratch[..], cols)
+                    };
+                    // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output row,
+                    // so no two threads touch the same element; `o` outlives the loop.
+                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, rhs, rhs_rs) };
+                });
+            });
+        }
+        // SAFETY: the tiles cover every column of every output row of every batch, and
+        // the GEMM (k_len > 0, read_dst off) has written each element.
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from((n, self.cout, oh, ow))))
+    }
+}
+
+std::thread_local! {
+    /// Each pool thread's im2col tile, grown to the largest asked for, then reused.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Conv {
+    /// Columns `c0..c0 + cols` of every output row (`ohw` long): GEMM, then bias and activation.
+    ///
+    /// # Safety
+    /// No other thread may touch those columns while this runs.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        &self,
+        dst: &SharedOut,
+        ohw: usize,
+        c0: usize,
+        cols: usize,
+        k_len: usize,
+        rhs: &[f32],
+        rhs_rs: usize,
+    ) {
+        assert!(self.cout * ohw <= dst.1 && c0 + cols <= ohw);
+        assert!(rhs.len() >= (k_len - 1) * rhs_rs + cols && self.w.len() >= self.cout * k_len);
+        // SAFETY: `c0 < ohw <= dst.1` (asserted), so the pointer stays inside the buffer.
+        let o = unsafe { dst.0.add(c0) };
+        // SAFETY: the asserts bound every element gemm reads (`cout x k_len` of `w`,
+        // `k_len x cols` of `rhs` at row stride `rhs_rs`) and writes (`cout` rows of
+        // `cols` at stride `ohw` from `o`, inside `dst`); the caller owns those columns.
+        unsafe {
+            gemm::gemm(
+                self.cout,
+                cols,
+                k_len,
+                o,
+                1,
+                ohw as isize,
+                false,
+                self.w.as_ptr(),
+                1,
+                k_len as isize,
+                rhs.as_ptr(),
+                1,
+                rhs_rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        for r in 0..self.cout {
+            // SAFETY: row r's columns c0..c0 + cols lie inside `dst` (asserted) and belong to
+            // this caller alone; gemm has written them.
+            let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * ohw), cols) };
+            bias_activate(self.isa, row, self.bias[r], self.act);
+        }
+    }
+}
+
+multiversion! {
+    /// The im2col rows (`c * k * k` of them, `cols` long) of output pixels `p0..p0 + cols`;
+    /// zeros where padded.
+    fn im2col_tile(x: &[f32], chw: (usize, usize, usize), g: Geometry, p0: usize, cols: usize, col: &mut [f32]) {
+        let (c, h, w) = chw;
+        let (_, ow) = g.out_size(h, w);
+        let [pt, _, pl, _] = g.pad;
+        for (r, row) in col.chunks_exact_mut(cols).enumerate().take(c * g.k * g.k) {
+            let (ci, ky, kx) = (r / (g.k * g.k), r / g.k % g.k, r % g.k);
+            let plane = &x[ci * h * w..(ci + 1) * h * w];
+            // Output columns whose input column ox*s + kx - pl lies inside the row.
+            let lo = pl.saturating_sub(kx).div_ceil(g.stride).min(ow);
+            let hi = ow.min((w + pl).saturating_sub(kx).div_ceil(g.stride)).max(lo);
+            let mut p = p0;
+            while p < p0 + cols {
+                let (oy, ox0) = (p / ow, p % ow);
+                let ox1 = ow.min(ox0 + p0 + cols - p);
+                let out = &mut row[p - p0..p - p0 + ox1 - ox0];
+                p += ox1 - ox0;
+                let iy = (oy * g.stride + ky) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    out.fill(0.0);
+                    continue;
+                }
+                let irow = &plane[iy as usize * w..(iy as usize + 1) * w];
+                // Zeros left of `lo` and right of `hi`, the input row between.
+                let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1).max(lo.clamp(ox0, ox1)));
+                out[..a - ox0].fill(0.0);
+                out[b - ox0..].fill(0.0);
+                let mid = &mut out[a - ox0..b - ox0];
+                if mid.is_empty() {
+                    continue;
+                }
+                let first = a * g.stride + kx - pl;
+                match g.stride {
+                    1 => mid.copy_from_slice(&irow[first..first + mid.len()]),
+                    2 => every_other(&irow[first..], mid),
+                    s => {
+                        for (j, o) in mid.iter_mut().enumerate() {
+                            *o = irow[first + j * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `o[j] = x[2 j]`, sixteen at a time from fixed-size blocks, which the
+/// compiler turns into shuffles instead of one load per element.
+#[inline(always)]
+pub(super) fn every_other(x: &[f32], o: &mut [f32]) {
+    // Whole blocks only where all 32 inputs exist; the last output needs just 2 len - 1.
+    let blocks = (o.len() / 16).min(x.len() / 32);
+    for (o, x) in o.chunks_exact_mut(16).zip(x.chunks_exact(32)).take(blocks) {
+        for j in 0..16 {
+            o[j] = x[2 * j];
+        }
+    }
+    for (j, o) in o[blocks * 16..].iter_mut().enumerate() {
+        *o = x[2 * (blocks * 16 + j)];
+    }
+}
+
+/// A depthwise convolution with its weights packed (`[c][k*k]`), its bias, padding and activation.
+pub struct Depthwise {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    channels: usize,
+    geo: Geometry,
+    act: Act,
+    isa: Isa,
+}
+
+impl Depthwise {
+    /// From a `[c, 1, k, k]` weight and an optional `[c]` bias.
+    pub fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        pad: [usize; 4],
+        act: Act,
+    ) -> candle_core::Result<Depthwise> {
+        let (c, one, k, k2) = weight.dims4()?;
+        if one != 1 || k != k2 || stride == 0 {
+            candle_core::bail!("depthwise: weight {:?} stride {stride} unsupported", weight.dims());
+        }
+        let bias = bias_or_zeros(bias, c, "depthwise")?;
+        Ok(Depthwise {
+            weight: f32s(weight)?,
+            bias,
+            channels: c,
+            geo: Geometry { k, stride, pad },
+            act,
+            isa: Isa::detect(),
+        })
+    }
+}
+
+multiversion! {
+    /// One channel: `inp` is `h x w`, `out` is `oh x ow`.
+    fn depthwise_channel(dw: &Depthwise, ch: usize, inp: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        let (k, s) = (dw.geo.k, dw.geo.stride);
+        let [pt, _, pl, _] = dw.geo.pad;
+        let (_, ow) = dw.geo.out_size(h, w);
+        let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
+        out.fill(dw.bias[ch]);
+        for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
+            for ky in 0..k {
+                let iy = (oy * s + ky) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let irow = &inp[iy as usize * w..(iy as usize + 1) * w];
+                for kx in 0..k {
+                    let wv = wk[ky * k + kx];
+                    let lo = pl.saturating_sub(kx).div_ceil(s);
+                    let hi = ow.min((w + pl).saturating_sub(kx).div_ceil(s));
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * s + kx - pl;
+                    if s == 1 {
+                        axpy::<FMA>(wv, &irow[first..first + (hi - lo)], &mut orow[lo..hi]);
+                    } else {
+                        for (j, o) in orow[lo..hi].iter_mut().enumerate() {
+                            let i = irow[first + j * s];
+                            *o = if FMA { wv.mul_add(i, *o) } else { *o + wv * i };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+std::thread_local! {
+    /// Each pool thread's zero-padded input plane for stride-1 depthwise layers.
+    static PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+multiversion! {
+    /// One channel at stride 1: the plane is copied once into `pad` with its zero
+    /// border (and 16 spare columns), then each run of 16 outputs keeps its sums
+    /// in registers across all `k * k` taps, with no bounds to work out per tap.
+    fn depthwise_s1_channel(dw: &Depthwise, ch: usize, inp: &[f32], hw: (usize, usize), pad: &mut Vec<f32>, out: &mut [f32]) {
+        let (h, w) = hw;
+        let k = dw.geo.k;
+        let [pt, pb, pl, pr] = dw.geo.pad;
+        let (_, ow) = dw.geo.out_size(h, w);
+        let (hp, wp) = (h + pt + pb, w + pl + pr + 16);
+        pad.clear();
+        pad.resize(hp * wp, 0.0);
+        for (y, row) in inp.chunks_exact(w).enumerate() {
+            pad[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+        }
+        let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
+        let bias = dw.bias[ch];
+        for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
+            for x0 in (0..ow).step_by(16) {
+                let mut acc = [bias; 16];
+                for ky in 0..k {
+                    let prow = &pad[(oy + ky) * wp + x0..];
+                    for (kx, wv) in wk[ky * k..(ky + 1) * k].iter().enumerate() {
+                        let src = &prow[kx..kx + 16];
+                        for j in 0..16 {
+                            acc[j] = if FMA { wv.mul_add(src[j], acc[j]) } else { acc[j] + wv * src[j] };
+                        }
+                    }
+                }
+                let n = (ow - x0).min(16);
+                orow[x0..x0 + n].copy_from_slice(&acc[..n]);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for Depthwise {
+    fn name(&self) -> &'static str {
+        "aei-depthwise"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, (n, c, h, w)) = input4(storage, layout, "depthwise")?;
+        let (oh, ow) = out_size(self.geo, (c, h, w), self.channels, "depthwise")?;
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+            let inp = &x[plane * h * w..(plane + 1) * h * w];
+            if self.geo.stride == 1 {
+                PADDED.with(|pad| {
+                    let mut pad = pad.borrow_mut();
+                    depthwise_s1_channel(self.isa, self, plane % c, inp, (h, w), &mut pad, o)
+                });
+            } else {
+                depthwise_channel(self.isa, self, plane % c, inp, h, w, o);
+            }
+            activate(self.isa, o, self.act);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}

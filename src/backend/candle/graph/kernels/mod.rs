@@ -1,0 +1,412 @@
+//! Kernels of our own on NCHW tensors, plugged into candle as custom ops so
+//! that graph code stays candle code: `conv.rs` (convolutions) and
+//! `tensor.rs` (element-wise activations, batched MatMul, nearest upsampling,
+//! softmax, transpose); here, what they share (input checks, fused bias and
+//! activation, the output buffer threads write disjoint parts of).
+//!
+//! Convolutions: the general convolution (groups = 1; im2col + one GEMM, the weights
+//! already in GEMM order as OIHW; a 1x1 stride-1 convolution reads its input
+//! as the GEMM operand with no copy), the depthwise convolution (each channel
+//! as row-wise multiply-adds over contiguous slices), and element-wise
+//! activations, each with bias and activation fused in. candle runs a
+//! grouped convolution group by group and an ungrouped one as im2col, copy,
+//! matmul, copy; these write each output once. Threads: the CPU pool
+//! (`cpu::threads`), by output channel.
+
+use candle_core::{CpuStorage, Layout, Tensor};
+
+use super::super::cpu::{multiversion, Act};
+use super::super::nhwc::{apply, Geometry};
+
+mod conv;
+mod tensor;
+
+pub use conv::{Conv, Depthwise};
+pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample};
+
+multiversion! {
+    /// `act` on every element.
+    pub(super) fn activate(s: &mut [f32], act: Act) {
+        apply(s, act)
+    }
+}
+
+multiversion! {
+    /// `act(s + bias)` on every element.
+    pub(super) fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
+        s.iter_mut().for_each(|v| *v += bias);
+        apply(s, act)
+    }
+}
+
+/// N, C, H, W.
+pub(super) type Dims4 = (usize, usize, usize, usize);
+
+/// The contiguous f32 data of a custom op's input.
+pub(super) fn input_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(all) = storage else {
+        candle_core::bail!("{what}: f32 input expected");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: contiguous input expected")))?;
+    Ok(&all[start..end])
+}
+
+/// The contiguous f32 data of a custom op's input, and its 4 dims.
+pub(super) fn input4<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<(&'a [f32], Dims4)> {
+    Ok((input_f32(storage, layout, what)?, layout.shape().dims4()?))
+}
+
+/// A convolution's output size for a `(c, h, w)` input, checked: the channels it was
+/// built for, and an input at least as large as the kernel.
+pub(super) fn out_size(
+    geo: Geometry,
+    (c, h, w): (usize, usize, usize),
+    want_c: usize,
+    what: &str,
+) -> candle_core::Result<(usize, usize)> {
+    if c != want_c {
+        candle_core::bail!("{what}: {c} input channels for filters of {want_c}");
+    }
+    geo.checked_out_size(h, w)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: a {h}x{w} input is smaller than the kernel")))
+}
+
+pub(super) fn f32s(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()
+}
+
+/// A convolution's bias as f32s, `filters` of them; zeros when the graph gives none.
+pub(super) fn bias_or_zeros(bias: Option<&Tensor>, filters: usize, what: &str) -> candle_core::Result<Vec<f32>> {
+    let bias = match bias {
+        Some(b) => f32s(b)?,
+        None => vec![0.0; filters],
+    };
+    if bias.len() != filters {
+        candle_core::bail!("{what}: {} biases for {filters} filters", bias.len());
+    }
+    Ok(bias)
+}
+
+/// An output buffer of `len` f32s, allocated but not zeroed (zeroing an output
+/// the GEMM overwrites anyway was 4 % of YOLOv12n's time). Length 0: only raw
+/// pointer writes may fill it, then `set_len` once every element is written.
+pub(super) fn uninit(len: usize) -> Vec<f32> {
+    Vec::with_capacity(len)
+}
+
+/// An output buffer the pool's threads write disjoint parts of.
+pub(super) struct SharedOut(*mut f32, usize);
+// SAFETY: threads write disjoint elements only (see `Conv::tile`, `Transpose`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A pointer to element `i`.
+    pub(super) fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+
+    /// Writes `v` to element `i`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes element `i` meanwhile.
+    #[inline(always)]
+    pub(super) unsafe fn write(&self, i: usize, v: f32) {
+        assert!(i < self.1, "SharedOut: {i} past {}", self.1);
+        // SAFETY: `i` is inside the buffer (checked above); the caller owns the element.
+        unsafe { self.0.add(i).write(v) }
+    }
+
+    /// Copies `src` to elements `at..at + src.len()`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes those elements meanwhile, and `src` is not part of this buffer.
+    #[inline(always)]
+    pub(super) unsafe fn copy_from(&self, at: usize, src: &[f32]) {
+        assert!(
+            at.checked_add(src.len()).is_some_and(|end| end <= self.1),
+            "SharedOut: copy past the end"
+        );
+        // SAFETY: the range is inside the buffer (checked above), owned by the caller, and
+        // `src` lies elsewhere.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) }
+    }
+}
+
+/// `o += a * x`, sixteen lanes at a time: rows here are short (20 to 160), too
+/// short for the compiler's own vector loop, which wants four vectors' worth
+/// before it starts and leaves the rest scalar.
+#[inline(always)]
+pub(super) fn axpy<const FMA: bool>(a: f32, x: &[f32], o: &mut [f32]) {
+    let mut oc = o.chunks_exact_mut(16);
+    let mut xc = x.chunks_exact(16);
+    for (o, x) in (&mut oc).zip(&mut xc) {
+        for j in 0..16 {
+            o[j] = if FMA { a.mul_add(x[j], o[j]) } else { o[j] + a * x[j] };
+        }
+    }
+    for (o, x) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = if FMA { a.mul_add(*x, *o) } else { *o + a * x };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use conv::every_other;
+
+    /// candle's own convolution, padding applied first (it takes one symmetric pad).
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        stride: usize,
+        pad: [usize; 4],
+        groups: usize,
+        act: Act,
+    ) -> Tensor {
+        let c = w.dims4().unwrap().0;
+        let y = x
+            .pad_with_zeros(2, pad[0], pad[1])
+            .unwrap()
+            .pad_with_zeros(3, pad[2], pad[3])
+            .unwrap()
+            .conv2d(w, 0, stride, 1, groups)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
+            .unwrap();
+        match act {
+            Act::None => y,
+            Act::Relu => y.relu().unwrap(),
+            Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
+            Act::Silu => y.silu().unwrap(),
+            Act::Sigmoid => (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap(),
+            Act::Exp => y.exp().unwrap(),
+        }
+    }
+
+    fn close(got: &Tensor, want: &Tensor, what: &str) {
+        assert_eq!(got.dims(), want.dims(), "{what}");
+        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let r: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        for (i, (a, e)) in g.iter().zip(&r).enumerate() {
+            assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{what} at {i}: {a} vs {e}");
+        }
+    }
+
+    /// (channels, h, w, k, stride, pad): odd sizes, one channel, stride 2, asymmetric
+    /// padding, no padding, a kernel as large as the input, 1x1, YOLO's 7x7.
+    type Case = (usize, usize, usize, usize, usize, [usize; 4]);
+    const CASES: &[Case] = &[
+        (32, 40, 40, 3, 1, [1, 1, 1, 1]),
+        (16, 15, 17, 3, 2, [0, 0, 1, 1]),
+        (1, 7, 5, 5, 1, [2, 2, 2, 2]),
+        (8, 9, 9, 5, 2, [1, 1, 2, 2]),
+        (3, 6, 11, 3, 1, [0, 0, 0, 0]),
+        (5, 5, 5, 5, 1, [0, 0, 0, 0]),
+        (4, 2, 3, 3, 2, [1, 1, 1, 1]),
+        (24, 13, 9, 1, 1, [0, 0, 0, 0]),
+        (6, 10, 10, 1, 2, [0, 0, 0, 0]),
+        (64, 20, 20, 7, 1, [3, 3, 3, 3]),
+        (8, 6, 71, 3, 2, [1, 1, 1, 1]),
+        (5, 5, 67, 5, 2, [1, 2, 1, 2]),
+        (6, 9, 21, 4, 1, [1, 2, 2, 1]),
+        (3, 3, 40, 3, 1, [2, 0, 0, 2]),
+    ];
+    const ACTS: [Act; 5] = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
+
+    #[test]
+    fn depthwise_matches_candles_grouped_convolution() {
+        let dev = Device::Cpu;
+        for (n, &(c, h, w, k, s, pad)) in CASES.iter().enumerate() {
+            let act = ACTS[n % 5];
+            let x = Tensor::randn(0f32, 2.0, (1, c, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, c, &dev).unwrap();
+            let want = reference(&x, &wt, &b, s, pad, c, act);
+            // candle pads (top, bottom) then (left, right); ONNX order is (top, left, bottom, right).
+            let op = Depthwise::new(&wt, Some(&b), s, [pad[0], pad[1], pad[2], pad[3]], act).unwrap();
+            close(
+                &x.apply_op1_no_bwd(&op).unwrap(),
+                &want,
+                &format!("depthwise case {n} {act:?}"),
+            );
+        }
+    }
+
+    #[test]
+    fn conv_matches_candles_convolution() {
+        let dev = Device::Cpu;
+        for (n, &(cin, h, w, k, s, pad)) in CASES.iter().enumerate() {
+            let cout = [16, 3, 1, 32, 7][n % 5];
+            let act = ACTS[(n + 3) % 5];
+            let x = Tensor::randn(0f32, 2.0, (2, cin, h, w), &dev).unwrap();
+            // Scaled by fan-in, as trained weights are: outputs stay O(1), so 1e-4 relative is a real bound.
+            let wt = Tensor::randn(0f32, 1.0 / ((cin * k * k) as f32).sqrt(), (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let want = reference(&x, &wt, &b, s, pad, 1, act);
+            let op = Conv::new(&wt, Some(&b), s, pad, act).unwrap();
+            close(
+                &x.apply_op1_no_bwd(&op).unwrap(),
+                &want,
+                &format!("conv case {n} {act:?}"),
+            );
+        }
+    }
+
+    #[test]
+    fn an_input_smaller_than_the_kernel_is_an_error_not_a_panic() {
+        let x = Tensor::zeros((1, 4, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((4, 1, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let dw = Depthwise::new(&w, None, 1, [0; 4], Act::None).unwrap();
+        assert!(x
+            .apply_op1_no_bwd(&dw)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
+        let w = Tensor::zeros((3, 4, 5, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let conv = Conv::new(&w, None, 1, [1, 0, 1, 0], Act::None).unwrap();
+        assert!(x
+            .apply_op1_no_bwd(&conv)
+            .unwrap_err()
+            .to_string()
+            .contains("smaller than the kernel"));
+    }
+
+    #[test]
+    fn every_other_takes_even_elements_at_every_length() {
+        let x: Vec<f32> = (0..200).map(|v| v as f32).collect();
+        for len in [0usize, 1, 15, 16, 17, 33, 64, 99] {
+            for extra in [0, 1, 2] {
+                let xs = &x[..(2 * len).saturating_sub(1) + extra];
+                let mut o = vec![f32::NAN; len];
+                every_other(xs, &mut o);
+                let want: Vec<f32> = (0..len).map(|j| (2 * j) as f32).collect();
+                assert_eq!(o, want, "len {len}, input {}", xs.len());
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_matches_candles_permute() {
+        let x = Tensor::randn(0f32, 1.0, (3, 5, 37, 18), &Device::Cpu).unwrap();
+        for perm in [
+            [0, 1, 3, 2],
+            [0, 2, 1, 3],
+            [3, 2, 1, 0],
+            [1, 3, 0, 2],
+            [0, 1, 2, 3],
+            [2, 0, 3, 1],
+        ] {
+            let want = x.permute(perm.as_slice()).unwrap().contiguous().unwrap();
+            let got = x.apply_op1_no_bwd(&Transpose(perm.to_vec())).unwrap();
+            assert_eq!(got.dims(), want.dims(), "{perm:?}");
+            let (g, w): (Vec<f32>, Vec<f32>) = (
+                got.flatten_all().unwrap().to_vec1().unwrap(),
+                want.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(g, w, "{perm:?}");
+        }
+        // Views: a narrowed last axis (a Split part), a transposed view, a broadcast-free slice.
+        let views = [
+            x.narrow(3, 5, 7).unwrap(),
+            x.narrow(1, 1, 3).unwrap().narrow(3, 0, 9).unwrap(),
+            x.transpose(2, 3).unwrap(),
+            x.permute((0, 2, 1, 3)).unwrap().narrow(0, 1, 2).unwrap(),
+        ];
+        for (i, v) in views.iter().enumerate() {
+            for perm in [[0, 1, 2, 3], [0, 2, 1, 3], [0, 1, 3, 2], [3, 1, 0, 2]] {
+                let want = v.permute(perm.as_slice()).unwrap().contiguous().unwrap();
+                let got = v.apply_op1_no_bwd(&Transpose(perm.to_vec())).unwrap();
+                assert_eq!(got.dims(), want.dims(), "view {i} {perm:?}");
+                let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                let w: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(g, w, "view {i} {perm:?}");
+            }
+            let c = contiguous(v).unwrap();
+            assert!(c.is_contiguous());
+            let g: Vec<f32> = c.flatten_all().unwrap().to_vec1().unwrap();
+            let w: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(g, w, "contiguous view {i}");
+        }
+    }
+
+    #[test]
+    fn softmax_matches_candles_on_every_axis() {
+        let x = Tensor::randn(0f32, 3.0, (2, 7, 5, 37), &Device::Cpu).unwrap();
+        for axis in [-1i64, 0, 1, 2, 3] {
+            for scale in [1.0f32, 0.125] {
+                let d = if axis < 0 { 3 } else { axis as usize };
+                let xs = (&x * scale as f64).unwrap();
+                let e = xs.broadcast_sub(&xs.max_keepdim(d).unwrap()).unwrap().exp().unwrap();
+                let want = e.broadcast_div(&e.sum_keepdim(d).unwrap()).unwrap();
+                let got = x.apply_op1_no_bwd(&Softmax { axis, scale }).unwrap();
+                close(&got, &want, &format!("softmax axis {axis} scale {scale}"));
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_matches_candle_on_strided_views() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (3, 2, 17, 9), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (3, 2, 9, 13), &dev).unwrap();
+        let bt = Tensor::randn(0f32, 1.0, (3, 2, 13, 9), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        let at = Tensor::randn(0f32, 1.0, (3, 2, 9, 17), &dev)
+            .unwrap()
+            .transpose(2, 3)
+            .unwrap();
+        for (l, r) in [(&a, &b), (&a, &bt), (&at, &b), (&at, &bt)] {
+            let want = l.contiguous().unwrap().matmul(&r.contiguous().unwrap()).unwrap();
+            close(&l.apply_op2_no_bwd(r, &MatMul).unwrap(), &want, "matmul");
+        }
+        let one = Tensor::randn(0f32, 1.0, (1, 5, 40), &dev).unwrap();
+        let two = Tensor::randn(0f32, 1.0, (1, 40, 3), &dev).unwrap();
+        close(
+            &one.apply_op2_no_bwd(&two, &MatMul).unwrap(),
+            &one.matmul(&two).unwrap(),
+            "one batch",
+        );
+        assert!(
+            a.apply_op2_no_bwd(&a, &MatMul).is_err(),
+            "mismatched inner dims are refused"
+        );
+    }
+
+    #[test]
+    fn upsample_matches_candles_nearest() {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 7), &Device::Cpu).unwrap();
+        for (sh, sw) in [(2, 2), (1, 3), (3, 1), (1, 1)] {
+            let want = x.upsample_nearest2d(5 * sh, 7 * sw).unwrap();
+            let got = x.apply_op1_no_bwd(&Upsample { sh, sw }).unwrap();
+            close(&got, &want, &format!("upsample {sh}x{sw}"));
+        }
+    }
+
+    #[test]
+    fn activation_matches_candle() {
+        let x = Tensor::randn(0f32, 8.0, (3, 5000), &Device::Cpu).unwrap();
+        let sig = (x.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap();
+        close(&x.apply_op1_no_bwd(&Activation(Act::Sigmoid)).unwrap(), &sig, "sigmoid");
+        close(
+            &x.apply_op1_no_bwd(&Activation(Act::Silu)).unwrap(),
+            &x.silu().unwrap(),
+            "silu",
+        );
+        let e = x.clamp(-80f32, 80f32).unwrap();
+        close(
+            &e.apply_op1_no_bwd(&Activation(Act::Exp)).unwrap(),
+            &e.exp().unwrap(),
+            "exp",
+        );
+    }
+}

@@ -1,0 +1,370 @@
+//! Kernels over whole tensors: element-wise activations, batched MatMul over
+//! strided views, nearest upsampling, softmax over an axis, transpose.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::super::super::cpu::{multiversion, split, threads, Act, Isa};
+use super::super::super::nhwc;
+use super::*;
+
+/// An element-wise activation as one pass (candle's sigmoid is four ops, each allocating).
+pub struct Activation(pub Act);
+
+impl CustomOp1 for Activation {
+    fn name(&self) -> &'static str {
+        "aei-activation"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let mut out = input_f32(storage, layout, "activation")?.to_vec();
+        let (_, per) = split(out.len(), out.len().div_ceil(threads() * 4));
+        let isa = Isa::detect();
+        out.par_chunks_mut(per.max(4096)).for_each(|o| activate(isa, o, self.0));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+/// A batched matrix product `[..., m, k] x [..., k, n]` with the same batch
+/// dims on both sides, any strides (a transposed view is read as it is).
+/// Batches run in parallel, one GEMM each (candle runs them one after another).
+pub struct MatMul;
+
+/// The element offset of batch `b` (row-major over `dims`) under `strides`.
+fn batch_offset(mut b: usize, dims: &[usize], strides: &[usize]) -> usize {
+    let mut off = 0;
+    for (d, s) in dims.iter().zip(strides).rev() {
+        off += (b % d) * s;
+        b /= d;
+    }
+    off
+}
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "aei-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("matmul: f32 inputs expected");
+        };
+        let (da, db) = (l1.shape().dims(), l2.shape().dims());
+        let r = da.len();
+        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+            candle_core::bail!("matmul: shapes {da:?} x {db:?}");
+        }
+        let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
+        let batch_dims = &da[..r - 2];
+        let batches: usize = batch_dims.iter().product();
+        let (sa, sb) = (l1.stride(), l2.stride());
+        // Every element a GEMM reads must lie inside its storage.
+        let reach = |l: &Layout, rows: usize, cols: usize, st: &[usize], len: usize| {
+            let last = batch_offset(batches.saturating_sub(1), batch_dims, &st[..r - 2]);
+            let far = l.start_offset() + last + rows.saturating_sub(1) * st[r - 2] + cols.saturating_sub(1) * st[r - 1];
+            far < len || rows * cols == 0
+        };
+        if !reach(l1, m, k, sa, a.len()) || !reach(l2, k, n, sb, b.len()) {
+            candle_core::bail!("matmul: strides reach past the storage");
+        }
+        if k == 0 || batches * m * n == 0 {
+            let mut shape = da.to_vec();
+            shape[r - 1] = n;
+            return Ok((CpuStorage::F32(vec![0f32; batches * m * n]), Shape::from(shape)));
+        }
+        // Not zeroed: each batch's GEMM writes all of its m x n outputs (see `uninit`).
+        let mut out = uninit(batches * m * n);
+        let dst = SharedOut(out.as_mut_ptr(), batches * m * n);
+        let par = if batches < threads() {
+            gemm::Parallelism::Rayon(threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        (0..batches).into_par_iter().for_each(|i| {
+            let o = dst.at(i * m * n);
+            let oa = l1.start_offset() + batch_offset(i, batch_dims, &sa[..r - 2]);
+            let ob = l2.start_offset() + batch_offset(i, batch_dims, &sb[..r - 2]);
+            // SAFETY: `reach` checked the farthest element of the last batch on both
+            // sides; earlier batches lie below it; `o` is this batch's m x n output,
+            // which no other batch touches.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    o,
+                    1,
+                    n as isize,
+                    false,
+                    a.as_ptr().add(oa),
+                    sa[r - 1] as isize,
+                    sa[r - 2] as isize,
+                    b.as_ptr().add(ob),
+                    sb[r - 1] as isize,
+                    sb[r - 2] as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            }
+        });
+        // SAFETY: every batch's GEMM (k > 0, read_dst off) has written its m x n outputs.
+        unsafe { out.set_len(batches * m * n) };
+        let mut shape = da.to_vec();
+        shape[r - 1] = n;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// Nearest-neighbour upsampling of NCHW by whole factors (ONNX `Resize`,
+/// nearest, integer scales): each input row widened once, then copied to
+/// its `sh` output rows; planes in parallel.
+pub struct Upsample {
+    pub sh: usize,
+    pub sw: usize,
+}
+
+impl CustomOp1 for Upsample {
+    fn name(&self) -> &'static str {
+        "aei-upsample"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, (n, c, h, w)) = input4(storage, layout, "upsample")?;
+        let (sh, sw) = (self.sh.max(1), self.sw.max(1));
+        let (oh, ow) = (h * sh, w * sw);
+        let mut out = vec![0f32; n * c * oh * ow];
+        if !out.is_empty() {
+            out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, x)| {
+                for (y, rows) in o.chunks_exact_mut(sh * ow).enumerate() {
+                    let (first, rest) = rows.split_at_mut(ow);
+                    for (o, v) in first.chunks_exact_mut(sw).zip(&x[y * w..(y + 1) * w]) {
+                        o.fill(*v);
+                    }
+                    for r in rest.chunks_exact_mut(ow) {
+                        r.copy_from_slice(first);
+                    }
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+/// Softmax of `scale * x` over one axis, in one pass per row: max, then
+/// `exp` (vectorised) and sum, then scale. Rows along a middle axis are
+/// done a whole inner block at a time, vectorised across it.
+pub struct Softmax {
+    pub axis: i64,
+    pub scale: f32,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "aei-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = input_f32(storage, layout, "softmax")?;
+        let dims = layout.shape().dims();
+        let rank = dims.len() as i64;
+        let ax = if self.axis < 0 { self.axis + rank } else { self.axis };
+        if !(0..rank).contains(&ax) {
+            candle_core::bail!("softmax: axis {} of a rank-{rank} tensor", self.axis);
+        }
+        let ax = ax as usize;
+        let (n, inner) = (dims[ax], dims[ax + 1..].iter().product::<usize>());
+        // One block: the `n` rows one softmax runs over, `inner` columns each.
+        let block = (n * inner).max(1);
+        let mut out = vec![0f32; x.len()];
+        let isa = Isa::detect();
+        // Enough blocks per task that a task is worth handing to another thread.
+        let per = (16384 / block).max(1);
+        out.par_chunks_mut(block * per)
+            .zip(x.par_chunks(block * per))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_exact_mut(block).zip(x.chunks_exact(block)) {
+                    if inner == 1 {
+                        softmax_row(isa, x, self.scale, o);
+                    } else {
+                        softmax_block(isa, x, inner, self.scale, o);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+multiversion! {
+    /// `o = softmax(scale * x)` over one contiguous row.
+    fn softmax_row(x: &[f32], scale: f32, o: &mut [f32]) {
+        const L: usize = 16;
+        let mut m = [f32::NEG_INFINITY; L];
+        let mut chunks = x.chunks_exact(L);
+        for c in &mut chunks {
+            for j in 0..L {
+                m[j] = m[j].max(scale * c[j]);
+            }
+        }
+        let mx = chunks.remainder().iter().fold(m.iter().fold(f32::NEG_INFINITY, |a, b| a.max(*b)), |a, v| a.max(scale * v));
+        let mut s = [0f32; L];
+        let mut oc = o.chunks_exact_mut(L);
+        for (oc, xc) in (&mut oc).zip(x.chunks_exact(L)) {
+            for j in 0..L {
+                oc[j] = nhwc::exp(scale * xc[j] - mx);
+                s[j] += oc[j];
+            }
+        }
+        let tail = x.len() / L * L;
+        let mut sum: f32 = s.iter().sum();
+        for (o, v) in oc.into_remainder().iter_mut().zip(&x[tail..]) {
+            *o = nhwc::exp(scale * v - mx);
+            sum += *o;
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+multiversion! {
+    /// Softmax over the `n` rows of an `n x inner` block, for each of the `inner` columns.
+    fn softmax_block(x: &[f32], inner: usize, scale: f32, o: &mut [f32]) {
+        let mut m: Vec<f32> = x[..inner].iter().map(|v| scale * v).collect();
+        for r in x.chunks_exact(inner).skip(1) {
+            for (m, v) in m.iter_mut().zip(r) {
+                *m = m.max(scale * v);
+            }
+        }
+        let mut s = vec![0f32; inner];
+        for (or, xr) in o.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
+            for (((o, v), m), s) in or.iter_mut().zip(xr).zip(&m).zip(s.iter_mut()) {
+                *o = nhwc::exp(scale * v - m);
+                *s += *o;
+            }
+        }
+        s.iter_mut().for_each(|v| *v = 1.0 / *v);
+        for or in o.chunks_exact_mut(inner) {
+            for (o, s) in or.iter_mut().zip(&s) {
+                *o *= s;
+            }
+        }
+    }
+}
+
+/// A transposition (ONNX `Transpose`) written once into a new buffer. When the
+/// input's last axis moves, the copy goes in square tiles, so that both the
+/// reads and the writes stay within a few cache lines (candle's
+/// `permute().contiguous()` walks the strided side one element at a time).
+pub struct Transpose(pub Vec<usize>);
+
+const TILE_T: usize = 16;
+
+impl CustomOp1 for Transpose {
+    fn name(&self) -> &'static str {
+        "aei-transpose"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("transpose: f32 input expected");
+        };
+        // Any strides: a view (a Split part, a transposed MatMul operand) is read where it lies.
+        let x = &all[layout.start_offset()..];
+        let dims = layout.shape().dims();
+        let in_strides = layout.stride();
+        let perm = &self.0;
+        let rank = dims.len();
+        if perm.len() != rank || (0..rank).any(|i| !perm.contains(&i)) {
+            candle_core::bail!("transpose: perm {perm:?} for rank {rank}");
+        }
+        let len: usize = dims.iter().product();
+        let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
+        let mut out = vec![0f32; len];
+        if len == 0 || rank == 0 {
+            if len == 1 {
+                out[0] = x[0];
+            }
+            return Ok((CpuStorage::F32(out), Shape::from(out_dims)));
+        }
+        let reach: usize = dims.iter().zip(in_strides).map(|(d, s)| (d - 1) * s).sum();
+        if reach >= x.len() {
+            candle_core::bail!("transpose: strides {in_strides:?} reach past the storage");
+        }
+        // For each output axis, the input stride it walks.
+        let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        let last = rank - 1;
+        let n_last = out_dims[last];
+        // `a`: another output axis that walks the input with stride 1, for square tiles.
+        let a = if src[last] == 1 {
+            None
+        } else {
+            (0..last).find(|&i| src[i] == 1 && out_dims[i] > 1)
+        };
+        let mut out_strides = vec![1usize; rank];
+        for i in (0..last).rev() {
+            out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
+        }
+        // Outer index: every output axis but `last` and `a`, as an odometer, split across threads.
+        let outer: Vec<usize> = (0..rank).filter(|&i| i != last && Some(i) != a).collect();
+        let count: usize = outer.iter().map(|&i| out_dims[i]).product();
+        let dst = SharedOut(out.as_mut_ptr(), out.len());
+        (0..count).into_par_iter().for_each(|mut o| {
+            let (mut ib, mut ob) = (0, 0);
+            for &i in outer.iter().rev() {
+                let d = o % out_dims[i];
+                o /= out_dims[i];
+                ib += d * src[i];
+                ob += d * out_strides[i];
+            }
+            // Each outer index owns the output elements ob + j*out_strides[a] + k, disjoint
+            // from every other's: every write below is to an element only this task touches.
+            let sl = src[last];
+            match a {
+                // The output's last axis walks the input with stride 1: contiguous runs.
+                // SAFETY: this task's own elements (above); `x` is the input, not `out`.
+                None if sl == 1 => unsafe { dst.copy_from(ob, &x[ib..ib + n_last]) },
+                None => {
+                    for k in 0..n_last {
+                        // SAFETY: this task's own element (above).
+                        unsafe { dst.write(ob + k, x[ib + k * sl]) };
+                    }
+                }
+                Some(a) => {
+                    let (n_a, oa) = (out_dims[a], out_strides[a]);
+                    for j0 in (0..n_a).step_by(TILE_T) {
+                        for k0 in (0..n_last).step_by(TILE_T) {
+                            for j in j0..(j0 + TILE_T).min(n_a) {
+                                for k in k0..(k0 + TILE_T).min(n_last) {
+                                    // SAFETY: this task's own element (above).
+                                    unsafe { dst.write(ob + j * oa + k, x[ib + j + k * sl]) };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+/// `x` laid out contiguously: itself when it already is, else one parallel
+/// copy (candle's own copies a strided view one element at a time, on one thread).
+pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.is_contiguous() {
+        Ok(x.clone())
+    } else if x.dtype() == candle_core::DType::F32 {
+        x.apply_op1_no_bwd(&Transpose((0..x.rank()).collect()))
+    } else {
+        x.contiguous()
+    }
+}
