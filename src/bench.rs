@@ -19,6 +19,13 @@ pub fn median_p99(v: &mut [Duration]) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// `bench layouts`: the Candle kernels' NCHW against NHWC on EfficientNet-Lite0's
+/// layer shapes (`candle-graph` builds), on the CPU pool the settings give.
+pub fn bench_layouts(settings: &Settings, iters: usize) -> Result<String, String> {
+    crate::backend::set_cpu(settings.candle_threads, &settings.candle_isa);
+    crate::backend::bench_layouts(iters)
+}
+
 /// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
 /// on this thread, reporting the median and allocations per frame.
 pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {

@@ -214,14 +214,6 @@ impl Slot {
         s
     }
 
-    /// The JPEG bytes of this frame.
-    pub fn jpeg_bytes(&self) -> &[u8] {
-        if self.jpeg_in_payload {
-            &self.payload[self.jpeg_range.clone()]
-        } else {
-            &self.jpeg[self.jpeg_range.clone()]
-        }
-    }
 
     /// Raw JSON of an envelope field kept as a range into the payload.
     pub fn field(&self, r: &Option<Range<usize>>) -> Option<&[u8]> {

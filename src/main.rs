@@ -130,10 +130,7 @@ fn main() -> ExitCode {
                     }
                 }
                 "layouts" => match r.as_slice() {
-                    [] => {
-                        ai_edge_inference::backend::set_cpu(settings.candle_threads, &settings.candle_isa);
-                        ai_edge_inference::backend::bench_layouts(iters)
-                    }
+                    [] => bench::bench_layouts(&settings, iters),
                     _ => Err("bench layouts: takes no file".into()),
                 },
                 "model" => {

@@ -56,24 +56,20 @@ pub enum DropReason {
     Superseded,
     /// Older than MAX_FRAME_AGE_S when its turn came (or its one-shot caller stopped waiting).
     Stale,
-    /// The service was shutting down.
-    Shutdown,
     /// The source sent faster than MAX_FPS_PER_SOURCE.
     RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 3] = [
         DropReason::Superseded,
         DropReason::Stale,
-        DropReason::Shutdown,
         DropReason::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Superseded => "superseded",
             DropReason::Stale => "stale",
-            DropReason::Shutdown => "shutdown",
             DropReason::RateLimited => "rate_limited",
         }
     }
@@ -161,9 +157,6 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
 }
 
 /// Every metric of the service.
@@ -233,9 +226,6 @@ impl Metrics {
     pub fn dual(&self, matched: bool) {
         self.dual_comparisons.fetch_add(1, Relaxed);
         self.dual_matches.fetch_add(matched as u64, Relaxed);
-    }
-    pub fn failed_count(&self, r: FailReason) -> u64 {
-        self.failed[r as usize].load(Relaxed)
     }
 
     /// Prometheus text exposition, with the state of every configured model.

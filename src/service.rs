@@ -44,7 +44,7 @@ fn render_service_topic(t: &str, client_id: &str) -> Result<String, String> {
 /// Runs the service until its threads end (they run until the process is stopped).
 pub fn run(settings: Settings) -> Result<(), String> {
     log::info!("{}", build_info::line());
-    let models = Arc::new(load_models(&settings)?);
+    let models = load_models(&settings)?;
     crate::memory::return_free_memory();
     for m in &models.list {
         log::info!(
@@ -71,7 +71,6 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
     let subscriptions = mqtt::Subscriptions::new(models.subscriptions());
     let model_count = models.list.len();
-    let models = Arc::into_inner(models).ok_or("models are shared before start-up")?;
     let mqtt_on = settings.broker.is_some();
     let registry = Arc::new(Registry::new(models, settings.clone(), limits));
     if mqtt_on {
