@@ -128,7 +128,7 @@ pub fn bench_model(
     for i in 0..iters + 3 {
         let ml = &mut *ml;
         let mut second_dt = None;
-        if let (Some(s), true) = (ml.second.as_mut(), i % 2 == 1) {
+        if let (Some(s), true) = (ml.comparison.as_mut(), i % 2 == 1) {
             let t0 = Instant::now();
             s.engine.infer(&tensor, &mut s.outputs).map_err(|e| e.to_string())?;
             second_dt = Some(t0.elapsed());
@@ -141,7 +141,7 @@ pub fn bench_model(
             .map_err(|e| e.to_string())?;
         let dt = t0.elapsed();
         let (a1, b1) = alloc_count::snapshot_all();
-        if let (Some(s), true) = (ml.second.as_mut(), i % 2 == 0) {
+        if let (Some(s), true) = (ml.comparison.as_mut(), i % 2 == 0) {
             let t0 = Instant::now();
             s.engine.infer(&tensor, &mut s.outputs).map_err(|e| e.to_string())?;
             second_dt = Some(t0.elapsed());
@@ -157,7 +157,7 @@ pub fn bench_model(
         }
     }
     let (med, p99) = median_p99(&mut times);
-    let second = ml.second.as_ref().map(|s| {
+    let second = ml.comparison.as_ref().map(|s| {
         let (m2, p2) = median_p99(&mut second_times);
         ratios.sort_by(f64::total_cmp);
         format!(

@@ -27,7 +27,8 @@ const B64: GeneralPurpose = GeneralPurpose::new(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {
-    Design,
+    /// The design's JSON: `device_id`, `timestamp`, base64 `image_data`, `metadata`.
+    DeviceEnvelope,
     ImageSnapshot,
     RawJpeg,
     /// A JPEG body posted to `/infer`, or a file given to the `infer` command.
@@ -35,10 +36,10 @@ pub enum Form {
 }
 
 impl Form {
-    pub const ALL: [Form; 4] = [Form::Design, Form::ImageSnapshot, Form::RawJpeg, Form::OneShot];
+    pub const ALL: [Form; 4] = [Form::DeviceEnvelope, Form::ImageSnapshot, Form::RawJpeg, Form::OneShot];
     pub fn as_str(self) -> &'static str {
         match self {
-            Form::Design => "design_envelope",
+            Form::DeviceEnvelope => "device_envelope",
             Form::ImageSnapshot => "image_snapshot",
             Form::RawJpeg => "raw_jpeg",
             Form::OneShot => "oneshot",
@@ -156,7 +157,7 @@ pub fn parse(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     } else {
         let dev = plain_str(f.device_id, "device_id")?;
         (
-            Form::Design,
+            Form::DeviceEnvelope,
             dev.ok_or(EnvelopeError::BadField {
                 field: "device_id",
                 expected: "a string",
@@ -346,7 +347,7 @@ mod tests {
             br#"{"device_id":"cam-1","timestamp":"2026-01-01T00:00:00Z","image_data":"/9j/","metadata":{"line":2}}"#,
         )
         .unwrap();
-        assert_eq!(d.form, Form::Design);
+        assert_eq!(d.form, Form::DeviceEnvelope);
         assert_eq!(d.device_id, Some("cam-1"));
         assert_eq!(
             d.image,

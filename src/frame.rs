@@ -51,15 +51,6 @@ impl FrameError {
             detail: detail.to_string(),
         }
     }
-
-    /// HTTP status for a one-shot request that failed this way.
-    pub fn http_status(&self) -> u16 {
-        match self.reason {
-            FailReason::PayloadTooLarge | FailReason::ImageTooLarge => 413,
-            FailReason::InferenceFailed => 500,
-            _ => 422,
-        }
-    }
 }
 
 impl From<EnvelopeError> for FrameError {
@@ -213,7 +204,6 @@ impl Slot {
         s.rgb = Vec::new();
         s
     }
-
 
     /// Raw JSON of an envelope field kept as a range into the payload.
     pub fn field(&self, r: &Option<Range<usize>>) -> Option<&[u8]> {

@@ -61,16 +61,32 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
-        DropReason::Superseded,
-        DropReason::Stale,
-        DropReason::RateLimited,
-    ];
+    pub const ALL: [DropReason; 3] = [DropReason::Superseded, DropReason::Stale, DropReason::RateLimited];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Superseded => "superseded",
             DropReason::Stale => "stale",
             DropReason::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Why a frame was answered with an error result instead of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Failed(FailReason),
+    Dropped(DropReason),
+}
+
+impl Refusal {
+    /// The HTTP status a one-shot caller gets for it.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Refusal::Failed(FailReason::PayloadTooLarge | FailReason::ImageTooLarge) => 413,
+            Refusal::Failed(FailReason::InferenceFailed) => 500,
+            Refusal::Failed(_) => 422,
+            Refusal::Dropped(DropReason::RateLimited) => 429,
+            Refusal::Dropped(_) => 503,
         }
     }
 }

@@ -26,7 +26,10 @@ pub struct Problem {
     pub error: String,
 }
 
-pub struct Side {
+/// One backend engine with the buffers of its last run: raw outputs, and
+/// what post-processing made of them (candidates and kept detections, or top
+/// classes), all sized at warm-up.
+pub struct EngineState {
     pub engine: Engine,
     pub outputs: Outputs,
     pub candidates: Vec<Detection>,
@@ -38,9 +41,9 @@ pub struct Side {
 /// An ML model with everything one inference needs.
 pub struct MlModel {
     /// The backend whose predictions are the model's result.
-    pub primary: Side,
+    pub primary: EngineState,
     /// Dual mode: the other backend, run on the same tensor for comparison.
-    pub second: Option<Side>,
+    pub comparison: Option<EngineState>,
     pub labels: Vec<String>,
     /// Detection: the output layout, worked out at warm-up.
     pub yolo: Option<YoloLayout>,
@@ -326,7 +329,7 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
         }
     }
     let anchors = yolo.map(|l| l.anchors.min(postprocess::MAX_CANDIDATES)).unwrap_or(0);
-    let size = |mut side: Side| {
+    let size = |mut side: EngineState| {
         side.candidates.reserve(anchors);
         side.kept.reserve(i.max_detections);
         side.classes.reserve(i.top_k + 1);
@@ -338,7 +341,7 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
     };
     let ml = MlModel {
         primary: size(primary),
-        second: second.map(size),
+        comparison: second.map(size),
         labels,
         yolo,
     };
@@ -346,7 +349,7 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
 }
 
 /// One warm-up inference on zeros before the model is called ready.
-fn warm(mut engine: Engine, config: &ModelConfig) -> Result<Side, BackendError> {
+fn warm(mut engine: Engine, config: &ModelConfig) -> Result<EngineState, BackendError> {
     let mut outputs = Outputs::default();
     let zeros = vec![0f32; crate::preprocess::tensor_len(&config.preprocessing)];
     engine.infer(&zeros, &mut outputs).map_err(|e| BackendError::Load {
@@ -357,7 +360,7 @@ fn warm(mut engine: Engine, config: &ModelConfig) -> Result<Side, BackendError> 
             .unwrap_or_default(),
         reason: format!("warm-up inference on {} failed: {e}", engine.name()),
     })?;
-    Ok(Side {
+    Ok(EngineState {
         engine,
         outputs,
         candidates: Vec::new(),

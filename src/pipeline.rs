@@ -22,7 +22,7 @@ use crate::frame::Route;
 use crate::frame::{Limits, Origin, Ring, Slot, WorkBuffers, RESULT_CAPACITY};
 use crate::ingest;
 use crate::messages::{Ack, Incoming, Outbound, Reply, ToMqtt};
-use crate::metrics::{DropReason, Metrics, Stage};
+use crate::metrics::{DropReason, Metrics, Refusal, Stage};
 use crate::models::{Models, MAX_MODELS};
 use crate::process::{self, Ctx, Emitted};
 use crate::registry::Registry;
@@ -197,7 +197,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                     &origin,
                     &shared.error_topic,
                     &err_buf,
-                    Emitted::Error(e.http_status()),
+                    Emitted::Error(Refusal::Failed(e.reason)),
                 )
                 .await;
                 ack(shared, msg_ack).await;
@@ -209,12 +209,12 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         // envelope stamped long ago, or a backlog the broker kept).
         let refused = if rate.as_mut().is_some_and(|r| !r.admit(a.device, t0)) {
             let why = format!("`{}` sends faster than MAX_FPS_PER_SOURCE", a.device);
-            Some((DropReason::RateLimited, why, 429))
+            Some((DropReason::RateLimited, why))
         } else {
             let age = shared.policy.too_old(ingest::taken_at(&a.envelope), SystemTime::now());
-            age.map(|age| (DropReason::Stale, stale_why(&shared.policy, age), 503))
+            age.map(|age| (DropReason::Stale, stale_why(&shared.policy, age)))
         };
-        if let Some((reason, why, status)) = refused {
+        if let Some((reason, why)) = refused {
             shared.metrics.dropped(reason);
             ingest::write_unslotted(
                 &mut err_buf,
@@ -225,7 +225,14 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
                 format_args!("{}: {why}", reason.as_str()),
             );
             let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
-            deliver(shared, &origin, &shared.error_topic, &err_buf, Emitted::Error(status)).await;
+            deliver(
+                shared,
+                &origin,
+                &shared.error_topic,
+                &err_buf,
+                Emitted::Error(Refusal::Dropped(reason)),
+            )
+            .await;
             ack(shared, msg_ack).await;
             continue;
         }
@@ -302,7 +309,14 @@ async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason, why: 
     );
     slot.out = out;
     let origin = std::mem::take(&mut slot.origin);
-    deliver(shared, &origin, &shared.error_topic, &slot.out, Emitted::Error(503)).await;
+    deliver(
+        shared,
+        &origin,
+        &shared.error_topic,
+        &slot.out,
+        Emitted::Error(Refusal::Dropped(reason)),
+    )
+    .await;
     ack(shared, slot.ack.take()).await;
 }
 
@@ -337,24 +351,28 @@ async fn worker_loop(shared: &Shared, mut buffers: WorkBuffers) {
 /// Runs `work` on the slot and collects what it emitted, copied out once
 /// (the MQTT client needs owned buffers) so the slot can be reused as soon
 /// as its work is done.
-fn work(shared: &Shared, slot: &mut Slot, f: impl FnOnce(&mut Slot, &Ctx<'_>, &mut Collect)) -> (Origin, Collect) {
-    let mut pending = Collect(Vec::new());
+fn work(
+    shared: &Shared,
+    slot: &mut Slot,
+    f: impl FnOnce(&mut Slot, &Ctx<'_>, &mut FrameAnswers),
+) -> (Origin, FrameAnswers) {
+    let mut pending = FrameAnswers(Vec::new());
     let origin = std::mem::take(&mut slot.origin);
     let models = slot.models.clone().unwrap_or_else(|| shared.registry.snapshot());
     f(slot, &shared.ctx(&models), &mut pending);
     (origin, pending)
 }
 
-async fn deliver_all(shared: &Shared, origin: &Origin, pending: Collect) {
+async fn deliver_all(shared: &Shared, origin: &Origin, pending: FrameAnswers) {
     for (o, kind) in pending.0 {
         deliver_owned(shared, origin, o, kind).await;
     }
 }
 
 /// Messages a frame produced, owned, waiting for delivery.
-struct Collect(Vec<(Outbound, Emitted)>);
+struct FrameAnswers(Vec<(Outbound, Emitted)>);
 
-impl Collect {
+impl FrameAnswers {
     fn push(&mut self, s: &Slot, kind: Emitted) {
         let o = Outbound {
             topic: s.out_topic.clone(),
@@ -422,7 +440,7 @@ async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emit
         Origin::Reply(tx) => {
             let status = match kind {
                 Emitted::Result | Emitted::Comparison => 200,
-                Emitted::Error(s) => s,
+                Emitted::Error(why) => why.http_status(),
             };
             let _ = tx.try_send(Reply {
                 status,
@@ -467,7 +485,7 @@ pub fn run_oneshot(
             ctx.metrics.failed(e.reason);
             let mut buf = Vec::new();
             ingest::write_early_error(&mut buf, name, jpeg, true, &e);
-            return vec![(buf, Emitted::Error(e.http_status()))];
+            return vec![(buf, Emitted::Error(Refusal::Failed(e.reason)))];
         }
     };
     slot.reset();

@@ -14,8 +14,8 @@ use crate::config::model::{ModelConfig, ModelType, Softmax};
 use crate::decode::{self, DecodeError};
 use crate::frame::{FrameError, Route, Slot};
 use crate::health;
-use crate::metrics::{FailReason, Metrics, Stage};
-use crate::models::{MlModel, Model, Models, Pool, Runner, Side};
+use crate::metrics::{FailReason, Metrics, Refusal, Stage};
+use crate::models::{EngineState, MlModel, Model, Models, Pool, Runner};
 use crate::postprocess;
 use crate::postprocess::YoloLayout;
 use crate::preprocess::{self, Geometry};
@@ -38,7 +38,8 @@ pub enum Emitted {
     Result,
     /// A `dual_backend_comparison` (MQTT only; one-shot replies carry the result).
     Comparison,
-    Error(u16),
+    /// An `inference_error`, and why.
+    Error(Refusal),
 }
 
 /// Runs the frame in `slot` through every routed model, calling `emit` after
@@ -183,14 +184,14 @@ fn run_ml(
     let mut guard = ml.lock();
     let MlModel {
         primary,
-        second,
+        comparison,
         labels,
         yolo,
     } = &mut *guard;
-    let run_a = run_side(primary, &slot.tensor[..n], ctx)?;
+    let run_a = run_engine(primary, &slot.tensor[..n], ctx)?;
     t.infer = run_a.time;
     ctx.metrics.stage(Stage::Infer, t.infer);
-    postprocess_side(primary, *yolo, config, &g);
+    postprocess_engine(primary, *yolo, config, &g);
     let preds = predictions(primary, labels, config.model_type);
     let alert = postprocess::alert(&config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
     let mut out = std::mem::take(&mut slot.out);
@@ -208,12 +209,12 @@ fn run_ml(
     slot.out = out;
     emit_to(slot, ctx, model, route, &config.output_topic, Emitted::Result, emit);
 
-    if let Some(second) = second {
+    if let Some(second) = comparison {
         // One frame, one result: a failing second backend marks the comparison failed.
-        let run_b = run_side(second, &slot.tensor[..n], ctx);
+        let run_b = run_engine(second, &slot.tensor[..n], ctx);
         let matched = match &run_b {
             Ok(_) => {
-                postprocess_side(second, *yolo, config, &g);
+                postprocess_engine(second, *yolo, config, &g);
                 let matched = match yolo {
                     Some(_) => postprocess::detections_match(&primary.kept, &second.kept, DUAL_IOU),
                     None => postprocess::probabilities_match(
@@ -276,15 +277,16 @@ pub const DUAL_IOU: f32 = 0.9;
 /// Runs one backend on the tensor, timing it and counting what the process
 /// allocated meanwhile (every thread: Candle's work runs on its pool; with
 /// several workers at once, theirs is counted too).
-fn run_side(side: &mut Side, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun, FrameError> {
+fn run_engine(state: &mut EngineState, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun, FrameError> {
     let (_, bytes0) = alloc_count::snapshot_all();
     let t0 = Instant::now();
-    side.engine
-        .infer(tensor, &mut side.outputs)
+    state
+        .engine
+        .infer(tensor, &mut state.outputs)
         .map_err(|e| FrameError::new(FailReason::InferenceFailed, e))?;
     let time = t0.elapsed();
     let (_, bytes1) = alloc_count::snapshot_all();
-    ctx.metrics.backend(side.engine.name(), time);
+    ctx.metrics.backend(state.engine.name(), time);
     Ok(BackendRun {
         time,
         allocated_bytes: bytes1 - bytes0,
@@ -292,32 +294,32 @@ fn run_side(side: &mut Side, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun
 }
 
 /// Turns the raw outputs into top-k classes or kept detections (boxes in
-/// original image pixels), in the side's preallocated buffers.
-fn postprocess_side(side: &mut Side, yolo: Option<YoloLayout>, config: &ModelConfig, g: &Geometry) {
+/// original image pixels), in the state's preallocated buffers.
+fn postprocess_engine(state: &mut EngineState, yolo: Option<YoloLayout>, config: &ModelConfig, g: &Geometry) {
     let i = &config.inference;
     match yolo {
         Some(layout) => {
             postprocess::decode_yolo(
-                &side.outputs.values,
+                &state.outputs.values,
                 &layout,
                 i.confidence_threshold,
-                &mut side.candidates,
+                &mut state.candidates,
             );
             postprocess::nms(
-                &mut side.candidates,
+                &mut state.candidates,
                 i.iou_threshold,
                 i.class_agnostic_nms,
                 i.max_detections,
-                &mut side.kept,
+                &mut state.kept,
             );
-            for d in &mut side.kept {
+            for d in &mut state.kept {
                 let (x1, y1) = g.to_source(d.bbox[0], d.bbox[1]);
                 let (x2, y2) = g.to_source(d.bbox[2], d.bbox[3]);
                 d.bbox = [x1, y1, x2, y2];
             }
         }
         None => {
-            let scores = &mut side.outputs.values;
+            let scores = &mut state.outputs.values;
             let apply = match i.softmax {
                 Softmax::Always => true,
                 Softmax::Never => false,
@@ -326,19 +328,19 @@ fn postprocess_side(side: &mut Side, yolo: Option<YoloLayout>, config: &ModelCon
             if apply {
                 postprocess::softmax_inplace(scores);
             }
-            postprocess::top_k(scores, i.top_k, i.confidence_threshold, &mut side.classes);
+            postprocess::top_k(scores, i.top_k, i.confidence_threshold, &mut state.classes);
         }
     }
 }
 
-/// The predictions of a side's last inference, labelled.
+/// The predictions of an engine's last inference, labelled.
 fn predictions<'a>(
-    side: &'a Side,
+    state: &'a EngineState,
     labels: &'a [String],
     kind: ModelType,
 ) -> impl Iterator<Item = Prediction<'a>> + Clone {
     let label = move |c: usize| labels.get(c).map(String::as_str).unwrap_or("unknown");
-    let dets = side
+    let dets = state
         .kept
         .iter()
         .filter(move |_| kind == ModelType::Detection)
@@ -348,7 +350,7 @@ fn predictions<'a>(
             confidence: d.score,
             bbox: Some(d.bbox),
         });
-    let classes = side
+    let classes = state
         .classes
         .iter()
         .filter(move |_| kind != ModelType::Detection)
@@ -376,5 +378,5 @@ pub fn fail(slot: &mut Slot, ctx: &Ctx<'_>, e: &FrameError, emit: &mut impl FnMu
     slot.out = out;
     slot.out_topic.clear();
     slot.out_topic.push_str(ctx.error_topic);
-    emit(slot, Emitted::Error(e.http_status()));
+    emit(slot, Emitted::Error(Refusal::Failed(e.reason)));
 }

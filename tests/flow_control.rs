@@ -56,7 +56,7 @@ fn by_frame(msgs: &[Msg]) -> HashMap<String, Vec<String>> {
 }
 
 fn total_dropped(svc: &Service) -> f64 {
-    ["superseded", "stale", "shutdown", "rate_limited"]
+    ["superseded", "stale", "rate_limited"]
         .iter()
         .map(|r| svc.metric(&format!("aei_frames_dropped_total{{reason=\"{r}\"}}")))
         .sum()

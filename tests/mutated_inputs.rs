@@ -8,7 +8,7 @@ use ai_edge_inference::config::model;
 use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::{Limits, Origin, Slot};
 use ai_edge_inference::ingest;
-use ai_edge_inference::metrics::{FailReason, Metrics};
+use ai_edge_inference::metrics::{FailReason, Metrics, Refusal};
 use ai_edge_inference::models::Models;
 use ai_edge_inference::process::{self, Ctx, Emitted};
 
@@ -115,7 +115,10 @@ fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
             Err(e) => {
                 let mut buf = Vec::new();
                 ingest::write_early_error(&mut buf, topic, &payload, false, &e);
-                answers.push((Emitted::Error(e.http_status()), String::from_utf8(buf).unwrap()));
+                answers.push((
+                    Emitted::Error(Refusal::Failed(e.reason)),
+                    String::from_utf8(buf).unwrap(),
+                ));
             }
             Ok(a) => {
                 slot.reset();

@@ -15,7 +15,7 @@ use crate::config::{AuthSettings, TlsSettings};
 use crate::metrics::Metrics;
 
 /// What the credentials thread hands the event thread for the next connect.
-pub(super) struct Refresh {
+pub(super) struct NextConnect {
     pub creds: Mutex<auth::Credentials>,
     pub creds_changed: AtomicBool,
     pub transport: Mutex<Option<Transport>>,
@@ -23,7 +23,7 @@ pub(super) struct Refresh {
     pub planned: AtomicBool,
 }
 
-impl Refresh {
+impl NextConnect {
     /// Applies what changed to the options used by the next CONNECT.
     pub fn apply(&self, opts: &mut MqttOptions) {
         if self.creds_changed.swap(false, Relaxed) {
@@ -48,7 +48,7 @@ pub(super) fn watch(
     client: &Client,
     metrics: &Metrics,
     auth_settings: &AuthSettings,
-    refresh: &Refresh,
+    refresh: &NextConnect,
     mut tls_files: Option<(TlsSettings, tls::Files)>,
 ) {
     loop {

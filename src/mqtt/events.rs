@@ -14,7 +14,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{Client, Connection, Event};
 use rumqttc::Outgoing;
 
-use super::credentials::Refresh;
+use super::credentials::NextConnect;
 use super::{status_message, with_jitter, MqttConfig, Subscriptions, MAX_BACKOFF};
 use crate::messages::{Ack, Incoming, ToMqtt};
 use crate::metrics::Metrics;
@@ -24,7 +24,7 @@ pub(super) struct Events {
     pub cfg: MqttConfig,
     pub client: Client,
     pub metrics: Arc<Metrics>,
-    pub refresh: Arc<Refresh>,
+    pub refresh: Arc<NextConnect>,
     /// Set by the publisher once it has sent the final DISCONNECT.
     pub stopping: Arc<AtomicBool>,
     pub subs: Arc<Subscriptions>,

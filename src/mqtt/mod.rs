@@ -31,7 +31,7 @@ use crate::build_info;
 use crate::config::{AuthSettings, TlsSettings};
 use crate::messages::{Incoming, ToMqtt};
 use crate::metrics::Metrics;
-use credentials::Refresh;
+use credentials::NextConnect;
 
 /// Broker connection facts, from the settings.
 pub struct MqttConfig {
@@ -173,7 +173,7 @@ pub fn start(
         if cfg.tls.is_some() { "TLS" } else { "plain TCP" },
         creds.describe()
     );
-    let refresh = Arc::new(Refresh {
+    let refresh = Arc::new(NextConnect {
         creds: Mutex::new(creds),
         creds_changed: AtomicBool::new(false),
         transport: Mutex::new(None),

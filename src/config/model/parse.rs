@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use yaml_rust2::{Yaml, YamlLoader};
 
-use super::yaml::{kind, scalar_text, Ctx};
+use super::yaml::{kind, scalar_text, Doc};
 use super::*;
 use crate::config::Settings;
 use crate::topic::{TopicFilter, TopicTemplate};
@@ -60,7 +60,7 @@ const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template", "compariso
 
 /// Parses one config's text; `path` names it in errors and anchors relative paths.
 pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
-    let ctx = Ctx {
+    let ctx = Doc {
         file: path.display().to_string(),
     };
     let docs = YamlLoader::load_from_str(text).map_err(|e| ctx.err("", format!("not valid YAML: {e}")))?;
@@ -187,7 +187,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
 /// Labels files larger than this are refused (a path such as `/dev/zero` must not hang a load).
 const MAX_LABELS_FILE: u64 = 16 << 20;
 
-impl Ctx {
+impl Doc {
     pub(super) fn preprocessing(&self, v: &Yaml, model_type: ModelType) -> Result<Preprocessing, ConfigError> {
         self.known_keys(v, "preprocessing.", PRE_KEYS)?;
         let (dw, dh, dmode) = match model_type {

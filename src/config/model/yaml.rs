@@ -5,11 +5,11 @@ use yaml_rust2::Yaml;
 
 use super::ConfigError;
 
-pub(super) struct Ctx {
+pub(super) struct Doc {
     pub(super) file: String,
 }
 
-impl Ctx {
+impl Doc {
     pub(super) fn err(&self, key: &str, message: String) -> ConfigError {
         ConfigError {
             file: self.file.clone(),
