@@ -16,6 +16,7 @@ pub mod config;
 pub mod decode;
 pub mod dedup;
 pub mod envelope;
+pub mod filewatch;
 pub mod frame;
 pub mod health;
 pub mod http;

@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use crate::backend::BackendEnv;
 use crate::config::model;
 use crate::config::Settings;
+use crate::filewatch::{stamp, Stamp};
 use crate::frame::Limits;
 use crate::models::{Models, Problem, MAX_MODELS};
 
@@ -284,15 +285,15 @@ impl Registry {
     }
 
     /// Polls the config and model files of every file-backed model every
-    /// `period`; a file whose modification time changed and then held still
+    /// `period`; a file whose stamp (`filewatch.rs`) changed and then held still
     /// for one period (so half-written files are skipped) triggers a reload.
     pub fn watch(self: &Arc<Self>, period: Duration) -> std::thread::JoinHandle<()> {
         let me = self.clone();
         std::thread::Builder::new()
             .name("model-watch".into())
             .spawn(move || {
-                let mut seen: HashMap<String, Vec<Option<SystemTime>>> = HashMap::new();
-                let mut pending: HashMap<String, Vec<Option<SystemTime>>> = HashMap::new();
+                let mut seen: HashMap<String, Vec<Option<Stamp>>> = HashMap::new();
+                let mut pending: HashMap<String, Vec<Option<Stamp>>> = HashMap::new();
                 let dir = me.settings.model_config_path.clone().filter(|p| p.is_dir());
                 let mut scan = dir.as_deref().map(DirScan::new);
                 loop {
@@ -311,10 +312,7 @@ impl Registry {
                         if files.is_empty() || m.config.source.as_deref().is_some_and(|s| !s.exists()) {
                             continue;
                         }
-                        let now: Vec<Option<SystemTime>> = files
-                            .iter()
-                            .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
-                            .collect();
+                        let now: Vec<Option<Stamp>> = files.iter().map(|f| stamp(f)).collect();
                         let before = seen.entry(name.clone()).or_insert_with(|| now.clone()).clone();
                         if now == before {
                             pending.remove(name);
@@ -342,9 +340,9 @@ impl Registry {
 /// written is not read half-way, and a file being replaced is not removed).
 struct DirScan {
     /// Config files and their modification times at the previous check.
-    last: HashMap<PathBuf, Option<SystemTime>>,
+    last: HashMap<PathBuf, Option<Stamp>>,
     /// What was last tried for a file not serving (so a broken file is retried only once it changes).
-    tried: HashMap<PathBuf, Option<SystemTime>>,
+    tried: HashMap<PathBuf, Option<Stamp>>,
 }
 
 impl DirScan {
@@ -385,13 +383,13 @@ impl DirScan {
     }
 }
 
-fn list_configs(dir: &Path) -> HashMap<PathBuf, Option<SystemTime>> {
+fn list_configs(dir: &Path) -> HashMap<PathBuf, Option<Stamp>> {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
                 .map(|p| {
-                    let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+                    let t = stamp(&p);
                     (p, t)
                 })
                 .collect()

@@ -29,7 +29,8 @@ pub const INFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// A bearer token kept in a file, re-read when the file changes (rotation).
 pub struct TokenFile {
     path: std::path::PathBuf,
-    cached: std::sync::Mutex<(Option<std::time::SystemTime>, String)>,
+    /// The token, and the file's stamp when it was read.
+    cached: std::sync::Mutex<(Option<crate::filewatch::Stamp>, String)>,
 }
 
 impl TokenFile {
@@ -49,11 +50,11 @@ impl TokenFile {
     }
 
     fn current(&self) -> String {
-        let mtime = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let stamp = crate::filewatch::stamp(&self.path);
         let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if c.0.is_none() || c.0 != mtime {
+        if c.0.is_none() || c.0 != stamp {
             match std::fs::read_to_string(&self.path) {
-                Ok(t) if !t.trim().is_empty() => *c = (mtime, t.trim().to_owned()),
+                Ok(t) if !t.trim().is_empty() => *c = (stamp, t.trim().to_owned()),
                 // A half-written or vanished file keeps the last good token.
                 _ => log::warn!(
                     "HTTP_TOKEN_FILE {}: unreadable or empty; keeping the last token",

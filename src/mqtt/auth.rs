@@ -15,6 +15,7 @@ use bytes::Bytes;
 use rumqttc::v5::MqttOptions;
 
 use crate::config::AuthSettings;
+use crate::filewatch::Watched;
 
 pub const SAT_METHOD: &str = "K8S-SAT";
 
@@ -23,6 +24,8 @@ pub struct Credentials {
     settings: AuthSettings,
     /// The secret last read (token or password).
     secret: Vec<u8>,
+    /// The secret's file, when there is one: re-read only once it changed.
+    file: Option<Watched>,
     expiry_warned: bool,
 }
 
@@ -53,9 +56,17 @@ impl Credentials {
                 t
             }
         };
+        let file = match settings {
+            AuthSettings::Password {
+                password_file: Some(p), ..
+            } => Some(Watched::new(p)),
+            AuthSettings::K8sSat { token_file } => Some(Watched::new(token_file)),
+            _ => None,
+        };
         Ok(Credentials {
             settings: settings.clone(),
             secret,
+            file,
             expiry_warned: false,
         })
     }
@@ -93,27 +104,23 @@ impl Credentials {
     /// Re-reads the secret file; warns (once per token) when a token is near
     /// its expiry and the file has not been rotated.
     pub fn check(&mut self, now: SystemTime) -> Change {
-        let file = match &self.settings {
-            AuthSettings::None
-            | AuthSettings::Password {
-                password_file: None, ..
-            } => return Change::None,
-            AuthSettings::Password {
-                password_file: Some(p), ..
-            } => p.clone(),
-            AuthSettings::K8sSat { token_file } => token_file.clone(),
+        let Some(file) = self.file.as_mut() else {
+            return Change::None;
         };
-        match read_secret(&file) {
-            Ok(s) if !s.is_empty() && s != self.secret => {
-                self.secret = s;
-                self.expiry_warned = false;
-                return match self.settings {
-                    AuthSettings::K8sSat { .. } => Change::Reauthenticate,
-                    _ => Change::NextConnect,
-                };
+        // A file whose stamp changed is read; one whose content also changed is news.
+        if file.changed() {
+            match read_secret(&file.path) {
+                Ok(s) if !s.is_empty() && s != self.secret => {
+                    self.secret = s;
+                    self.expiry_warned = false;
+                    return match self.settings {
+                        AuthSettings::K8sSat { .. } => Change::Reauthenticate,
+                        _ => Change::NextConnect,
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => log::warn!("{e}; keeping the credentials read before"),
             }
-            Ok(_) => {}
-            Err(e) => log::warn!("{e}; keeping the credentials read before"),
         }
         if let (AuthSettings::K8sSat { token_file }, Some(renew)) = (&self.settings, renew_at(&self.secret)) {
             if now >= renew && !self.expiry_warned {

@@ -5,15 +5,16 @@
 //! name the broker's certificate is checked against. rumqttc does the
 //! handshake with what this builds.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::filewatch::Watched;
 
 use crate::config::TlsSettings;
 
@@ -67,7 +68,7 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// The files a TLS config is built from, and their modification times when it was built.
-pub struct Files(Vec<(PathBuf, Option<SystemTime>)>);
+pub struct Files(Vec<Watched>);
 
 impl Files {
     pub fn of(t: &TlsSettings) -> Files {
@@ -76,25 +77,14 @@ impl Files {
             paths.push(c.clone());
             paths.push(k.clone());
         }
-        Files(paths.into_iter().map(|p| (p.clone(), mtime(&p))).collect())
+        Files(paths.into_iter().map(Watched::new).collect())
     }
 
-    /// True once since any file changed (and records the new times).
+    /// True once since any file changed.
     pub fn changed(&mut self) -> bool {
-        let mut changed = false;
-        for (p, t) in &mut self.0 {
-            let now = mtime(p);
-            if now != *t {
-                *t = now;
-                changed = true;
-            }
-        }
-        changed
+        // Every file's stamp is brought up to date, not only the first changed one's.
+        self.0.iter_mut().fold(false, |any, f| f.changed() | any)
     }
-}
-
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
 /// Checks the broker's certificate against a configured name instead of the
