@@ -98,43 +98,10 @@ impl Window {
 /// packet id. Not cryptographic; a collision among the window's entries is
 /// about 2^-50 likely.
 pub fn key(topic: &[u8], payload: &[u8], pkid: Option<u16>) -> u64 {
-    let mut h = Hash::new(pkid.map_or(0, |p| p as u64 + 1));
+    let mut h = crate::hash::Hasher::new(pkid.map_or(0, |p| p as u64 + 1));
     h.bytes(topic);
     h.bytes(payload);
     h.finish()
-}
-
-struct Hash(u64);
-
-impl Hash {
-    const M: u64 = 0x9E37_79B9_7F4A_7C15;
-
-    fn new(seed: u64) -> Hash {
-        Hash(seed ^ 0x243F_6A88_85A3_08D3)
-    }
-
-    fn word(&mut self, w: u64) {
-        self.0 = (self.0.rotate_left(23) ^ w).wrapping_mul(Self::M);
-    }
-
-    fn bytes(&mut self, b: &[u8]) {
-        let mut chunks = b.chunks_exact(8);
-        for c in &mut chunks {
-            self.word(u64::from_le_bytes(c.try_into().unwrap()));
-        }
-        let mut tail = [0u8; 8];
-        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-        self.word(u64::from_le_bytes(tail));
-        self.word(b.len() as u64);
-    }
-
-    /// splitmix64's finaliser: every input bit reaches every output bit.
-    fn finish(&self) -> u64 {
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 #[cfg(test)]

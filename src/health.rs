@@ -98,20 +98,10 @@ pub fn analyse(rgb: &[u8], width: u32, height: u32, t: &Health, scratch: &mut Sc
     }
 }
 
-/// A fast 64-bit content hash (not cryptographic): equal images hash equal,
-/// and a live camera's sensor noise changes it every frame.
+/// A frame's content fingerprint (`hash.rs`): equal images hash equal, and a
+/// live camera's sensor noise changes it every frame.
 pub fn content_hash(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h: u64 = bytes.len() as u64 ^ K;
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let v = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
-        h = (h ^ v).wrapping_mul(K).rotate_left(29);
-    }
-    for &b in chunks.remainder() {
-        h = (h ^ b as u64).wrapping_mul(K).rotate_left(29);
-    }
-    h ^ (h >> 31)
+    crate::hash::of(bytes)
 }
 
 /// Remembers each camera's last frame hash to spot frozen streams.

@@ -17,6 +17,7 @@ pub mod decode;
 pub mod dedup;
 pub mod envelope;
 pub mod filewatch;
+pub mod hash;
 pub mod frame;
 pub mod health;
 pub mod http;
