@@ -81,7 +81,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     if settings.model_watch_s > 0 {
         registry.watch(Duration::from_secs(settings.model_watch_s));
     }
-    reload_on_sighup(registry.clone())?;
+    let stop = signals(registry.clone())?;
 
     // Room for every QoS 1 delivery the broker may have out to us (Receive Maximum) and for
     // the HTTP callers, so the MQTT thread never blocks on it with QoS 1 traffic.
@@ -150,7 +150,6 @@ pub fn run(settings: Settings) -> Result<(), String> {
             threads.extend(handles);
         }
     }
-    let stop = stop_signals()?;
     let pipeline_threads = Arc::new(pipeline::start(shared, in_rx, settings.workers));
     let mut mqtt_threads = Vec::new();
     if let Some((host, port)) = settings.broker.clone() {
@@ -236,19 +235,31 @@ fn wait_all(threads: &[std::thread::JoinHandle<()>], deadline: Instant) -> bool 
     true
 }
 
-/// SIGTERM and SIGINT: the name of the first one to arrive.
-fn stop_signals() -> Result<std::sync::mpsc::Receiver<&'static str>, String> {
+/// One signal thread: SIGHUP reloads every model that has files (the usual
+/// daemon convention); SIGTERM and SIGINT are passed on by name, to stop.
+fn signals(registry: Arc<Registry>) -> Result<std::sync::mpsc::Receiver<&'static str>, String> {
     use async_signal::Signal;
     use smol::stream::StreamExt as _;
-    let mut signals =
-        async_signal::Signals::new([Signal::Term, Signal::Int]).map_err(|e| format!("cannot watch SIGTERM: {e}"))?;
+    let mut signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
+        .map_err(|e| format!("cannot watch SIGTERM, SIGINT and SIGHUP: {e}"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
-        .name("stop-signals".into())
+        .name("signals".into())
         .spawn(move || {
             smol::block_on(async {
                 while let Some(Ok(s)) = signals.next().await {
-                    let _ = tx.send(if s == Signal::Int { "SIGINT" } else { "SIGTERM" });
+                    match s {
+                        Signal::Hup => {
+                            log::info!("SIGHUP: reloading every model from its files");
+                            registry.reload_all();
+                        }
+                        Signal::Int => {
+                            let _ = tx.send("SIGINT");
+                        }
+                        _ => {
+                            let _ = tx.send("SIGTERM");
+                        }
+                    }
                 }
             })
         })
@@ -269,25 +280,6 @@ fn watchdog(notifier: Arc<crate::notify::Notifier>, every: Duration, pipeline: A
             log::error!("a pipeline thread ended; no more watchdog pings");
         }
     });
-}
-
-/// SIGHUP reloads every model that has files (the usual daemon convention).
-fn reload_on_sighup(registry: Arc<Registry>) -> Result<(), String> {
-    use smol::stream::StreamExt as _;
-    let mut signals =
-        async_signal::Signals::new([async_signal::Signal::Hup]).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-    std::thread::Builder::new()
-        .name("sighup".into())
-        .spawn(move || {
-            smol::block_on(async {
-                while let Some(Ok(_)) = signals.next().await {
-                    log::info!("SIGHUP: reloading every model from its files");
-                    registry.reload_all();
-                }
-            })
-        })
-        .map_err(|e| e.to_string())?;
-    Ok(())
 }
 
 /// `infer FILE...`: one JSON line per file on stdout. Returns whether every file got a result.
