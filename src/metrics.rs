@@ -71,6 +71,13 @@ impl DropReason {
     }
 }
 
+/// Model reloads so far: done, and refused (the old version kept serving).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reloads {
+    pub done: u64,
+    pub refused: u64,
+}
+
 /// Why a frame was answered with an error result instead of a result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -245,7 +252,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with the state of every configured model.
-    pub fn render(&self, models: &[crate::models::Summary]) -> String {
+    pub fn render(&self, models: &[crate::models::Summary], reloads: Reloads) -> String {
         let mut o = String::with_capacity(8192);
         let head = |o: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -548,6 +555,20 @@ impl Metrics {
                 m.ready as u8
             );
         }
+        head(
+            &mut o,
+            "aei_model_reloads_total",
+            "counter",
+            "Models reloaded without a restart.",
+        );
+        let _ = writeln!(o, "aei_model_reloads_total {}", reloads.done);
+        head(
+            &mut o,
+            "aei_model_reload_failures_total",
+            "counter",
+            "Reloads refused; the previous model kept serving.",
+        );
+        let _ = writeln!(o, "aei_model_reload_failures_total {}", reloads.refused);
         o
     }
 }
@@ -584,14 +605,17 @@ mod tests {
         m.stage(Stage::Decode, Duration::from_millis(7));
         m.stage(Stage::Decode, Duration::from_secs(60));
         m.failed(FailReason::NotJpeg);
-        let text = m.render(&[crate::models::Summary {
-            name: "m\"1".into(),
-            backend: "builtin",
-            model_type: "camera-health",
-            provider: "builtin".into(),
-            ready: true,
-            error: None,
-        }]);
+        let text = m.render(
+            &[crate::models::Summary {
+                name: "m\"1".into(),
+                backend: "builtin",
+                model_type: "camera-health",
+                provider: "builtin".into(),
+                ready: true,
+                error: None,
+            }],
+            Reloads::default(),
+        );
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.0005\"} 1\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.01\"} 2\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"+Inf\"} 3\n"));

@@ -279,21 +279,12 @@ fn authorized(state: &HttpState, head: &Head) -> bool {
 }
 
 fn metrics_text(state: &HttpState) -> String {
-    use std::fmt::Write as _;
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut o = state.metrics.render(&state.registry.snapshot().summary());
     let r = &state.registry;
-    let _ = writeln!(
-        o,
-        "# HELP aei_model_reloads_total Models reloaded without a restart.\n# TYPE aei_model_reloads_total counter"
-    );
-    let _ = writeln!(o, "aei_model_reloads_total {}", r.reloads.load(Relaxed));
-    let _ = writeln!(
-        o,
-        "# HELP aei_model_reload_failures_total Reloads refused; the previous model kept serving.\n# TYPE aei_model_reload_failures_total counter"
-    );
-    let _ = writeln!(o, "aei_model_reload_failures_total {}", r.reload_failures.load(Relaxed));
-    o
+    let reloads = crate::metrics::Reloads {
+        done: r.reloads.load(Relaxed),
+        refused: r.reload_failures.load(Relaxed),
+    };
+    state.metrics.render(&r.snapshot().summary(), reloads)
 }
 
 /// `GET /models`: every loaded model with its version (file hash), backend,
