@@ -100,6 +100,21 @@ impl fmt::Display for EnvelopeError {
     }
 }
 
+impl<'a> Envelope<'a> {
+    /// Raw image bytes: no envelope, nothing but the image.
+    pub fn raw(payload: &'a [u8]) -> Envelope<'a> {
+        Envelope {
+            form: Form::RawJpeg,
+            device_id: None,
+            image: Image::Raw(payload),
+            timestamp_json: None,
+            metadata_json: None,
+            correlation_id_json: None,
+            location_json: None,
+        }
+    }
+}
+
 /// Whether the payload is a JSON object (an envelope) rather than raw image bytes.
 pub fn is_json_object(payload: &[u8]) -> bool {
     payload.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'{')
@@ -109,15 +124,7 @@ pub fn is_json_object(payload: &[u8]) -> bool {
 /// JPEGs come back as `RawJpeg` and are refused by the decoder with the reason.
 pub fn parse(payload: &[u8]) -> Result<Envelope<'_>, EnvelopeError> {
     if !is_json_object(payload) {
-        return Ok(Envelope {
-            form: Form::RawJpeg,
-            device_id: None,
-            image: Image::Raw(payload),
-            timestamp_json: None,
-            metadata_json: None,
-            correlation_id_json: None,
-            location_json: None,
-        });
+        return Ok(Envelope::raw(payload));
     }
     let mut f = Fields::default();
     json::for_each_member(payload, |key, v| match key {

@@ -50,7 +50,7 @@ pub fn admit<'a>(
         Some(d) => (
             Envelope {
                 form: Form::OneShot,
-                ..raw(payload)
+                ..Envelope::raw(payload)
             },
             d,
         ),
@@ -69,18 +69,6 @@ pub fn admit<'a>(
         ));
     }
     Ok(Admitted { envelope, device })
-}
-
-fn raw(payload: &[u8]) -> Envelope<'_> {
-    Envelope {
-        form: Form::RawJpeg,
-        device_id: None,
-        image: Image::Raw(payload),
-        timestamp_json: None,
-        metadata_json: None,
-        correlation_id_json: None,
-        location_json: None,
-    }
 }
 
 /// A raw JPEG names its camera by topic: `{device_id}` or `{asset}` (AIO's
