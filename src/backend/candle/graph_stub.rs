@@ -5,6 +5,9 @@ use std::collections::HashMap;
 
 use candle_core::Tensor;
 
+/// Whether ONNX graphs compile in this build.
+pub const COMPILED: bool = false;
+
 pub struct Plan {
     pub input_name: String,
     pub input_dims: Vec<i64>,

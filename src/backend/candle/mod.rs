@@ -65,14 +65,14 @@ impl CandleBackend {
         // Without `candle-graph`, an ONNX classifier still runs natively from its initializers.
         let graph = is_onnx && (cfg!(feature = "candle-graph") || config.model_type != ModelType::Classification);
         if graph {
+            if !graph::COMPILED {
+                return Err(unsupported(format!(
+                    "model `{}`: ONNX graphs on Candle are not compiled into this build; rebuild with `--features candle-graph`",
+                    config.name
+                )));
+            }
             let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
-            let plan = graph::Plan::from_onnx(&bytes).map_err(|e| {
-                if e.contains("not compiled into this build") {
-                    unsupported(format!("model `{}`: {e}", config.name))
-                } else {
-                    load_err(e)
-                }
-            })?;
+            let plan = graph::Plan::from_onnx(&bytes).map_err(load_err)?;
             let want = [input.0, input.1, input.2, input.3];
             let fits = plan.input_dims.len() == 4
                 && plan
