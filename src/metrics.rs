@@ -254,168 +254,138 @@ impl Metrics {
     /// Prometheus text exposition, with the state of every configured model.
     pub fn render(&self, models: &[crate::models::Summary], reloads: Reloads) -> String {
         let mut o = String::with_capacity(8192);
-        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        let v = |a: &AtomicU64| a.load(Relaxed);
+        let one = |value: u64| [(String::new(), value)];
+        let by = |label: &str, pairs: &mut dyn Iterator<Item = (&str, u64)>| -> Vec<(String, u64)> {
+            pairs.map(|(l, n)| (format!("{label}=\"{l}\""), n)).collect()
         };
-        head(
-            &mut o,
-            "aei_build_info",
-            "gauge",
-            "Build facts of the running binary; always 1.",
-        );
-        let _ = writeln!(
-            o,
-            "aei_build_info{{version=\"{}\",commit=\"{}\",features=\"{}\",profile=\"{}\"}} 1",
+        let build = format!(
+            "version=\"{}\",commit=\"{}\",features=\"{}\",profile=\"{}\"",
             build_info::VERSION,
             build_info::GIT_COMMIT,
             build_info::FEATURES,
             build_info::PROFILE
         );
-        head(
+        metric(
+            &mut o,
+            "aei_build_info",
+            "gauge",
+            "Build facts of the running binary; always 1.",
+            &[(build, 1)],
+        );
+        metric(
             &mut o,
             "aei_messages_received_total",
             "counter",
             "Messages received (MQTT and /infer), well-formed or not.",
+            &one(v(&self.messages_received)),
         );
-        let _ = writeln!(
-            o,
-            "aei_messages_received_total {}",
-            self.messages_received.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_frames_received_total",
             "counter",
             "Frames accepted for processing, by payload form.",
+            &by(
+                "form",
+                &mut Form::ALL.iter().map(|f| (f.as_str(), v(&self.received[*f as usize]))),
+            ),
         );
-        for f in Form::ALL {
-            let _ = writeln!(
-                o,
-                "aei_frames_received_total{{form=\"{}\"}} {}",
-                f.as_str(),
-                self.received[f as usize].load(Relaxed)
-            );
-        }
-        head(
+        metric(
             &mut o,
             "aei_frames_decoded_total",
             "counter",
             "Frames whose JPEG decoded.",
+            &one(v(&self.decoded)),
         );
-        let _ = writeln!(o, "aei_frames_decoded_total {}", self.decoded.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_frames_failed_total",
             "counter",
             "Frames answered with an error result, by reason.",
+            &by(
+                "reason",
+                &mut FailReason::ALL
+                    .iter()
+                    .map(|r| (r.as_str(), v(&self.failed[*r as usize]))),
+            ),
         );
-        for r in FailReason::ALL {
-            let _ = writeln!(
-                o,
-                "aei_frames_failed_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.failed[r as usize].load(Relaxed)
-            );
-        }
-        head(
+        metric(
             &mut o,
             "aei_frames_dropped_total",
             "counter",
             "Frames dropped unprocessed under load, by reason.",
+            &by(
+                "reason",
+                &mut DropReason::ALL
+                    .iter()
+                    .map(|r| (r.as_str(), v(&self.dropped[*r as usize]))),
+            ),
         );
-        for r in DropReason::ALL {
-            let _ = writeln!(
-                o,
-                "aei_frames_dropped_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.dropped[r as usize].load(Relaxed)
-            );
-        }
-        head(
+        metric(
             &mut o,
             "aei_messages_published_total",
             "counter",
             "Messages handed to the MQTT client, by kind.",
+            &by(
+                "kind",
+                &mut [
+                    ("result", v(&self.results_published)),
+                    ("error", v(&self.errors_published)),
+                ]
+                .into_iter(),
+            ),
         );
-        let _ = writeln!(
-            o,
-            "aei_messages_published_total{{kind=\"result\"}} {}",
-            self.results_published.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "aei_messages_published_total{{kind=\"error\"}} {}",
-            self.errors_published.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_publish_failures_total",
             "counter",
             "Messages the MQTT client refused.",
+            &one(v(&self.publish_failed)),
         );
-        let _ = writeln!(o, "aei_publish_failures_total {}", self.publish_failed.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_publish_refused_total",
             "counter",
             "Messages the broker acknowledged with a failure reason (not authorised, quota).",
+            &one(v(&self.publish_refused)),
         );
-        let _ = writeln!(o, "aei_publish_refused_total {}", self.publish_refused.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_offline_queue_results",
             "gauge",
             "Results waiting for the broker to come back (MQTT_OFFLINE_QUEUE).",
+            &one(v(&self.offline_queued)),
         );
-        let _ = writeln!(o, "aei_offline_queue_results {}", self.offline_queued.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_offline_queue_dropped_total",
             "counter",
             "Results dropped, oldest first, because the offline queue was full.",
+            &one(v(&self.offline_dropped)),
         );
-        let _ = writeln!(
-            o,
-            "aei_offline_queue_dropped_total {}",
-            self.offline_dropped.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_mqtt_subscriptions_refused_total",
             "counter",
             "Subscriptions the broker refused (e.g. outside the client's ACL).",
+            &one(v(&self.mqtt_subscriptions_refused)),
         );
-        let _ = writeln!(
-            o,
-            "aei_mqtt_subscriptions_refused_total {}",
-            self.mqtt_subscriptions_refused.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_mqtt_reauthentications_total",
             "counter",
             "Reconnects made to re-authenticate with a rotated K8S-SAT token.",
+            &one(v(&self.mqtt_reauthentications)),
         );
-        let _ = writeln!(
-            o,
-            "aei_mqtt_reauthentications_total {}",
-            self.mqtt_reauthentications.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_messages_repeated_total",
             "counter",
             "Messages not answered again: a redelivery of a recent QoS 1/2 message, or another copy of a frame that matched several subscriptions.",
-        );
-        let _ = writeln!(
-            o,
-            "aei_messages_repeated_total{{why=\"redelivered\"}} {}",
-            self.repeats.load(Relaxed)
-        );
-        let _ = writeln!(
-            o,
-            "aei_messages_repeated_total{{why=\"overlapping_subscription\"}} {}",
-            self.overlap_copies.load(Relaxed)
+            &by(
+                "why",
+                &mut [("redelivered", v(&self.repeats)), ("overlapping_subscription", v(&self.overlap_copies))].into_iter(),
+            ),
         );
         head(
             &mut o,
@@ -441,135 +411,143 @@ impl Metrics {
         for (i, b) in ["candle", "onnx"].iter().enumerate() {
             histogram(&mut o, "aei_backend_inference_seconds", "backend", b, &self.backends[i]);
         }
-        head(
+        metric(
             &mut o,
             "aei_dual_comparisons_total",
             "counter",
             "Frames run on both backends in dual mode.",
+            &one(v(&self.dual_comparisons)),
         );
-        let _ = writeln!(o, "aei_dual_comparisons_total {}", self.dual_comparisons.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_dual_predictions_matched_total",
             "counter",
             "Dual comparisons whose predictions agreed.",
+            &one(v(&self.dual_matches)),
         );
-        let _ = writeln!(
-            o,
-            "aei_dual_predictions_matched_total {}",
-            self.dual_matches.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_dual_comparisons_failed_total",
             "counter",
             "Dual comparisons whose second backend failed; the primary's result still went out.",
+            &one(v(&self.dual_failed)),
         );
-        let _ = writeln!(
-            o,
-            "aei_dual_comparisons_failed_total {}",
-            self.dual_failed.load(Relaxed)
-        );
-        head(
+        metric(
             &mut o,
             "aei_queue_waiting_frames",
             "gauge",
             "Frames waiting for a worker.",
+            &one(v(&self.queue_waiting)),
         );
-        let _ = writeln!(o, "aei_queue_waiting_frames {}", self.queue_waiting.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_slot_waits_total",
             "counter",
             "Frames that found every frame slot busy and waited for one (none is evicted).",
+            &one(v(&self.slot_waits)),
         );
-        let _ = writeln!(o, "aei_slot_waits_total {}", self.slot_waits.load(Relaxed));
-        head(
+        let free = v(&self.slots_free);
+        metric(
             &mut o,
             "aei_frame_slots",
             "gauge",
             "Preallocated frame slots, by state.",
+            &by(
+                "state",
+                &mut [("free", free), ("busy", v(&self.slots_total).saturating_sub(free))].into_iter(),
+            ),
         );
-        let free = self.slots_free.load(Relaxed);
-        let _ = writeln!(o, "aei_frame_slots{{state=\"free\"}} {free}");
-        let _ = writeln!(
-            o,
-            "aei_frame_slots{{state=\"busy\"}} {}",
-            self.slots_total.load(Relaxed).saturating_sub(free)
-        );
-        head(
+        metric(
             &mut o,
             "aei_mqtt_connected",
             "gauge",
             "1 while connected to the MQTT broker.",
+            &one(self.mqtt_connected.load(Relaxed) as u64),
         );
-        let _ = writeln!(o, "aei_mqtt_connected {}", self.mqtt_connected.load(Relaxed) as u8);
-        head(
+        metric(
             &mut o,
             "aei_mqtt_connects_total",
             "counter",
             "Successful MQTT connections (CONNACK received).",
+            &one(v(&self.mqtt_connects)),
         );
-        let _ = writeln!(o, "aei_mqtt_connects_total {}", self.mqtt_connects.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_mqtt_connection_errors_total",
             "counter",
             "MQTT connection errors (each followed by a reconnect).",
+            &one(v(&self.mqtt_connection_errors)),
         );
-        let _ = writeln!(
-            o,
-            "aei_mqtt_connection_errors_total {}",
-            self.mqtt_connection_errors.load(Relaxed)
+        metric(
+            &mut o,
+            "aei_http_requests_total",
+            "counter",
+            "HTTP requests served.",
+            &one(v(&self.http_requests)),
         );
-        head(&mut o, "aei_http_requests_total", "counter", "HTTP requests served.");
-        let _ = writeln!(o, "aei_http_requests_total {}", self.http_requests.load(Relaxed));
-        head(
+        metric(
             &mut o,
             "aei_http_refused_total",
             "counter",
             "HTTP connections closed without serving a request, by reason.",
+            &by(
+                "reason",
+                &mut HttpRefusal::ALL
+                    .iter()
+                    .map(|r| (r.as_str(), v(&self.http_refused[*r as usize]))),
+            ),
         );
-        for r in HttpRefusal::ALL {
-            let _ = writeln!(
-                o,
-                "aei_http_refused_total{{reason=\"{}\"}} {}",
-                r.as_str(),
-                self.http_refused[r as usize].load(Relaxed)
-            );
-        }
-        head(
+        let ready: Vec<(String, u64)> = models
+            .iter()
+            .map(|m| {
+                let labels = format!(
+                    "model=\"{}\",backend=\"{}\",type=\"{}\",provider=\"{}\"",
+                    escape_label(&m.name),
+                    m.backend,
+                    m.model_type,
+                    escape_label(&m.provider)
+                );
+                (labels, m.ready as u64)
+            })
+            .collect();
+        metric(
             &mut o,
             "aei_model_ready",
             "gauge",
             "1 when the model is loaded and warmed up; 0 when it failed to load.",
+            &ready,
         );
-        for m in models {
-            let _ = writeln!(
-                o,
-                "aei_model_ready{{model=\"{}\",backend=\"{}\",type=\"{}\",provider=\"{}\"}} {}",
-                escape_label(&m.name),
-                m.backend,
-                m.model_type,
-                escape_label(&m.provider),
-                m.ready as u8
-            );
-        }
-        head(
+        metric(
             &mut o,
             "aei_model_reloads_total",
             "counter",
             "Models reloaded without a restart.",
+            &one(reloads.done),
         );
-        let _ = writeln!(o, "aei_model_reloads_total {}", reloads.done);
-        head(
+        metric(
             &mut o,
             "aei_model_reload_failures_total",
             "counter",
             "Reloads refused; the previous model kept serving.",
+            &one(reloads.refused),
         );
-        let _ = writeln!(o, "aei_model_reload_failures_total {}", reloads.refused);
         o
+    }
+}
+
+/// A metric's help and type lines.
+fn head(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A metric: its help and type lines, then one sample per (labels, value).
+fn metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, u64)]) {
+    head(o, name, kind, help);
+    for (labels, value) in samples {
+        let _ = match labels.is_empty() {
+            true => writeln!(o, "{name} {value}"),
+            false => writeln!(o, "{name}{{{labels}}} {value}"),
+        };
     }
 }
 
