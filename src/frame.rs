@@ -1,11 +1,14 @@
-//! Frame slots and the ring that recycles them.
+//! What every stage shares about a frame, the frame slots, and the ring that
+//! recycles them.
 //!
-//! Owns: the preallocated per-frame buffers (message copy, JPEG bytes,
-//! decoded RGB, model tensor, scratch, result JSON) and the ring that moves
-//! slots between "free" and "waiting for a worker": a new frame waits for a
-//! slot when every one is taken; only a newer frame of the same camera makes
-//! a waiting one give way. Every buffer
-//! is sized once at start-up; nothing here grows on the frame path.
+//! Owns: a frame's `Route`s, its `FrameError`, the slot sizes (`Limits`,
+//! from the models), where a frame came from (`Slot::source`), the
+//! preallocated per-frame buffers (message copy, JPEG bytes, decoded RGB,
+//! model tensor, scratch, result JSON) and the ring that moves slots between
+//! "free" and "waiting for a worker": a new frame waits for a slot when every
+//! one is taken; only a newer frame of the same camera makes a waiting one
+//! give way. Every buffer is sized once at start-up; nothing here grows on
+//! the frame path. Does not decode, infer or deliver (the stages do).
 
 use std::collections::VecDeque;
 use std::ops::Range;

@@ -2,8 +2,8 @@
 //!
 //! Owns: turning validated `ModelConfig`s into runnable models (a built-in
 //! analysis or a backend `Engine` with its labels and post-processing
-//! buffers), warm-up, readiness, load failures, and which models a topic
-//! routes to. Does not touch frames (see `process.rs`).
+//! buffers), warm-up, readiness and load failures. Does not touch frames
+//! (see `process.rs`) or route them (see `ingest.rs`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,8 +1,9 @@
 //! Wiring: settings -> models -> pipeline, MQTT and HTTP threads; and the
 //! command-line jobs (`infer`, `check-config`, `bench`).
 //!
-//! Owns: start-up order and start-up errors. Every long-lived thread and
-//! channel is created here, once.
+//! Owns: start-up order and start-up errors, every channel between threads,
+//! the signal and watchdog threads. The other modules start their own
+//! threads when this calls them (ARCHITECTURE.md lists which).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! all described by one table that also writes `--help`.
 //!
 //! Owns: the option table, parsing and validating service-wide settings.
-//! Model configs (YAML) live in `model.rs` beside this file.
+//! Model configs (YAML) live in `model/` beside this file.
 
 pub mod model;
 
