@@ -15,6 +15,8 @@ mod graph;
 mod graph;
 mod nhwc;
 mod onnx_proto;
+#[cfg(test)]
+mod test_util;
 mod weights;
 
 use std::path::Path;

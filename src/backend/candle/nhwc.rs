@@ -499,6 +499,7 @@ multiversion! {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_util::close;
     use super::*;
     use candle_core::{Device, Tensor};
 
@@ -531,33 +532,8 @@ mod tests {
             .unwrap()
     }
 
-    fn close(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        for (i, (a, e)) in got.iter().zip(want).enumerate() {
-            assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{what} at {i}: {a} vs {e}");
-        }
-    }
-
-    /// candle's conv2d on NCHW with explicit (asymmetric) padding, bias and `act`.
     fn reference(x: &Tensor, w: &Tensor, b: &[f32], g: Geometry, groups: usize, act: Act) -> Tensor {
-        let [pt, pb, pl, pr] = g.pad;
-        let y = x
-            .pad_with_zeros(2, pt, pb)
-            .unwrap()
-            .pad_with_zeros(3, pl, pr)
-            .unwrap()
-            .conv2d(w, 0, g.stride, 1, groups)
-            .unwrap();
-        let bias = Tensor::from_slice(b, (1, b.len(), 1, 1), &Device::Cpu).unwrap();
-        let y = y.broadcast_add(&bias).unwrap();
-        match act {
-            Act::None => y,
-            Act::Relu => y.relu().unwrap(),
-            Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
-            Act::Silu => y.silu().unwrap(),
-            Act::Sigmoid => (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap(),
-            Act::Exp => y.exp().unwrap(),
-        }
+        super::super::test_util::reference_conv(x, w, b, g.stride, g.pad, groups, act)
     }
 
     /// (channels, h, w, k, stride, pad): odd sizes, one channel, stride 2, asymmetric

@@ -161,7 +161,6 @@ mod tests {
     use candle_core::Device;
     use conv::every_other;
 
-    /// candle's own convolution, padding applied first (it takes one symmetric pad).
     fn reference(
         x: &Tensor,
         w: &Tensor,
@@ -171,33 +170,12 @@ mod tests {
         groups: usize,
         act: Act,
     ) -> Tensor {
-        let c = w.dims4().unwrap().0;
-        let y = x
-            .pad_with_zeros(2, pad[0], pad[1])
-            .unwrap()
-            .pad_with_zeros(3, pad[2], pad[3])
-            .unwrap()
-            .conv2d(w, 0, stride, 1, groups)
-            .unwrap()
-            .broadcast_add(&b.reshape((1, c, 1, 1)).unwrap())
-            .unwrap();
-        match act {
-            Act::None => y,
-            Act::Relu => y.relu().unwrap(),
-            Act::Relu6 => y.clamp(0f32, 6f32).unwrap(),
-            Act::Silu => y.silu().unwrap(),
-            Act::Sigmoid => (y.neg().unwrap().exp().unwrap() + 1.0).unwrap().recip().unwrap(),
-            Act::Exp => y.exp().unwrap(),
-        }
+        let bias: Vec<f32> = b.to_vec1().unwrap();
+        super::super::super::test_util::reference_conv(x, w, &bias, stride, pad, groups, act)
     }
 
     fn close(got: &Tensor, want: &Tensor, what: &str) {
-        assert_eq!(got.dims(), want.dims(), "{what}");
-        let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
-        let r: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-        for (i, (a, e)) in g.iter().zip(&r).enumerate() {
-            assert!((a - e).abs() <= 1e-4 * e.abs().max(1.0), "{what} at {i}: {a} vs {e}");
-        }
+        super::super::super::test_util::close_tensors(got, want, what)
     }
 
     /// (channels, h, w, k, stride, pad): odd sizes, one channel, stride 2, asymmetric
