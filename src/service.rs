@@ -155,18 +155,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     let mut mqtt_threads = Vec::new();
     if let Some((host, port)) = settings.broker.clone() {
         let cfg = mqtt::MqttConfig {
+            settings: settings.clone(),
             host,
             port,
-            client_id: settings.client_id.clone(),
-            keep_alive: Duration::from_secs(settings.keep_alive_s),
             subscriptions,
             status_topic,
-            max_payload: settings.max_payload_bytes,
-            clean_start: settings.clean_start,
-            session_expiry_s: settings.session_expiry_s,
-            tls: settings.tls.clone(),
-            auth: settings.auth.clone(),
-            offline_queue: settings.offline_queue,
             receive_maximum,
             status_dirty: Default::default(),
             problems: {

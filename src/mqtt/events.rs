@@ -47,7 +47,38 @@ pub(super) fn run(mut connection: Connection, e: Events) {
     } = e;
     let mut backoff = Duration::from_millis(100);
     let mut last_error = String::new();
-    while let Ok(event) = connection.recv() {
+    // Deliveries the pipeline had no room for yet, in order. The loop never blocks on the
+    // pipeline: the connection must keep moving, because our answers and acknowledgements
+    // leave through it, and a pipeline waiting on them while this thread waits on the
+    // pipeline would be a deadlock. After a reconnect the broker may resend what the
+    // pipeline still holds from the last connection, so the channel alone is not enough.
+    // Bounded by what the broker may have out to us (Receive Maximum per connection).
+    let mut backlog: std::collections::VecDeque<Incoming> = std::collections::VecDeque::new();
+    loop {
+        while let Some(m) = backlog.pop_front() {
+            match incoming.try_send(m) {
+                Ok(()) => {}
+                Err(async_channel::TrySendError::Full(m)) => {
+                    backlog.push_front(m);
+                    break;
+                }
+                // Closed: the service is stopping. The frames stay unacknowledged and the
+                // broker delivers them again, to us or a replica.
+                Err(async_channel::TrySendError::Closed(_)) => backlog.clear(),
+            }
+        }
+        let event = if backlog.is_empty() {
+            match connection.recv() {
+                Ok(e) => e,
+                Err(_) => break,
+            }
+        } else {
+            match connection.recv_timeout(Duration::from_millis(5)) {
+                Ok(e) => e,
+                Err(rumqttc::v5::RecvTimeoutError::Timeout) => continue,
+                Err(rumqttc::v5::RecvTimeoutError::Disconnected) => break,
+            }
+        };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 log::info!("MQTT connected to {}:{} ({:?})", cfg.host, cfg.port, ack.code);
@@ -57,7 +88,7 @@ pub(super) fn run(mut connection: Connection, e: Events) {
                 last_error.clear();
                 // From this thread only try_*: the request queue is drained by this very loop.
                 subs.on_connack(&client);
-                let online = status_message(true, &cfg.client_id, &(cfg.problems)());
+                let online = status_message(true, &cfg.settings.client_id, &(cfg.problems)());
                 if let Err(e) = client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online) {
                     log::warn!("cannot publish online status: {e}");
                 }
@@ -90,9 +121,11 @@ pub(super) fn run(mut connection: Connection, e: Events) {
                     ack,
                     dup: p.dup,
                 };
-                // Closed: the service is stopping. The frame stays unacknowledged
-                // and the broker delivers it again, to us or a replica.
-                let _ = incoming.send_blocking(msg);
+                if !backlog.is_empty() {
+                    backlog.push_back(msg);
+                } else if let Err(async_channel::TrySendError::Full(msg)) = incoming.try_send(msg) {
+                    backlog.push_back(msg);
+                }
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
                 let refused = subs.on_suback(&ack.return_codes);

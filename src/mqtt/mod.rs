@@ -28,28 +28,22 @@ use rumqttc::v5::{Client, MqttOptions};
 use rumqttc::{TlsConfiguration, Transport};
 
 use crate::build_info;
-use crate::config::{AuthSettings, TlsSettings};
+use crate::config::Settings;
 use crate::messages::{Incoming, ToMqtt};
 use crate::metrics::Metrics;
 use credentials::NextConnect;
 
-/// Broker connection facts, from the settings.
+/// What the MQTT threads are started with: the service settings (client id,
+/// keep-alive, session, TLS, credentials, queue sizes) and what start-up
+/// worked out from them.
 pub struct MqttConfig {
+    pub settings: Settings,
+    /// The broker (`settings.broker`, which is set when MQTT runs).
     pub host: String,
     pub port: u16,
-    pub client_id: String,
-    pub keep_alive: Duration,
     pub subscriptions: Arc<Subscriptions>,
+    /// `MQTT_STATUS_TOPIC` rendered for this client.
     pub status_topic: String,
-    pub max_payload: usize,
-    /// Start a fresh session (true) or resume the broker-kept one (false).
-    pub clean_start: bool,
-    /// Seconds the broker keeps the session (and queues QoS 1 frames) while we are away.
-    pub session_expiry_s: u32,
-    pub tls: Option<TlsSettings>,
-    pub auth: AuthSettings,
-    /// Results kept while disconnected.
-    pub offline_queue: usize,
     /// Most unacknowledged QoS 1/2 frames the broker may send us ([`receive_maximum`]).
     pub receive_maximum: u16,
     /// Model problems for the `online` status.
@@ -140,37 +134,37 @@ pub fn start(
     outbound: async_channel::Receiver<ToMqtt>,
     flush: async_channel::Sender<ToMqtt>,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, String> {
-    let mut opts = MqttOptions::new(cfg.client_id.clone(), cfg.host.clone(), cfg.port);
-    opts.set_keep_alive(cfg.keep_alive);
-    opts.set_clean_start(cfg.clean_start);
-    opts.set_session_expiry_interval(Some(cfg.session_expiry_s));
+    let mut opts = MqttOptions::new(cfg.settings.client_id.clone(), cfg.host.clone(), cfg.port);
+    opts.set_keep_alive(Duration::from_secs(cfg.settings.keep_alive_s));
+    opts.set_clean_start(cfg.settings.clean_start);
+    opts.set_session_expiry_interval(Some(cfg.settings.session_expiry_s));
     // A frame is acknowledged only once its answer is with the client (see messages::ToMqtt).
     opts.set_manual_acks(true);
     // Flow control: no more unacknowledged frames from the broker than the service holds.
     opts.set_receive_maximum(Some(cfg.receive_maximum));
-    opts.set_max_packet_size(Some(max_packet_size(cfg.max_payload)));
+    opts.set_max_packet_size(Some(max_packet_size(cfg.settings.max_payload_bytes)));
     opts.set_request_channel_capacity(1024);
     opts.set_network_options(low_latency());
     opts.set_last_will(LastWill::new(
         cfg.status_topic.clone(),
-        status_message(false, &cfg.client_id, &[]),
+        status_message(false, &cfg.settings.client_id, &[]),
         QoS::AtLeastOnce,
         true,
         None,
     ));
     let mut tls_files = None;
-    if let Some(t) = &cfg.tls {
+    if let Some(t) = &cfg.settings.tls {
         let c = tls::client_config(t)?;
         opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(c)));
         tls_files = Some((t.clone(), tls::Files::of(t)));
     }
-    let creds = auth::Credentials::load(&cfg.auth)?;
+    let creds = auth::Credentials::load(&cfg.settings.auth)?;
     creds.apply(&mut opts);
     log::info!(
         "MQTT broker {}:{} over {}, {}",
         cfg.host,
         cfg.port,
-        if cfg.tls.is_some() { "TLS" } else { "plain TCP" },
+        if cfg.settings.tls.is_some() { "TLS" } else { "plain TCP" },
         creds.describe()
     );
     let refresh = Arc::new(NextConnect {
@@ -182,12 +176,12 @@ pub fn start(
     let (client, connection) = Client::new(opts, 1024);
     let subs = cfg.subscriptions.clone();
     let status_topic = cfg.status_topic.clone();
-    let client_id = cfg.client_id.clone();
+    let client_id = cfg.settings.client_id.clone();
     // Set by the publisher once it has sent the final DISCONNECT.
     let stopping = Arc::new(AtomicBool::new(false));
 
     let (problems, status_dirty) = (cfg.problems.clone(), cfg.status_dirty.clone());
-    let (offline_queue, auth_settings) = (cfg.offline_queue, cfg.auth.clone());
+    let (offline_queue, auth_settings) = (cfg.settings.offline_queue, cfg.settings.auth.clone());
     let events = {
         let client = client.clone();
         let metrics = metrics.clone();

@@ -45,6 +45,7 @@ pub fn close(got: &[f32], want: &[f32], what: &str) {
 }
 
 /// [`close`] for tensors of the same shape.
+#[cfg_attr(not(feature = "candle-graph"), allow(dead_code))]
 pub fn close_tensors(got: &Tensor, want: &Tensor, what: &str) {
     assert_eq!(got.dims(), want.dims(), "{what}");
     let g: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
