@@ -125,29 +125,13 @@ fn corrupt_checkpoints_hot_reloaded_into_the_service_are_refused_and_the_old_mod
     let dir = TempDir::new("corrupt-reload");
     let weights = dir.0.join("lite0.pth");
     std::fs::write(&weights, &good).unwrap();
-    let cfg = dir.write(
-        "lite0.yaml",
-        &format!(
-            "name: lite0\nbackend: candle\nmodel_type: image-classification\nmodel_path: lite0.pth\n\
-             labels: {}/models/imagenet-labels.txt\npreprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, \
-             normalize: false, mean: [127, 127, 127], std: [128, 128, 128] }}\ninference: {{ confidence_threshold: 0.0 }}\n",
-            root().display()
-        ),
-    );
+    let cfg = lite0_config(&dir, "lite0.pth");
     let mut svc = Service::start(&[
         ("AIO_BROKER_HOSTNAME", ""),
         ("MODEL_CONFIG_PATH", cfg.to_str().unwrap()),
         ("MODEL_WATCH_S", "0"),
     ]);
-    let top = |svc: &Service| {
-        let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("coffee.jpg"));
-        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-        let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
-        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
-            panic!()
-        };
-        get_str(&p[0], &["label"]).unwrap()
-    };
+    let top = |svc: &Service| top_label(svc.admin(), &fixture("coffee.jpg"));
     assert_eq!(top(&svc), "espresso");
     let (mut refused, mut loaded) = (0, 0);
     for (what, v) in variants(&good, 0xC0FFEE, 24) {

@@ -113,29 +113,13 @@ fn a_corrupt_model_file_is_refused_and_the_old_model_keeps_answering() {
     ))
     .unwrap();
     std::fs::write(&weights, &good).unwrap();
-    let cfg = dir.write(
-        "lite0.yaml",
-        &format!(
-            "name: lite0\nbackend: candle\nmodel_type: image-classification\nmodel_path: lite0.safetensors\n\
-             labels: {}/models/imagenet-labels.txt\npreprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, \
-             normalize: false, mean: [127, 127, 127], std: [128, 128, 128] }}\ninference: {{ confidence_threshold: 0.0 }}\n",
-            env!("CARGO_MANIFEST_DIR")
-        ),
-    );
+    let cfg = lite0_config(&dir, "lite0.safetensors");
     let svc = Service::start(&[
         ("AIO_BROKER_HOSTNAME", ""),
         ("MODEL_CONFIG_PATH", cfg.to_str().unwrap()),
         ("MODEL_WATCH_S", "0"),
     ]);
-    let top = |svc: &Service| {
-        let (code, body) = http_request(svc.admin(), "POST", "/infer", &fixture("coffee.jpg"));
-        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
-        let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
-        let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
-            panic!()
-        };
-        get_str(&p[0], &["label"]).unwrap()
-    };
+    let top = |svc: &Service| top_label(svc.admin(), &fixture("coffee.jpg"));
     assert_eq!(top(&svc), "espresso");
     let hash_before = svc.get("/models").1;
 

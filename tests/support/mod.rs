@@ -95,6 +95,31 @@ pub fn camera_health_config() -> (TempDir, String) {
     (dir, p)
 }
 
+/// A config in `dir` for EfficientNet-Lite0 on Candle from `weights` (a file
+/// name in `dir`): the bundled ImageNet labels, the model's preprocessing.
+pub fn lite0_config(dir: &TempDir, weights: &str) -> PathBuf {
+    dir.write(
+        "lite0.yaml",
+        &format!(
+            "name: lite0\nbackend: candle\nmodel_type: image-classification\nmodel_path: {weights}\n\
+             labels: {}/models/imagenet-labels.txt\npreprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, \
+             normalize: false, mean: [127, 127, 127], std: [128, 128, 128] }}\ninference: {{ confidence_threshold: 0.0 }}\n",
+            root().display()
+        ),
+    )
+}
+
+/// The top-1 label `POST /infer` answers for `jpeg` (the answer must be 200).
+pub fn top_label(admin: &str, jpeg: &[u8]) -> String {
+    let (code, body) = http_request(admin, "POST", "/infer", jpeg);
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let v: miniserde::json::Value = miniserde::json::from_str(std::str::from_utf8(&body).unwrap()).unwrap();
+    let Some(miniserde::json::Value::Array(p)) = get(&v, &["predictions"]) else {
+        panic!("no predictions: {}", String::from_utf8_lossy(&body))
+    };
+    get_str(&p[0], &["label"]).unwrap()
+}
+
 /// Polls `ok` until it holds; panics after `DEADLINE`.
 pub fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let end = Instant::now() + DEADLINE;
