@@ -400,7 +400,9 @@ fn suite(svc: &Service, probe_addr: &str, admin_addr: &str, token: bool) -> usiz
          {probes} probes, {failures} failed, slowest {worst:?}"
     );
     assert_eq!(failures, 0, "probes failed");
-    assert!(worst < Duration::from_millis(100), "slowest /healthz took {worst:?}");
+    // Well inside the kubelet's default probe timeout (1 s) on a shared machine; a SYN the
+    // kernel dropped from a full accept queue costs a one-second retransmit and fails this.
+    assert!(worst < Duration::from_millis(500), "slowest /healthz took {worst:?}");
     assert!(probes > 100, "{probes} probes");
     for reason in ["bad_request", "head_too_large", "timeout", "evicted", "busy"] {
         let n = svc.metric(&format!("aei_http_refused_total{{reason=\"{reason}\"}}"));

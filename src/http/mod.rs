@@ -105,6 +105,9 @@ impl Role {
     }
 }
 
+/// Connections the kernel queues for a listener before it accepts them.
+const LISTEN_BACKLOG: i32 = 1024;
+
 /// Binds `addr` (errors name it) and serves `role`'s endpoints on a thread
 /// of their own (one executor, a task per connection).
 pub fn start(
@@ -114,6 +117,13 @@ pub fn start(
 ) -> Result<(String, Vec<std::thread::JoinHandle<()>>), String> {
     let listener =
         std::net::TcpListener::bind(addr).map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
+    // std listens with a backlog of 128. A burst of connections (hundreds of idle clients at
+    // once) overflows that before the accept loop drains it, and the kernel then drops SYNs: a
+    // probe's connect waits for its one-second retransmit, the kubelet's default probe timeout.
+    // Listening again on a listening socket sets the backlog (capped by net.core.somaxconn).
+    socket2::SockRef::from(&listener)
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| format!("cannot listen on {} `{addr}`: {e}", role.setting()))?;
     let bound = listener
         .local_addr()
         .map(|a| a.to_string())
