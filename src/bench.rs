@@ -117,7 +117,7 @@ pub fn bench_model(
     let p = &m.config.preprocessing;
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
     let ((width, height), tensor) =
-        crate::preprocess::tensor_for_jpeg(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
+        crate::preprocess::tensor_for_image(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
     let mut times = Vec::with_capacity(iters);
     // Dual models: the other backend runs on the same tensor in the same loop, the two
     // taking turns to go first, so a noisy machine slows both alike; their ratio is

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use crate::decode::Decoded;
+use crate::decode::{Decoded, BUFFER_BYTES_PER_PIXEL};
 use crate::envelope::EnvelopeError;
 use crate::envelope::Form;
 use crate::health;
@@ -149,7 +149,10 @@ pub struct Slot {
     pub jpeg_in_payload: bool,
     pub jpeg: Vec<u8>,
     pub b64_scratch: Vec<u8>,
+    /// Decoded pixels: room for a decoder's RGBA output, packed to RGB8 in place.
     pub rgb: Vec<u8>,
+    /// Where a picture with an EXIF orientation is turned upright (then swapped with `rgb`).
+    pub rgb_spare: Vec<u8>,
     pub decoded: Decoded,
     pub tensor: Vec<f32>,
     pub pre_scratch: preprocess::Scratch,
@@ -183,11 +186,14 @@ impl Slot {
             // Base64 decodes to at most 3/4 of the payload.
             jpeg: vec![0; l.max_payload / 4 * 3 + 3],
             b64_scratch: Vec::with_capacity(l.max_payload),
-            rgb: vec![0; l.max_width as usize * l.max_height as usize * 3],
+            // Zeroed allocations: the pages are resident only once a decoder writes them.
+            rgb: vec![0; l.max_width as usize * l.max_height as usize * BUFFER_BYTES_PER_PIXEL],
+            rgb_spare: vec![0; l.max_width as usize * l.max_height as usize * 3],
             decoded: Decoded::default(),
             tensor: vec![0.0; l.max_tensor],
             pre_scratch: preprocess::Scratch::with_capacity(l.max_input_width),
-            health_scratch: health::Scratch::with_capacity(l.max_width as usize),
+            // An upright image may be as wide as the stored one is high.
+            health_scratch: health::Scratch::with_capacity(l.max_width.max(l.max_height) as usize),
             out: Vec::with_capacity(RESULT_CAPACITY),
             out_topic: String::with_capacity(MAX_TOPIC_LEN),
         }
@@ -205,6 +211,7 @@ impl Slot {
             ..*l
         });
         s.rgb = Vec::new();
+        s.rgb_spare = Vec::new();
         s
     }
 
@@ -251,6 +258,7 @@ impl Slot {
 /// the slot for the work, then back.
 pub struct WorkBuffers {
     rgb: Vec<u8>,
+    rgb_spare: Vec<u8>,
     tensor: Vec<f32>,
     pre_scratch: preprocess::Scratch,
     health_scratch: health::Scratch,
@@ -261,6 +269,7 @@ impl WorkBuffers {
         let s = Slot::new(l);
         WorkBuffers {
             rgb: s.rgb,
+            rgb_spare: s.rgb_spare,
             tensor: s.tensor,
             pre_scratch: s.pre_scratch,
             health_scratch: s.health_scratch,
@@ -270,6 +279,7 @@ impl WorkBuffers {
     /// Lends these buffers to `slot` (or takes them back: the same swap).
     pub fn swap(&mut self, slot: &mut Slot) {
         std::mem::swap(&mut self.rgb, &mut slot.rgb);
+        std::mem::swap(&mut self.rgb_spare, &mut slot.rgb_spare);
         std::mem::swap(&mut self.tensor, &mut slot.tensor);
         std::mem::swap(&mut self.pre_scratch, &mut slot.pre_scratch);
         std::mem::swap(&mut self.health_scratch, &mut slot.health_scratch);

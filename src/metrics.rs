@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crate::build_info;
+use crate::decode::Format;
 use crate::envelope::Form;
 
 /// Why a frame got an error result instead of a result.
@@ -18,20 +19,24 @@ pub enum FailReason {
     BadJson,
     BadEnvelope,
     BadBase64,
-    NotJpeg,
+    /// Not JPEG, PNG, BMP or TIFF (`not_jpeg` before PNG, BMP and TIFF were decoded).
+    UnknownFormat,
     CorruptJpeg,
+    /// A corrupt PNG, BMP or TIFF.
+    CorruptImage,
     ImageTooLarge,
     InferenceFailed,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 8] = [
+    pub const ALL: [FailReason; 9] = [
         FailReason::PayloadTooLarge,
         FailReason::BadJson,
         FailReason::BadEnvelope,
         FailReason::BadBase64,
-        FailReason::NotJpeg,
+        FailReason::UnknownFormat,
         FailReason::CorruptJpeg,
+        FailReason::CorruptImage,
         FailReason::ImageTooLarge,
         FailReason::InferenceFailed,
     ];
@@ -41,8 +46,9 @@ impl FailReason {
             FailReason::BadJson => "bad_json",
             FailReason::BadEnvelope => "bad_envelope",
             FailReason::BadBase64 => "bad_base64",
-            FailReason::NotJpeg => "not_jpeg",
+            FailReason::UnknownFormat => "unknown_format",
             FailReason::CorruptJpeg => "corrupt_jpeg",
+            FailReason::CorruptImage => "corrupt_image",
             FailReason::ImageTooLarge => "image_too_large",
             FailReason::InferenceFailed => "inference_failed",
         }
@@ -187,7 +193,10 @@ impl Histogram {
 pub struct Metrics {
     pub messages_received: AtomicU64,
     pub received: [AtomicU64; Form::ALL.len()],
-    pub decoded: AtomicU64,
+    /// Frames decoded, by image format.
+    pub decoded: [AtomicU64; Format::ALL.len()],
+    /// Frames turned upright by their EXIF orientation.
+    pub oriented: AtomicU64,
     pub failed: [AtomicU64; FailReason::ALL.len()],
     pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub results_published: AtomicU64,
@@ -294,8 +303,18 @@ impl Metrics {
             &mut o,
             "aei_frames_decoded_total",
             "counter",
-            "Frames whose JPEG decoded.",
-            &one(v(&self.decoded)),
+            "Frames whose image decoded, by format.",
+            &by(
+                "format",
+                &mut Format::ALL.iter().map(|f| (f.as_str(), v(&self.decoded[*f as usize]))),
+            ),
+        );
+        metric(
+            &mut o,
+            "aei_frames_oriented_total",
+            "counter",
+            "Frames turned upright by their EXIF orientation before preprocessing.",
+            &one(v(&self.oriented)),
         );
         metric(
             &mut o,
@@ -582,7 +601,7 @@ mod tests {
         m.stage(Stage::Decode, Duration::from_micros(300));
         m.stage(Stage::Decode, Duration::from_millis(7));
         m.stage(Stage::Decode, Duration::from_secs(60));
-        m.failed(FailReason::NotJpeg);
+        m.failed(FailReason::UnknownFormat);
         let text = m.render(
             &[crate::models::Summary {
                 name: "m\"1".into(),
@@ -597,7 +616,7 @@ mod tests {
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.0005\"} 1\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.01\"} 2\n"));
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"+Inf\"} 3\n"));
-        assert!(text.contains("aei_frames_failed_total{reason=\"not_jpeg\"} 1\n"));
+        assert!(text.contains("aei_frames_failed_total{reason=\"unknown_format\"} 1\n"));
         assert!(text.contains(
             "aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\",provider=\"builtin\"} 1\n"
         ));

@@ -209,16 +209,20 @@ pub fn preprocess_into(rgb: &[u8], g: &Geometry, p: &Preprocessing, scratch: &mu
     }
 }
 
-/// A JPEG file's model input, allocated fresh: for tools off the frame path
-/// (`tensor`, `bench model`), never per frame. Returns the image size too.
-pub fn tensor_for_jpeg(
-    jpeg: &[u8],
+/// An image file's model input (turned upright by its EXIF orientation),
+/// allocated fresh: for tools off the frame path (`tensor`, `bench model`),
+/// never per frame. Returns the upright image's size too.
+pub fn tensor_for_image(
+    image: &[u8],
     p: &Preprocessing,
     max_w: u32,
     max_h: u32,
 ) -> Result<((u32, u32), Vec<f32>), String> {
-    let mut rgb = vec![0u8; max_w as usize * max_h as usize * 3];
-    let d = crate::decode::decode_into(jpeg, &mut rgb, max_w, max_h).map_err(|e| e.to_string())?;
+    let pixels = max_w as usize * max_h as usize;
+    let mut rgb = vec![0u8; pixels * crate::decode::BUFFER_BYTES_PER_PIXEL];
+    let mut spare = vec![0u8; pixels * 3];
+    let mut d = crate::decode::decode_into(image, &mut rgb, max_w, max_h).map_err(|e| e.to_string())?;
+    crate::decode::orient(&mut rgb, &mut spare, &mut d);
     let g = Geometry::new(d.width, d.height, p);
     let mut tensor = vec![0f32; tensor_len(p)];
     preprocess_into(&rgb, &g, p, &mut Scratch::with_capacity(p.width as usize), &mut tensor);

@@ -62,22 +62,28 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
         };
         decode::decode_into(src, rgb, ctx.max_width, ctx.max_height)
     };
-    let decode_time = t0.elapsed();
-    ctx.metrics.stage(Stage::Decode, decode_time);
     match decoded {
-        Ok(d) => {
+        Ok(mut d) => {
+            if !d.orientation.is_identity() {
+                decode::orient(&mut slot.rgb, &mut slot.rgb_spare, &mut d);
+                ctx.metrics.oriented.fetch_add(1, Relaxed);
+            }
             slot.decoded = d;
-            ctx.metrics.decoded.fetch_add(1, Relaxed);
+            ctx.metrics.decoded[d.format as usize].fetch_add(1, Relaxed);
         }
         Err(e) => {
+            ctx.metrics.stage(Stage::Decode, t0.elapsed());
             let reason = match e {
-                DecodeError::NotJpeg(_) => FailReason::NotJpeg,
+                DecodeError::UnknownFormat(_) => FailReason::UnknownFormat,
                 DecodeError::TooLarge { .. } => FailReason::ImageTooLarge,
-                DecodeError::Corrupt(_) => FailReason::CorruptJpeg,
+                DecodeError::Corrupt(decode::Format::Jpeg, _) => FailReason::CorruptJpeg,
+                DecodeError::Corrupt(..) => FailReason::CorruptImage,
             };
             return fail(slot, ctx, &FrameError::new(reason, e), &mut emit);
         }
     }
+    let decode_time = t0.elapsed();
+    ctx.metrics.stage(Stage::Decode, decode_time);
 
     for i in 0..slot.routes.len() {
         let route = slot.routes[i];
@@ -202,7 +208,7 @@ fn run_ml(
         &config.name,
         primary.engine.name(),
         t,
-        (w, h),
+        &slot.decoded,
         preds,
         alert,
     );

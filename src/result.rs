@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::decode::Decoded;
 use crate::health::HealthReport;
 use crate::json::Writer;
 
@@ -114,7 +115,7 @@ pub fn write_inference<'p>(
     model_name: &str,
     backend: &str,
     t: &Timings,
-    image: (u32, u32),
+    image: &Decoded,
     predictions: impl Iterator<Item = Prediction<'p>> + Clone,
     alert: bool,
 ) {
@@ -128,8 +129,18 @@ pub fn write_inference<'p>(
     w.key("metadata").begin_object();
     w.key("decode_time_ms").f64(ms(t.decode), 3);
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
-    w.key("image_width").u64(image.0 as u64);
-    w.key("image_height").u64(image.1 as u64);
+    w.key("image_width").u64(image.width as u64);
+    w.key("image_height").u64(image.height as u64);
+    w.key("image_format").str(image.format.as_str());
+    if !image.orientation.is_identity() {
+        // Turned upright before preprocessing: boxes are in the upright image's pixels.
+        let o = image.orientation;
+        w.key("orientation").begin_object();
+        w.key("exif").u64(o.exif() as u64);
+        w.key("rotated_degrees").u64(o.rotation() as u64);
+        w.key("mirrored").bool(o.mirrored());
+        w.end_object();
+    }
     w.key("total_objects_detected")
         .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
     w.key("alert_triggered").bool(alert);
@@ -357,7 +368,12 @@ mod tests {
             "yolo",
             "onnx",
             &t,
-            (640, 480),
+            &Decoded {
+                width: 480,
+                height: 640,
+                format: crate::decode::Format::Png,
+                orientation: crate::decode::Orientation::from_exif(6),
+            },
             preds.iter().copied(),
             true,
         );
@@ -368,6 +384,15 @@ mod tests {
             Value::Number(_)
         ));
         assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
+        assert!(matches!(get(&v, &["metadata", "image_format"]), Value::String(s) if s == "png"));
+        assert!(matches!(
+            get(&v, &["metadata", "orientation", "rotated_degrees"]),
+            Value::Number(_)
+        ));
+        assert!(matches!(
+            get(&v, &["metadata", "orientation", "mirrored"]),
+            Value::Bool(false)
+        ));
         assert!(matches!(get(&v, &["metadata", "source", "correlation_id"]), Value::String(s) if s == "corr-9"));
         assert!(matches!(get(&v, &["metadata", "source", "metadata", "zone"]), Value::String(s) if s == "A"));
         let Value::Array(p) = get(&v, &["predictions"]) else {

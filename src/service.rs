@@ -341,7 +341,7 @@ pub fn dump_tensor(settings: &Settings, model: Option<&str>, file: &str, out: &s
     let p = &config.preprocessing;
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
     let (_, tensor) =
-        crate::preprocess::tensor_for_jpeg(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
+        crate::preprocess::tensor_for_image(&jpeg, p, settings.max_image_width, settings.max_image_height)?;
     let bytes: Vec<u8> = tensor.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(out, bytes).map_err(|e| format!("cannot write {out}: {e}"))?;
     let shape = match p.layout {

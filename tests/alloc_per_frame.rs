@@ -154,7 +154,11 @@ fn preprocess_and_inference_result_do_not_allocate() {
             "m",
             "onnx",
             &Timings::default(),
-            (1920, 1080),
+            &decode::Decoded {
+                width: 1920,
+                height: 1080,
+                ..Default::default()
+            },
             preds.iter().copied(),
             true,
         );

@@ -49,10 +49,21 @@ fn http_probes_and_oneshot_infer() {
         svc.admin(),
         "POST",
         "/infer?model=camera-health",
+        b"GIF89a\x01\x00\x01\x00",
+    );
+    assert_eq!(code, 422);
+    assert!(text(&body).contains("\"error\":\"unknown_format\""), "{}", text(&body));
+    assert!(text(&body).contains("it is a GIF"), "{}", text(&body));
+
+    // A PNG is decoded now; a truncated one is a corrupt image.
+    let (code, body) = http_request(
+        svc.admin(),
+        "POST",
+        "/infer?model=camera-health",
         b"\x89PNG\r\n\x1a\nxxxx",
     );
     assert_eq!(code, 422);
-    assert!(text(&body).contains("\"error\":\"not_jpeg\""), "{}", text(&body));
+    assert!(text(&body).contains("\"error\":\"corrupt_image\""), "{}", text(&body));
 
     let mut truncated = fixture("coffee.jpg");
     truncated.truncate(5000);
@@ -72,10 +83,11 @@ fn http_probes_and_oneshot_infer() {
         http_request(svc.admin(), "POST", "/infer", &fixture("chelsea.jpg")).0,
         200
     );
-    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"not_jpeg\"}"), 1.0);
+    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"unknown_format\"}"), 1.0);
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"corrupt_jpeg\"}"), 1.0);
     assert_eq!(svc.metric("aei_frames_failed_total{reason=\"payload_too_large\"}"), 1.0);
-    assert_eq!(svc.metric("aei_frames_received_total{form=\"oneshot\"}"), 4.0);
+    assert_eq!(svc.metric("aei_frames_failed_total{reason=\"corrupt_image\"}"), 1.0);
+    assert_eq!(svc.metric("aei_frames_received_total{form=\"oneshot\"}"), 5.0);
     let (_, metrics) = svc.get("/metrics");
     assert!(metrics.contains("aei_build_info{version=\"0.1.0\""), "{metrics}");
 }
@@ -95,7 +107,7 @@ fn cli_infer_prints_one_result_per_file() {
     let black: miniserde::json::Value = miniserde::json::from_str(&lines[1]).unwrap();
     assert_eq!(get_bool(&black, &["health", "black_frame"]), Some(true));
 
-    // A file that is not a JPEG: an error result and a failing exit code.
+    // A file that is not an image: an error result and a failing exit code.
     let out = binary()
         .args(["infer", "Cargo.toml"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -103,7 +115,7 @@ fn cli_infer_prints_one_result_per_file() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text(&out.stdout).contains("\"error\":\"not_jpeg\""),
+        text(&out.stdout).contains("\"error\":\"unknown_format\""),
         "{}",
         text(&out.stdout)
     );

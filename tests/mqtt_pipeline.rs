@@ -105,10 +105,11 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
             br#"{"message_type":"image_snapshot","schema_version":"2.0","camera_id":"c","image_data":"AAAA"}"#.to_vec(),
             "bad_envelope",
         ),
-        ("png", png.clone(), "not_jpeg"),
-        ("base64-png", design("cam", &png), "not_jpeg"),
-        ("garbage", b"hello, broker".to_vec(), "not_jpeg"),
-        ("empty", Vec::new(), "not_jpeg"),
+        ("png-header-only", png.clone(), "corrupt_image"),
+        ("base64-png-header-only", design("cam", &png), "corrupt_image"),
+        ("gif", b"GIF89a\x01\x00\x01\x00".to_vec(), "unknown_format"),
+        ("garbage", b"hello, broker".to_vec(), "unknown_format"),
+        ("empty", Vec::new(), "unknown_format"),
         ("truncated", truncated, "corrupt_jpeg"),
         ("oversize", oversize, "payload_too_large"),
         ("too-wide", fixture("rocket-1080p.jpg"), "image_too_large"),
@@ -201,7 +202,8 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
         ("bad_json", 1.0),
         ("bad_base64", 1.0),
         ("bad_envelope", 2.0),
-        ("not_jpeg", 4.0),
+        ("unknown_format", 3.0),
+        ("corrupt_image", 2.0),
         ("corrupt_jpeg", 1.0),
         ("payload_too_large", 1.0),
         ("image_too_large", 1.0),
@@ -212,7 +214,7 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
             "{reason}"
         );
     }
-    assert_eq!(svc.metric("aei_frames_received_total{form=\"raw_jpeg\"}"), 8.0);
+    assert_eq!(svc.metric("aei_frames_received_total{form=\"raw_jpeg\"}"), 9.0);
     assert_eq!(svc.metric("aei_frames_received_total{form=\"image_snapshot\"}"), 1.0);
     assert_eq!(svc.metric("aei_mqtt_connected"), 1.0);
     assert_eq!(
