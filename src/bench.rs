@@ -26,15 +26,34 @@ pub fn bench_layouts(settings: &Settings, iters: usize) -> Result<String, String
     crate::backend::bench_layouts(iters)
 }
 
-/// `bench decode FILE`: decode + letterbox preprocess to 640x640 NCHW f32,
-/// on this thread, reporting the median and allocations per frame.
-pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, String> {
-    use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
+/// `bench decode FILE [--size S] [--mode letterbox|center-crop] [--filter F]`:
+/// decode (any format; turned upright) + preprocess to SxS NCHW f32, on this
+/// thread, reporting the medians and allocations per frame.
+pub fn bench_decode(file: &str, iters: usize, size: u32, mode: &str, filter: Option<&str>) -> Result<String, String> {
+    use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeFilter, ResizeMode};
     let jpeg = std::fs::read(file).map_err(|e| format!("cannot read {file}: {e}"))?;
+    let mode = match mode {
+        "letterbox" => ResizeMode::Letterbox { pad_value: 114 },
+        // torchvision's 256 -> 224 ratio.
+        "center-crop" => ResizeMode::CenterCrop {
+            resize_short: (size as f32 / 0.875).round() as u32,
+        },
+        "stretch" => ResizeMode::Stretch,
+        other => {
+            return Err(format!(
+                "bench decode: --mode letterbox, center-crop or stretch, not `{other}`"
+            ))
+        }
+    };
+    let filter = match filter {
+        None => ResizeFilter::Bilinear,
+        Some(f) => ResizeFilter::parse(f).ok_or_else(|| format!("bench decode: --filter {}", ResizeFilter::NAMES))?,
+    };
     let pre = Preprocessing {
         width: size,
         height: size,
-        mode: ResizeMode::Letterbox { pad_value: 114 },
+        mode,
+        filter,
         normalize: true,
         mean: [0.0; 3],
         std: [1.0; 3],
@@ -53,8 +72,9 @@ pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, Strin
     for i in 0..iters + 3 {
         let (a0, b0) = alloc_count::snapshot();
         let t0 = Instant::now();
-        let d = crate::decode::decode_into(&jpeg, &mut slot.rgb, limits.max_width, limits.max_height)
+        let mut d = crate::decode::decode_into(&jpeg, &mut slot.rgb, limits.max_width, limits.max_height)
             .map_err(|e| e.to_string())?;
+        crate::decode::orient(&mut slot.rgb, &mut slot.rgb_spare, &mut d);
         let t1 = Instant::now();
         let (a1, b1) = alloc_count::snapshot();
         let g = crate::preprocess::Geometry::new(d.width, d.height, &pre);
@@ -68,7 +88,13 @@ pub fn bench_decode(file: &str, iters: usize, size: u32) -> Result<String, Strin
             bytes.push((b1 - b0, b2 - b1));
         }
         if i == 0 {
-            log::info!("{file}: {}x{} -> {size}x{size} letterbox NCHW f32", d.width, d.height);
+            log::info!(
+                "{file}: {} {}x{} -> {size}x{size} {mode:?} {} NCHW f32",
+                d.format.as_str(),
+                d.width,
+                d.height,
+                filter.as_str()
+            );
         }
     }
     let median = |v: &mut Vec<Duration>| {

@@ -191,7 +191,13 @@ impl Slot {
             rgb_spare: vec![0; l.max_width as usize * l.max_height as usize * 3],
             decoded: Decoded::default(),
             tensor: vec![0.0; l.max_tensor],
-            pre_scratch: preprocess::Scratch::with_capacity(l.max_input_width),
+            // An upright image may be as wide as the stored one is high.
+            pre_scratch: preprocess::Scratch::for_frames(
+                l.max_width.max(l.max_height) as usize,
+                l.max_width.max(l.max_height) as usize,
+                l.max_input_width,
+                l.max_input_width,
+            ),
             // An upright image may be as wide as the stored one is high.
             health_scratch: health::Scratch::with_capacity(l.max_width.max(l.max_height) as usize),
             out: Vec::with_capacity(RESULT_CAPACITY),

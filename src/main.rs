@@ -111,7 +111,7 @@ fn main() -> ExitCode {
                     }
                     Err(e) => fail(&e),
                 },
-                _ => fail("tensor: name one JPEG file and --out PATH"),
+                _ => fail("tensor: name one image file and --out PATH"),
             }
         }
         "bench" if !rest.is_empty() => {
@@ -122,11 +122,19 @@ fn main() -> ExitCode {
             };
             let report = match rest[0].as_str() {
                 "decode" => {
-                    let (size, files) = take_flag(&r, "--size");
+                    let (size, r) = take_flag(&r, "--size");
+                    let (mode, r) = take_flag(&r, "--mode");
+                    let (filter, files) = take_flag(&r, "--filter");
                     match (number(size, "--size", 640u32, 8, 8192), files.as_slice()) {
                         (Err(e), _) => Err(e),
-                        (Ok(size), [file]) => bench::bench_decode(file, iters, size),
-                        _ => Err("bench decode: name one JPEG file".into()),
+                        (Ok(size), [file]) => bench::bench_decode(
+                            file,
+                            iters,
+                            size,
+                            mode.as_deref().unwrap_or("letterbox"),
+                            filter.as_deref(),
+                        ),
+                        _ => Err("bench decode: name one image file".into()),
                     }
                 }
                 "layouts" => match r.as_slice() {

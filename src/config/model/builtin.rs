@@ -17,7 +17,7 @@ pub const EMBEDDED_MODEL: &str = "embedded:efficientnet-lite0";
 pub fn builtin_classifier(settings: &Settings) -> Result<ModelConfig, ConfigError> {
     let text = format!(
         "name: efficientnet-lite0\nbackend: candle\nmodel_type: image-classification\nmodel_path: \"{EMBEDDED_MODEL}\"\n\
-         preprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, normalize: false, \
+         preprocessing: {{ resize: [224, 224], mode: center-crop, resize_short: 256, resize_filter: bilinear-antialias, normalize: false, \
          mean: [127, 127, 127], std: [128, 128, 128] }}\ninference: {{ confidence_threshold: 0.0 }}\n"
     );
     let mut c = builtin(

@@ -62,6 +62,7 @@ pub fn describe(m: &ModelConfig) -> String {
             let _ = writeln!(o, "  mode: center-crop\n  resize_short: {resize_short}");
         }
     }
+    let _ = writeln!(o, "  resize_filter: {}", p.filter.as_str());
     let triple = |v: [f32; 3]| format!("[{}, {}, {}]", v[0], v[1], v[2]);
     let _ = writeln!(
         o,

@@ -82,6 +82,51 @@ pub enum ResizeMode {
     },
 }
 
+/// How pixels are sampled when the image is resized to the model's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResizeFilter {
+    /// The pixel under each output pixel's centre (Pillow's `NEAREST`).
+    Nearest,
+    /// Two by two taps at the output pixel's centre, no antialiasing: OpenCV's
+    /// `INTER_LINEAR`, as Ultralytics' letterbox resizes.
+    Bilinear,
+    /// Pillow's antialiased `BILINEAR` (a triangle filter widened by the
+    /// shrink factor): what torchvision's `Resize` does to a PIL image.
+    BilinearAntialias,
+    /// Pillow's antialiased `BICUBIC` (a = -0.5).
+    Bicubic,
+    /// Pillow's `BOX`: the mean of the source pixels each output pixel covers
+    /// (OpenCV's `INTER_AREA` when shrinking by a whole factor).
+    Area,
+}
+
+impl ResizeFilter {
+    pub const NAMES: &'static str = "nearest, bilinear, bilinear-antialias, bicubic or area";
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResizeFilter::Nearest => "nearest",
+            ResizeFilter::Bilinear => "bilinear",
+            ResizeFilter::BilinearAntialias => "bilinear-antialias",
+            ResizeFilter::Bicubic => "bicubic",
+            ResizeFilter::Area => "area",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ResizeFilter> {
+        Some(match name.to_ascii_lowercase().replace('_', "-").as_str() {
+            "nearest" => ResizeFilter::Nearest,
+            "bilinear" | "linear" | "inter-linear" => ResizeFilter::Bilinear,
+            "bilinear-antialias" | "antialias-bilinear" | "pil-bilinear" | "triangle" => {
+                ResizeFilter::BilinearAntialias
+            }
+            "bicubic" | "pil-bicubic" => ResizeFilter::Bicubic,
+            "area" | "box" | "inter-area" => ResizeFilter::Area,
+            _ => return None,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelOrder {
     Rgb,
@@ -99,6 +144,8 @@ pub struct Preprocessing {
     pub width: u32,
     pub height: u32,
     pub mode: ResizeMode,
+    /// Default: `bilinear-antialias` for center-crop (torchvision's), `bilinear` otherwise (OpenCV's).
+    pub filter: ResizeFilter,
     /// Scale pixels to [0, 1] before mean/std; otherwise they stay 0..255.
     pub normalize: bool,
     pub mean: [f32; 3],

@@ -27,6 +27,7 @@ const PRE_KEYS: &[&str] = &[
     "mode",
     "pad_value",
     "resize_short",
+    "resize_filter",
     "normalize",
     "mean",
     "std",
@@ -239,6 +240,16 @@ impl Doc {
                 ))
             }
         };
+        let filter = match self.string(&v["resize_filter"], "preprocessing.resize_filter")? {
+            None if matches!(mode, ResizeMode::CenterCrop { .. }) => ResizeFilter::BilinearAntialias,
+            None => ResizeFilter::Bilinear,
+            Some(name) => ResizeFilter::parse(&name).ok_or_else(|| {
+                self.err(
+                    "preprocessing.resize_filter",
+                    format!("expected {}, found `{name}`", ResizeFilter::NAMES),
+                )
+            })?,
+        };
         let std = self.triple(&v["std"], "preprocessing.std", [1.0; 3])?;
         if std.contains(&0.0) {
             return Err(self.err("preprocessing.std", "must not contain 0".into()));
@@ -247,6 +258,7 @@ impl Doc {
             width,
             height,
             mode,
+            filter,
             normalize: self.boolean(&v["normalize"], "preprocessing.normalize", true)?,
             mean: self.triple(&v["mean"], "preprocessing.mean", [0.0; 3])?,
             std,

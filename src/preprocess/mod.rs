@@ -1,11 +1,17 @@
-//! Preprocessing: packed RGB8 -> the model's f32 input tensor, in one pass.
+//! Preprocessing: packed RGB8 -> the model's f32 input tensor.
 //!
 //! Owns: resize geometry (stretch, letterbox, short-side resize + centre
-//! crop), bilinear sampling, channel order, layout and normalisation, and the
-//! mapping of model coordinates back to original pixels. Writes only into
-//! buffers it is handed; allocates nothing.
+//! crop, rounded as Ultralytics and torchvision round), the resize filters
+//! (`linear.rs`: OpenCV-style point sampling; `convolve.rs`: Pillow's
+//! antialiased convolutions), channel order, layout and normalisation, and
+//! the mapping of model coordinates back to original pixels. Writes only into
+//! buffers it is handed; allocates nothing once its scratch has grown to the
+//! largest frame.
 
-use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeMode};
+mod convolve;
+mod linear;
+
+use crate::config::model::{ChannelOrder, Layout, Preprocessing, ResizeFilter, ResizeMode};
 
 /// Where the source image lands in the model input, per axis:
 /// `dst = src * scale + offset` (pixel edges), so
@@ -20,6 +26,9 @@ pub struct Geometry {
     pub scale_y: f32,
     pub offset_x: f32,
     pub offset_y: f32,
+    /// The whole image resized (before any crop or padding): `dst = resized + offset`.
+    pub resized_w: u32,
+    pub resized_h: u32,
     /// Destination pixels covered by the image: `[x0, x1) x [y0, y1)`;
     /// the rest is padding.
     pub content: [u32; 4],
@@ -39,6 +48,8 @@ impl Geometry {
                 scale_y: dh as f32 / sh,
                 offset_x: 0.0,
                 offset_y: 0.0,
+                resized_w: dw,
+                resized_h: dh,
                 content: [0, 0, dw, dh],
             },
             ResizeMode::Letterbox { .. } => {
@@ -57,16 +68,26 @@ impl Geometry {
                     scale_y: nh as f32 / sh,
                     offset_x: left as f32,
                     offset_y: top as f32,
+                    resized_w: nw,
+                    resized_h: nh,
                     content: [left, top, left + nw, top + nh],
                 }
             }
             ResizeMode::CenterCrop { resize_short } => {
-                // As torchvision's Resize(short) + CenterCrop(size).
-                let r = resize_short as f32 / sw.min(sh);
-                let rw = ((sw * r).round() as u32).max(dw);
-                let rh = ((sh * r).round() as u32).max(dh);
-                let left = ((rw - dw) as f32 / 2.0).round();
-                let top = ((rh - dh) as f32 / 2.0).round();
+                // As torchvision's Resize(short) + CenterCrop(size): the long side is
+                // `int(short * long / short_side)` (truncated), the crop offset
+                // `int(round((resized - crop) / 2))` with Python's round half to even.
+                let (w, h) = (src_w.max(1) as u64, src_h.max(1) as u64);
+                let short = resize_short as u64;
+                let (rw, rh) = if w <= h {
+                    (short, short * h / w)
+                } else {
+                    (short * w / h, short)
+                };
+                let rw = (rw as u32).max(dw);
+                let rh = (rh as u32).max(dh);
+                let left = round_half_even_half(rw - dw) as f32;
+                let top = round_half_even_half(rh - dh) as f32;
                 Geometry {
                     src_w,
                     src_h,
@@ -76,6 +97,8 @@ impl Geometry {
                     scale_y: rh as f32 / sh,
                     offset_x: -left,
                     offset_y: -top,
+                    resized_w: rw,
+                    resized_h: rh,
                     content: [0, 0, dw, dh],
                 }
             }
@@ -92,107 +115,109 @@ impl Geometry {
     }
 }
 
+/// `round(n / 2)` as Python rounds: halves go to the even neighbour.
+fn round_half_even_half(n: u32) -> u32 {
+    let half = n / 2;
+    if n % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
+}
+
 /// Number of f32 values a config's tensor holds.
 pub fn tensor_len(p: &Preprocessing) -> usize {
     p.width as usize * p.height as usize * 3
 }
 
-/// One bilinear tap pair along an axis.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Tap {
-    i0: u32,
-    i1: u32,
-    w1: f32,
-}
-
-/// Scratch for one frame's sampling tables (capacity fixed at start-up).
+/// Scratch for one frame's sampling tables and rows. Sized at start-up for
+/// the largest input; a larger frame grows it once (then it stays).
 #[derive(Debug, Default)]
 pub struct Scratch {
-    xs: Vec<Tap>,
+    linear: linear::Tables,
+    convolve: convolve::Tables,
     row: Vec<f32>,
 }
 
 impl Scratch {
     pub fn with_capacity(max_dst_w: usize) -> Scratch {
         Scratch {
-            xs: Vec::with_capacity(max_dst_w),
+            linear: linear::Tables::with_capacity(max_dst_w),
+            convolve: convolve::Tables::default(),
             row: Vec::with_capacity(max_dst_w * 3),
+        }
+    }
+
+    /// Also reserves the antialiasing filters' tables for a source of up to
+    /// `max_src_w` x `max_src_h` into a model input of `max_dst_w` x `max_dst_h`.
+    pub fn for_frames(max_src_w: usize, max_src_h: usize, max_dst_w: usize, max_dst_h: usize) -> Scratch {
+        Scratch {
+            convolve: convolve::Tables::with_capacity(max_src_w, max_src_h, max_dst_w, max_dst_h),
+            ..Scratch::with_capacity(max_dst_w)
         }
     }
 }
 
-fn tap(d: u32, scale: f32, offset: f32, n: u32) -> Tap {
-    // Half-pixel centres, as OpenCV's INTER_LINEAR and PIL without antialias.
-    let s = ((d as f32 + 0.5 - offset) / scale - 0.5).max(0.0);
-    let i0 = (s.floor() as u32).min(n - 1);
-    let i1 = (i0 + 1).min(n - 1);
-    Tap {
-        i0,
-        i1,
-        w1: if i1 == i0 { 0.0 } else { s - i0 as f32 },
+/// `value = pixel * a[c] + b[c]` for output channel `c`, fed by source channel `src[c]`.
+#[derive(Debug, Clone, Copy)]
+struct Norm {
+    a: [f32; 3],
+    b: [f32; 3],
+    src: [usize; 3],
+}
+
+impl Norm {
+    fn new(p: &Preprocessing) -> Norm {
+        let unit = if p.normalize { 1.0 / 255.0 } else { 1.0 };
+        Norm {
+            a: std::array::from_fn(|c| unit / p.std[c]),
+            b: std::array::from_fn(|c| -p.mean[c] / p.std[c]),
+            src: match p.channel_order {
+                ChannelOrder::Rgb => [0, 1, 2],
+                ChannelOrder::Bgr => [2, 1, 0],
+            },
+        }
     }
 }
 
 /// Fills `out` (exactly `tensor_len(p)` values) from packed RGB8 `rgb`.
 pub fn preprocess_into(rgb: &[u8], g: &Geometry, p: &Preprocessing, scratch: &mut Scratch, out: &mut [f32]) {
     let (dw, dh) = (g.dst_w as usize, g.dst_h as usize);
-    let sw = g.src_w as usize;
     debug_assert_eq!(out.len(), dw * dh * 3);
-    debug_assert!(rgb.len() >= sw * g.src_h as usize * 3);
-
-    // value = pixel * a[c] + b[c], for output channel c.
-    let unit = if p.normalize { 1.0 / 255.0 } else { 1.0 };
-    let a: [f32; 3] = std::array::from_fn(|c| unit / p.std[c]);
-    let b: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
-    // Source channel feeding output channel c.
-    let src_c: [usize; 3] = match p.channel_order {
-        ChannelOrder::Rgb => [0, 1, 2],
-        ChannelOrder::Bgr => [2, 1, 0],
-    };
+    debug_assert!(rgb.len() >= g.src_w as usize * g.src_h as usize * 3);
+    let norm = Norm::new(p);
     let pad_px = match p.mode {
         ResizeMode::Letterbox { pad_value } => pad_value as f32,
         _ => 0.0,
     };
-    let pad: [f32; 3] = std::array::from_fn(|c| pad_px * a[c] + b[c]);
+    let pad: [f32; 3] = std::array::from_fn(|c| pad_px * norm.a[c] + norm.b[c]);
     let [cx0, cy0, cx1, cy1] = g.content.map(|v| v as usize);
-
-    scratch.xs.clear();
-    scratch
-        .xs
-        .extend((cx0..cx1).map(|x| tap(x as u32, g.scale_x, g.offset_x, g.src_w)));
-    scratch.row.clear();
-    scratch.row.resize(dw * 3, 0.0);
+    let Scratch { linear, convolve, row } = scratch;
+    let antialiased = !matches!(p.filter, ResizeFilter::Nearest | ResizeFilter::Bilinear);
+    if antialiased {
+        convolve.prepare(rgb, g, p.filter);
+    } else {
+        linear.prepare(g, p.filter);
+    }
+    row.clear();
+    row.resize(dw * 3, 0.0);
 
     let plane = dw * dh;
     for y in 0..dh {
-        let row = &mut scratch.row;
         if y < cy0 || y >= cy1 {
-            for x in 0..dw {
-                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
+            for px in row.chunks_exact_mut(3) {
+                px.copy_from_slice(&pad);
             }
         } else {
-            let t = tap(y as u32, g.scale_y, g.offset_y, g.src_h);
-            let r0 = &rgb[t.i0 as usize * sw * 3..(t.i0 as usize + 1) * sw * 3];
-            let r1 = &rgb[t.i1 as usize * sw * 3..(t.i1 as usize + 1) * sw * 3];
-            let wy1 = t.w1;
-            let wy0 = 1.0 - wy1;
-            for x in 0..cx0 {
-                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
+            let (left, rest) = row.split_at_mut(cx0 * 3);
+            let (content, right) = rest.split_at_mut((cx1 - cx0) * 3);
+            for px in left.chunks_exact_mut(3).chain(right.chunks_exact_mut(3)) {
+                px.copy_from_slice(&pad);
             }
-            for x in cx1..dw {
-                row[x * 3..x * 3 + 3].copy_from_slice(&pad);
-            }
-            for (k, tx) in scratch.xs.iter().enumerate() {
-                let (p0, p1) = (tx.i0 as usize * 3, tx.i1 as usize * 3);
-                let wx1 = tx.w1;
-                let wx0 = 1.0 - wx1;
-                let o = (cx0 + k) * 3;
-                for c in 0..3 {
-                    let s = src_c[c];
-                    let top = r0[p0 + s] as f32 * wx0 + r0[p1 + s] as f32 * wx1;
-                    let bot = r1[p0 + s] as f32 * wx0 + r1[p1 + s] as f32 * wx1;
-                    row[o + c] = (top * wy0 + bot * wy1) * a[c] + b[c];
-                }
+            if antialiased {
+                convolve.row(y - cy0, &norm, content);
+            } else {
+                linear.row(rgb, g, y - cy0, &norm, content);
             }
         }
         match p.layout {
@@ -238,6 +263,7 @@ mod tests {
             width: w,
             height: h,
             mode,
+            filter: ResizeFilter::Bilinear,
             normalize: false,
             mean: [0.0; 3],
             std: [1.0; 3],
@@ -272,6 +298,17 @@ mod tests {
         assert!((g.scale_x - 0.64).abs() < 1e-6);
         let (x, y) = g.to_source(0.0, 0.0);
         assert!((x - 125.0).abs() < 1e-3 && (y - 25.0).abs() < 1e-3);
+        // 768x576: the long side is int(256 * 768 / 576) = 341, and the crop starts at
+        // round(58.5) = 58 (half to even), not 59.
+        let g = Geometry::new(768, 576, &pre(224, 224, ResizeMode::CenterCrop { resize_short: 256 }));
+        assert_eq!((g.resized_w, g.resized_h), (341, 256));
+        assert_eq!((g.offset_x, g.offset_y), (-58.0, -16.0));
+        // 1920x1080: int(256 * 1920 / 1080) = 455, round(115.5) = 116.
+        let g = Geometry::new(1920, 1080, &pre(224, 224, ResizeMode::CenterCrop { resize_short: 256 }));
+        assert_eq!((g.resized_w, g.offset_x), (455, -116.0));
+        // Portrait: the width is the short side.
+        let g = Geometry::new(300, 451, &pre(224, 224, ResizeMode::CenterCrop { resize_short: 256 }));
+        assert_eq!((g.resized_w, g.resized_h), (256, 384));
     }
 
     #[test]
