@@ -204,8 +204,8 @@ impl Tables {
         }
         for (o, a) in out.chunks_exact_mut(3).zip(self.acc.chunks_exact(3)) {
             let px = [clip8(a[0]), clip8(a[1]), clip8(a[2])];
-            for c in 0..3 {
-                o[c] = px[n.src[c]] as f32 * n.a[c] + n.b[c];
+            for (c, o) in o.iter_mut().enumerate() {
+                *o = px[n.src[c]] as f32 * n.a[c] + n.b[c];
             }
         }
     }

@@ -57,11 +57,11 @@ impl Tables {
             let (p0, p1) = (tx.i0 as usize * 3, tx.i1 as usize * 3);
             let wx1 = tx.w1;
             let wx0 = 1.0 - wx1;
-            for c in 0..3 {
+            for (c, o) in o.iter_mut().enumerate() {
                 let s = n.src[c];
                 let top = r0[p0 + s] as f32 * wx0 + r0[p1 + s] as f32 * wx1;
                 let bot = r1[p0 + s] as f32 * wx0 + r1[p1 + s] as f32 * wx1;
-                o[c] = (top * wy0 + bot * wy1) * n.a[c] + n.b[c];
+                *o = (top * wy0 + bot * wy1) * n.a[c] + n.b[c];
             }
         }
     }
