@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use ai_edge_inference::alloc_count::{snapshot, CountingAlloc};
 use ai_edge_inference::backend::BackendEnv;
-use ai_edge_inference::config::model::{self, ChannelOrder, Layout, Preprocessing, ResizeMode};
+use ai_edge_inference::config::model::{self, ChannelOrder, Layout, Preprocessing, ResizeFilter, ResizeMode};
 use ai_edge_inference::config::Settings;
 use ai_edge_inference::frame::{Limits, Origin, Slot};
 use ai_edge_inference::metrics::Metrics;
@@ -110,6 +110,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
         width: 640,
         height: 640,
         mode: ResizeMode::Letterbox { pad_value: 114 },
+        filter: ResizeFilter::Bilinear,
         normalize: true,
         mean: [0.0; 3],
         std: [1.0; 3],
@@ -169,4 +170,36 @@ fn preprocess_and_inference_result_do_not_allocate() {
     }
     // Letterbox padding rows hold 114/255.
     assert!((tensor[0] - 114.0 / 255.0).abs() < 1e-6);
+}
+
+#[test]
+fn antialiased_resize_does_not_allocate_with_scratch_sized_at_start() {
+    let mut rgb = vec![0u8; 1920 * 1080 * 3];
+    decode::decode_into(&jpeg(), &mut rgb, 1920, 1080).unwrap();
+    for filter in [ResizeFilter::BilinearAntialias, ResizeFilter::Bicubic, ResizeFilter::Area] {
+        for (size, mode) in [
+            (224, ResizeMode::CenterCrop { resize_short: 256 }),
+            (640, ResizeMode::Letterbox { pad_value: 114 }),
+        ] {
+            let pre = Preprocessing {
+                width: size,
+                height: size,
+                mode,
+                filter,
+                normalize: true,
+                mean: [0.0; 3],
+                std: [1.0; 3],
+                channel_order: ChannelOrder::Rgb,
+                layout: Layout::Nchw,
+            };
+            let mut tensor = vec![0f32; preprocess::tensor_len(&pre)];
+            // As a worker's slot: sized for the largest frame and input at start.
+            let mut scratch = preprocess::Scratch::for_frames(1920, 1920, 640, 640);
+            let g = preprocess::Geometry::new(1920, 1080, &pre);
+            for _ in 0..2 {
+                let n = allocs_during(|| preprocess::preprocess_into(&rgb, &g, &pre, &mut scratch, &mut tensor));
+                assert_eq!(n, 0, "{filter:?} {mode:?}");
+            }
+        }
+    }
 }
