@@ -68,7 +68,7 @@ fn main() -> ExitCode {
         "infer" => {
             let (model, files) = take_flag(rest, "--model");
             if files.is_empty() {
-                return fail("infer: name at least one JPEG file");
+                return fail("infer: name at least one image file");
             }
             match service::infer_files(&settings, model.as_deref(), &files) {
                 Ok(true) => ExitCode::SUCCESS,

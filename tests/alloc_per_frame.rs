@@ -176,7 +176,11 @@ fn preprocess_and_inference_result_do_not_allocate() {
 fn antialiased_resize_does_not_allocate_with_scratch_sized_at_start() {
     let mut rgb = vec![0u8; 1920 * 1080 * 3];
     decode::decode_into(&jpeg(), &mut rgb, 1920, 1080).unwrap();
-    for filter in [ResizeFilter::BilinearAntialias, ResizeFilter::Bicubic, ResizeFilter::Area] {
+    for filter in [
+        ResizeFilter::BilinearAntialias,
+        ResizeFilter::Bicubic,
+        ResizeFilter::Area,
+    ] {
         for (size, mode) in [
             (224, ResizeMode::CenterCrop { resize_short: 256 }),
             (640, ResizeMode::Letterbox { pad_value: 114 }),

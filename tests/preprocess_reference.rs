@@ -6,7 +6,7 @@
 //! grey level (1/255), max abs, on every pixel.
 //!
 //! Needs Python with Pillow, numpy and opencv-python-headless: `tests/run`
-//! makes `target/ref-venv` (or set AEI_REFERENCE_PYTHON).
+//! installs them into `target/ref-pkgs` (AEI_REFERENCE_PYTHONPATH).
 
 mod support;
 
@@ -15,21 +15,24 @@ use std::process::Command;
 
 use support::{binary, root, TempDir};
 
-fn python() -> PathBuf {
-    let p = std::env::var_os("AEI_REFERENCE_PYTHON")
+/// Python with the reference packages on its path.
+fn python() -> Command {
+    let path = std::env::var_os("AEI_REFERENCE_PYTHONPATH")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/ref-venv/bin/python"));
+        .unwrap_or_else(|| root().join("target/ref-pkgs"));
     assert!(
-        p.exists(),
-        "{} is missing: run `bash tests/run` (it makes target/ref-venv with Pillow and OpenCV) \
-         or set AEI_REFERENCE_PYTHON",
-        p.display()
+        path.exists(),
+        "{} is missing: run `bash tests/run` (it installs Pillow, OpenCV and onnxruntime there) \
+         or set AEI_REFERENCE_PYTHONPATH",
+        path.display()
     );
-    p
+    let mut c = Command::new(std::env::var_os("AEI_REFERENCE_PYTHON").unwrap_or_else(|| "python3".into()));
+    c.env("PYTHONPATH", path);
+    c
 }
 
 fn reference(args: &[&str]) {
-    let out = Command::new(python())
+    let out = python()
         .arg(root().join("tests/reference/preprocess.py"))
         .args(args)
         .output()
