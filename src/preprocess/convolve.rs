@@ -127,6 +127,67 @@ impl Axis {
     }
 }
 
+/// The horizontal pass into `rows` (`cols` pixels each) from the source rows
+/// starting at `src` (`sw` pixels each); with AVX2 where the CPU has it.
+fn horizontal(rows: &mut [u8], src: &[u8], sw: usize, cols: usize, h: &Axis) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { horizontal_avx2(rows, src, sw, cols, h) };
+    }
+    horizontal_any(rows, src, sw, cols, h)
+}
+
+/// [`horizontal_any`] compiled for AVX2 (the same code, wider registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn horizontal_avx2(rows: &mut [u8], src: &[u8], sw: usize, cols: usize, h: &Axis) {
+    horizontal_any(rows, src, sw, cols, h)
+}
+
+#[inline(always)]
+fn horizontal_any(rows: &mut [u8], src: &[u8], sw: usize, cols: usize, h: &Axis) {
+    for (r, out) in rows.chunks_exact_mut(cols * 3).enumerate() {
+        // The row and whatever follows it: a pixel is read as four bytes (the
+        // fourth, the next pixel's red, is weighted and dropped), which
+        // vectorises; only the image's very last pixel lacks a fourth byte.
+        let src = &src[r * sw * 3..];
+        for (j, o) in out.chunks_exact_mut(3).enumerate() {
+            let (x0, k) = h.taps(j);
+            let px = if (x0 + k.len()) * 3 < src.len() {
+                horizontal4(&src[x0 * 3..(x0 + k.len()) * 3 + 1], k)
+            } else {
+                horizontal3(&src[x0 * 3..(x0 + k.len()) * 3], k)
+            };
+            o.copy_from_slice(&px);
+        }
+    }
+}
+
+/// One output pixel of the horizontal pass: `px` holds `k.len()` RGB pixels and one byte more.
+#[inline(always)]
+fn horizontal4(px: &[u8], k: &[i32]) -> [u8; 3] {
+    let mut acc = [HALF; 4];
+    for (t, &k) in k.iter().enumerate() {
+        let p: &[u8; 4] = px[t * 3..t * 3 + 4].try_into().unwrap();
+        for c in 0..4 {
+            acc[c] += p[c] as i32 * k;
+        }
+    }
+    [clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]
+}
+
+/// As [`horizontal4`], for the image's last pixel (no byte after it).
+fn horizontal3(px: &[u8], k: &[i32]) -> [u8; 3] {
+    let mut acc = [HALF; 3];
+    for (p, &k) in px.chunks_exact(3).zip(k) {
+        for c in 0..3 {
+            acc[c] += p[c] as i32 * k;
+        }
+    }
+    [clip8(acc[0]), clip8(acc[1]), clip8(acc[2])]
+}
+
 /// The frame's taps, and its horizontally resampled rows.
 #[derive(Debug, Default)]
 pub(super) struct Tables {
@@ -171,23 +232,7 @@ impl Tables {
         self.first_row = first;
         self.rows.clear();
         self.rows.resize((last - first) * cols * 3, 0);
-        let sw = g.src_w as usize;
-        for (r, out) in self.rows.chunks_exact_mut(cols * 3).enumerate() {
-            let src = &rgb[(first + r) * sw * 3..(first + r + 1) * sw * 3];
-            for (j, o) in out.chunks_exact_mut(3).enumerate() {
-                let (x0, k) = self.h.taps(j);
-                let px = &src[x0 * 3..(x0 + k.len()) * 3];
-                let mut acc = [HALF; 3];
-                for (p, &k) in px.chunks_exact(3).zip(k) {
-                    acc[0] += p[0] as i32 * k;
-                    acc[1] += p[1] as i32 * k;
-                    acc[2] += p[2] as i32 * k;
-                }
-                o[0] = clip8(acc[0]);
-                o[1] = clip8(acc[1]);
-                o[2] = clip8(acc[2]);
-            }
-        }
+        horizontal(&mut self.rows, &rgb[first * g.src_w as usize * 3..], g.src_w as usize, cols, &self.h);
     }
 
     /// The vertical pass for content row `i`, normalised into `out`.
