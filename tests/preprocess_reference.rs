@@ -161,3 +161,47 @@ fn yolo_letterbox_matches_opencv_and_ultralytics() {
         }
     }
 }
+
+/// Not a resize check: how far zune-jpeg's decode is from libjpeg-turbo's
+/// (Pillow's), the figure the end-to-end tolerances absorb. The service's
+/// pixels come from `tensor` with an identity resize (stretch, nearest, same size).
+#[test]
+fn zune_jpeg_decodes_within_a_few_grey_levels_of_libjpeg_turbo() {
+    let dir = TempDir::new("pre-ref-decode");
+    for (photo, w, h) in [
+        ("chelsea.jpg", 451, 300),
+        ("chelsea-progressive.jpg", 451, 300),
+        ("coffee.jpg", 600, 400),
+        ("astronaut.jpg", 512, 512),
+        ("camera-gray.jpg", 512, 512),
+        ("rocket-1080p.jpg", 1920, 1080),
+        ("formats/cat-420.jpg", 120, 80),
+        ("formats/cat-422.jpg", 120, 80),
+        ("formats/cat-444.jpg", 120, 80),
+        ("formats/cat-restart.jpg", 120, 80),
+        ("formats/cat-cmyk.jpg", 120, 80),
+    ] {
+        let src = root().join("tests/fixtures").join(photo);
+        let png = dir.0.join("pillow.png");
+        let refbin = dir.0.join("ref.bin");
+        reference(&["decode", src.to_str().unwrap(), png.to_str().unwrap()]);
+        // Pillow's pixels, through an identity crop (the crop of the whole image).
+        let side = w.min(h);
+        reference(&[
+            "crop",
+            "nearest",
+            &side.to_string(),
+            &side.to_string(),
+            png.to_str().unwrap(),
+            refbin.to_str().unwrap(),
+        ]);
+        let t = tensor(
+            &dir,
+            &format!("resize: [{side}, {side}], mode: center-crop, resize_short: {side}, resize_filter: nearest"),
+            &src,
+        );
+        let (max, mean) = diff(&t, &std::fs::read(&refbin).unwrap());
+        println!("decode {photo:<26} max {max:.0} mean {mean:.3} (zune-jpeg against libjpeg-turbo)");
+        assert!(mean < 1.5, "{photo}: mean {mean} grey levels from libjpeg-turbo");
+    }
+}
