@@ -232,7 +232,13 @@ impl Tables {
         self.first_row = first;
         self.rows.clear();
         self.rows.resize((last - first) * cols * 3, 0);
-        horizontal(&mut self.rows, &rgb[first * g.src_w as usize * 3..], g.src_w as usize, cols, &self.h);
+        horizontal(
+            &mut self.rows,
+            &rgb[first * g.src_w as usize * 3..],
+            g.src_w as usize,
+            cols,
+            &self.h,
+        );
     }
 
     /// The vertical pass for content row `i`, normalised into `out`.
