@@ -108,6 +108,7 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                     &slot.source(),
                     &model.config.name,
                     &t,
+                    &slot.decoded,
                     &report,
                 );
                 slot.out = out;

@@ -131,6 +131,17 @@ pub fn write_inference<'p>(
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
     w.key("image_width").u64(image.width as u64);
     w.key("image_height").u64(image.height as u64);
+    image_facts(&mut w, image);
+    w.key("total_objects_detected")
+        .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
+    w.key("alert_triggered").bool(alert);
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
+/// The picture's format, and how it was turned upright when it was.
+fn image_facts(w: &mut Writer<'_>, image: &Decoded) {
     w.key("image_format").str(image.format.as_str());
     if !image.orientation.is_identity() {
         // Turned upright before preprocessing: boxes are in the upright image's pixels.
@@ -141,12 +152,6 @@ pub fn write_inference<'p>(
         w.key("mirrored").bool(o.mirrored());
         w.end_object();
     }
-    w.key("total_objects_detected")
-        .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
-    w.key("alert_triggered").bool(alert);
-    source(&mut w, src);
-    w.end_object();
-    w.end_object();
 }
 
 /// Camera-health result (`camera_health`).
@@ -156,6 +161,7 @@ pub fn write_health(
     src: &Source<'_>,
     model_name: &str,
     t: &Timings,
+    image: &Decoded,
     r: &HealthReport,
 ) {
     let mut w = Writer::new(buf);
@@ -186,6 +192,7 @@ pub fn write_health(
     w.key("metadata").begin_object();
     w.key("decode_time_ms").f64(ms(t.decode), 3);
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
+    image_facts(&mut w, image);
     w.key("total_objects_detected").u64(0);
     w.key("alert_triggered").bool(r.alert());
     source(&mut w, src);
@@ -417,6 +424,7 @@ mod tests {
             &src(),
             "camera-health",
             &Timings::default(),
+            &Decoded::default(),
             &r,
         );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();

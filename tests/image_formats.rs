@@ -173,8 +173,9 @@ fn sizes_are_checked_from_the_header_and_damage_is_an_error() {
     }
 }
 
-/// The `infer` command on the default model: a PNG is classified like the JPEG
-/// it was made from, and a turned picture says it was turned.
+/// The `infer` command on the default model: a PNG is answered like the JPEG
+/// it was made from, and a turned picture says it was turned. (The default
+/// build's default is the embedded classifier; the minimal build's, camera health.)
 #[test]
 fn the_service_infers_every_format_and_says_what_it_turned() {
     let infer = |path: &str| -> miniserde::json::Value {
@@ -187,23 +188,37 @@ fn the_service_infers_every_format_and_says_what_it_turned() {
         );
         miniserde::json::from_str(text.lines().next().unwrap()).unwrap()
     };
-    let label = |v: &miniserde::json::Value| match support::get(v, &["predictions"]) {
+    // The classifier's top label, or camera health's verdict.
+    let answer = |v: &miniserde::json::Value| match support::get(v, &["predictions"]) {
         Some(miniserde::json::Value::Array(a)) if !a.is_empty() => support::get_str(&a[0], &["label"]).unwrap(),
-        other => panic!("no predictions: {other:?}"),
+        _ => format!(
+            "{:?} {}",
+            support::get_bool(v, &["health", "black_frame"]),
+            support::num(support::get(v, &["health", "width"]).unwrap())
+        ),
     };
     let reference = infer("tests/fixtures/formats/cat.png");
     assert_eq!(
         support::get_str(&reference, &["metadata", "image_format"]).as_deref(),
         Some("png")
     );
-    for path in ["cat.bmp", "cat-lzw.tif", "cat-exif6.png", "cat-exif8.tif"] {
+    assert!(support::get(&reference, &["metadata", "orientation"]).is_none());
+    for (path, format) in [
+        ("cat.bmp", "bmp"),
+        ("cat-lzw.tif", "tiff"),
+        ("cat-444.jpg", "jpeg"),
+        ("cat-exif6.png", "png"),
+        ("cat-exif8.tif", "tiff"),
+    ] {
         let v = infer(&format!("tests/fixtures/formats/{path}"));
-        assert_eq!(label(&v), label(&reference), "{path}");
+        assert_eq!(answer(&v), answer(&reference), "{path}");
         assert_eq!(
-            support::num(support::get(&v, &["metadata", "image_width"]).unwrap()),
-            120.0,
-            "{path}"
+            support::get_str(&v, &["metadata", "image_format"]).as_deref(),
+            Some(format)
         );
+        if let Some(w) = support::get(&v, &["metadata", "image_width"]) {
+            assert_eq!(support::num(w), 120.0, "{path}");
+        }
     }
     let v = infer("tests/fixtures/formats/cat-exif6.png");
     assert_eq!(
@@ -213,6 +228,15 @@ fn the_service_infers_every_format_and_says_what_it_turned() {
     assert_eq!(
         support::num(support::get(&v, &["metadata", "orientation", "rotated_degrees"]).unwrap()),
         90.0
+    );
+    assert_eq!(
+        support::get_bool(&v, &["metadata", "orientation", "mirrored"]),
+        Some(false)
+    );
+    let v = infer("tests/fixtures/formats/cat-exif7.png");
+    assert_eq!(
+        support::get_bool(&v, &["metadata", "orientation", "mirrored"]),
+        Some(true)
     );
     assert!(fixture("astronaut-exif6.jpg").len() > 1000);
 }
