@@ -1,7 +1,14 @@
-//! Convolutions: the general one (im2col + GEMM, column tiles) and depthwise.
+//! Convolutions: the general one (im2col + GEMM, column tiles, or Winograd
+//! for stride-1 3x3 where it measures faster) and depthwise.
+
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::OnceLock;
+use std::time::Instant;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::winograd::{self, Winograd};
 
 use super::super::super::cpu::{multiversion, split, Act, Isa};
 use super::super::super::nhwc::Geometry;
@@ -16,6 +23,25 @@ pub struct Conv {
     geo: Geometry,
     act: Act,
     isa: Isa,
+    /// Stride-1 3x3 layers: the Winograd form, and which of the two runs (decided
+    /// by timing both on the first input: [`UNDECIDED`], [`DIRECT`], [`WINOGRAD`]).
+    winograd: Option<Winograd>,
+    choice: AtomicU8,
+}
+
+const UNDECIDED: u8 = 0;
+const DIRECT: u8 = 1;
+const WINOGRAD: u8 = 2;
+
+/// `AEI_WINOGRAD`: `auto` (default: per layer, the faster on its first input),
+/// `off` (im2col + GEMM everywhere) or `on` (Winograd wherever it applies).
+fn winograd_policy() -> u8 {
+    static POLICY: OnceLock<u8> = OnceLock::new();
+    *POLICY.get_or_init(|| match std::env::var("AEI_WINOGRAD").as_deref() {
+        Ok("off") => DIRECT,
+        Ok("on") => WINOGRAD,
+        _ => UNDECIDED,
+    })
 }
 
 impl Conv {
@@ -32,15 +58,49 @@ impl Conv {
             candle_core::bail!("conv: weight {:?} stride {stride} unsupported", weight.dims());
         }
         let bias = bias_or_zeros(bias, cout, "conv")?;
+        let w = f32s(weight)?;
+        let isa = Isa::detect();
+        let policy = winograd_policy();
+        let winograd = (winograd::applies(weight, stride) && policy != DIRECT)
+            .then(|| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa));
         Ok(Conv {
-            w: f32s(weight)?,
+            w,
             bias,
             cin,
             cout,
             geo: Geometry { k, stride, pad },
             act,
-            isa: Isa::detect(),
+            isa,
+            winograd,
+            choice: AtomicU8::new(policy),
         })
+    }
+
+    /// A stride-1 3x3 layer that always runs as Winograd with `isa`'s kernels (for tests).
+    #[cfg(test)]
+    pub(super) fn winograd_only(weight: &Tensor, bias: &Tensor, pad: [usize; 4], act: Act, isa: Isa) -> Conv {
+        let mut c = Conv::new(weight, Some(bias), 1, pad, act).unwrap();
+        let (cout, cin, ..) = weight.dims4().unwrap();
+        c.winograd = Some(Winograd::new(&c.w, c.bias.clone(), cout, cin, pad, act, isa));
+        c.choice = AtomicU8::new(WINOGRAD);
+        c
+    }
+
+    fn winograd_fwd(&self, wg: &Winograd, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize)) -> Vec<f32> {
+        let len = n * self.cout * oh * ow;
+        let mut out = uninit(len);
+        for b in 0..n {
+            // SAFETY: batch b's outputs lie inside the allocation of `len` elements.
+            let dst = SharedOut(
+                unsafe { out.as_mut_ptr().add(b * self.cout * oh * ow) },
+                self.cout * oh * ow,
+            );
+            wg.run(&x[b * c * h * w..(b + 1) * c * h * w], (h, w), (oh, ow), &dst);
+        }
+        // SAFETY: the 2x2 blocks cover every output pixel of every filter and batch, and
+        // `run` has written each (the pixels past an odd edge are dropped, not left unwritten).
+        unsafe { out.set_len(len) };
+        out
     }
 }
 
@@ -52,6 +112,46 @@ impl CustomOp1 for Conv {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, (n, c, h, w)) = input4(storage, layout, "conv")?;
         let (oh, ow) = out_size(self.geo, (c, h, w), self.cin, "conv")?;
+        let shape = Shape::from((n, self.cout, oh, ow));
+        let Some(wg) = &self.winograd else {
+            return Ok((CpuStorage::F32(self.direct(x, (n, c, h, w), (oh, ow))), shape));
+        };
+        let out = match self.choice.load(Relaxed) {
+            DIRECT => self.direct(x, (n, c, h, w), (oh, ow)),
+            WINOGRAD => self.winograd_fwd(wg, x, (n, c, h, w), (oh, ow)),
+            _ => {
+                // The first input (the warm-up at load): time both, twice, keep the faster.
+                let time = |f: &dyn Fn() -> Vec<f32>| {
+                    let _ = f();
+                    let t = Instant::now();
+                    let out = f();
+                    (t.elapsed(), out)
+                };
+                let (td, direct) = time(&|| self.direct(x, (n, c, h, w), (oh, ow)));
+                let (tw, wino) = time(&|| self.winograd_fwd(wg, x, (n, c, h, w), (oh, ow)));
+                let pick = if tw < td { WINOGRAD } else { DIRECT };
+                self.choice.store(pick, Relaxed);
+                log::debug!(
+                    "conv {}->{} 3x3 at {h}x{w}: im2col {:.3} ms, Winograd {:.3} ms",
+                    self.cin,
+                    self.cout,
+                    td.as_secs_f64() * 1e3,
+                    tw.as_secs_f64() * 1e3
+                );
+                if pick == WINOGRAD {
+                    wino
+                } else {
+                    direct
+                }
+            }
+        };
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+impl Conv {
+    /// im2col + GEMM over column tiles.
+    fn direct(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize)) -> Vec<f32> {
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
@@ -63,7 +163,7 @@ impl CustomOp1 for Conv {
         let tiles = ohw.div_ceil(per);
         let len = n * self.cout * ohw;
         if k_len == 0 || len == 0 {
-            return Ok((CpuStorage::F32(vec![0f32; len]), Shape::from((n, self.cout, oh, ow))));
+            return vec![0f32; len];
         }
         // Not zeroed: the GEMM writes every element (see `uninit`).
         let mut out = uninit(len);
@@ -93,7 +193,7 @@ impl CustomOp1 for Conv {
         // SAFETY: the tiles cover every column of every output row of every batch, and
         // the GEMM (k_len > 0, read_dst off) has written each element.
         unsafe { out.set_len(len) };
-        Ok((CpuStorage::F32(out), Shape::from((n, self.cout, oh, ow))))
+        out
     }
 }
 

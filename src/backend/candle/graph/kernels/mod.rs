@@ -20,6 +20,7 @@ use super::super::nhwc::{apply, Geometry};
 
 mod conv;
 mod tensor;
+mod winograd;
 
 pub use conv::{Conv, Depthwise};
 pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample};
@@ -235,6 +236,41 @@ mod tests {
                 &want,
                 &format!("conv case {n} {act:?}"),
             );
+        }
+    }
+
+    #[test]
+    fn winograd_matches_candles_convolution_on_every_isa() {
+        use super::super::super::cpu::Isa;
+        let dev = Device::Cpu;
+        // (c_in, c_out, h, w, pad): odd and even sizes (edge blocks past an odd output),
+        // one channel, no padding, asymmetric padding, YOLO's channel counts, a chunk boundary.
+        let cases: &[(usize, usize, usize, usize, [usize; 4])] = &[
+            (32, 16, 40, 40, [1, 1, 1, 1]),
+            (3, 7, 6, 11, [0, 0, 0, 0]),
+            (1, 1, 3, 3, [0, 0, 0, 0]),
+            (5, 3, 7, 5, [1, 1, 1, 1]),
+            (6, 9, 9, 21, [1, 2, 2, 1]),
+            (3, 5, 3, 40, [2, 0, 0, 2]),
+            (64, 64, 33, 31, [1, 1, 1, 1]),
+            (16, 32, 2, 2, [1, 1, 1, 1]),
+            // Many more filters than input channels (the outputs outgrow the transformed input).
+            (2, 16, 9, 9, [1, 1, 1, 1]),
+        ];
+        for isa in Isa::supported() {
+            for (n, &(cin, cout, h, w, pad)) in cases.iter().enumerate() {
+                let act = ACTS[n % 5];
+                let x = Tensor::randn(0f32, 2.0, (2, cin, h, w), &dev).unwrap();
+                let wt = Tensor::randn(0f32, 1.0 / ((cin * 9) as f32).sqrt(), (cout, cin, 3, 3), &dev).unwrap();
+                let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+                let want = reference(&x, &wt, &b, 1, pad, 1, act);
+                let op = Conv::winograd_only(&wt, &b, pad, act, isa);
+                close(
+                    &x.apply_op1_no_bwd(&op).unwrap(),
+                    &want,
+                    &format!("winograd case {n} {act:?} {isa:?}"),
+                );
+            }
         }
     }
 
