@@ -84,11 +84,13 @@ impl Winograd {
                 let mut s = s.borrow_mut();
                 // `v` is reused for the outputs `y` (4 per block and filter) once multiplied.
                 let (v_len, m_len) = ((16 * self.cin * n).max(4 * self.cout * n), 16 * self.cout * n);
-                if s.len() < v_len + m_len {
-                    s.resize(v_len + m_len, 0.0);
+                let t_len = row_scratch(bw);
+                if s.len() < v_len + m_len + t_len {
+                    s.resize(v_len + m_len + t_len, 0.0);
                 }
                 let (v, rest) = s.split_at_mut(v_len);
-                let m = &mut rest[..m_len];
+                let (m, rest) = rest.split_at_mut(m_len);
+                let tmp = &mut rest[..t_len];
                 input_transform(
                     self.isa,
                     x,
@@ -98,6 +100,7 @@ impl Winograd {
                     b0,
                     n,
                     &mut v[..16 * self.cin * n],
+                    tmp,
                 );
                 for xi in 0..16 {
                     let (u, v, m) = (
@@ -150,9 +153,19 @@ std::thread_local! {
     static WINO: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Floats of row scratch [`input_transform`] needs for `bw` blocks a row.
+fn row_scratch(bw: usize) -> usize {
+    // Four padded input rows (2 bw + 4 each), and even/odd columns of the four
+    // transformed rows (bw + 2 each, eight arrays).
+    4 * (2 * bw + 4) + 8 * (bw + 2)
+}
+
 multiversion! {
     /// `V = Bᵀ d B` of the 4x4 input patches of blocks `b0..b0 + n` (`bw` blocks a row),
-    /// into `v[ξ][ci][j]`; zeros where the patch lies in the padding.
+    /// into `v[ξ][ci][j]`; zeros where the patch lies in the padding. A block row at a time:
+    /// its four input rows are copied with their padding, split into even and odd columns
+    /// (block `j`'s columns are even[j], odd[j], even[j + 1], odd[j + 1]), and every step is
+    /// then a contiguous vector operation across the row's blocks.
     fn input_transform(
         x: &[f32],
         chw: (usize, usize, usize),
@@ -161,48 +174,72 @@ multiversion! {
         b0: usize,
         n: usize,
         v: &mut [f32],
+        tmp: &mut [f32],
     ) {
         let (c, h, w) = chw;
         let (pt, pl) = (pad[0] as isize, pad[2] as isize);
-        for ci in 0..c {
-            let plane = &x[ci * h * w..(ci + 1) * h * w];
-            for j in 0..n {
-                let (by, bx) = ((b0 + j) / bw, (b0 + j) % bw);
-                let (y0, x0) = (2 * by as isize - pt, 2 * bx as isize - pl);
-                let mut d = [[0f32; 4]; 4];
-                let inside = y0 >= 0 && x0 >= 0 && y0 + 4 <= h as isize && x0 + 4 <= w as isize;
-                for (r, d) in d.iter_mut().enumerate() {
-                    let iy = y0 + r as isize;
-                    if !inside && (iy < 0 || iy >= h as isize) {
+        let (rows, eo) = tmp.split_at_mut(4 * (2 * bw + 4));
+        let mut j = 0;
+        while j < n {
+            let (by, bx0) = ((b0 + j) / bw, (b0 + j) % bw);
+            let span = (bw - bx0).min(n - j);
+            let len = 2 * span + 2;
+            let x0 = 2 * bx0 as isize - pl;
+            for ci in 0..c {
+                let plane = &x[ci * h * w..(ci + 1) * h * w];
+                // The four input rows of this block row, zero outside the image.
+                for r in 0..4 {
+                    let row = &mut rows[r * (2 * bw + 4)..][..len];
+                    let iy = 2 * by as isize - pt + r as isize;
+                    if iy < 0 || iy >= h as isize {
+                        row.fill(0.0);
                         continue;
                     }
-                    let row = &plane[iy as usize * w..][..w];
-                    if inside {
-                        d.copy_from_slice(&row[x0 as usize..x0 as usize + 4]);
-                    } else {
-                        for (c, d) in d.iter_mut().enumerate() {
-                            let ix = x0 + c as isize;
-                            if ix >= 0 && ix < w as isize {
-                                *d = row[ix as usize];
-                            }
-                        }
+                    let src = &plane[iy as usize * w..][..w];
+                    let lo = (-x0).clamp(0, len as isize) as usize;
+                    let hi = (w as isize - x0).clamp(lo as isize, len as isize) as usize;
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    row[lo..hi].copy_from_slice(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize]);
+                }
+                // Bᵀ d down each column: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3,
+                // kept as even and odd columns (span + 1 of each).
+                let m = span + 1;
+                let (ev, od) = eo.split_at_mut(4 * (bw + 2));
+                for i in 0..m {
+                    let d: [[f32; 2]; 4] =
+                        std::array::from_fn(|r| [rows[r * (2 * bw + 4) + 2 * i], rows[r * (2 * bw + 4) + 2 * i + 1]]);
+                    let t = [
+                        [d[0][0] - d[2][0], d[0][1] - d[2][1]],
+                        [d[1][0] + d[2][0], d[1][1] + d[2][1]],
+                        [d[2][0] - d[1][0], d[2][1] - d[1][1]],
+                        [d[1][0] - d[3][0], d[1][1] - d[3][1]],
+                    ];
+                    for r in 0..4 {
+                        ev[r * (bw + 2) + i] = t[r][0];
+                        od[r * (bw + 2) + i] = t[r][1];
                     }
                 }
-                // Bᵀ d: rows d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-                let t = [
-                    std::array::from_fn::<f32, 4, _>(|k| d[0][k] - d[2][k]),
-                    std::array::from_fn::<f32, 4, _>(|k| d[1][k] + d[2][k]),
-                    std::array::from_fn::<f32, 4, _>(|k| d[2][k] - d[1][k]),
-                    std::array::from_fn::<f32, 4, _>(|k| d[1][k] - d[3][k]),
-                ];
-                // (Bᵀ d) B: the same on each row's columns.
-                for (r, t) in t.iter().enumerate() {
-                    let o = [t[0] - t[2], t[1] + t[2], t[2] - t[1], t[1] - t[3]];
-                    for (k, o) in o.into_iter().enumerate() {
-                        v[((4 * r + k) * c + ci) * n + j] = o;
+                // (Bᵀ d) B across: columns even[j], odd[j], even[j + 1], odd[j + 1].
+                for r in 0..4 {
+                    let e = &ev[r * (bw + 2)..][..m];
+                    let o = &od[r * (bw + 2)..][..m];
+                    let at = |k: usize| ((4 * r + k) * c + ci) * n + j;
+                    for (q, d) in v[at(0)..at(0) + span].iter_mut().enumerate() {
+                        *d = e[q] - e[q + 1];
+                    }
+                    for (q, d) in v[at(1)..at(1) + span].iter_mut().enumerate() {
+                        *d = o[q] + e[q + 1];
+                    }
+                    for (q, d) in v[at(2)..at(2) + span].iter_mut().enumerate() {
+                        *d = e[q + 1] - o[q];
+                    }
+                    for (q, d) in v[at(3)..at(3) + span].iter_mut().enumerate() {
+                        *d = o[q] - o[q + 1];
                     }
                 }
             }
+            j += span;
         }
     }
 }
