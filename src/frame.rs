@@ -188,7 +188,8 @@ impl Slot {
             b64_scratch: Vec::with_capacity(l.max_payload),
             // Zeroed allocations: the pages are resident only once a decoder writes them.
             rgb: vec![0; l.max_width as usize * l.max_height as usize * BUFFER_BYTES_PER_PIXEL],
-            rgb_spare: vec![0; l.max_width as usize * l.max_height as usize * 3],
+            // As large as `rgb`: the two trade places when a picture is turned upright.
+            rgb_spare: vec![0; l.max_width as usize * l.max_height as usize * BUFFER_BYTES_PER_PIXEL],
             decoded: Decoded::default(),
             tensor: vec![0.0; l.max_tensor],
             // An upright image may be as wide as the stored one is high.

@@ -240,3 +240,22 @@ fn the_service_infers_every_format_and_says_what_it_turned() {
     );
     assert!(fixture("astronaut-exif6.jpg").len() > 1000);
 }
+
+/// A worker's two pixel buffers trade places when a picture is turned upright;
+/// the next frame, an RGBA PNG as large as the slots allow, still fits.
+#[test]
+fn after_a_turned_picture_the_next_rgba_frame_still_fits() {
+    use ai_edge_inference::frame::{Limits, Slot};
+    let mut slot = Slot::new(&Limits {
+        max_payload: 1 << 16,
+        max_width: 120,
+        max_height: 80,
+        max_tensor: 0,
+        max_input_width: 0,
+    });
+    let mut d = decode::decode_into(&file("cat-exif6.png"), &mut slot.rgb, 120, 120).unwrap();
+    decode::orient(&mut slot.rgb, &mut slot.rgb_spare, &mut d);
+    assert_eq!((d.width, d.height), (120, 80));
+    let d = decode::decode_into(&file("cat-rgba.png"), &mut slot.rgb, 120, 80).unwrap();
+    assert_eq!(slot.rgb[..d.rgb_len()], pixels("cat.png").1[..]);
+}

@@ -160,8 +160,10 @@ pub fn decode_into(bytes: &[u8], rgb: &mut [u8], max_width: u32, max_height: u32
     }
 }
 
-/// Turns a decoded image upright by its orientation, through `spare` (as
-/// large as `rgb`): afterwards `rgb` holds the upright pixels and `d` their size.
+/// Turns a decoded image upright by its orientation, through `spare`:
+/// afterwards `rgb` holds the upright pixels and `d` their size. The two
+/// buffers trade places, so a caller that decodes again into `rgb` gives
+/// `spare` the same size.
 pub fn orient(rgb: &mut Vec<u8>, spare: &mut Vec<u8>, d: &mut Decoded) {
     if d.orientation.is_identity() {
         return;

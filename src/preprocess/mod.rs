@@ -245,7 +245,7 @@ pub fn tensor_for_image(
 ) -> Result<((u32, u32), Vec<f32>), String> {
     let pixels = max_w as usize * max_h as usize;
     let mut rgb = vec![0u8; pixels * crate::decode::BUFFER_BYTES_PER_PIXEL];
-    let mut spare = vec![0u8; pixels * 3];
+    let mut spare = vec![0u8; pixels * crate::decode::BUFFER_BYTES_PER_PIXEL];
     let mut d = crate::decode::decode_into(image, &mut rgb, max_w, max_h).map_err(|e| e.to_string())?;
     crate::decode::orient(&mut rgb, &mut spare, &mut d);
     let g = Geometry::new(d.width, d.height, p);
