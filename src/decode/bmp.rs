@@ -6,7 +6,7 @@ use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 
-use super::{check_size, fits, pack_rgb, DecodeError, Decoded, Format, Layout};
+use super::{check_size, decode_packed, DecodeError, Decoded, Format, Layout};
 
 pub(super) fn decode(
     bytes: &[u8],
@@ -26,13 +26,11 @@ pub(super) fn decode(
         Some(ColorSpace::RGBA) => Layout::Rgba,
         other => return Err(corrupt(format!("unsupported pixel format {other:?}"))),
     };
-    let need = fits(dec.output_buf_size(), rgb, width, height).map_err(&corrupt)?;
-    if need != width * height * layout.channels() {
-        return Err(corrupt(format!("unexpected output size {need} for {width}x{height}")));
-    }
-    dec.decode_into(&mut rgb[..need])
-        .map_err(|e| corrupt(format!("{e:?}")))?;
-    pack_rgb(rgb, width * height, layout);
+    let need = dec.output_buf_size();
+    decode_packed(rgb, (width, height), (layout, 1), need, |out| {
+        dec.decode_into(out).map_err(|e| format!("{e:?}"))
+    })
+    .map_err(&corrupt)?;
     Ok(Decoded {
         width: width as u32,
         height: height as u32,

@@ -6,7 +6,7 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
-use super::{check_size, exif, fits, DecodeError, Decoded, Format};
+use super::{check_size, decode_packed, exif, DecodeError, Decoded, Format, Layout};
 
 pub(super) fn decode(
     bytes: &[u8],
@@ -25,11 +25,11 @@ pub(super) fn decode(
     dec.decode_headers().map_err(|e| corrupt(e.to_string()))?;
     let (width, height) = dec.dimensions().ok_or_else(|| corrupt("no frame header".into()))?;
     check_size(width, height, max_width, max_height)?;
-    let need = fits(dec.output_buffer_size(), rgb, width, height).map_err(&corrupt)?;
-    if need != width * height * 3 {
-        return Err(corrupt(format!("unexpected output size {need} for {width}x{height}")));
-    }
-    dec.decode_into(&mut rgb[..need]).map_err(|e| corrupt(e.to_string()))?;
+    let need = dec.output_buffer_size();
+    decode_packed(rgb, (width, height), (Layout::Rgb, 1), need, |out| {
+        dec.decode_into(out).map_err(|e| e.to_string())
+    })
+    .map_err(&corrupt)?;
     let orientation = dec.exif().map(|e| exif::orientation(e)).unwrap_or_default();
     Ok(Decoded {
         width: width as u32,

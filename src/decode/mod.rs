@@ -222,16 +222,33 @@ fn pack_rgb(buf: &mut [u8], pixels: usize, from: Layout) {
     }
 }
 
-/// Whether `need` bytes of a decoder's output fit the buffer; a clear error if not.
-fn fits(need: Option<usize>, buf: &[u8], width: usize, height: usize) -> Result<usize, String> {
-    match need {
-        Some(n) if n <= buf.len() => Ok(n),
-        Some(n) => Err(format!(
-            "a {width}x{height} image needs {n} bytes to decode, the frame buffer holds {}",
-            buf.len()
-        )),
-        None => Err(format!("{width}x{height}: output size overflows")),
+/// Runs `decode` on the front of `rgb`, sized by what the decoder says it
+/// needs (`need` bytes of `layout` pixels, `sample_bytes` a sample, checked
+/// against the buffer and the image), then packs those pixels to RGB8 in
+/// place. A decoder of wider samples leaves them narrowed to bytes at the front.
+fn decode_packed(
+    rgb: &mut [u8],
+    (width, height): (usize, usize),
+    (layout, sample_bytes): (Layout, usize),
+    need: Option<usize>,
+    decode: impl FnOnce(&mut [u8]) -> Result<(), String>,
+) -> Result<(), String> {
+    let need = match need {
+        Some(n) if n <= rgb.len() => n,
+        Some(n) => {
+            return Err(format!(
+                "a {width}x{height} image needs {n} bytes to decode, the frame buffer holds {}",
+                rgb.len()
+            ))
+        }
+        None => return Err(format!("{width}x{height}: output size overflows")),
+    };
+    if need != width * height * layout.channels() * sample_bytes {
+        return Err(format!("unexpected output size {need} for {width}x{height}"));
     }
+    decode(&mut rgb[..need])?;
+    pack_rgb(rgb, width * height, layout);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_png::PngDecoder;
 
-use super::{check_size, exif, fits, pack_rgb, DecodeError, Decoded, Format, Layout};
+use super::{check_size, decode_packed, exif, DecodeError, Decoded, Format, Layout};
 
 pub(super) fn decode(
     bytes: &[u8],
@@ -30,13 +30,11 @@ pub(super) fn decode(
         Some(ColorSpace::RGBA) => Layout::Rgba,
         other => return Err(corrupt(format!("unsupported colour type {other:?}"))),
     };
-    let need = fits(dec.output_buffer_size(), rgb, width, height).map_err(&corrupt)?;
-    if need != width * height * layout.channels() {
-        return Err(corrupt(format!("unexpected output size {need} for {width}x{height}")));
-    }
-    dec.decode_into(&mut rgb[..need])
-        .map_err(|e| corrupt(format!("{e:?}")))?;
-    pack_rgb(rgb, width * height, layout);
+    let need = dec.output_buffer_size();
+    decode_packed(rgb, (width, height), (layout, 1), need, |out| {
+        dec.decode_into(out).map_err(|e| format!("{e:?}"))
+    })
+    .map_err(&corrupt)?;
     let orientation = dec
         .info()
         .and_then(|i| i.exif.as_deref())

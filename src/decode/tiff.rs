@@ -9,7 +9,7 @@ use tiff::decoder::{Decoder, Limits};
 use tiff::tags::{PlanarConfiguration, Tag};
 use tiff::ColorType;
 
-use super::{check_size, fits, pack_rgb, DecodeError, Decoded, Format, Layout, Orientation};
+use super::{check_size, decode_packed, DecodeError, Decoded, Format, Layout, Orientation};
 
 pub(super) fn decode(
     bytes: &[u8],
@@ -44,18 +44,19 @@ pub(super) fn decode(
     if bits != 8 && bits != 16 {
         return Err(corrupt(format!("{bits}-bit samples are not supported (8 or 16)")));
     }
-    let samples = width * height * layout.channels();
-    let bytes_per = bits as usize / 8;
-    let need = fits(samples.checked_mul(bytes_per), rgb, width, height).map_err(&corrupt)?;
-    dec.read_image_bytes(&mut rgb[..need]).map_err(e)?;
-    if bytes_per == 2 {
-        // Native-endian u16 samples: keep the high byte, packed to the front.
-        for i in 0..samples {
-            let v = u16::from_ne_bytes([rgb[2 * i], rgb[2 * i + 1]]);
-            rgb[i] = (v >> 8) as u8;
+    let sample_bytes = bits as usize / 8;
+    let need = (width * height * layout.channels()).checked_mul(sample_bytes);
+    decode_packed(rgb, (width, height), (layout, sample_bytes), need, |out| {
+        dec.read_image_bytes(out).map_err(|e| e.to_string())?;
+        if sample_bytes == 2 {
+            // Native-endian u16 samples: keep the high byte, packed to the front.
+            for i in 0..out.len() / 2 {
+                out[i] = (u16::from_ne_bytes([out[2 * i], out[2 * i + 1]]) >> 8) as u8;
+            }
         }
-    }
-    pack_rgb(rgb, width * height, layout);
+        Ok(())
+    })
+    .map_err(&corrupt)?;
     let orientation = dec
         .find_tag_unsigned::<u16>(Tag::Orientation)
         .ok()

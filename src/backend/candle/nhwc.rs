@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use super::cpu::{multiversion, split, threads, Act, Isa};
 
 /// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread.
-fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+pub(super) fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
     assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
     if m == 0 || n == 0 {
         return;

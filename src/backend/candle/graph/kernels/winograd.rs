@@ -14,6 +14,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::super::super::cpu::{multiversion, Act, Isa};
+use super::super::super::nhwc::gemm_set;
 use super::*;
 
 /// Output blocks (2x2 pixels each) per chunk: `16 * (c_in + c_out)` floats a block must fit L2 with room.
@@ -103,37 +104,15 @@ impl Winograd {
                     tmp,
                 );
                 for xi in 0..16 {
-                    let (u, v, m) = (
+                    gemm_set(
+                        self.cout,
+                        n,
+                        self.cin,
                         &self.u[xi * self.cout * self.cin..][..self.cout * self.cin],
+                        self.cin,
                         &v[xi * self.cin * n..][..self.cin * n],
                         &mut m[xi * self.cout * n..][..self.cout * n],
                     );
-                    // SAFETY: the slices bound what gemm reads (`cout x cin` of `u` at row
-                    // stride cin, `cin x n` of `v` at row stride n) and writes (`cout x n` of
-                    // `m` at row stride n); all three are distinct buffers.
-                    unsafe {
-                        gemm::gemm(
-                            self.cout,
-                            n,
-                            self.cin,
-                            m.as_mut_ptr(),
-                            1,
-                            n as isize,
-                            false,
-                            u.as_ptr(),
-                            1,
-                            self.cin as isize,
-                            v.as_ptr(),
-                            1,
-                            n as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        )
-                    };
                 }
                 // Y = Aᵀ M A, into the first 4 * cout * n floats of `v` (no longer needed).
                 let y = &mut v[..4 * self.cout * n];
