@@ -359,6 +359,16 @@ impl<'a> Writer<'a> {
         self
     }
 
+    /// Starts an object member whose key is written from arguments, escaped.
+    pub fn key_fmt(&mut self, k: std::fmt::Arguments<'_>) -> &mut Self {
+        self.value_start();
+        self.buf.push(b'"');
+        let _ = std::fmt::Write::write_fmt(&mut EscapingWriter(self.buf), k);
+        self.buf.extend_from_slice(b"\":");
+        self.after_key = true;
+        self
+    }
+
     pub fn str(&mut self, s: &str) -> &mut Self {
         self.value_start();
         escape_str(self.buf, s);
@@ -400,6 +410,20 @@ impl<'a> Writer<'a> {
         self.buf.extend_from_slice(json);
         self
     }
+    /// `now` as an RFC 3339 UTC string with milliseconds.
+    pub fn rfc3339(&mut self, now: std::time::SystemTime) -> &mut Self {
+        let d = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+        let (y, m, day) = civil_from_days(days);
+        self.fmt_str(format_args!(
+            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem / 60 % 60,
+            rem % 60,
+            d.subsec_millis()
+        ))
+    }
     /// Writes a string value from arguments, escaping as it goes.
     pub fn fmt_str(&mut self, args: std::fmt::Arguments<'_>) -> &mut Self {
         self.value_start();
@@ -409,6 +433,20 @@ impl<'a> Writer<'a> {
         self.buf.push(b'"');
         self
     }
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + (m <= 2) as i64, m, d)
 }
 
 struct EscapingWriter<'a>(&'a mut Vec<u8>);
@@ -453,6 +491,7 @@ fn escape_body(buf: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn members(s: &str) -> Result<Vec<(String, Value<'_>)>, SyntaxError> {
         let mut v = Vec::new();
@@ -543,5 +582,14 @@ mod tests {
         );
         let v: miniserde::json::Value = miniserde::json::from_str(&text).unwrap();
         assert!(matches!(v, miniserde::json::Value::Object(_)));
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        let mut buf = Vec::new();
+        Writer::new(&mut buf).rfc3339(UNIX_EPOCH + Duration::from_millis(1_767_225_600_123));
+        assert_eq!(buf, b"\"2026-01-01T00:00:00.123Z\"");
+        Writer::new(&mut buf).rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400));
+        assert_eq!(buf, b"\"2000-02-29T00:00:00.000Z\"");
     }
 }

@@ -23,6 +23,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod json;
+pub mod logging;
 pub mod memory;
 pub mod messages;
 pub mod metrics;

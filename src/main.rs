@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 use ai_edge_inference::config::{self, Settings};
-use ai_edge_inference::{alloc_count, bench, build_info, service};
+use ai_edge_inference::{alloc_count, bench, build_info, logging, service};
 
 #[global_allocator]
 static ALLOC: alloc_count::CountingAlloc = alloc_count::CountingAlloc;
@@ -51,10 +51,7 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&format!("configuration: {e}")),
     };
-    env_logger::Builder::new()
-        .parse_filters(&settings.log)
-        .format_timestamp_millis()
-        .init();
+    logging::init(&settings.log, settings.log_format);
 
     let (cmd, rest) = match rest.split_first() {
         Some((c, r)) => (c.as_str(), r),

@@ -38,6 +38,9 @@ pub enum ToMqtt {
     /// The models' problems changed (a model failed or recovered): publish a
     /// fresh retained status. Built when published, so it is never stale.
     StatusChanged,
+    /// Time for a metrics snapshot (`METRICS_INTERVAL_S`): published when connected, skipped
+    /// when not (a snapshot is about now, so none is queued).
+    MetricsTick,
     /// Stopping: publish what is queued and the `offline` status, then disconnect.
     Shutdown,
 }

@@ -177,6 +177,41 @@ pub struct Histogram {
     sum_ns: AtomicU64,
 }
 
+/// A histogram's numbers read at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative); those above the last bucket are in `count` only.
+    pub counts: [u64; BUCKETS.len()],
+    pub count: u64,
+    pub sum_ns: u64,
+}
+
+impl HistogramSnapshot {
+    /// The `q` quantile in seconds, estimated from the buckets as Prometheus'
+    /// `histogram_quantile` does (linear inside the bucket; the last bucket's bound when it
+    /// falls above it). `None` with no observations.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n > 0 && (below + n) as f64 >= rank {
+                let lo = if i == 0 { 0.0 } else { BUCKETS[i - 1] };
+                let frac = ((rank - below as f64) / n as f64).clamp(0.0, 1.0);
+                return Some(lo + (BUCKETS[i] - lo) * frac);
+            }
+            below += n;
+        }
+        Some(BUCKETS[BUCKETS.len() - 1])
+    }
+
+    pub fn mean_s(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum_ns as f64 / 1e9 / self.count as f64)
+    }
+}
+
 impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
         let s = d.as_secs_f64();
@@ -186,6 +221,41 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
         self.sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: std::array::from_fn(|i| self.counts[i].load(Relaxed)),
+            count: self.count.load(Relaxed),
+            sum_ns: self.sum_ns.load(Relaxed),
+        }
+    }
+}
+
+/// The backends timed per call, in the order of `Metrics::backends` and `Summary::latency`.
+pub const BACKENDS: [&str; 2] = ["candle", "onnx"];
+
+/// `name`'s index in [`BACKENDS`].
+pub fn backend_index(name: &str) -> usize {
+    (name == "onnx") as usize
+}
+
+/// One model's state for `/readyz`, `/metrics` and the metrics snapshot (built by
+/// `models::Models::summary`).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub name: String,
+    pub backend: &'static str,
+    pub model_type: &'static str,
+    pub provider: String,
+    pub ready: bool,
+    /// Why the model is not serving, when it failed to load.
+    pub error: Option<String>,
+    /// Content hash of the model file (0 when there is none).
+    pub hash: u64,
+    /// Frames this version answered.
+    pub frames: u64,
+    /// This version's inference time per backend ([`BACKENDS`]).
+    pub latency: [HistogramSnapshot; 2],
 }
 
 /// Every metric of the service.
@@ -232,6 +302,8 @@ pub struct Metrics {
     pub dual_matches: AtomicU64,
     /// Dual comparisons whose second backend failed (the primary's result went out).
     pub dual_failed: AtomicU64,
+    /// When the service started (set once at start-up), for the uptime.
+    pub started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Metrics {
@@ -252,7 +324,7 @@ impl Metrics {
     }
     /// One backend call of `backend` ("candle" or "onnx") took `d`.
     pub fn backend(&self, backend: &str, d: std::time::Duration) {
-        self.backends[(backend == "onnx") as usize].observe(d);
+        self.backends[backend_index(backend)].observe(d);
     }
     /// One dual comparison, agreeing or not.
     pub fn dual(&self, matched: bool) {
@@ -261,7 +333,12 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with the state of every configured model.
-    pub fn render(&self, models: &[crate::models::Summary], reloads: Reloads) -> String {
+    /// Seconds since `started` was set (0 before).
+    pub fn uptime_s(&self) -> f64 {
+        self.started.get().map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
+
+    pub fn render(&self, models: &[Summary], reloads: Reloads) -> String {
         let mut o = String::with_capacity(8192);
         let v = |a: &AtomicU64| a.load(Relaxed);
         let one = |value: u64| [(String::new(), value)];
@@ -282,6 +359,13 @@ impl Metrics {
             "Build facts of the running binary; always 1.",
             &[(build, 1)],
         );
+        head(
+            &mut o,
+            "aei_uptime_seconds",
+            "gauge",
+            "Seconds since the service started.",
+        );
+        let _ = writeln!(o, "aei_uptime_seconds {:.1}", self.uptime_s());
         metric(
             &mut o,
             "aei_messages_received_total",
@@ -416,9 +500,8 @@ impl Metrics {
             histogram(
                 &mut o,
                 "aei_stage_duration_seconds",
-                "stage",
-                st.as_str(),
-                &self.stages[st as usize],
+                &format!("stage=\"{}\"", st.as_str()),
+                &self.stages[st as usize].snapshot(),
             );
         }
         head(
@@ -427,8 +510,27 @@ impl Metrics {
             "histogram",
             "Inference time per backend call.",
         );
-        for (i, b) in ["candle", "onnx"].iter().enumerate() {
-            histogram(&mut o, "aei_backend_inference_seconds", "backend", b, &self.backends[i]);
+        for (i, b) in BACKENDS.iter().enumerate() {
+            histogram(
+                &mut o,
+                "aei_backend_inference_seconds",
+                &format!("backend=\"{b}\""),
+                &self.backends[i].snapshot(),
+            );
+        }
+        head(
+            &mut o,
+            "aei_model_inference_seconds",
+            "histogram",
+            "Inference time per backend call, by model (the version serving now) and backend.",
+        );
+        for m in models {
+            for (i, b) in BACKENDS.iter().enumerate() {
+                if m.latency[i].count > 0 {
+                    let labels = format!("model=\"{}\",backend=\"{b}\"", escape_label(&m.name));
+                    histogram(&mut o, "aei_model_inference_seconds", &labels, &m.latency[i]);
+                }
+            }
         }
         metric(
             &mut o,
@@ -554,6 +656,127 @@ impl Metrics {
     }
 }
 
+/// The metrics snapshot published on `ai/metrics`: the numbers `/metrics` shows, read at one
+/// moment, as one compact JSON object (latency as p50/p90/p99 estimated from the same buckets).
+pub struct Snapshot<'a> {
+    pub client_id: &'a str,
+    pub models: &'a [Summary],
+    pub reloads: Reloads,
+}
+
+impl Metrics {
+    /// Writes the snapshot into `buf` (cleared first).
+    pub fn snapshot_json(&self, buf: &mut Vec<u8>, now: std::time::SystemTime, s: &Snapshot<'_>) {
+        let v = |a: &AtomicU64| a.load(Relaxed);
+        let mut w = crate::json::Writer::new(buf);
+        w.begin_object();
+        w.key("message_type").str("service_metrics");
+        w.key("timestamp").rfc3339(now);
+        w.key("client_id").str(s.client_id);
+        w.key("version").str(build_info::VERSION);
+        w.key("uptime_s").f64(self.uptime_s(), 1);
+        w.key("mqtt").begin_object();
+        w.key("connected").bool(self.mqtt_connected.load(Relaxed));
+        w.key("connects").u64(v(&self.mqtt_connects));
+        w.key("connection_errors").u64(v(&self.mqtt_connection_errors));
+        w.end_object();
+
+        w.key("frames").begin_object();
+        w.key("messages_received").u64(v(&self.messages_received));
+        w.key("received").begin_object();
+        for f in Form::ALL {
+            w.key(f.as_str()).u64(v(&self.received[f as usize]));
+        }
+        w.end_object();
+        w.key("answered").u64(v(&self.results_published));
+        w.key("errors_published").u64(v(&self.errors_published));
+        w.key("failed").begin_object();
+        for r in FailReason::ALL {
+            w.key(r.as_str()).u64(v(&self.failed[r as usize]));
+        }
+        w.end_object();
+        w.key("dropped").begin_object();
+        for r in DropReason::ALL {
+            w.key(r.as_str()).u64(v(&self.dropped[r as usize]));
+        }
+        w.end_object();
+        w.key("repeated").u64(v(&self.repeats));
+        w.end_object();
+
+        w.key("latency_ms").begin_object();
+        w.key("stages").begin_object();
+        for st in Stage::ALL {
+            w.key(st.as_str());
+            latency(&mut w, &self.stages[st as usize].snapshot());
+        }
+        w.end_object();
+        w.key("backends").begin_object();
+        for (i, b) in BACKENDS.iter().enumerate() {
+            w.key(b);
+            latency(&mut w, &self.backends[i].snapshot());
+        }
+        w.end_object();
+        w.end_object();
+
+        let free = v(&self.slots_free);
+        w.key("queue").begin_object();
+        w.key("waiting").u64(v(&self.queue_waiting));
+        w.key("slots").u64(v(&self.slots_total));
+        w.key("slots_busy").u64(v(&self.slots_total).saturating_sub(free));
+        w.key("slot_waits").u64(v(&self.slot_waits));
+        w.key("offline_queued").u64(v(&self.offline_queued));
+        w.key("offline_dropped").u64(v(&self.offline_dropped));
+        w.end_object();
+
+        w.key("models").begin_array();
+        for m in s.models {
+            w.begin_object();
+            w.key("name").str(&m.name);
+            w.key("backend").str(m.backend);
+            w.key("model_type").str(m.model_type);
+            w.key("ready").bool(m.ready);
+            w.key("model_hash").fmt_str(format_args!("{:016x}", m.hash));
+            w.key("frames").u64(m.frames);
+            w.key("latency_ms").begin_object();
+            for (i, b) in BACKENDS.iter().enumerate() {
+                if m.latency[i].count > 0 {
+                    w.key(b);
+                    latency(&mut w, &m.latency[i]);
+                }
+            }
+            w.end_object();
+            if let Some(e) = &m.error {
+                w.key("error").str(e);
+            }
+            w.end_object();
+        }
+        w.end_array();
+        w.key("reloads").begin_object();
+        w.key("done").u64(s.reloads.done);
+        w.key("refused").u64(s.reloads.refused);
+        w.end_object();
+        w.key("dual").begin_object();
+        w.key("comparisons").u64(v(&self.dual_comparisons));
+        w.key("matched").u64(v(&self.dual_matches));
+        w.key("failed").u64(v(&self.dual_failed));
+        w.end_object();
+        w.key("http_requests").u64(v(&self.http_requests));
+        w.end_object();
+    }
+}
+
+/// `{"count": n, "mean": ms, "p50": ms, "p90": ms, "p99": ms}` (nulls with no observations).
+fn latency(w: &mut crate::json::Writer<'_>, h: &HistogramSnapshot) {
+    let ms = |s: Option<f64>| s.map_or(f64::NAN, |s| s * 1e3);
+    w.begin_object();
+    w.key("count").u64(h.count);
+    w.key("mean").f64(ms(h.mean_s()), 3);
+    for (k, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99)] {
+        w.key(k).f64(ms(h.quantile(q)), 3);
+    }
+    w.end_object();
+}
+
 /// A metric's help and type lines.
 fn head(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -570,20 +793,16 @@ fn metric(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String
     }
 }
 
-fn histogram(o: &mut String, name: &str, label: &str, value: &str, h: &Histogram) {
+fn histogram(o: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
     let mut cum = 0;
     for (i, b) in BUCKETS.iter().enumerate() {
-        cum += h.counts[i].load(Relaxed);
-        let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"{b}\"}} {cum}");
+        cum += h.counts[i];
+        let _ = writeln!(o, "{name}_bucket{{{labels},le=\"{b}\"}} {cum}");
     }
-    let n = h.count.load(Relaxed);
-    let _ = writeln!(o, "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {n}");
-    let _ = writeln!(
-        o,
-        "{name}_sum{{{label}=\"{value}\"}} {}",
-        h.sum_ns.load(Relaxed) as f64 / 1e9
-    );
-    let _ = writeln!(o, "{name}_count{{{label}=\"{value}\"}} {n}");
+    let n = h.count;
+    let _ = writeln!(o, "{name}_bucket{{{labels},le=\"+Inf\"}} {n}");
+    let _ = writeln!(o, "{name}_sum{{{labels}}} {}", h.sum_ns as f64 / 1e9);
+    let _ = writeln!(o, "{name}_count{{{labels}}} {n}");
 }
 
 fn escape_label(v: &str) -> String {
@@ -603,13 +822,16 @@ mod tests {
         m.stage(Stage::Decode, Duration::from_secs(60));
         m.failed(FailReason::UnknownFormat);
         let text = m.render(
-            &[crate::models::Summary {
+            &[Summary {
                 name: "m\"1".into(),
                 backend: "builtin",
                 model_type: "camera-health",
                 provider: "builtin".into(),
                 ready: true,
                 error: None,
+                hash: 0,
+                frames: 0,
+                latency: Default::default(),
             }],
             Reloads::default(),
         );
@@ -620,5 +842,23 @@ mod tests {
         assert!(text.contains(
             "aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\",provider=\"builtin\"} 1\n"
         ));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_a_bucket_as_prometheus_does() {
+        let h = Histogram::default();
+        assert_eq!(h.snapshot().quantile(0.5), None);
+        // Four in (0.005, 0.01], four in (0.01, 0.025]: the median is the first bucket's top.
+        for ms in [6, 7, 8, 9, 11, 12, 20, 24] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let s = h.snapshot();
+        assert!((s.quantile(0.5).unwrap() - 0.01).abs() < 1e-12);
+        assert!((s.quantile(0.25).unwrap() - 0.0075).abs() < 1e-12);
+        assert!((s.quantile(0.75).unwrap() - 0.0175).abs() < 1e-12);
+        assert!((s.mean_s().unwrap() - 0.012125).abs() < 1e-9);
+        // Above the last bucket: its bound, as histogram_quantile answers.
+        h.observe(Duration::from_secs(60));
+        assert_eq!(h.snapshot().quantile(1.0), Some(10.0));
     }
 }

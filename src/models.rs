@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs};
 use crate::config::model::{BackendKind, Labels, ModelConfig, ModelType};
 use crate::health;
+use crate::metrics::Histogram;
 use crate::postprocess::{self, Detection, YoloLayout};
 
 /// Most models one service routes a frame to.
@@ -102,6 +103,8 @@ pub struct Model {
     pub hash: u64,
     /// Frames this model has answered.
     pub frames: std::sync::atomic::AtomicU64,
+    /// Inference time of this version, per backend (`metrics::backend_index`: candle, onnx).
+    pub latency: [Histogram; 2],
 }
 
 impl Model {
@@ -127,16 +130,7 @@ impl std::fmt::Display for LoadError {
 }
 
 /// One model's state for `/readyz` and metrics.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub name: String,
-    pub backend: &'static str,
-    pub model_type: &'static str,
-    pub provider: String,
-    pub ready: bool,
-    /// Why the model is not serving, when it failed to load.
-    pub error: Option<String>,
-}
+pub use crate::metrics::Summary;
 
 pub struct Models {
     /// Shared between snapshots: a hot swap replaces one entry.
@@ -183,6 +177,7 @@ impl Models {
                         loaded_at: std::time::SystemTime::now(),
                         hash,
                         frames: std::sync::atomic::AtomicU64::new(0),
+                        latency: Default::default(),
                     }))
                 }
                 Err(error) => failed.push(LoadError {
@@ -226,6 +221,9 @@ impl Models {
             provider: m.provider.clone(),
             ready: m.ready.load(Ordering::Relaxed),
             error: None,
+            hash: m.hash,
+            frames: m.frames.load(Ordering::Relaxed),
+            latency: [m.latency[0].snapshot(), m.latency[1].snapshot()],
         });
         let failed = self.failed.iter().map(|f| Summary {
             name: f.model.clone(),
@@ -234,6 +232,9 @@ impl Models {
             provider: "none".into(),
             ready: false,
             error: Some(f.error.to_string()),
+            hash: 0,
+            frames: 0,
+            latency: Default::default(),
         });
         serving.chain(failed).collect()
     }

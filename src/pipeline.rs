@@ -154,7 +154,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             }
         };
         if routes.is_empty() {
-            log::warn!("message on `{topic}` matches no model's input topics; ignored");
+            log::warn!(topic = topic; "message on `{topic}` matches no model's input topics; ignored");
             ack(shared, msg.ack).await;
             continue;
         }
@@ -169,7 +169,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             );
             if repeat != Repeat::No {
                 shared.metrics.repeats.fetch_add(1, Relaxed);
-                log::debug!("message on `{topic}` repeats one already admitted; not answered again");
+                log::debug!(topic = topic; "message on `{topic}` repeats one already admitted; not answered again");
                 if repeat == Repeat::AckNow {
                     ack(shared, msg_ack).await;
                 }
@@ -189,7 +189,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             Ok(a) => a,
             Err(e) => {
                 shared.metrics.failed(e.reason);
-                log::debug!("message on `{topic}` refused: {e}");
+                log::debug!(topic = topic, reason = e.reason.as_str(); "message on `{topic}` refused: {e}");
                 ingest::write_early_error(&mut err_buf, topic, &msg.payload, oneshot.is_some(), &e);
                 let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
                 deliver(
@@ -298,7 +298,10 @@ fn stale_why(p: &Policy, age: std::time::Duration) -> String {
 
 /// Tells the owner of a dropped frame why it got no result, and acknowledges it.
 async fn report_drop(shared: &Shared, slot: &mut Slot, reason: DropReason, why: &str) {
-    log::debug!("dropped frame from `{}`: {}", slot.device, reason.as_str());
+    log::debug!(
+        device = slot.device.as_str(), topic = slot.topic.as_str(), reason = reason.as_str();
+        "dropped frame from `{}`: {}", slot.device, reason.as_str()
+    );
     let mut out = std::mem::take(&mut slot.out);
     result::write_error(
         &mut out,

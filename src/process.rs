@@ -195,7 +195,7 @@ fn run_ml(
         labels,
         yolo,
     } = &mut *guard;
-    let run_a = run_engine(primary, &slot.tensor[..n], ctx)?;
+    let run_a = run_engine(primary, &slot.tensor[..n], ctx, model)?;
     t.infer = run_a.time;
     ctx.metrics.stage(Stage::Infer, t.infer);
     postprocess_engine(primary, *yolo, config, &g);
@@ -218,7 +218,7 @@ fn run_ml(
 
     if let Some(second) = comparison {
         // One frame, one result: a failing second backend marks the comparison failed.
-        let run_b = run_engine(second, &slot.tensor[..n], ctx);
+        let run_b = run_engine(second, &slot.tensor[..n], ctx, model);
         let matched = match &run_b {
             Ok(_) => {
                 postprocess_engine(second, *yolo, config, &g);
@@ -284,7 +284,7 @@ pub const DUAL_IOU: f32 = 0.9;
 /// Runs one backend on the tensor, timing it and counting what the process
 /// allocated meanwhile (every thread: Candle's work runs on its pool; with
 /// several workers at once, theirs is counted too).
-fn run_engine(state: &mut EngineState, tensor: &[f32], ctx: &Ctx<'_>) -> Result<BackendRun, FrameError> {
+fn run_engine(state: &mut EngineState, tensor: &[f32], ctx: &Ctx<'_>, model: &Model) -> Result<BackendRun, FrameError> {
     let (_, bytes0) = alloc_count::snapshot_all();
     let t0 = Instant::now();
     state
@@ -294,6 +294,7 @@ fn run_engine(state: &mut EngineState, tensor: &[f32], ctx: &Ctx<'_>) -> Result<
     let time = t0.elapsed();
     let (_, bytes1) = alloc_count::snapshot_all();
     ctx.metrics.backend(state.engine.name(), time);
+    model.latency[crate::metrics::backend_index(state.engine.name())].observe(time);
     Ok(BackendRun {
         time,
         allocated_bytes: bytes1 - bytes0,
@@ -373,7 +374,10 @@ fn predictions<'a>(
 /// Writes and emits an error result for the frame in `slot`.
 pub fn fail(slot: &mut Slot, ctx: &Ctx<'_>, e: &FrameError, emit: &mut impl FnMut(&Slot, Emitted)) {
     ctx.metrics.failed(e.reason);
-    log::debug!("frame from `{}` on `{}`: {e}", slot.device, slot.topic);
+    log::debug!(
+        device = slot.device.as_str(), topic = slot.topic.as_str(), reason = e.reason.as_str();
+        "frame from `{}` on `{}`: {e}", slot.device, slot.topic
+    );
     let mut out = std::mem::take(&mut slot.out);
     result::write_error(
         &mut out,

@@ -69,6 +69,14 @@ impl Registry {
         let _ = self.on_topics.set(Box::new(f));
     }
 
+    /// Reloads done and refused so far.
+    pub fn reload_counts(&self) -> crate::metrics::Reloads {
+        crate::metrics::Reloads {
+            done: self.reloads.load(Relaxed),
+            refused: self.reload_failures.load(Relaxed),
+        }
+    }
+
     /// Models that failed to load, and reloads that failed (their old version serving).
     pub fn problems(&self) -> Vec<Problem> {
         let mut p: Vec<_> = self
@@ -111,8 +119,10 @@ impl Registry {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = self.try_reload(name);
         match &outcome {
-            Ok(()) => log::info!("model `{name}` reloaded"),
-            Err(e) => log::error!("model `{name}`: reload failed, the previous version keeps serving: {e}"),
+            Ok(()) => log::info!(model = name; "model `{name}` reloaded"),
+            Err(e) => {
+                log::error!(model = name; "model `{name}`: reload failed, the previous version keeps serving: {e}")
+            }
         }
         self.record(name, outcome.as_ref().err().cloned());
         outcome
@@ -164,7 +174,7 @@ impl Registry {
         let _one_at_a_time = self.reloading.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = self.try_add(path);
         match &outcome {
-            Ok(name) => log::info!("model `{name}` added from {}", path.display()),
+            Ok(name) => log::info!(model = name.as_str(); "model `{name}` added from {}", path.display()),
             Err(e) => log::error!("{}: not added: {e}", path.display()),
         }
         let error = outcome.as_ref().err().map(|e| format!("not added: {e}"));
@@ -233,7 +243,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(name);
-        log::info!("model `{name}` removed: its config file is gone");
+        log::info!(model = name; "model `{name}` removed: its config file is gone");
         self.changed();
         Ok(())
     }

@@ -81,7 +81,7 @@ fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Op
     let (boot, seq) = next_result_id();
     w.key("result_id").fmt_str(format_args!("{boot:x}-{seq}"));
     w.key("timestamp");
-    write_rfc3339(w, now);
+    w.rfc3339(now);
     w.key("device_id");
     match device_id {
         Some(d) => w.str(d),
@@ -286,35 +286,6 @@ pub fn write_error(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, code: &
     w.end_object();
 }
 
-/// Writes `now` as an RFC 3339 UTC string with milliseconds.
-pub fn write_rfc3339(w: &mut Writer<'_>, now: SystemTime) {
-    let d = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let (y, m, day) = civil_from_days(days);
-    w.fmt_str(format_args!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        d.subsec_millis()
-    ));
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + (m <= 2) as i64, m, d)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,21 +308,6 @@ mod tests {
             Value::Object(o) => o.get(*k).unwrap_or_else(|| panic!("missing {k}")),
             _ => panic!("not an object at {k}"),
         })
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        let mut buf = Vec::new();
-        write_rfc3339(
-            &mut Writer::new(&mut buf),
-            UNIX_EPOCH + Duration::from_millis(1_767_225_600_123),
-        );
-        assert_eq!(buf, b"\"2026-01-01T00:00:00.123Z\"");
-        write_rfc3339(
-            &mut Writer::new(&mut buf),
-            UNIX_EPOCH + Duration::from_secs(951_782_400),
-        );
-        assert_eq!(buf, b"\"2000-02-29T00:00:00.000Z\"");
     }
 
     #[test]

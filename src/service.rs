@@ -49,6 +49,7 @@ pub fn run(settings: Settings) -> Result<(), String> {
     crate::memory::return_free_memory();
     for m in &models.list {
         log::info!(
+            model = m.config.name.as_str(), backend = m.backend_name();
             "model `{}`: {} on {}, inputs {:?} -> {}",
             m.config.name,
             m.config.model_type.as_str(),
@@ -62,13 +63,17 @@ pub fn run(settings: Settings) -> Result<(), String> {
         );
     }
     let metrics = Arc::new(Metrics::default());
+    let _ = metrics.started.set(std::time::Instant::now());
     let limits = Limits::for_models(
         &models,
         settings.max_payload_bytes,
         settings.max_image_width,
         settings.max_image_height,
     );
-    let status_topic = render_service_topic(&settings.status_topic, &settings.client_id)?;
+    let mut status_topics = vec![render_service_topic(&settings.status_topic, &settings.client_id)?];
+    if let Some(site) = &settings.site {
+        status_topics.push(site.topic("ai/status"));
+    }
     let error_topic = render_service_topic(&settings.error_topic, &settings.client_id)?;
     let subscriptions = mqtt::Subscriptions::new(models.subscriptions());
     let model_count = models.list.len();
@@ -159,7 +164,27 @@ pub fn run(settings: Settings) -> Result<(), String> {
             host,
             port,
             subscriptions,
-            status_topic,
+            status_topics,
+            metrics_snapshot: (settings.metrics_interval_s > 0).then(|| {
+                let (metrics, registry, client_id) =
+                    (metrics.clone(), Arc::downgrade(&registry), settings.client_id.clone());
+                mqtt::MetricsSnapshot {
+                    topic: settings.metrics_topic.clone(),
+                    every: Duration::from_secs(settings.metrics_interval_s),
+                    write: Arc::new(move |buf: &mut Vec<u8>| {
+                        let (models, reloads) = match registry.upgrade() {
+                            Some(r) => (r.snapshot().summary(), r.reload_counts()),
+                            None => (Vec::new(), Default::default()),
+                        };
+                        let s = crate::metrics::Snapshot {
+                            client_id: &client_id,
+                            models: &models,
+                            reloads,
+                        };
+                        metrics.snapshot_json(buf, std::time::SystemTime::now(), &s);
+                    }),
+                }
+            }),
             receive_maximum,
             status_dirty: Default::default(),
             problems: {

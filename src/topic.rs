@@ -259,6 +259,21 @@ impl TopicTemplate {
         }
     }
 
+    /// Renders a template from named values; `Err` names a variable without one.
+    pub fn render_vars(&self, vars: &[(&str, &str)]) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Literal(s) => out.push_str(s),
+                Part::Var(name) => match vars.iter().find(|(k, _)| k == name) {
+                    Some((_, v)) => out.push_str(v),
+                    None => return Err(name.clone()),
+                },
+            }
+        }
+        Ok(out)
+    }
+
     /// Renders a template that only uses `{client_id}` (status topics).
     pub fn render_client(&self, client_id: &str) -> String {
         let mut out = String::new();

@@ -48,6 +48,9 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "MQTT_OUTPUT_TOPIC_TEMPLATE", flag: "--output-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/inference/vision", help: "Result topic template for models whose config has none." },
     Opt { env: "MQTT_COMPARISON_TOPIC_TEMPLATE", flag: "--comparison-topic", default: "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/comparison", help: "Dual-backend comparison topic template for models whose config has none." },
     Opt { env: "MQTT_STATUS_TOPIC", flag: "--status-topic", default: "edge-ai/services/{client_id}/ai/status", help: "Retained service status topic: `online` on connect, `offline` as last will." },
+    Opt { env: "SITE", flag: "--site", default: "", help: "This gateway's place in the topic tree, `business_unit/facility/gateway_id`. Set: the status also goes to `edge-ai/{business_unit}/{facility}/{gateway_id}/ai/status`, and the metrics snapshots to that gateway's `ai/metrics`. Empty: neither." },
+    Opt { env: "MQTT_METRICS_TOPIC", flag: "--metrics-topic", default: "", help: "Topic of the periodic metrics snapshot ({client_id}, {business_unit}, {facility}, {gateway_id}). Empty: `edge-ai/{business_unit}/{facility}/{gateway_id}/ai/metrics` with SITE set, else `edge-ai/services/{client_id}/ai/metrics`." },
+    Opt { env: "METRICS_INTERVAL_S", flag: "--metrics-interval", default: "60", help: "Seconds between metrics snapshots published to MQTT_METRICS_TOPIC (the numbers /metrics shows). 0: off." },
     Opt { env: "MQTT_ERROR_TOPIC", flag: "--error-topic", default: "edge-ai/services/{client_id}/ai/errors", help: "Topic for error results (bad payloads, corrupt JPEGs, dropped frames)." },
     Opt { env: "HTTP_ADDR", flag: "--http-addr", default: "0.0.0.0:8080", help: "Listen address for the read-only endpoints: /healthz, /readyz, /metrics, /models. Empty: off." },
     Opt { env: "HTTP_ADMIN_ADDR", flag: "--http-admin-addr", default: "127.0.0.1:8081", help: "Listen address for the mutating endpoints: POST /infer and POST /models/{name}/reload. The same as HTTP_ADDR: one listener for all. Empty: off." },
@@ -65,6 +68,7 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "ORT_DYLIB_PATH", flag: "--ort-library", default: "", help: "ONNX Runtime shared library (libonnxruntime.so.1.x) for the onnx backend. Empty: look beside the binary." },
     Opt { env: "SHUTDOWN_TIMEOUT_S", flag: "--shutdown-timeout", default: "10", help: "On SIGTERM/SIGINT: seconds to finish the frames in flight and flush their results before exiting anyway (unanswered frames stay unacknowledged and are redelivered)." },
     Opt { env: "RUST_LOG", flag: "--log", default: "info", help: "Log filter (env_logger syntax), e.g. `info` or `ai_edge_inference=debug`." },
+    Opt { env: "LOG_FORMAT", flag: "--log-format", default: "text", help: "Log lines as text (fields as key=value) or json (one object a line: timestamp, level, target, message and the line's fields, e.g. model, device, topic, reason)." },
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +105,12 @@ pub struct Settings {
     pub comparison_topic_template: String,
     pub status_topic: String,
     pub error_topic: String,
+    /// This gateway's business unit, facility and gateway id (`SITE`), when set.
+    pub site: Option<Site>,
+    /// The metrics snapshot topic, rendered (`MQTT_METRICS_TOPIC`).
+    pub metrics_topic: String,
+    /// Seconds between metrics snapshots; 0: off.
+    pub metrics_interval_s: u64,
     /// `None`: HTTP is off.
     pub http_addr: Option<String>,
     /// Where the mutating endpoints listen; `None`: off.
@@ -127,6 +137,53 @@ pub struct Settings {
     /// Seconds a graceful stop may take.
     pub shutdown_timeout_s: u64,
     pub log: String,
+    pub log_format: LogFormat,
+}
+
+/// A gateway's place in the design's topic tree: `edge-ai/{business_unit}/{facility}/{gateway_id}/...`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Site {
+    pub business_unit: String,
+    pub facility: String,
+    pub gateway_id: String,
+}
+
+impl Site {
+    /// `business_unit/facility/gateway_id`, each a plain topic level.
+    pub fn parse(text: &str) -> Result<Site, String> {
+        let levels: Vec<&str> = text.split('/').collect();
+        let [business_unit, facility, gateway_id] = levels[..] else {
+            return Err(format!(
+                "`business_unit/facility/gateway_id` (three levels), got {} in `{text}`",
+                levels.len()
+            ));
+        };
+        for l in [business_unit, facility, gateway_id] {
+            if l.is_empty() || l.contains(['+', '#', '{', '}']) || l.chars().any(char::is_control) {
+                return Err(format!("plain topic levels, got `{l}` in `{text}`"));
+            }
+        }
+        Ok(Site {
+            business_unit: business_unit.into(),
+            facility: facility.into(),
+            gateway_id: gateway_id.into(),
+        })
+    }
+
+    /// `edge-ai/{business_unit}/{facility}/{gateway_id}/{rest}`.
+    pub fn topic(&self, rest: &str) -> String {
+        format!(
+            "edge-ai/{}/{}/{}/{rest}",
+            self.business_unit, self.facility, self.gateway_id
+        )
+    }
+}
+
+/// How log lines are written (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// TLS to the broker (rustls).
@@ -190,7 +247,7 @@ impl Settings {
             i += 1;
         }
         let get = |k: &str| values[k].trim().to_owned();
-        let s = Settings {
+        let mut s = Settings {
             model_config_path: non_empty(get("MODEL_CONFIG_PATH")).map(PathBuf::from),
             model_watch_s: parse_num("MODEL_WATCH_S", &get("MODEL_WATCH_S"), 0, 3600)?,
             default_backend: match get("DEFAULT_BACKEND").as_str() {
@@ -274,6 +331,12 @@ impl Settings {
             comparison_topic_template: get("MQTT_COMPARISON_TOPIC_TEMPLATE"),
             status_topic: get("MQTT_STATUS_TOPIC"),
             error_topic: get("MQTT_ERROR_TOPIC"),
+            site: match non_empty(get("SITE")) {
+                None => None,
+                Some(s) => Some(Site::parse(&s).map_err(|e| SettingsError(format!("SITE: expected {e}")))?),
+            },
+            metrics_topic: get("MQTT_METRICS_TOPIC"),
+            metrics_interval_s: parse_num("METRICS_INTERVAL_S", &get("METRICS_INTERVAL_S"), 0, 86_400)?,
             http_addr: non_empty(get("HTTP_ADDR")),
             http_admin_addr: non_empty(get("HTTP_ADMIN_ADDR")),
             http_token_file: non_empty(get("HTTP_TOKEN_FILE")).map(PathBuf::from),
@@ -301,6 +364,11 @@ impl Settings {
             },
             shutdown_timeout_s: parse_num("SHUTDOWN_TIMEOUT_S", &get("SHUTDOWN_TIMEOUT_S"), 0, 3600)?,
             log: get("RUST_LOG"),
+            log_format: match get("LOG_FORMAT").as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                v => return Err(bad("LOG_FORMAT", "text or json", v)),
+            },
         };
         if s.input_topics.is_empty() {
             return Err(bad("MQTT_INPUT_TOPICS", "at least one topic filter", ""));
@@ -317,8 +385,33 @@ impl Settings {
                 )));
             }
         }
+        s.metrics_topic = metrics_topic(&s.metrics_topic, &s.client_id, s.site.as_ref())?;
         Ok((s, rest))
     }
+}
+
+/// `MQTT_METRICS_TOPIC` rendered: its `{client_id}` and, with a site, the site's levels.
+fn metrics_topic(template: &str, client_id: &str, site: Option<&Site>) -> Result<String, SettingsError> {
+    let template = match (template.trim(), site) {
+        ("", Some(_)) => "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/metrics",
+        ("", None) => "edge-ai/services/{client_id}/ai/metrics",
+        (t, _) => t,
+    };
+    let tpl =
+        crate::topic::TopicTemplate::parse(template).map_err(|e| SettingsError(format!("MQTT_METRICS_TOPIC: {e}")))?;
+    let mut vars = vec![("client_id", client_id)];
+    if let Some(s) = site {
+        vars.extend([
+            ("business_unit", s.business_unit.as_str()),
+            ("facility", s.facility.as_str()),
+            ("gateway_id", s.gateway_id.as_str()),
+        ]);
+    }
+    tpl.render_vars(&vars).map_err(|v| {
+        SettingsError(format!(
+            "MQTT_METRICS_TOPIC: {{{v}}} cannot be filled here (it needs SITE, or is not one of client_id, business_unit, facility, gateway_id)"
+        ))
+    })
 }
 
 fn non_empty(s: String) -> Option<String> {

@@ -290,11 +290,7 @@ fn authorized(state: &HttpState, head: &Head) -> bool {
 
 fn metrics_text(state: &HttpState) -> String {
     let r = &state.registry;
-    let reloads = crate::metrics::Reloads {
-        done: r.reloads.load(Relaxed),
-        refused: r.reload_failures.load(Relaxed),
-    };
-    state.metrics.render(&r.snapshot().summary(), reloads)
+    state.metrics.render(&r.snapshot().summary(), r.reload_counts())
 }
 
 /// `GET /models`: every loaded model with its version (file hash), backend,

@@ -89,8 +89,10 @@ pub(super) fn run(mut connection: Connection, e: Events) {
                 // From this thread only try_*: the request queue is drained by this very loop.
                 subs.on_connack(&client);
                 let online = status_message(true, &cfg.settings.client_id, &(cfg.problems)());
-                if let Err(e) = client.try_publish(cfg.status_topic.as_str(), QoS::AtLeastOnce, true, online) {
-                    log::warn!("cannot publish online status: {e}");
+                for topic in &cfg.status_topics {
+                    if let Err(e) = client.try_publish(topic.as_str(), QoS::AtLeastOnce, true, online.clone()) {
+                        log::warn!(topic = topic.as_str(); "cannot publish online status: {e}");
+                    }
                 }
                 // Results kept while we were away go out now.
                 let _ = flush.try_send(ToMqtt::Flush);

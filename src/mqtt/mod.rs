@@ -42,14 +42,27 @@ pub struct MqttConfig {
     pub host: String,
     pub port: u16,
     pub subscriptions: Arc<Subscriptions>,
-    /// `MQTT_STATUS_TOPIC` rendered for this client.
-    pub status_topic: String,
+    /// Where the retained status goes: `MQTT_STATUS_TOPIC` rendered for this client (also the
+    /// last will's topic: a will has one), then the site's `ai/status` when `SITE` is set.
+    pub status_topics: Vec<String>,
+    /// The metrics snapshot: its topic, interval and writer; `None`: off.
+    pub metrics_snapshot: Option<MetricsSnapshot>,
     /// Most unacknowledged QoS 1/2 frames the broker may send us ([`receive_maximum`]).
     pub receive_maximum: u16,
     /// Model problems for the `online` status.
     pub problems: Problems,
     /// Set when a status change could not be queued; the publisher publishes a fresh status.
     pub status_dirty: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Writes the metrics snapshot JSON into the buffer (cleared first).
+pub type WriteSnapshot = Arc<dyn Fn(&mut Vec<u8>) + Send + Sync>;
+
+/// The periodic metrics snapshot (`METRICS_INTERVAL_S`).
+pub struct MetricsSnapshot {
+    pub topic: String,
+    pub every: Duration,
+    pub write: WriteSnapshot,
 }
 
 /// A model that failed to load or reload, and why (the old version, if
@@ -145,8 +158,9 @@ pub fn start(
     opts.set_max_packet_size(Some(max_packet_size(cfg.settings.max_payload_bytes)));
     opts.set_request_channel_capacity(1024);
     opts.set_network_options(low_latency());
+    let will_topic = cfg.status_topics.first().cloned().unwrap_or_default();
     opts.set_last_will(LastWill::new(
-        cfg.status_topic.clone(),
+        will_topic,
         status_message(false, &cfg.settings.client_id, &[]),
         QoS::AtLeastOnce,
         true,
@@ -175,7 +189,26 @@ pub fn start(
     });
     let (client, connection) = Client::new(opts, 1024);
     let subs = cfg.subscriptions.clone();
-    let status_topic = cfg.status_topic.clone();
+    let status_topics = cfg.status_topics.clone();
+    let metrics_snapshot = cfg
+        .metrics_snapshot
+        .as_ref()
+        .map(|m| (m.topic.clone(), m.write.clone()));
+    if let Some(m) = &cfg.metrics_snapshot {
+        // Detached: a tick is a message to the publisher, which decides what it means.
+        let (every, tick) = (m.every, flush.clone());
+        std::thread::Builder::new()
+            .name("mqtt-metrics".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if tick.is_closed() {
+                    break;
+                }
+                // A full queue skips this snapshot; the next one carries the same counters.
+                let _ = tick.try_send(ToMqtt::MetricsTick);
+            })
+            .map_err(|e| e.to_string())?;
+    }
     let client_id = cfg.settings.client_id.clone();
     // Set by the publisher once it has sent the final DISCONNECT.
     let stopping = Arc::new(AtomicBool::new(false));
@@ -226,7 +259,8 @@ pub fn start(
                     client,
                     metrics,
                     offline_queue,
-                    status_topic,
+                    status_topics,
+                    metrics_snapshot,
                     client_id,
                     problems,
                     status_dirty,

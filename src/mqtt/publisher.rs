@@ -20,7 +20,9 @@ pub(super) struct Publisher {
     pub metrics: Arc<Metrics>,
     /// Results kept while disconnected.
     pub offline_queue: usize,
-    pub status_topic: String,
+    pub status_topics: Vec<String>,
+    /// The metrics snapshot's topic and writer, when snapshots are on.
+    pub metrics_snapshot: Option<(String, super::WriteSnapshot)>,
     pub client_id: String,
     pub problems: Problems,
     /// Set when a status change waits to be published.
@@ -35,7 +37,8 @@ pub(super) fn run(outbound: async_channel::Receiver<ToMqtt>, p: Publisher) {
         client,
         metrics,
         offline_queue,
-        status_topic,
+        status_topics,
+        metrics_snapshot,
         client_id,
         problems,
         status_dirty,
@@ -51,6 +54,16 @@ pub(super) fn run(outbound: async_channel::Receiver<ToMqtt>, p: Publisher) {
         }
         match next {
             ToMqtt::Flush => {}
+            ToMqtt::MetricsTick => {
+                if let (true, Some((topic, write))) = (online, &metrics_snapshot) {
+                    let mut payload = Vec::with_capacity(4096);
+                    write(&mut payload);
+                    if let Err(e) = client.publish(topic.as_str(), QoS::AtLeastOnce, false, payload) {
+                        metrics.publish_failed.fetch_add(1, Relaxed);
+                        log::warn!(topic = topic.as_str(); "cannot publish the metrics snapshot: {e}");
+                    }
+                }
+            }
             // Offline, it would be stale by the next CONNACK, which publishes a fresh one.
             ToMqtt::StatusChanged if !online => {}
             ToMqtt::StatusChanged => status_dirty.store(true, Relaxed),
@@ -60,9 +73,11 @@ pub(super) fn run(outbound: async_channel::Receiver<ToMqtt>, p: Publisher) {
                 }
                 let offline = status_message(false, &client_id, &[]);
                 if online
-                    && client
-                        .publish(status_topic.as_str(), QoS::AtLeastOnce, true, offline)
-                        .is_ok()
+                    && status_topics.iter().all(|t| {
+                        client
+                            .publish(t.as_str(), QoS::AtLeastOnce, true, offline.clone())
+                            .is_ok()
+                    })
                 {
                     log::info!("published the `offline` status");
                 }
@@ -94,8 +109,10 @@ pub(super) fn run(outbound: async_channel::Receiver<ToMqtt>, p: Publisher) {
         }
         if online && status_dirty.swap(false, Relaxed) {
             let s = status_message(true, &client_id, &problems());
-            if let Err(e) = client.publish(status_topic.as_str(), QoS::AtLeastOnce, true, s) {
-                log::warn!("cannot publish the status: {e}");
+            for topic in &status_topics {
+                if let Err(e) = client.publish(topic.as_str(), QoS::AtLeastOnce, true, s.clone()) {
+                    log::warn!(topic = topic.as_str(); "cannot publish the status: {e}");
+                }
             }
         }
         metrics.offline_queued.store(outbox.len() as u64, Relaxed);
