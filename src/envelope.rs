@@ -33,16 +33,25 @@ pub enum Form {
     RawJpeg,
     /// A JPEG body posted to `/infer`, or a file given to the `infer` command.
     OneShot,
+    /// A sensor reading (JSON numbers) for a sensor model (`sensor.rs`).
+    Reading,
 }
 
 impl Form {
-    pub const ALL: [Form; 4] = [Form::DeviceEnvelope, Form::ImageSnapshot, Form::RawJpeg, Form::OneShot];
+    pub const ALL: [Form; 5] = [
+        Form::DeviceEnvelope,
+        Form::ImageSnapshot,
+        Form::RawJpeg,
+        Form::OneShot,
+        Form::Reading,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Form::DeviceEnvelope => "device_envelope",
             Form::ImageSnapshot => "image_snapshot",
             Form::RawJpeg => "raw_jpeg",
             Form::OneShot => "oneshot",
+            Form::Reading => "sensor_reading",
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use crate::config::model::MAX_SENSOR_INPUT;
 use crate::decode::{Decoded, BUFFER_BYTES_PER_PIXEL};
 use crate::envelope::EnvelopeError;
 use crate::envelope::Form;
@@ -97,9 +98,10 @@ impl Limits {
                 .list
                 .iter()
                 .filter(|m| matches!(m.runner, Runner::Ml(_)))
-                .map(|m| preprocess::tensor_len(&m.config.preprocessing))
+                .map(|m| m.config.input_len())
                 .max()
-                .unwrap_or(0),
+                .unwrap_or(0)
+                .max(MAX_SENSOR_INPUT),
             max_input_width: pre.map(|p| p.width as usize).max().unwrap_or(0),
         }
     }
@@ -160,6 +162,21 @@ pub struct Slot {
     /// The result message being built.
     pub out: Vec<u8>,
     pub out_topic: String,
+    /// A sensor reading: each route's window, concatenated (filled by the ingest task, which
+    /// keeps the windows in arrival order), and per route where its window starts and how
+    /// many readings it holds (`window.len() < window size`: still filling, not inferred).
+    pub reading: Vec<f32>,
+    pub reading_windows: Vec<ReadingWindow>,
+}
+
+/// One route's window in [`Slot::reading`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadingWindow {
+    pub start: usize,
+    pub len: usize,
+    /// Readings the device's window holds now, and how many it takes.
+    pub filled: usize,
+    pub size: usize,
 }
 
 impl Slot {
@@ -203,6 +220,9 @@ impl Slot {
             health_scratch: health::Scratch::with_capacity(l.max_width.max(l.max_height) as usize),
             out: Vec::with_capacity(RESULT_CAPACITY),
             out_topic: String::with_capacity(MAX_TOPIC_LEN),
+            // Grown by the first sensor reading the slot carries, then reused.
+            reading: Vec::new(),
+            reading_windows: Vec::with_capacity(MAX_MODELS),
         }
     }
 
@@ -256,6 +276,8 @@ impl Slot {
         self.jpeg_range = 0..0;
         self.jpeg_in_payload = true;
         self.decoded = Decoded::default();
+        self.reading.clear();
+        self.reading_windows.clear();
     }
 }
 
@@ -342,7 +364,8 @@ impl Ring {
     /// (the slot keeps `seq`). Counted as `superseded`.
     pub fn supersede(&self, device: &str) -> Option<Box<Slot>> {
         let mut w = self.waiting();
-        let i = w.iter().position(|s| s.device == device)?;
+        // A sensor reading is never superseded: its device's window already holds it.
+        let i = w.iter().position(|s| s.device == device && s.form != Form::Reading)?;
         let slot = w.remove(i)?;
         // Its token stays behind unless we take one; a spare token only costs a worker a look.
         let _ = self.ready_rx.try_recv();

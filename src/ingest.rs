@@ -7,9 +7,10 @@
 use std::fmt;
 use std::time::{Instant, SystemTime};
 
+use crate::config::model::MAX_SENSOR_FIELDS;
 use crate::envelope::{self, Envelope, Form, Image};
 use crate::frame::{FrameError, Route};
-use crate::frame::{Origin, Slot, MAX_DEVICE_LEN, MAX_TOPIC_LEN};
+use crate::frame::{Origin, ReadingWindow, Slot, MAX_DEVICE_LEN, MAX_TOPIC_LEN};
 use crate::metrics::FailReason;
 use crate::models::Models;
 use crate::result::{self, Source};
@@ -69,6 +70,131 @@ pub fn admit<'a>(
         ));
     }
     Ok(Admitted { envelope, device })
+}
+
+/// Keeps the routes a message goes to by what it is: a sensor reading goes to the sensor
+/// models among them (a payload that is not a picture, on a topic some sensor model reads;
+/// on a topic only sensor models read, anything is taken for a reading and refused if it is
+/// not one), anything else to the picture models. Returns whether it is a reading.
+pub fn split_by_kind(models: &Models, payload: &[u8], routes: &mut Vec<Route>) -> bool {
+    let is_sensor = |r: &Route| models.list[r.model as usize].config.model_type.is_sensor();
+    let sensors = routes.iter().filter(|r| is_sensor(r)).count();
+    if sensors == 0 {
+        return false;
+    }
+    let reading = sensors == routes.len() || crate::sensor::looks_like_reading(payload);
+    routes.retain(|r| is_sensor(r) == reading);
+    reading
+}
+
+/// Checks a sensor reading for each routed sensor model and appends each model's scaled row
+/// to `rows` (in route order). Windows are not touched: see [`window_reading`].
+pub fn admit_reading<'a>(
+    topic: &'a str,
+    payload: &'a [u8],
+    oneshot_device: Option<&'a str>,
+    max_payload: usize,
+    models: &'a Models,
+    routes: &[Route],
+    rows: &mut Vec<f32>,
+) -> Result<Admitted<'a>, FrameError> {
+    if payload.len() > max_payload {
+        return Err(FrameError::new(
+            FailReason::PayloadTooLarge,
+            format_args!(
+                "payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}",
+                payload.len()
+            ),
+        ));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(FrameError::new(
+            FailReason::BadEnvelope,
+            format_args!("topic is longer than {MAX_TOPIC_LEN} bytes"),
+        ));
+    }
+    rows.clear();
+    let mut first = None;
+    for r in routes {
+        let Some(s) = &models.list[r.model as usize].config.sensor else {
+            continue;
+        };
+        let mut row = [0f32; MAX_SENSOR_FIELDS];
+        let reading =
+            crate::sensor::parse(payload, s, &mut row).map_err(|e| FrameError::new(FailReason::BadReading, e))?;
+        rows.extend_from_slice(&row[..s.fields.len()]);
+        first.get_or_insert(reading);
+    }
+    let reading = first.unwrap_or_default();
+    let device = reading
+        .device_id
+        .or(oneshot_device)
+        .unwrap_or_else(|| device_from_topic(topic, models, routes));
+    if device.len() > MAX_DEVICE_LEN {
+        return Err(FrameError::new(
+            FailReason::BadEnvelope,
+            format_args!("device id is longer than {MAX_DEVICE_LEN} bytes"),
+        ));
+    }
+    Ok(Admitted {
+        envelope: Envelope {
+            form: Form::Reading,
+            device_id: reading.device_id,
+            image: Image::Raw(&payload[..0]),
+            timestamp_json: reading.timestamp_json,
+            metadata_json: reading.metadata_json,
+            correlation_id_json: reading.correlation_id_json,
+            location_json: None,
+        },
+        device,
+    })
+}
+
+/// Adds an admitted reading's rows to each routed model's window of the slot's device, and
+/// writes each full window into the slot ([`Slot::reading`]). Run by the ingest task, so a
+/// device's readings join its windows in the order they arrived. A reading whose timestamp
+/// does not come after the device's last one is refused (and joins no window).
+pub fn window_reading(slot: &mut Slot, models: &Models, rows: &[f32], now: Instant) -> Result<(), FrameError> {
+    let taken = ingest_timestamp(slot);
+    let mut at = 0;
+    for i in 0..slot.routes.len() {
+        let model = &models.list[slot.routes[i].model as usize];
+        let (Some(s), Some(w)) = (&model.config.sensor, &model.windows) else {
+            continue;
+        };
+        let n = s.fields.len();
+        let row = &rows[at..at + n];
+        at += n;
+        let start = slot.reading.len();
+        let mut windows = w.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let filled = windows
+            .push(&slot.device, taken, row, now, &mut slot.reading)
+            .map_err(|o| {
+                let what = match o {
+                    crate::sensor::Order::Duplicate => "repeats the timestamp of",
+                    crate::sensor::Order::Backwards => "is older than",
+                };
+                FrameError::new(
+                    FailReason::BadReading,
+                    format_args!(
+                        "out of order: the reading {what} `{}`'s last one for model `{}`",
+                        slot.device, model.config.name
+                    ),
+                )
+            })?;
+        slot.reading_windows.push(ReadingWindow {
+            start,
+            len: slot.reading.len() - start,
+            filled,
+            size: s.window,
+        });
+    }
+    Ok(())
+}
+
+/// The instant a reading's `timestamp` names, when it has one.
+fn ingest_timestamp(slot: &Slot) -> Option<SystemTime> {
+    slot.field(&slot.timestamp_json).and_then(envelope::timestamp_of)
 }
 
 /// A raw JPEG names its camera by topic: `{device_id}` or `{asset}` (AIO's

@@ -101,6 +101,35 @@ pub fn for_each_member<'a>(input: &'a [u8], mut member: impl FnMut(&'a [u8], Val
     Ok(())
 }
 
+/// Walks the elements of a JSON array, calling `element(value)` for each; the
+/// whole text is validated, trailing bytes included.
+pub fn for_each_element<'a>(input: &'a [u8], mut element: impl FnMut(Value<'a>)) -> Result<(), SyntaxError> {
+    let mut s = Scanner { b: input, i: 0 };
+    s.ws();
+    s.expect(b'[', "expected a JSON array")?;
+    s.ws();
+    if s.peek() == Some(b']') {
+        s.i += 1;
+    } else {
+        loop {
+            s.ws();
+            let v = s.value(0)?;
+            element(v);
+            s.ws();
+            match s.next() {
+                Some(b',') => continue,
+                Some(b']') => break,
+                _ => return Err(s.err("expected ',' or ']'")),
+            }
+        }
+    }
+    s.ws();
+    if s.i != s.b.len() {
+        return Err(s.err("trailing bytes after the array"));
+    }
+    Ok(())
+}
+
 struct Scanner<'a> {
     b: &'a [u8],
     i: usize,

@@ -36,5 +36,6 @@ pub mod preprocess;
 pub mod process;
 pub mod registry;
 pub mod result;
+pub mod sensor;
 pub mod service;
 pub mod topic;

@@ -26,10 +26,13 @@ pub enum FailReason {
     CorruptImage,
     ImageTooLarge,
     InferenceFailed,
+    /// A sensor reading with missing, mistyped or non-finite fields, too many fields, or a
+    /// timestamp not after its device's last one.
+    BadReading,
 }
 
 impl FailReason {
-    pub const ALL: [FailReason; 9] = [
+    pub const ALL: [FailReason; 10] = [
         FailReason::PayloadTooLarge,
         FailReason::BadJson,
         FailReason::BadEnvelope,
@@ -39,6 +42,7 @@ impl FailReason {
         FailReason::CorruptImage,
         FailReason::ImageTooLarge,
         FailReason::InferenceFailed,
+        FailReason::BadReading,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +55,7 @@ impl FailReason {
             FailReason::CorruptImage => "corrupt_image",
             FailReason::ImageTooLarge => "image_too_large",
             FailReason::InferenceFailed => "inference_failed",
+            FailReason::BadReading => "bad_reading",
         }
     }
 }

@@ -105,6 +105,9 @@ pub struct Model {
     pub frames: std::sync::atomic::AtomicU64,
     /// Inference time of this version, per backend (`metrics::backend_index`: candle, onnx).
     pub latency: [Histogram; 2],
+    /// Sensor models: each device's window of readings (kept by the ingest task). A reloaded
+    /// version starts with empty windows.
+    pub windows: Option<std::sync::Mutex<crate::sensor::Windows>>,
 }
 
 impl Model {
@@ -159,7 +162,7 @@ impl Models {
             }
             let loaded = match config.model_type {
                 ModelType::CameraHealth => Ok((Runner::Health(health::Monitor::default()), "builtin".to_owned())),
-                ModelType::Classification | ModelType::Detection => load_ml(&config, env),
+                ModelType::Classification | ModelType::Detection | ModelType::SensorAnomaly => load_ml(&config, env),
             };
             match loaded {
                 Ok((runner, provider)) => {
@@ -170,7 +173,6 @@ impl Models {
                         .map(|b| health::content_hash(&b))
                         .unwrap_or(0);
                     list.push(Arc::new(Model {
-                        config,
                         runner,
                         provider,
                         ready: AtomicBool::new(true),
@@ -178,6 +180,11 @@ impl Models {
                         hash,
                         frames: std::sync::atomic::AtomicU64::new(0),
                         latency: Default::default(),
+                        windows: config
+                            .sensor
+                            .as_ref()
+                            .map(|s| std::sync::Mutex::new(crate::sensor::Windows::new(s))),
+                        config,
                     }))
                 }
                 Err(error) => failed.push(LoadError {
@@ -298,6 +305,17 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
         Labels::FromModel => primary.engine.metadata_labels(),
     };
     let i = &config.inference;
+    if let Some(s) = &config.sensor {
+        let (n, want) = (primary.outputs.values.len(), s.input_len());
+        if s.score == crate::config::model::SensorScore::ReconstructionError && n != want {
+            return Err(fail(format!(
+                "score `reconstruction_error` needs the model to give back its {want} inputs; it outputs {n} values (use `score: output` for a model that scores)"
+            )));
+        }
+        if n == 0 {
+            return Err(fail("the model outputs nothing".into()));
+        }
+    }
     let (labels, yolo) = match config.model_type {
         ModelType::Detection => {
             let layout = postprocess::yolo_layout(
@@ -352,7 +370,7 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
 /// One warm-up inference on zeros before the model is called ready.
 fn warm(mut engine: Engine, config: &ModelConfig) -> Result<EngineState, BackendError> {
     let mut outputs = Outputs::default();
-    let zeros = vec![0f32; crate::preprocess::tensor_len(&config.preprocessing)];
+    let zeros = vec![0f32; config.input_len()];
     engine.infer(&zeros, &mut outputs).map_err(|e| BackendError::Load {
         path: config
             .model_path

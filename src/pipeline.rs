@@ -134,6 +134,8 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
     let mut routes: Vec<Route> = Vec::with_capacity(MAX_MODELS);
     let mut rate = ingest::RateLimit::new(shared.max_fps_per_source);
     let mut err_buf: Vec<u8> = Vec::with_capacity(RESULT_CAPACITY);
+    // A sensor reading's scaled rows, one per routed sensor model.
+    let mut rows: Vec<f32> = Vec::with_capacity(MAX_MODELS * crate::config::model::MAX_SENSOR_FIELDS);
     while let Ok(msg) = incoming.recv().await {
         let t0 = Instant::now();
         shared.metrics.messages_received.fetch_add(1, Relaxed);
@@ -177,14 +179,26 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
             }
         }
         let oneshot = msg.reply.as_ref().map(|_| "http");
-        let admitted = ingest::admit(
-            topic,
-            &msg.payload,
-            oneshot,
-            shared.limits.max_payload,
-            &models,
-            &routes,
-        );
+        let reading = ingest::split_by_kind(&models, &msg.payload, &mut routes);
+        let admitted = match reading {
+            true => ingest::admit_reading(
+                topic,
+                &msg.payload,
+                oneshot,
+                shared.limits.max_payload,
+                &models,
+                &routes,
+                &mut rows,
+            ),
+            false => ingest::admit(
+                topic,
+                &msg.payload,
+                oneshot,
+                shared.limits.max_payload,
+                &models,
+                &routes,
+            ),
+        };
         let a = match admitted {
             Ok(a) => a,
             Err(e) => {
@@ -207,7 +221,8 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         shared.metrics.received(a.envelope.form);
         // Refused before it takes a slot: over its camera's rate, or too old already (an
         // envelope stamped long ago, or a backlog the broker kept).
-        let refused = if rate.as_mut().is_some_and(|r| !r.admit(a.device, t0)) {
+        // The rate limit is for cameras: a sensor's readings all join its window.
+        let refused = if !reading && rate.as_mut().is_some_and(|r| !r.admit(a.device, t0)) {
             let why = format!("`{}` sends faster than MAX_FPS_PER_SOURCE", a.device);
             Some((DropReason::RateLimited, why))
         } else {
@@ -238,9 +253,8 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         }
         let mut slot = match shared.ring.try_free() {
             Some(s) => s,
-            None => match shared
-                .policy
-                .supersede
+            // A reading never supersedes: every one joins its device's window.
+            None => match (shared.policy.supersede && !reading)
                 .then(|| shared.ring.supersede(a.device))
                 .flatten()
             {
@@ -270,7 +284,11 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         slot.routes.extend_from_slice(&routes);
         slot.models = Some(models.clone());
         let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
-        match ingest::fill(&mut slot, topic, &msg.payload, &a, origin) {
+        let filled = ingest::fill(&mut slot, topic, &msg.payload, &a, origin).and_then(|()| match reading {
+            true => ingest::window_reading(&mut slot, &models, &rows, t0),
+            false => Ok(()),
+        });
+        match filled {
             Ok(()) => {
                 slot.ack = msg_ack;
                 shared.ring.push(slot)

@@ -10,8 +10,9 @@ use std::time::{Instant, SystemTime};
 
 use crate::alloc_count;
 use crate::backend::Backend as _;
-use crate::config::model::{ModelConfig, ModelType, Softmax};
+use crate::config::model::{ModelConfig, ModelType, SensorScore, Softmax};
 use crate::decode::{self, DecodeError};
+use crate::envelope::Form;
 use crate::frame::{FrameError, Route, Slot};
 use crate::health;
 use crate::metrics::{FailReason, Metrics, Refusal, Stage};
@@ -19,7 +20,7 @@ use crate::models::{EngineState, MlModel, Model, Models, Pool, Runner};
 use crate::postprocess;
 use crate::postprocess::YoloLayout;
 use crate::preprocess::{self, Geometry};
-use crate::result::{self, BackendRun, Prediction, Timings};
+use crate::result::{self, BackendRun, Prediction, SensorVerdict, Timings};
 use crate::topic::{Bindings, TopicTemplate};
 
 /// What a worker needs besides the slot.
@@ -45,6 +46,9 @@ pub enum Emitted {
 /// Runs the frame in `slot` through every routed model, calling `emit` after
 /// each message is written into `slot.out` / `slot.out_topic`.
 pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitted)) {
+    if slot.form == Form::Reading {
+        return process_reading(slot, ctx, &mut emit);
+    }
     let t0 = Instant::now();
     let decoded = {
         let Slot {
@@ -276,6 +280,157 @@ fn run_ml(
         );
     }
     Ok(false)
+}
+
+/// A sensor reading: each routed sensor model's window (prepared by the ingest task) is
+/// inferred once it is full; until then the answer says the window is filling.
+fn process_reading(slot: &mut Slot, ctx: &Ctx<'_>, emit: &mut impl FnMut(&Slot, Emitted)) {
+    for i in 0..slot.routes.len() {
+        let route = slot.routes[i];
+        let model = &ctx.models.list[route.model as usize];
+        let (Some(sensor), Runner::Ml(ml), Some(&win)) =
+            (&model.config.sensor, &model.runner, slot.reading_windows.get(i))
+        else {
+            continue;
+        };
+        let mut t = Timings::default();
+        let mut v = SensorVerdict {
+            score: None,
+            threshold: sensor.threshold,
+            readings: win.filled,
+            window: win.size,
+        };
+        if win.len == 0 {
+            // Still filling: answered, not inferred.
+            let mut out = std::mem::take(&mut slot.out);
+            let backend = model.backend_name();
+            result::write_sensor(
+                &mut out,
+                SystemTime::now(),
+                &slot.source(),
+                &model.config.name,
+                backend,
+                sensor.score.as_str(),
+                &t,
+                &v,
+            );
+            slot.out = out;
+            emit_to(
+                slot,
+                ctx,
+                model,
+                route,
+                &model.config.output_topic,
+                Emitted::Result,
+                emit,
+            );
+            continue;
+        }
+        let tp = Instant::now();
+        let n = win.len;
+        slot.tensor[..n].copy_from_slice(&slot.reading[win.start..win.start + n]);
+        t.preprocess = tp.elapsed();
+        ctx.metrics.stage(Stage::Preprocess, t.preprocess);
+        let mut guard = ml.lock();
+        let MlModel {
+            primary, comparison, ..
+        } = &mut *guard;
+        let run_a = match run_engine(primary, &slot.tensor[..n], ctx, model) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(guard);
+                fail(slot, ctx, &e, emit);
+                continue;
+            }
+        };
+        t.infer = run_a.time;
+        ctx.metrics.stage(Stage::Infer, t.infer);
+        let score_a = sensor_score(sensor.score, &slot.tensor[..n], &primary.outputs.values);
+        v.score = Some(score_a);
+        let mut out = std::mem::take(&mut slot.out);
+        result::write_sensor(
+            &mut out,
+            SystemTime::now(),
+            &slot.source(),
+            &model.config.name,
+            primary.engine.name(),
+            sensor.score.as_str(),
+            &t,
+            &v,
+        );
+        slot.out = out;
+        emit_to(
+            slot,
+            ctx,
+            model,
+            route,
+            &model.config.output_topic,
+            Emitted::Result,
+            emit,
+        );
+        if let Some(second) = comparison {
+            let run_b = run_engine(second, &slot.tensor[..n], ctx, model);
+            let vb = run_b.as_ref().ok().map(|_| SensorVerdict {
+                score: Some(sensor_score(sensor.score, &slot.tensor[..n], &second.outputs.values)),
+                ..v
+            });
+            let matched = match vb {
+                Some(vb) => {
+                    let (a, b) = (score_a, vb.score.unwrap_or(f32::NAN));
+                    let m = vb.anomaly() == v.anomaly()
+                        && (a - b).abs() <= model.config.inference.dual_tolerance * a.abs().max(1.0);
+                    ctx.metrics.dual(m);
+                    m
+                }
+                None => {
+                    ctx.metrics.dual_failed.fetch_add(1, Relaxed);
+                    false
+                }
+            };
+            let mut out = std::mem::take(&mut slot.out);
+            result::write_sensor_comparison(
+                &mut out,
+                SystemTime::now(),
+                &slot.source(),
+                &model.config.name,
+                [
+                    (primary.engine.name(), Ok((run_a, v))),
+                    (
+                        second.engine.name(),
+                        match (&run_b, vb) {
+                            (Ok(r), Some(vb)) => Ok((*r, vb)),
+                            (Err(e), _) => Err(e.detail.as_str()),
+                            (Ok(_), None) => Err("no score"),
+                        },
+                    ),
+                ],
+                matched,
+            );
+            slot.out = out;
+            drop(guard);
+            emit_to(
+                slot,
+                ctx,
+                model,
+                route,
+                &model.config.comparison_topic,
+                Emitted::Comparison,
+                emit,
+            );
+        }
+    }
+}
+
+/// The score of a sensor model's output: an autoencoder's mean squared reconstruction error
+/// over its input, or the first output value.
+pub fn sensor_score(kind: SensorScore, input: &[f32], output: &[f32]) -> f32 {
+    match kind {
+        SensorScore::ReconstructionError => {
+            let n = input.len().min(output.len()).max(1);
+            input.iter().zip(output).map(|(x, y)| (x - y) * (x - y)).sum::<f32>() / n as f32
+        }
+        SensorScore::Output => output.first().copied().unwrap_or(f32::NAN),
+    }
 }
 
 /// Boxes of two backends match when their IoU reaches this (dual mode).

@@ -149,7 +149,11 @@ impl Registry {
     /// Checks that a (new or changed) config fits the slots allocated at start-up.
     fn fits(&self, config: &model::ModelConfig) -> Result<(), String> {
         let p = &config.preprocessing;
-        let needs_tensor = config.model_type != model::ModelType::CameraHealth;
+        // Sensor inputs are bounded by the schema and always fit (`frame::Limits`).
+        let needs_tensor = !matches!(
+            config.model_type,
+            model::ModelType::CameraHealth | model::ModelType::SensorAnomaly
+        );
         if needs_tensor && !self.limits.fits(p) {
             return Err(format!(
                 "the input size {}x{} needs bigger frame slots than this process allocated; restart to apply it",

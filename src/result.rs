@@ -276,6 +276,125 @@ pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
     w.end_object();
 }
 
+/// A sensor model's verdict on one window of readings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SensorVerdict {
+    /// `None` while the device's window is still filling (nothing was inferred).
+    pub score: Option<f32>,
+    pub threshold: f32,
+    /// Readings in the device's window, and how many the model takes.
+    pub readings: usize,
+    pub window: usize,
+}
+
+impl SensorVerdict {
+    pub fn anomaly(&self) -> bool {
+        self.score.is_some_and(|s| s > self.threshold)
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self.score {
+            None => "window_filling",
+            Some(_) if self.anomaly() => "anomaly",
+            Some(_) => "normal",
+        }
+    }
+}
+
+fn write_verdict(w: &mut Writer<'_>, v: &SensorVerdict) {
+    w.key("score");
+    match v.score {
+        Some(s) => w.f64(s as f64, 6),
+        None => w.null(),
+    };
+    w.key("threshold").f64(v.threshold as f64, 6);
+    w.key("verdict").str(v.as_str());
+}
+
+/// A sensor model's result (`sensor_inference_result`).
+#[allow(clippy::too_many_arguments)]
+pub fn write_sensor(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    backend: &str,
+    score_kind: &str,
+    t: &Timings,
+    v: &SensorVerdict,
+) {
+    let mut w = Writer::new(buf);
+    header(&mut w, "sensor_inference_result", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("backend_used").str(backend);
+    w.key("inference_time_ms").f64(ms(t.infer), 3);
+    write_verdict(&mut w, v);
+    w.key("alert_triggered").bool(v.anomaly());
+    w.key("window").begin_object();
+    w.key("readings").u64(v.readings as u64);
+    w.key("size").u64(v.window as u64);
+    w.end_object();
+    w.key("metadata").begin_object();
+    w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
+    w.key("score_kind").str(score_kind);
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
+/// One backend's run of a sensor model: its name, and its run and verdict or why it failed.
+pub type SensorRun<'a> = (&'a str, Result<(BackendRun, SensorVerdict), &'a str>);
+
+/// Dual mode for a sensor model: both backends' scores on the same window.
+pub fn write_sensor_comparison(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    runs: [SensorRun<'_>; 2],
+    predictions_match: bool,
+) {
+    let times = match (&runs[0].1, &runs[1].1) {
+        (Ok(a), Ok(b)) => Some((ms(a.0.time), ms(b.0.time))),
+        _ => None,
+    };
+    let (na, nb) = (runs[0].0, runs[1].0);
+    let mut w = Writer::new(buf);
+    header(&mut w, "dual_backend_comparison", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("backends").begin_object();
+    for (name, run) in &runs {
+        w.key(name).begin_object();
+        match run {
+            Ok((run, v)) => {
+                w.key("inference_time_ms").f64(ms(run.time), 3);
+                w.key("memory_usage_mb")
+                    .f64(run.allocated_bytes as f64 / (1024.0 * 1024.0), 3);
+                write_verdict(&mut w, v);
+            }
+            Err(reason) => {
+                w.key("error").str(reason);
+            }
+        }
+        w.end_object();
+    }
+    w.end_object();
+    if let Some((ta, tb)) = times {
+        let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
+        w.key("performance_delta").begin_object();
+        w.key("time_difference_ms").f64(slow - fast, 3);
+        w.key("faster_backend").str(faster);
+        w.key("faster_by_percent")
+            .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
+        w.end_object();
+    }
+    w.key("predictions_match").bool(predictions_match && times.is_some());
+    w.key("comparison_failed").bool(times.is_none());
+    w.key("metadata").begin_object();
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+}
+
 /// Error result (`inference_error`): `error` is a stable code, `reason` says why.
 pub fn write_error(buf: &mut Vec<u8>, now: SystemTime, src: &Source<'_>, code: &str, reason: std::fmt::Arguments<'_>) {
     let mut w = Writer::new(buf);

@@ -15,7 +15,7 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use super::{Backend, BackendEnv, BackendError, Outputs};
-use crate::config::model::{Layout, ModelConfig, OptLevel};
+use crate::config::model::{ModelConfig, OptLevel};
 
 /// The loaded ONNX Runtime library: where from, and its build string.
 struct Runtime {
@@ -115,7 +115,7 @@ pub struct OnnxBackend {
     session: Session,
     /// Kept alive with the session that uses it.
     _prepacked: Arc<PrepackedWeights>,
-    input_shape: [usize; 4],
+    input_shape: Vec<usize>,
     provider: String,
     metadata_labels: Option<Vec<String>>,
 }
@@ -221,17 +221,15 @@ impl OnnxBackend {
     }
 }
 
-/// The NCHW/NHWC input shape the config feeds, checked against the model's input.
-fn check_input(session: &Session, config: &ModelConfig) -> Result<[usize; 4], String> {
+/// The input shape the config feeds (NCHW/NHWC, or `[1, n]` for sensor models), checked
+/// against the model's input.
+fn check_input(session: &Session, config: &ModelConfig) -> Result<Vec<usize>, String> {
     let inputs = session.inputs();
     let [input] = inputs else {
         return Err(format!("expected a model with one input, found {}", inputs.len()));
     };
     let p = &config.preprocessing;
-    let want: [usize; 4] = match p.layout {
-        Layout::Nchw => [1, 3, p.height as usize, p.width as usize],
-        Layout::Nhwc => [1, p.height as usize, p.width as usize, 3],
-    };
+    let want = config.input_shape();
     let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
         return Err(format!("input `{}` is not a tensor", input.name()));
     };
@@ -242,7 +240,13 @@ fn check_input(session: &Session, config: &ModelConfig) -> Result<[usize; 4], St
         ));
     }
     let dims: &[i64] = shape;
-    let fits = dims.len() == 4 && dims.iter().zip(want).all(|(d, w)| *d < 0 || *d as usize == w);
+    let fits = dims.len() == want.len() && dims.iter().zip(&want).all(|(d, w)| *d < 0 || *d as usize == *w);
+    if !fits && config.sensor.is_some() {
+        return Err(format!(
+            "model input `{}` has shape {dims:?} (-1 = dynamic), but the sensor config gives {want:?} (fields x window)",
+            input.name()
+        ));
+    }
     if !fits {
         return Err(format!(
             "model input `{}` has shape {dims:?} (-1 = dynamic), but the preprocessing config gives {want:?} \
@@ -272,7 +276,7 @@ impl Backend for OnnxBackend {
     fn infer(&mut self, input: &[f32], out: &mut Outputs) -> Result<(), BackendError> {
         let run = |e: ort::Error| BackendError::Run(e.to_string());
         // A view of the slot's tensor: no copy.
-        let tensor = TensorRef::from_array_view((self.input_shape, input)).map_err(run)?;
+        let tensor = TensorRef::from_array_view((self.input_shape.as_slice(), input)).map_err(run)?;
         let outputs = self.session.run(ort::inputs![tensor]).map_err(run)?;
         let (shape, data) = outputs[0].try_extract_tensor::<f32>().map_err(run)?;
         out.shape.clear();

@@ -13,6 +13,7 @@ mod graph;
 #[cfg(not(feature = "candle-graph"))]
 #[path = "graph_stub.rs"]
 mod graph;
+mod mlp;
 mod nhwc;
 mod onnx_proto;
 #[cfg(test)]
@@ -31,14 +32,16 @@ use crate::config::model::{Layout, ModelConfig, ModelType};
 static EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/efficientnet-lite0.safetensors");
 
 /// What runs: a native architecture, or a compiled ONNX graph.
-enum Net {
+enum Arch {
     /// Boxed: the layers are many and large; the enum stays small.
     EfficientNet(Box<efficientnet::EfficientNetLite>),
     Graph(graph::Plan),
+    /// Dense layers (sensor models).
+    Mlp(mlp::Mlp),
 }
 
 pub struct CandleBackend {
-    net: Net,
+    net: Arch,
     input: (usize, usize, usize, usize),
 }
 
@@ -55,6 +58,34 @@ impl CandleBackend {
             path: path.display().to_string(),
             reason,
         };
+        if let Some(s) = &config.sensor {
+            let weights = match path.is_file() {
+                true => weights::load(path).map_err(load_err)?,
+                false => return Err(load_err("the file does not exist".into())),
+            };
+            let net = mlp::Mlp::load(&weights).map_err(|e| load_err(format!("dense network: {e}")))?;
+            if net.inputs() != s.input_len() {
+                return Err(load_err(format!(
+                    "the network takes {} inputs; the sensor config gives {} ({} fields x window {})",
+                    net.inputs(),
+                    s.input_len(),
+                    s.fields.len(),
+                    s.window
+                )));
+            }
+            log::info!(
+                model = config.name.as_str();
+                "model `{}`: Candle dense network {} -> {} from {}",
+                config.name,
+                net.inputs(),
+                net.outputs(),
+                path.display()
+            );
+            return Ok(CandleBackend {
+                net: Arch::Mlp(net),
+                input: (1, s.input_len(), 1, 1),
+            });
+        }
         let p = &config.preprocessing;
         if p.layout != Layout::Nchw {
             return Err(load_err(format!(
@@ -94,7 +125,7 @@ impl CandleBackend {
                 path.display()
             );
             return Ok(CandleBackend {
-                net: Net::Graph(plan),
+                net: Arch::Graph(plan),
                 input,
             });
         }
@@ -126,7 +157,7 @@ impl CandleBackend {
             path.display()
         );
         Ok(CandleBackend {
-            net: Net::EfficientNet(Box::new(model)),
+            net: Arch::EfficientNet(Box::new(model)),
             input,
         })
     }
@@ -143,11 +174,11 @@ impl Backend for CandleBackend {
 
     fn metadata_labels(&self) -> Option<Vec<String>> {
         match &self.net {
-            Net::Graph(plan) => plan
+            Arch::Graph(plan) => plan
                 .metadata
                 .get("names")
                 .and_then(|n| crate::config::model::parse_names(n)),
-            Net::EfficientNet(_) => None,
+            Arch::EfficientNet(_) | Arch::Mlp(_) => None,
         }
     }
 
@@ -156,13 +187,19 @@ impl Backend for CandleBackend {
         out.values.clear();
         let dims = self.input;
         cpu::run(|| match &mut self.net {
-            Net::EfficientNet(m) => {
+            Arch::EfficientNet(m) => {
                 let logits = m.forward(input).map_err(BackendError::Run)?;
                 out.shape.extend_from_slice(&[1, logits.len()]);
                 out.values.extend_from_slice(logits);
                 Ok(())
             }
-            Net::Graph(plan) => {
+            Arch::Mlp(m) => {
+                let y = m.forward(input).map_err(BackendError::Run)?;
+                out.shape.extend_from_slice(&[1, y.len()]);
+                out.values.extend_from_slice(y);
+                Ok(())
+            }
+            Arch::Graph(plan) => {
                 let run = |e: candle_core::Error| BackendError::Run(e.to_string());
                 let x = Tensor::from_slice(input, dims, &Device::Cpu).map_err(run)?;
                 let y = plan.run(x).map_err(run)?;
@@ -179,12 +216,17 @@ impl Backend for CandleBackend {
         cpu::run(|| {
             let mut times = Vec::new();
             match &mut self.net {
-                Net::EfficientNet(m) => {
+                Arch::EfficientNet(m) => {
                     m.forward_profiled(input, &mut times).ok()?;
                 }
-                Net::Graph(plan) => {
+                Arch::Graph(plan) => {
                     let x = Tensor::from_slice(input, dims, &Device::Cpu).ok()?;
                     plan.run_profiled(x, Some(&mut times)).ok()?;
+                }
+                Arch::Mlp(m) => {
+                    let t = std::time::Instant::now();
+                    m.forward(input).ok()?;
+                    times.push(("dense layers".to_owned(), t.elapsed()));
                 }
             }
             Some(times)

@@ -128,6 +128,22 @@ pub fn describe(m: &ModelConfig) -> String {
         "health:\n  black_threshold: {}\n  blur_threshold: {}",
         m.health.black_threshold, m.health.blur_threshold
     );
+    if let Some(s) = &m.sensor {
+        let list = |v: &[f32]| v.iter().map(f32::to_string).collect::<Vec<_>>().join(", ");
+        let fields: Vec<String> = s.fields.iter().map(|f| quoted(f)).collect();
+        let _ = writeln!(
+            o,
+            "sensor:\n  fields: [{}]\n  mean: [{}]\n  std: [{}]\n  window: {}\n  score: {}\n  threshold: {}\n  max_devices: {}\n  device_timeout_s: {}",
+            fields.join(", "),
+            list(&s.mean),
+            list(&s.std),
+            s.window,
+            s.score.as_str(),
+            s.threshold,
+            s.max_devices,
+            s.device_timeout_s
+        );
+    }
     let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(t.subscription())).collect();
     let _ = writeln!(
         o,

@@ -49,6 +49,9 @@ pub enum ModelType {
     Classification,
     Detection,
     CameraHealth,
+    /// Numeric readings (a window of the last N per device) scored by an autoencoder's
+    /// reconstruction error or a one-output model's score, against a threshold.
+    SensorAnomaly,
 }
 
 impl ModelType {
@@ -57,7 +60,13 @@ impl ModelType {
             ModelType::Classification => "image-classification",
             ModelType::Detection => "object-detection",
             ModelType::CameraHealth => "camera-health",
+            ModelType::SensorAnomaly => "sensor-anomaly",
         }
+    }
+
+    /// Takes sensor readings rather than pictures.
+    pub fn is_sensor(self) -> bool {
+        self == ModelType::SensorAnomaly
     }
 }
 
@@ -269,7 +278,82 @@ pub struct ModelConfig {
     pub output_topic: TopicTemplate,
     /// Dual mode: where `dual_backend_comparison` messages go.
     pub comparison_topic: TopicTemplate,
+    /// Sensor models: the readings' mapping to the input (`None` for picture models).
+    pub sensor: Option<Sensor>,
 }
+
+impl ModelConfig {
+    /// Floats in one inference's input tensor.
+    pub fn input_len(&self) -> usize {
+        match &self.sensor {
+            Some(s) => s.input_len(),
+            None => {
+                let p = &self.preprocessing;
+                3 * p.width as usize * p.height as usize
+            }
+        }
+    }
+
+    /// The input tensor's shape: `[1, window x fields]` for sensor models, else NCHW or NHWC.
+    pub fn input_shape(&self) -> Vec<usize> {
+        let p = &self.preprocessing;
+        match (&self.sensor, p.layout) {
+            (Some(s), _) => vec![1, s.input_len()],
+            (None, Layout::Nchw) => vec![1, 3, p.height as usize, p.width as usize],
+            (None, Layout::Nhwc) => vec![1, p.height as usize, p.width as usize, 3],
+        }
+    }
+}
+
+/// How a sensor model's score is read from its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SensorScore {
+    /// An autoencoder: the mean squared difference between its input and its output.
+    ReconstructionError,
+    /// The model's first output value itself (e.g. a fault probability).
+    Output,
+}
+
+impl SensorScore {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SensorScore::ReconstructionError => "reconstruction_error",
+            SensorScore::Output => "output",
+        }
+    }
+}
+
+/// A sensor model's input: which fields of a reading, scaled how, over how many readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sensor {
+    /// The reading's fields in the order the model takes them.
+    pub fields: Vec<String>,
+    /// Per field: the model sees `(value - mean) / std`.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Readings per inference (the last `window` of a device, oldest first); 1: each on its own.
+    pub window: usize,
+    pub score: SensorScore,
+    /// A score above it is an anomaly (`alert_triggered`).
+    pub threshold: f32,
+    /// Devices whose windows are kept; the least recently heard is forgotten first.
+    pub max_devices: usize,
+    /// A device silent this long starts a fresh window.
+    pub device_timeout_s: u64,
+}
+
+impl Sensor {
+    /// Floats in one inference's input: `window x fields`.
+    pub fn input_len(&self) -> usize {
+        self.window * self.fields.len()
+    }
+}
+
+/// Most fields a sensor model may take, and most readings in its window.
+pub const MAX_SENSOR_FIELDS: usize = 64;
+pub const MAX_SENSOR_WINDOW: usize = 256;
+/// Most floats one sensor inference takes.
+pub const MAX_SENSOR_INPUT: usize = MAX_SENSOR_FIELDS * MAX_SENSOR_WINDOW;
 
 /// A config error: which file, which key, what was expected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -413,8 +497,15 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
     fn errors_name_file_key_and_expectation() {
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
-            ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection or camera-health, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt)"),
+            ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection, camera-health or sensor-anomaly, found `foo`"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt, sensor)"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\n", "/cfg/m.yaml: `sensor`: is required for sensor-anomaly"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v] }\n", "/cfg/m.yaml: `sensor.threshold`: is required"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v], mean: [1], threshold: 1 }\n", "/cfg/m.yaml: `sensor.mean`: expected 2 numbers, one per field"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, t], threshold: 1 }\n", "/cfg/m.yaml: `sensor.fields`: `t` is named twice"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t], std: [0], threshold: 1 }\n", "/cfg/m.yaml: `sensor.std`: every value must be above 0"),
+            ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t], window: 1000, threshold: 1 }\n", "/cfg/m.yaml: `sensor.window`: expected a whole number in 1..=256"),
+            ("name: a\nmodel_type: camera-health\nsensor: { fields: [t] }\n", "/cfg/m.yaml: `sensor`: only sensor models take it"),
             ("name: a\nmodel_type: camera-health\ninference: { iou_threshold: 2 }\n", "/cfg/m.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 2"),
             ("name: a\nmodel_type: camera-health\npreprocessing: { resize: 224 }\n", "/cfg/m.yaml: `preprocessing.resize`: expected [width, height], found the number 224"),
             ("name: a\nmodel_type: image-classification\nmodel_path: m\nbackend: tflite\n", "/cfg/m.yaml: `backend`: expected candle, onnx or dual, found `tflite`"),

@@ -21,6 +21,17 @@ const TOP_KEYS: &[&str] = &[
     "health",
     "alerts",
     "mqtt",
+    "sensor",
+];
+const SENSOR_KEYS: &[&str] = &[
+    "fields",
+    "mean",
+    "std",
+    "window",
+    "score",
+    "threshold",
+    "max_devices",
+    "device_timeout_s",
 ];
 const PRE_KEYS: &[&str] = &[
     "resize",
@@ -88,10 +99,13 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         Some("image-classification") => ModelType::Classification,
         Some("object-detection") => ModelType::Detection,
         Some("camera-health") => ModelType::CameraHealth,
+        Some("sensor-anomaly") => ModelType::SensorAnomaly,
         Some(other) => {
             return Err(ctx.err(
                 "model_type",
-                format!("expected image-classification, object-detection or camera-health, found `{other}`"),
+                format!(
+                    "expected image-classification, object-detection, camera-health or sensor-anomaly, found `{other}`"
+                ),
             ))
         }
         None => return Err(ctx.err("model_type", "is required".into())),
@@ -167,6 +181,16 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
                 .map_err(|e| ctx.err("mqtt.comparison_topic_template", e.0))?;
         }
     }
+    let sensor = match (model_type.is_sensor(), &doc["sensor"]) {
+        (true, v) => Some(ctx.sensor(v)?),
+        (false, Yaml::BadValue) => None,
+        (false, _) => {
+            return Err(ctx.err(
+                "sensor",
+                format!("only sensor models take it, not {}", model_type.as_str()),
+            ))
+        }
+    };
     Ok(ModelConfig {
         name,
         source: Some(path.to_path_buf()),
@@ -182,6 +206,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         input_topics,
         output_topic,
         comparison_topic,
+        sensor,
     })
 }
 
@@ -366,6 +391,100 @@ impl Doc {
             batch_size,
             gpu_enabled: self.boolean(&v["gpu_enabled"], "inference.gpu_enabled", settings.gpu_enabled)?
                 && settings.gpu_enabled,
+        })
+    }
+
+    pub(super) fn sensor(&self, v: &Yaml) -> Result<Sensor, ConfigError> {
+        if matches!(v, Yaml::BadValue | Yaml::Null) {
+            return Err(self.err(
+                "sensor",
+                "is required for sensor-anomaly: at least `fields` and `threshold`".into(),
+            ));
+        }
+        self.known_keys(v, "sensor.", SENSOR_KEYS)?;
+        let fields: Vec<String> = match &v["fields"] {
+            Yaml::Array(a) if !a.is_empty() && a.len() <= MAX_SENSOR_FIELDS => a
+                .iter()
+                .enumerate()
+                .map(|(i, f)| match scalar_text(f) {
+                    Some(f) if !f.is_empty() && f.len() <= 64 => Ok(f),
+                    _ => Err(self.err(
+                        &format!("sensor.fields[{i}]"),
+                        "expected a field name (1 to 64 characters)".into(),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            other => {
+                return Err(self.err(
+                    "sensor.fields",
+                    format!(
+                        "expected a list of 1 to {MAX_SENSOR_FIELDS} field names, found {}",
+                        kind(other)
+                    ),
+                ))
+            }
+        };
+        for (i, f) in fields.iter().enumerate() {
+            if fields[..i].contains(f)
+                || matches!(
+                    f.as_str(),
+                    "device_id" | "timestamp" | "values" | "metadata" | "correlation_id"
+                )
+            {
+                return Err(self.err(
+                    "sensor.fields",
+                    format!("`{f}` is named twice or is a reserved member name"),
+                ));
+            }
+        }
+        let per_field = |key: &str, default: f32| -> Result<Vec<f32>, ConfigError> {
+            let k = format!("sensor.{key}");
+            match &v[key] {
+                Yaml::BadValue | Yaml::Null => Ok(vec![default; fields.len()]),
+                Yaml::Array(a) if a.len() == fields.len() => a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| self.float(x, &format!("{k}[{i}]"), default, -1e30, 1e30))
+                    .collect(),
+                other => Err(self.err(
+                    &k,
+                    format!(
+                        "expected {} numbers, one per field, found {}",
+                        fields.len(),
+                        kind(other)
+                    ),
+                )),
+            }
+        };
+        let mean = per_field("mean", 0.0)?;
+        let std = per_field("std", 1.0)?;
+        if std.iter().any(|s| *s <= 0.0) {
+            return Err(self.err("sensor.std", "every value must be above 0".into()));
+        }
+        if matches!(v["threshold"], Yaml::BadValue | Yaml::Null) {
+            return Err(self.err(
+                "sensor.threshold",
+                "is required: the score above which a reading is an anomaly".into(),
+            ));
+        }
+        Ok(Sensor {
+            window: self.int(&v["window"], "sensor.window", 1, 1, MAX_SENSOR_WINDOW as u64)? as usize,
+            score: match self.string(&v["score"], "sensor.score")?.as_deref() {
+                None | Some("reconstruction_error") => SensorScore::ReconstructionError,
+                Some("output") => SensorScore::Output,
+                Some(o) => {
+                    return Err(self.err(
+                        "sensor.score",
+                        format!("expected reconstruction_error or output, found `{o}`"),
+                    ))
+                }
+            },
+            threshold: self.float(&v["threshold"], "sensor.threshold", 1.0, 0.0, 1e30)?,
+            max_devices: self.int(&v["max_devices"], "sensor.max_devices", 1024, 1, 1_000_000)? as usize,
+            device_timeout_s: self.int(&v["device_timeout_s"], "sensor.device_timeout_s", 600, 1, 30 * 86_400)?,
+            fields,
+            mean,
+            std,
         })
     }
 
