@@ -294,6 +294,14 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
                 Some(warm(Engine::load_as(BackendKind::Onnx, onnx, config, env)?, config)?),
             )
         }
+        // ONNX Runtime takes the ONNX form when the config names one beside `model_path`.
+        BackendKind::Onnx => {
+            let onnx = config.onnx_model_path.as_deref().unwrap_or(path);
+            (
+                warm(Engine::load_as(BackendKind::Onnx, onnx, config, env)?, config)?,
+                None,
+            )
+        }
         kind => (warm(Engine::load_as(kind, path, config, env)?, config)?, None),
     };
     let fail = |reason: String| BackendError::Load {

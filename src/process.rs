@@ -303,7 +303,11 @@ fn process_reading(slot: &mut Slot, ctx: &Ctx<'_>, emit: &mut impl FnMut(&Slot, 
         if win.len == 0 {
             // Still filling: answered, not inferred.
             let mut out = std::mem::take(&mut slot.out);
-            let backend = model.backend_name();
+            // The backend that would have run it: in dual mode Candle's result is the result.
+            let backend = match model.config.backend {
+                crate::config::model::BackendKind::Dual => "candle",
+                _ => model.backend_name(),
+            };
             result::write_sensor(
                 &mut out,
                 SystemTime::now(),
