@@ -152,8 +152,11 @@ pub fn parse<'a>(payload: &'a [u8], s: &Sensor, out: &mut [f32]) -> Result<Readi
             crate::envelope::timestamp_of(t).ok_or("`timestamp` is not epoch seconds (or ms) or an RFC 3339 time")?,
         );
     }
-    for ((x, m), sd) in out[..n].iter_mut().zip(&s.mean).zip(&s.std) {
+    for (i, ((x, m), sd)) in out[..n].iter_mut().zip(&s.mean).zip(&s.std).enumerate() {
         *x = (*x - m) / sd;
+        if !x.is_finite() {
+            return Err(format!("field `{}` is out of range once scaled", s.fields[i]));
+        }
     }
     Ok(r)
 }
