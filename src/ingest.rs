@@ -32,21 +32,7 @@ pub fn admit<'a>(
     models: &'a Models,
     routes: &[Route],
 ) -> Result<Admitted<'a>, FrameError> {
-    if payload.len() > max_payload {
-        return Err(FrameError::new(
-            FailReason::PayloadTooLarge,
-            format_args!(
-                "payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}",
-                payload.len()
-            ),
-        ));
-    }
-    if topic.len() > MAX_TOPIC_LEN {
-        return Err(FrameError::new(
-            FailReason::BadEnvelope,
-            format_args!("topic is longer than {MAX_TOPIC_LEN} bytes"),
-        ));
-    }
+    check_sizes(topic, payload, max_payload)?;
     let (envelope, device) = match oneshot_device {
         Some(d) => (
             Envelope {
@@ -70,6 +56,26 @@ pub fn admit<'a>(
         ));
     }
     Ok(Admitted { envelope, device })
+}
+
+/// The limits every message meets before its contents are read: payload and topic size.
+fn check_sizes(topic: &str, payload: &[u8], max_payload: usize) -> Result<(), FrameError> {
+    if payload.len() > max_payload {
+        return Err(FrameError::new(
+            FailReason::PayloadTooLarge,
+            format_args!(
+                "payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}",
+                payload.len()
+            ),
+        ));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(FrameError::new(
+            FailReason::BadEnvelope,
+            format_args!("topic is longer than {MAX_TOPIC_LEN} bytes"),
+        ));
+    }
+    Ok(())
 }
 
 /// Keeps the routes a message goes to by what it is: a sensor reading goes to the sensor
@@ -98,21 +104,7 @@ pub fn admit_reading<'a>(
     routes: &[Route],
     rows: &mut Vec<f32>,
 ) -> Result<Admitted<'a>, FrameError> {
-    if payload.len() > max_payload {
-        return Err(FrameError::new(
-            FailReason::PayloadTooLarge,
-            format_args!(
-                "payload is {} bytes, over MAX_PAYLOAD_BYTES = {max_payload}",
-                payload.len()
-            ),
-        ));
-    }
-    if topic.len() > MAX_TOPIC_LEN {
-        return Err(FrameError::new(
-            FailReason::BadEnvelope,
-            format_args!("topic is longer than {MAX_TOPIC_LEN} bytes"),
-        ));
-    }
+    check_sizes(topic, payload, max_payload)?;
     rows.clear();
     let mut first = None;
     for r in routes {

@@ -259,8 +259,18 @@ pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
         w.end_object();
     }
     w.end_object();
+    comparison_end(&mut w, [na, nb], times, predictions_match, src);
+}
+
+/// What every comparison ends with, once its `backends` object is written: which backend was
+/// faster and by how much (when both ran), whether they agreed, and the source.
+fn comparison_end(w: &mut Writer<'_>, names: [&str; 2], times: Option<(f64, f64)>, matched: bool, src: &Source<'_>) {
     if let Some((ta, tb)) = times {
-        let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
+        let (faster, slow, fast) = if ta <= tb {
+            (names[0], tb, ta)
+        } else {
+            (names[1], ta, tb)
+        };
         w.key("performance_delta").begin_object();
         w.key("time_difference_ms").f64(slow - fast, 3);
         w.key("faster_backend").str(faster);
@@ -268,10 +278,10 @@ pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
             .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
         w.end_object();
     }
-    w.key("predictions_match").bool(predictions_match && times.is_some());
+    w.key("predictions_match").bool(matched && times.is_some());
     w.key("comparison_failed").bool(times.is_none());
     w.key("metadata").begin_object();
-    source(&mut w, src);
+    source(w, src);
     w.end_object();
     w.end_object();
 }
@@ -378,21 +388,7 @@ pub fn write_sensor_comparison(
         w.end_object();
     }
     w.end_object();
-    if let Some((ta, tb)) = times {
-        let (faster, slow, fast) = if ta <= tb { (na, tb, ta) } else { (nb, ta, tb) };
-        w.key("performance_delta").begin_object();
-        w.key("time_difference_ms").f64(slow - fast, 3);
-        w.key("faster_backend").str(faster);
-        w.key("faster_by_percent")
-            .f64(if slow > 0.0 { (slow - fast) / slow * 100.0 } else { 0.0 }, 1);
-        w.end_object();
-    }
-    w.key("predictions_match").bool(predictions_match && times.is_some());
-    w.key("comparison_failed").bool(times.is_none());
-    w.key("metadata").begin_object();
-    source(&mut w, src);
-    w.end_object();
-    w.end_object();
+    comparison_end(&mut w, [na, nb], times, predictions_match, src);
 }
 
 /// Error result (`inference_error`): `error` is a stable code, `reason` says why.
