@@ -1,5 +1,6 @@
 //! Records build facts (version, git commit, enabled features, profile) as
-//! compile-time environment variables read by `src/build_info.rs`.
+//! compile-time environment variables read by `src/build_info.rs`; with the
+//! `cuda` feature, also compiles the Candle backend's CUDA kernels to PTX.
 
 use std::process::Command;
 
@@ -16,7 +17,7 @@ fn main() {
 
     // The crate's own features only: a stray CARGO_FEATURE_* variable in the environment
     // (e.g. a build profile's CARGO_FEATURE_FLAGS) is not a feature.
-    const FEATURES: [&str; 5] = ["candle", "candle-graph", "dual", "minimal", "onnx"];
+    const FEATURES: [&str; 6] = ["candle", "candle-graph", "cuda", "dual", "minimal", "onnx"];
     let features: Vec<&str> = FEATURES
         .into_iter()
         .filter(|f| std::env::var_os(format!("CARGO_FEATURE_{}", f.to_uppercase().replace('-', "_"))).is_some())
@@ -35,9 +36,39 @@ fn main() {
     println!("cargo:rustc-env=AEI_PROFILE={profile}");
     println!("cargo:rustc-env=AEI_TARGET={target}");
     println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        cuda_kernels();
+    }
     for path in [".git/HEAD", ".git/refs/heads"] {
         if std::path::Path::new(path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
+    }
+}
+
+/// `src/backend/candle/gpu/kernels.cu` -> `$OUT_DIR/aei_kernels.ptx`, with the nvcc on PATH
+/// (or in `$CUDA_HOME/bin`; `profiles/gpu-setup` provides one). PTX for compute capability
+/// `CUDA_COMPUTE_CAP` (default 80): the driver compiles it for the GPU it finds, newer ones included.
+fn cuda_kernels() {
+    let src = "src/backend/candle/gpu/kernels.cu";
+    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("aei_kernels.ptx");
+    let nvcc = std::env::var_os("CUDA_HOME")
+        .map(|h| std::path::PathBuf::from(h).join("bin/nvcc"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "nvcc".into());
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), src, "-o"])
+        .arg(&out)
+        .status();
+    match status {
+        Ok(s) if s.success() => {}
+        Ok(s) => panic!("{} --ptx {src} failed ({s})", nvcc.display()),
+        Err(e) => panic!(
+            "the `cuda` feature needs nvcc ({}: {e}); run `eval \"$(bash profiles/gpu-setup)\"` first",
+            nvcc.display()
+        ),
     }
 }

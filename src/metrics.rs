@@ -252,6 +252,10 @@ pub struct Summary {
     pub backend: &'static str,
     pub model_type: &'static str,
     pub provider: String,
+    /// `cpu`, `cuda:N` (dual: `a+b` when the sides differ), `builtin`, or `none` (failed).
+    pub device: String,
+    /// A GPU was asked for and cannot be used; the model runs on the CPU: why.
+    pub gpu_fallback: Option<String>,
     pub ready: bool,
     /// Why the model is not serving, when it failed to load.
     pub error: Option<String>,
@@ -627,13 +631,28 @@ impl Metrics {
             .iter()
             .map(|m| {
                 let labels = format!(
-                    "model=\"{}\",backend=\"{}\",type=\"{}\",provider=\"{}\"",
+                    "model=\"{}\",backend=\"{}\",type=\"{}\",provider=\"{}\",device=\"{}\"",
                     escape_label(&m.name),
                     m.backend,
                     m.model_type,
-                    escape_label(&m.provider)
+                    escape_label(&m.provider),
+                    escape_label(&m.device)
                 );
                 (labels, m.ready as u64)
+            })
+            .collect();
+        let fallback: Vec<(String, u64)> = models
+            .iter()
+            .filter_map(|m| {
+                let why = m.gpu_fallback.as_deref()?;
+                let labels = format!(
+                    "model=\"{}\",backend=\"{}\",device=\"{}\",reason=\"{}\"",
+                    escape_label(&m.name),
+                    m.backend,
+                    escape_label(&m.device),
+                    escape_label(why)
+                );
+                Some((labels, 1))
             })
             .collect();
         metric(
@@ -642,6 +661,13 @@ impl Metrics {
             "gauge",
             "1 when the model is loaded and warmed up; 0 when it failed to load.",
             &ready,
+        );
+        metric(
+            &mut o,
+            "aei_model_gpu_fallback",
+            "gauge",
+            "1 for a model that asked for a GPU and runs on the CPU instead (GPU policy `fallback`), with the reason.",
+            &fallback,
         );
         metric(
             &mut o,
@@ -740,6 +766,10 @@ impl Metrics {
             w.key("backend").str(m.backend);
             w.key("model_type").str(m.model_type);
             w.key("ready").bool(m.ready);
+            w.key("device").str(&m.device);
+            if let Some(why) = &m.gpu_fallback {
+                w.key("gpu_fallback").str(why);
+            }
             w.key("model_hash").fmt_str(format_args!("{:016x}", m.hash));
             w.key("frames").u64(m.frames);
             w.key("latency_ms").begin_object();
@@ -827,17 +857,34 @@ mod tests {
         m.stage(Stage::Decode, Duration::from_secs(60));
         m.failed(FailReason::UnknownFormat);
         let text = m.render(
-            &[Summary {
-                name: "m\"1".into(),
-                backend: "builtin",
-                model_type: "camera-health",
-                provider: "builtin".into(),
-                ready: true,
-                error: None,
-                hash: 0,
-                frames: 0,
-                latency: Default::default(),
-            }],
+            &[
+                Summary {
+                    name: "m\"1".into(),
+                    backend: "builtin",
+                    model_type: "camera-health",
+                    provider: "builtin".into(),
+                    device: "cpu".into(),
+                    gpu_fallback: None,
+                    ready: true,
+                    error: None,
+                    hash: 0,
+                    frames: 0,
+                    latency: Default::default(),
+                },
+                Summary {
+                    name: "yolo".into(),
+                    backend: "candle",
+                    model_type: "object-detection",
+                    provider: "cpu".into(),
+                    device: "cpu".into(),
+                    gpu_fallback: Some("no \"driver\"".into()),
+                    ready: true,
+                    error: None,
+                    hash: 0,
+                    frames: 0,
+                    latency: Default::default(),
+                },
+            ],
             Reloads::default(),
         );
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"0.0005\"} 1\n"));
@@ -845,8 +892,16 @@ mod tests {
         assert!(text.contains("aei_stage_duration_seconds_bucket{stage=\"decode\",le=\"+Inf\"} 3\n"));
         assert!(text.contains("aei_frames_failed_total{reason=\"unknown_format\"} 1\n"));
         assert!(text.contains(
-            "aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\",provider=\"builtin\"} 1\n"
+            "aei_model_ready{model=\"m\\\"1\",backend=\"builtin\",type=\"camera-health\",provider=\"builtin\",device=\"cpu\"} 1\n"
         ));
+        assert!(text.contains(
+            "aei_model_gpu_fallback{model=\"yolo\",backend=\"candle\",device=\"cpu\",reason=\"no \\\"driver\\\"\"} 1\n"
+        ));
+        assert_eq!(
+            text.matches("aei_model_gpu_fallback{").count(),
+            1,
+            "only models that fell back"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs};
+use crate::backend::{Backend as _, BackendEnv, BackendError, Engine, Outputs, Placement};
 use crate::config::model::{BackendKind, Labels, ModelConfig, ModelType};
 use crate::health;
 use crate::metrics::Histogram;
@@ -32,6 +32,8 @@ pub struct Problem {
 /// classes), all sized at warm-up.
 pub struct EngineState {
     pub engine: Engine,
+    /// What results say in `backend_used` (`Placement::backend_used`).
+    pub backend_used: String,
     pub outputs: Outputs,
     pub candidates: Vec<Detection>,
     pub kept: Vec<Detection>,
@@ -97,6 +99,10 @@ pub struct Model {
     pub runner: Runner,
     /// The execution provider in use (`builtin` for built-in analyses).
     pub provider: String,
+    /// Where it runs (both sides in dual mode), and why not on the GPU asked for.
+    pub placement: Placement,
+    /// What its results say in `backend_used` (in dual mode, the primary side's).
+    pub backend_used: String,
     pub ready: AtomicBool,
     pub loaded_at: std::time::SystemTime,
     /// Content hash of the model file (0 when there is none), the version `/models` shows.
@@ -161,20 +167,33 @@ impl Models {
                 continue;
             }
             let loaded = match config.model_type {
-                ModelType::CameraHealth => Ok((Runner::Health(health::Monitor::default()), "builtin".to_owned())),
+                ModelType::CameraHealth => Ok((
+                    Runner::Health(health::Monitor::default()),
+                    ("builtin".to_owned(), Placement::cpu()),
+                )),
                 ModelType::Classification | ModelType::Detection | ModelType::SensorAnomaly => load_ml(&config, env),
             };
             match loaded {
-                Ok((runner, provider)) => {
+                Ok((runner, (provider, placement))) => {
                     let hash = config
                         .model_path
                         .as_deref()
                         .and_then(|p| std::fs::read(p).ok())
                         .map(|b| health::content_hash(&b))
                         .unwrap_or(0);
+                    let primary = match config.backend {
+                        BackendKind::Dual => "candle",
+                        _ => config.backend.as_str(),
+                    };
+                    let backend_used = match config.model_type {
+                        ModelType::CameraHealth => "builtin".to_owned(),
+                        _ => placement.backend_used(primary),
+                    };
                     list.push(Arc::new(Model {
                         runner,
                         provider,
+                        backend_used,
+                        placement,
                         ready: AtomicBool::new(true),
                         loaded_at: std::time::SystemTime::now(),
                         hash,
@@ -226,6 +245,8 @@ impl Models {
             backend: m.backend_name(),
             model_type: m.config.model_type.as_str(),
             provider: m.provider.clone(),
+            device: m.placement.device.clone(),
+            gpu_fallback: m.placement.gpu_fallback.clone(),
             ready: m.ready.load(Ordering::Relaxed),
             error: None,
             hash: m.hash,
@@ -237,6 +258,8 @@ impl Models {
             backend: "none",
             model_type: "unknown",
             provider: "none".into(),
+            device: "none".into(),
+            gpu_fallback: None,
             ready: false,
             error: Some(f.error.to_string()),
             hash: 0,
@@ -258,10 +281,10 @@ fn source_of(config: &ModelConfig) -> String {
 /// Loads an ML model (both sides in dual mode), resolves its labels and
 /// warms each side up once, which also fixes the output layout and sizes
 /// every post-processing buffer.
-fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), BackendError> {
+fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, (String, Placement)), BackendError> {
     let n = config.inference.engine_copies();
     let mut copies = Vec::with_capacity(n);
-    let mut provider = String::new();
+    let mut provider = (String::new(), Placement::cpu());
     for _ in 0..n {
         let (ml, p) = load_copy(config, env)?;
         copies.push(ml);
@@ -274,7 +297,7 @@ fn load_ml(config: &ModelConfig, env: &BackendEnv) -> Result<(Runner, String), B
 }
 
 /// One copy of an ML model: its engine(s), warmed up, and its buffers.
-fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String), BackendError> {
+fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, (String, Placement)), BackendError> {
     let path = config.model_path.as_deref().unwrap_or(Path::new(""));
     let (primary, second) = match config.backend {
         BackendKind::Dual => {
@@ -362,9 +385,22 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
         side.classes.reserve(i.top_k + 1);
         side
     };
-    let provider = match &second {
-        Some(s) => format!("{}+{}", primary.engine.provider(), s.engine.provider()),
-        None => primary.engine.provider().to_owned(),
+    let (provider, placement) = match &second {
+        Some(s) => {
+            let (a, b) = (primary.engine.placement(), s.engine.placement());
+            let placement = Placement {
+                device: match a.device == b.device {
+                    true => a.device.clone(),
+                    false => format!("{}+{}", a.device, b.device),
+                },
+                gpu_fallback: a.gpu_fallback.clone().or_else(|| b.gpu_fallback.clone()),
+            };
+            (
+                format!("{}+{}", primary.engine.provider(), s.engine.provider()),
+                placement,
+            )
+        }
+        None => (primary.engine.provider().to_owned(), primary.engine.placement().clone()),
     };
     let ml = MlModel {
         primary: size(primary),
@@ -372,7 +408,7 @@ fn load_copy(config: &ModelConfig, env: &BackendEnv) -> Result<(MlModel, String)
         labels,
         yolo,
     };
-    Ok((ml, provider))
+    Ok((ml, (provider, placement)))
 }
 
 /// One warm-up inference on zeros before the model is called ready.
@@ -388,6 +424,7 @@ fn warm(mut engine: Engine, config: &ModelConfig) -> Result<EngineState, Backend
         reason: format!("warm-up inference on {} failed: {e}", engine.name()),
     })?;
     Ok(EngineState {
+        backend_used: engine.placement().backend_used(engine.name()),
         engine,
         outputs,
         candidates: Vec::new(),

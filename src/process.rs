@@ -211,7 +211,10 @@ fn run_ml(
         SystemTime::now(),
         &slot.source(),
         &config.name,
-        primary.engine.name(),
+        result::Ran {
+            backend_used: &primary.backend_used,
+            placement: primary.engine.placement(),
+        },
         t,
         &slot.decoded,
         preds,
@@ -304,16 +307,15 @@ fn process_reading(slot: &mut Slot, ctx: &Ctx<'_>, emit: &mut impl FnMut(&Slot, 
             // Still filling: answered, not inferred.
             let mut out = std::mem::take(&mut slot.out);
             // The backend that would have run it: in dual mode Candle's result is the result.
-            let backend = match model.config.backend {
-                crate::config::model::BackendKind::Dual => "candle",
-                _ => model.backend_name(),
-            };
             result::write_sensor(
                 &mut out,
                 SystemTime::now(),
                 &slot.source(),
                 &model.config.name,
-                backend,
+                result::Ran {
+                    backend_used: &model.backend_used,
+                    placement: &model.placement,
+                },
                 sensor.score.as_str(),
                 &t,
                 &v,
@@ -357,7 +359,10 @@ fn process_reading(slot: &mut Slot, ctx: &Ctx<'_>, emit: &mut impl FnMut(&Slot, 
             SystemTime::now(),
             &slot.source(),
             &model.config.name,
-            primary.engine.name(),
+            result::Ran {
+                backend_used: &primary.backend_used,
+                placement: primary.engine.placement(),
+            },
             sensor.score.as_str(),
             &t,
             &v,

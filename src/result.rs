@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::backend::Placement;
 use crate::decode::Decoded;
 use crate::health::HealthReport;
 use crate::json::Writer;
@@ -106,6 +107,23 @@ fn source(w: &mut Writer<'_>, s: &Source<'_>) {
     w.end_object();
 }
 
+/// The backend that answered, as results name it (`Placement::backend_used`), and where it ran.
+#[derive(Clone, Copy)]
+pub struct Ran<'a> {
+    pub backend_used: &'a str,
+    pub placement: &'a Placement,
+}
+
+impl Ran<'_> {
+    /// In a result's metadata: the device, and why not the GPU asked for.
+    fn write(&self, w: &mut Writer<'_>) {
+        w.key("device").str(&self.placement.device);
+        if let Some(why) = &self.placement.gpu_fallback {
+            w.key("gpu_fallback").str(why);
+        }
+    }
+}
+
 /// Classification or detection result (the design's `ai_inference_result`).
 #[allow(clippy::too_many_arguments)]
 pub fn write_inference<'p>(
@@ -113,7 +131,7 @@ pub fn write_inference<'p>(
     now: SystemTime,
     src: &Source<'_>,
     model_name: &str,
-    backend: &str,
+    ran: Ran<'_>,
     t: &Timings,
     image: &Decoded,
     predictions: impl Iterator<Item = Prediction<'p>> + Clone,
@@ -122,7 +140,7 @@ pub fn write_inference<'p>(
     let mut w = Writer::new(buf);
     header(&mut w, "ai_inference_result", now, src.device_id);
     w.key("model_name").str(model_name);
-    w.key("backend_used").str(backend);
+    w.key("backend_used").str(ran.backend_used);
     w.key("inference_time_ms").f64(ms(t.infer), 3);
     w.key("predictions");
     write_predictions(&mut w, predictions.clone());
@@ -135,6 +153,7 @@ pub fn write_inference<'p>(
     w.key("total_objects_detected")
         .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
     w.key("alert_triggered").bool(alert);
+    ran.write(&mut w);
     source(&mut w, src);
     w.end_object();
     w.end_object();
@@ -327,7 +346,7 @@ pub fn write_sensor(
     now: SystemTime,
     src: &Source<'_>,
     model_name: &str,
-    backend: &str,
+    ran: Ran<'_>,
     score_kind: &str,
     t: &Timings,
     v: &SensorVerdict,
@@ -335,7 +354,7 @@ pub fn write_sensor(
     let mut w = Writer::new(buf);
     header(&mut w, "sensor_inference_result", now, src.device_id);
     w.key("model_name").str(model_name);
-    w.key("backend_used").str(backend);
+    w.key("backend_used").str(ran.backend_used);
     w.key("inference_time_ms").f64(ms(t.infer), 3);
     write_verdict(&mut w, v);
     w.key("alert_triggered").bool(v.anomaly());
@@ -346,6 +365,7 @@ pub fn write_sensor(
     w.key("metadata").begin_object();
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
     w.key("score_kind").str(score_kind);
+    ran.write(&mut w);
     source(&mut w, src);
     w.end_object();
     w.end_object();
@@ -444,7 +464,13 @@ mod tests {
             SystemTime::now(),
             &src(),
             "yolo",
-            "onnx",
+            Ran {
+                backend_used: "onnx:cpu:gpu_fallback",
+                placement: &Placement {
+                    device: "cpu".into(),
+                    gpu_fallback: Some("cuda: not in this ONNX Runtime library".into()),
+                },
+            },
             &t,
             &Decoded {
                 width: 480,
@@ -463,6 +489,9 @@ mod tests {
         ));
         assert!(matches!(get(&v, &["metadata", "alert_triggered"]), Value::Bool(true)));
         assert!(matches!(get(&v, &["metadata", "image_format"]), Value::String(s) if s == "png"));
+        assert!(matches!(get(&v, &["backend_used"]), Value::String(s) if s == "onnx:cpu:gpu_fallback"));
+        assert!(matches!(get(&v, &["metadata", "device"]), Value::String(s) if s == "cpu"));
+        assert!(matches!(get(&v, &["metadata", "gpu_fallback"]), Value::String(s) if s.starts_with("cuda: not in")));
         assert!(matches!(
             get(&v, &["metadata", "orientation", "rotated_degrees"]),
             Value::Number(_)

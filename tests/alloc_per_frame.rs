@@ -145,6 +145,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
         location_json: None,
         metadata_json: None,
     };
+    let placement = ai_edge_inference::backend::Placement::cpu();
     let run = |tensor: &mut Vec<f32>, scratch: &mut preprocess::Scratch, out: &mut Vec<u8>| {
         let g = preprocess::Geometry::new(1920, 1080, &pre);
         preprocess::preprocess_into(&rgb, &g, &pre, scratch, tensor);
@@ -153,7 +154,10 @@ fn preprocess_and_inference_result_do_not_allocate() {
             SystemTime::now(),
             &src,
             "m",
-            "onnx",
+            result::Ran {
+                backend_used: "onnx",
+                placement: &placement,
+            },
             &Timings::default(),
             &decode::Decoded {
                 width: 1920,

@@ -3,13 +3,13 @@
 
 use std::path::Path;
 
-use super::{Backend, BackendEnv, BackendError, Outputs};
+use super::{Backend, BackendEnv, BackendError, Outputs, Placement};
 use crate::config::model::ModelConfig;
 
 /// Never constructed: `load` always answers `NotCompiled`. A plain struct
 /// (not an empty enum) so code after a load stays reachable in every build.
 pub struct CandleBackend {
-    _private: (),
+    placement: Placement,
 }
 
 impl CandleBackend {
@@ -24,6 +24,9 @@ impl Backend for CandleBackend {
     }
     fn provider(&self) -> &str {
         "none"
+    }
+    fn placement(&self) -> &Placement {
+        &self.placement
     }
     fn metadata_labels(&self) -> Option<Vec<String>> {
         None

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::build_info;
-use crate::config::model::{BackendKind, ModelConfig};
+use crate::config::model::{BackendKind, GpuPolicy, ModelConfig};
 
 #[cfg(feature = "candle")]
 mod candle;
@@ -40,6 +40,11 @@ pub enum BackendError {
         path: String,
         reason: String,
     },
+    /// A GPU was asked for, cannot be used, and the policy is `require`.
+    GpuUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
     Run(String),
 }
 
@@ -53,6 +58,11 @@ impl fmt::Display for BackendError {
             ),
             BackendError::Unsupported { backend, reason } => write!(f, "backend `{backend}`: {reason}"),
             BackendError::Load { path, reason } => write!(f, "cannot load model {path}: {reason}"),
+            BackendError::GpuUnavailable { backend, reason } => write!(
+                f,
+                "backend `{backend}`: a GPU was asked for (inference.gpu_enabled) and cannot be used, and the GPU policy is `require`: {reason}; \
+                 set `inference.gpu_policy: fallback` (or GPU_POLICY=fallback) to run on the CPU instead"
+            ),
             BackendError::Run(why) => write!(f, "inference failed: {why}"),
         }
     }
@@ -90,6 +100,65 @@ pub struct BackendEnv {
     pub ort_library: Option<PathBuf>,
 }
 
+/// Where a loaded model runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// `cpu`, or `cuda:N`.
+    pub device: String,
+    /// A GPU was asked for and cannot be used, so the model runs on the CPU (policy
+    /// `fallback`): why.
+    pub gpu_fallback: Option<String>,
+}
+
+impl Placement {
+    pub fn cpu() -> Placement {
+        Placement {
+            device: "cpu".into(),
+            gpu_fallback: None,
+        }
+    }
+
+    pub fn cuda(ordinal: usize) -> Placement {
+        Placement {
+            device: format!("cuda:{ordinal}"),
+            gpu_fallback: None,
+        }
+    }
+
+    /// What results say in `backend_used`: the backend's name on the CPU as configured,
+    /// `candle:cuda:0` on a GPU, `candle:cpu:gpu_fallback` when the GPU asked for was not there.
+    pub fn backend_used(&self, backend: &str) -> String {
+        match (&self.gpu_fallback, self.device.as_str()) {
+            (Some(_), _) => format!("{backend}:cpu:gpu_fallback"),
+            (None, "cpu") => backend.to_owned(),
+            (None, device) => format!("{backend}:{device}"),
+        }
+    }
+
+    /// A GPU was asked for and cannot be used: under `require` an error that names `reason`,
+    /// under `fallback` the CPU, with a warning.
+    pub fn gpu_unavailable(
+        config: &ModelConfig,
+        backend: &'static str,
+        reason: String,
+    ) -> Result<Placement, BackendError> {
+        match config.inference.gpu_policy {
+            GpuPolicy::Require => Err(BackendError::GpuUnavailable { backend, reason }),
+            GpuPolicy::Fallback => {
+                log::warn!(
+                    model = config.name.as_str(), backend = backend, reason = reason.as_str();
+                    "model `{}`: a GPU was asked for but cannot be used ({reason}); running on the CPU (GPU policy `fallback`; `require` refuses instead)",
+                    config.name
+                );
+                Ok(Placement {
+                    device: "cpu".into(),
+                    gpu_fallback: Some(reason),
+                })
+            }
+        }
+    }
+}
+
 /// Raw model outputs for the post-processing stage.
 #[derive(Debug, Default)]
 pub struct Outputs {
@@ -103,6 +172,8 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// The execution provider actually running the model (e.g. `cpu`).
     fn provider(&self) -> &str;
+    /// The device it runs on, and why not the GPU asked for.
+    fn placement(&self) -> &Placement;
     /// Class names the model file carries, if any.
     fn metadata_labels(&self) -> Option<Vec<String>>;
     /// `input` is the frame slot's tensor (layout and size from the model config).
@@ -149,6 +220,12 @@ impl Backend for Engine {
         match self {
             Engine::Candle(b) => b.provider(),
             Engine::Onnx(b) => b.provider(),
+        }
+    }
+    fn placement(&self) -> &Placement {
+        match self {
+            Engine::Candle(b) => b.placement(),
+            Engine::Onnx(b) => b.placement(),
         }
     }
     fn metadata_labels(&self) -> Option<Vec<String>> {

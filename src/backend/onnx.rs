@@ -14,8 +14,8 @@ use ort::session::builder::{GraphOptimizationLevel, PrepackedWeights};
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use super::{Backend, BackendEnv, BackendError, Outputs};
-use crate::config::model::{ModelConfig, OptLevel};
+use super::{Backend, BackendEnv, BackendError, Outputs, Placement};
+use crate::config::model::{Inference, ModelConfig, OptLevel};
 
 /// The loaded ONNX Runtime library: where from, and its build string.
 struct Runtime {
@@ -113,6 +113,7 @@ fn prepacked_for(path: &Path) -> Arc<PrepackedWeights> {
 
 pub struct OnnxBackend {
     session: Session,
+    placement: Placement,
     /// Kept alive with the session that uses it.
     _prepacked: Arc<PrepackedWeights>,
     input_shape: Vec<usize>,
@@ -134,39 +135,7 @@ impl OnnxBackend {
         }
         let inf = &config.inference;
 
-        // Execution providers in priority order; unavailable ones are named, never silently skipped.
-        let mut eps: Vec<ExecutionProviderDispatch> = Vec::new();
-        let mut provider = None;
-        let mut unavailable = Vec::new();
-        for name in &inf.execution_providers {
-            let (available, dispatch) = match name.as_str() {
-                "cuda" | "tensorrt" if !inf.gpu_enabled => {
-                    unavailable.push(format!("{name} (GPU_ENABLED / inference.gpu_enabled is false)"));
-                    continue;
-                }
-                "cuda" => (ep::CUDA::is_available(), ep::CUDA::default().build()),
-                "tensorrt" => (ep::TensorRT::is_available(), ep::TensorRT::default().build()),
-                _ => (Ok(true), ep::CPU::default().with_arena_allocator(inf.cpu_arena).build()),
-            };
-            if available.unwrap_or(false) {
-                provider.get_or_insert_with(|| name.clone());
-                eps.push(dispatch.error_on_failure());
-            } else {
-                unavailable.push(format!("{name} (not in this ONNX Runtime library)"));
-            }
-        }
-        for u in &unavailable {
-            log::warn!("model `{}`: execution provider {u}", config.name);
-        }
-        let provider = provider.ok_or_else(|| {
-            err(format!(
-                "model `{}`: none of the execution providers {:?} is available: {}; add `cpu` to the list to run on the CPU",
-                config.name,
-                inf.execution_providers,
-                unavailable.join(", ")
-            ))
-        })?;
-
+        let (eps, provider, placement) = providers(&rt, config)?;
         let level = match inf.optimization_level {
             OptLevel::Disable => GraphOptimizationLevel::Disable,
             OptLevel::Basic => GraphOptimizationLevel::Level1,
@@ -213,12 +182,111 @@ impl OnnxBackend {
         // `Models::load` runs the warm-up inference before the model is called ready.
         Ok(OnnxBackend {
             session,
+            placement,
             _prepacked: prepacked,
             input_shape,
             provider,
             metadata_labels,
         })
     }
+}
+
+/// One execution provider as the config sets it up: device, memory limit, TensorRT's engine
+/// cache and precision. Asked to fail rather than be skipped when it cannot register.
+fn dispatch(name: &str, inf: &Inference) -> ExecutionProviderDispatch {
+    let device = inf.gpu_device as i32;
+    let limit = (inf.gpu_memory_limit_mb as usize).saturating_mul(1 << 20);
+    match name {
+        "cuda" => {
+            let mut cuda = ep::CUDA::default().with_device_id(device);
+            if limit > 0 {
+                cuda = cuda.with_memory_limit(limit);
+            }
+            cuda.build().error_on_failure()
+        }
+        "tensorrt" => {
+            let mut trt = ep::TensorRT::default()
+                .with_device_id(device)
+                .with_fp16(inf.tensorrt_fp16);
+            if limit > 0 {
+                trt = trt.with_max_workspace_size(limit);
+            }
+            if let Some(dir) = &inf.tensorrt_engine_cache {
+                trt = trt.with_engine_cache(true).with_engine_cache_path(dir.display());
+            }
+            trt.build().error_on_failure()
+        }
+        _ => ep::CPU::default()
+            .with_arena_allocator(inf.cpu_arena)
+            .build()
+            .error_on_failure(),
+    }
+}
+
+/// The execution providers a session gets, the one that runs the model, and where it runs.
+///
+/// Without `gpu_enabled` the config's GPU providers are skipped (and said so). With it, the
+/// GPU providers it lists (`cuda` when it lists none) are tried in order: each must be in the
+/// library and register (ort is asked to fail, not to skip). When none does, the GPU policy
+/// decides: `require` refuses the model, `fallback` runs it on the CPU and says why.
+fn providers(
+    rt: &Runtime,
+    config: &ModelConfig,
+) -> Result<(Vec<ExecutionProviderDispatch>, String, Placement), BackendError> {
+    let inf = &config.inference;
+    let is_gpu = |n: &String| n == "cuda" || n == "tensorrt";
+    if !inf.gpu_enabled {
+        for name in inf.execution_providers.iter().filter(|n| is_gpu(n)) {
+            log::warn!(
+                model = config.name.as_str();
+                "model `{}`: execution provider {name} skipped: GPU_ENABLED / inference.gpu_enabled is false",
+                config.name
+            );
+        }
+        if !inf.execution_providers.iter().any(|n| n == "cpu") {
+            return Err(err(format!(
+                "model `{}`: none of the execution providers {:?} can run: the GPU ones need GPU_ENABLED=true and \
+                 inference.gpu_enabled; add `cpu` to the list to run on the CPU",
+                config.name, inf.execution_providers
+            )));
+        }
+        return Ok((vec![dispatch("cpu", inf)], "cpu".into(), Placement::cpu()));
+    }
+    let mut wanted: Vec<&str> = inf
+        .execution_providers
+        .iter()
+        .filter(|n| is_gpu(n))
+        .map(String::as_str)
+        .collect();
+    if wanted.is_empty() {
+        wanted.push("cuda");
+    }
+    let mut reasons = Vec::new();
+    for name in wanted {
+        let available = match name {
+            "tensorrt" => ep::TensorRT::is_available(),
+            _ => ep::CUDA::is_available(),
+        };
+        if !available.unwrap_or(false) {
+            reasons.push(format!(
+                "{name}: not in this ONNX Runtime library ({}; the onnxruntime-gpu build has it)",
+                rt.path.display()
+            ));
+            continue;
+        }
+        // Registering is where a missing driver, device or CUDA library shows.
+        let probe = Session::builder(&rt.env)
+            .and_then(|b| b.with_execution_providers([dispatch(name, inf)]).map_err(Into::into));
+        match probe {
+            Ok(_) => {
+                let eps = vec![dispatch(name, inf), dispatch("cpu", inf)];
+                return Ok((eps, name.to_owned(), Placement::cuda(inf.gpu_device)));
+            }
+            Err(e) => reasons.push(format!("{name}: {e}")),
+        }
+    }
+    let placement = Placement::gpu_unavailable(config, "onnx", reasons.join("; "))?;
+    Ok((vec![dispatch("cpu", inf)], "cpu".into(), placement))
 }
 
 /// The input shape the config feeds (NCHW/NHWC, or `[1, n]` for sensor models), checked
@@ -267,6 +335,10 @@ impl Backend for OnnxBackend {
 
     fn provider(&self) -> &str {
         &self.provider
+    }
+
+    fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     fn metadata_labels(&self) -> Option<Vec<String>> {

@@ -27,6 +27,8 @@ pub const OPTIONS: &[Opt] = &[
     Opt { env: "DEFAULT_BACKEND", flag: "--backend", default: "candle", help: "Backend for model configs that name none: candle | onnx | dual." },
     Opt { env: "ENABLE_DUAL_BACKEND", flag: "--dual", default: "false", help: "Run every ML model on both backends and publish comparisons (true | false)." },
     Opt { env: "GPU_ENABLED", flag: "--gpu", default: "false", help: "Allow backends to use a GPU when the model config allows it (true | false)." },
+    Opt { env: "GPU_DEVICE", flag: "--gpu-device", default: "0", help: "CUDA device ordinal for models whose config names no `inference.gpu_device`." },
+    Opt { env: "GPU_POLICY", flag: "--gpu-policy", default: "fallback", help: "When a GPU is asked for and cannot be used (no driver or device, library or provider missing, build without `cuda`): fallback (run on the CPU, warn, and show `gpu_fallback` with the reason in metrics, /readyz, /models and every result) or require (refuse to load the model)." },
     Opt { env: "AIO_BROKER_HOSTNAME", flag: "--broker-host", default: "localhost", help: "MQTT broker host. Empty: no MQTT (HTTP /infer only)." },
     Opt { env: "AIO_BROKER_TCP_PORT", flag: "--broker-port", default: "1883", help: "MQTT broker TCP port." },
     Opt { env: "AIO_MQTT_CLIENT_ID", flag: "--client-id", default: "ai-edge-inference", help: "MQTT client id; also fills {client_id} in the status and error topics." },
@@ -89,6 +91,8 @@ pub struct Settings {
     pub default_backend: BackendKind,
     pub enable_dual: bool,
     pub gpu_enabled: bool,
+    pub gpu_device: u32,
+    pub gpu_policy: model::GpuPolicy,
     /// `None`: MQTT is off.
     pub broker: Option<(String, u16)>,
     pub client_id: String,
@@ -258,6 +262,12 @@ impl Settings {
             },
             enable_dual: parse_bool("ENABLE_DUAL_BACKEND", &get("ENABLE_DUAL_BACKEND"))?,
             gpu_enabled: parse_bool("GPU_ENABLED", &get("GPU_ENABLED"))?,
+            gpu_device: parse_num("GPU_DEVICE", &get("GPU_DEVICE"), 0, 255)? as u32,
+            gpu_policy: match get("GPU_POLICY").as_str() {
+                "fallback" => model::GpuPolicy::Fallback,
+                "require" => model::GpuPolicy::Require,
+                other => return Err(bad("GPU_POLICY", "fallback or require", other)),
+            },
             broker: match non_empty(get("AIO_BROKER_HOSTNAME")) {
                 None => None,
                 Some(h) => Some((

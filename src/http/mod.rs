@@ -302,6 +302,10 @@ fn models_json(state: &HttpState) -> Vec<u8> {
         backend: String,
         model_type: String,
         provider: String,
+        /// `cpu` or `cuda:N`.
+        device: String,
+        /// A GPU was asked for and cannot be used: why (the model runs on the CPU).
+        gpu_fallback: Option<String>,
         source: String,
         model_hash: String,
         loaded_at_unix_s: u64,
@@ -324,6 +328,8 @@ fn models_json(state: &HttpState) -> Vec<u8> {
             backend: m.backend_name().into(),
             model_type: m.config.model_type.as_str().into(),
             provider: m.provider.clone(),
+            device: m.placement.device.clone(),
+            gpu_fallback: m.placement.gpu_fallback.clone(),
             source: m
                 .config
                 .source
@@ -350,6 +356,8 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
         backend: String,
         model_type: String,
         provider: String,
+        device: String,
+        gpu_fallback: Option<String>,
         ready: bool,
         error: Option<String>,
     }
@@ -381,6 +389,8 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
                 backend: m.backend.into(),
                 model_type: m.model_type.into(),
                 provider: m.provider,
+                device: m.device,
+                gpu_fallback: m.gpu_fallback,
                 ready: m.ready,
                 error: m.error,
             })

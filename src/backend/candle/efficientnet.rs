@@ -24,11 +24,11 @@ const BN_EPS: f64 = 1e-3;
 /// Stride of each of the seven stages.
 const STAGE_STRIDES: [usize; 7] = [1, 2, 2, 2, 1, 2, 1];
 
-/// A convolution with batch norm folded in (candle tensors, OIHW).
-struct ConvBn {
-    weight: Tensor,
-    bias: Tensor,
-    stride: usize,
+/// A convolution with batch norm folded in (candle tensors, OIHW, f32).
+pub(super) struct ConvBn {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
 }
 
 impl ConvBn {
@@ -69,7 +69,7 @@ impl ConvBn {
     }
 
     /// (out, in, kh, kw).
-    fn dims(&self) -> (usize, usize, usize, usize) {
+    pub fn dims(&self) -> (usize, usize, usize, usize) {
         self.weight.dims4().unwrap_or((0, 0, 0, 0))
     }
 
@@ -102,11 +102,17 @@ impl ConvBn {
         }
     }
 
-    fn pointwise(&self, name: &str, act: Act) -> Result<nhwc::Pointwise, String> {
-        let (o, i, kh, kw) = self.dims();
-        if (kh, kw) != (1, 1) {
-            return Err(format!("{name}: a {kh}x{kw} kernel where a 1x1 convolution belongs"));
+    /// An error unless the kernel is 1x1.
+    fn one_by_one(&self, name: &str) -> Result<(), String> {
+        match self.dims() {
+            (_, _, 1, 1) => Ok(()),
+            (_, _, kh, kw) => Err(format!("{name}: a {kh}x{kw} kernel where a 1x1 convolution belongs")),
         }
+    }
+
+    fn pointwise(&self, name: &str, act: Act) -> Result<nhwc::Pointwise, String> {
+        self.one_by_one(name)?;
+        let (o, i, ..) = self.dims();
         let (w, b) = self.vecs()?;
         nhwc::Pointwise::new(&w, &b, o, i, act).map_err(|e| format!("{name}: {e}"))
     }
@@ -117,6 +123,144 @@ fn same_pad(size: usize, k: usize, s: usize) -> (usize, usize) {
     let out = size.div_ceil(s.max(1));
     let total = (out.saturating_sub(1) * s + k).saturating_sub(size);
     (total / 2, total - total / 2)
+}
+
+/// One MBConv block as read off the checkpoint.
+pub(super) struct BlockSpec {
+    pub expand: Option<ConvBn>,
+    pub depthwise: ConvBn,
+    /// The depthwise convolution's geometry on this block's input size.
+    pub geo: Geometry,
+    pub project: ConvBn,
+    pub skip: bool,
+    /// Input and output size (h, w).
+    pub size: (usize, usize),
+    pub out: (usize, usize),
+}
+
+/// The network as read off a checkpoint, for one input size: every layer with its batch norm
+/// folded and its geometry fixed. The CPU plan here and the device plan (`device_plan.rs`)
+/// are both compiled from it.
+pub(super) struct Spec {
+    pub stem: ConvBn,
+    pub stem_geo: Geometry,
+    pub blocks: Vec<BlockSpec>,
+    pub head: ConvBn,
+    /// `_fc`: weight `[classes, features]` and bias, f32.
+    pub fc: (Tensor, Tensor),
+    pub input: (usize, usize),
+    pub stem_out: (usize, usize),
+}
+
+impl Spec {
+    /// Reads the checkpoint for `[1, 3, h, w]` input, checking that every layer fits the next.
+    pub fn read(w: &Weights, (h, wd): (usize, usize)) -> Result<Spec, String> {
+        let stem = ConvBn::load(w, "_conv_stem", "_bn0", 2)?;
+        let (stem_c, in_c3, ..) = stem.dims();
+        if in_c3 != 3 {
+            return Err(format!("_conv_stem takes {in_c3} channels, not 3"));
+        }
+        stem.square("_conv_stem")?;
+        let stem_geo = stem.geometry(h, wd);
+        let stem_out = stem_geo
+            .checked_out_size(h, wd)
+            .ok_or_else(|| format!("a {h}x{wd} input is too small for the stem"))?;
+        let mut blocks = Vec::new();
+        let (mut stage, mut prev_out) = (0usize, None);
+        let (mut in_c, mut size) = (stem_c, stem_out);
+        while w.contains_key(&format!("_blocks.{}._depthwise_conv.weight", blocks.len())) {
+            let p = format!("_blocks.{}", blocks.len());
+            let project = ConvBn::load(w, &format!("{p}._project_conv"), &format!("{p}._bn2"), 1)?;
+            let out_c = project.dims().0;
+            if prev_out.is_some_and(|o| o != out_c) {
+                stage += 1;
+            }
+            let stride = if prev_out != Some(out_c) {
+                *STAGE_STRIDES
+                    .get(stage)
+                    .ok_or_else(|| format!("{p}: more stages than EfficientNet-Lite has"))?
+            } else {
+                1
+            };
+            let expand = if w.contains_key(&format!("{p}._expand_conv.weight")) {
+                let e = ConvBn::load(w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), 1)?;
+                e.one_by_one(&format!("{p}._expand_conv"))?;
+                Some(e)
+            } else {
+                None
+            };
+            let dw = ConvBn::load(w, &format!("{p}._depthwise_conv"), &format!("{p}._bn1"), stride)?;
+            let (mid, one, ..) = dw.dims();
+            let mid_in = expand.as_ref().map_or(in_c, |e| e.dims().0);
+            if expand.as_ref().is_some_and(|e| e.dims().1 != in_c) {
+                return Err(format!(
+                    "{p}._expand_conv takes {} channels after {in_c}",
+                    expand.as_ref().map_or(0, |e| e.dims().1)
+                ));
+            }
+            if one != 1 || mid != mid_in {
+                return Err(format!(
+                    "{p}._depthwise_conv: {mid} filters of {one} channels after {mid_in} channels"
+                ));
+            }
+            dw.square(&format!("{p}._depthwise_conv"))?;
+            let geo = dw.geometry(size.0, size.1);
+            project.one_by_one(&format!("{p}._project_conv"))?;
+            if project.dims().1 != mid {
+                return Err(format!(
+                    "{p}._project_conv takes {} channels after {mid}",
+                    project.dims().1
+                ));
+            }
+            let out = geo
+                .checked_out_size(size.0, size.1)
+                .ok_or_else(|| format!("{p}: a {}x{} input is too small", size.0, size.1))?;
+            blocks.push(BlockSpec {
+                expand,
+                depthwise: dw,
+                geo,
+                project,
+                skip: stride == 1 && in_c == out_c,
+                size,
+                out,
+            });
+            (in_c, size, prev_out) = (out_c, out, Some(out_c));
+        }
+        if blocks.is_empty() {
+            return Err("no `_blocks.N` tensors: not an EfficientNet-Lite checkpoint".into());
+        }
+        let head = ConvBn::load(w, "_conv_head", "_bn1", 1)?;
+        head.one_by_one("_conv_head")?;
+        if head.dims().1 != in_c {
+            return Err(format!("_conv_head takes {} channels after {in_c}", head.dims().1));
+        }
+        let get = |n: &str| {
+            w.get(n)
+                .ok_or_else(|| format!("missing tensor `{n}`"))?
+                .to_dtype(candle_core::DType::F32)
+                .map_err(|e| format!("{n}: {e}"))
+        };
+        let (fc_w, fc_b) = (get("_fc.weight")?, get("_fc.bias")?);
+        let features = match fc_w.dims() {
+            &[classes, features] if fc_b.elem_count() == classes && classes > 0 => features,
+            d => return Err(format!("_fc: weight {d:?} and {} biases", fc_b.elem_count())),
+        };
+        if features != head.dims().0 {
+            return Err(format!(
+                "_fc takes {features} features, the head gives {}",
+                head.dims().0
+            ));
+        }
+        Ok(Spec {
+            stem,
+            stem_geo,
+            blocks,
+            head,
+            fc: (fc_w, fc_b),
+            input: (h, wd),
+            stem_out,
+        })
+    }
 }
 
 struct Block {
@@ -159,104 +303,54 @@ pub struct EfficientNetLite {
 
 impl EfficientNetLite {
     /// Compiles the checkpoint for `[1, 3, h, w]` input.
-    pub fn load(w: &Weights, (h, wd): (usize, usize)) -> Result<EfficientNetLite, String> {
-        let stem = ConvBn::load(w, "_conv_stem", "_bn0", 2)?;
-        let (stem_c, in_c3, ..) = stem.dims();
-        if in_c3 != 3 {
-            return Err(format!("_conv_stem takes {in_c3} channels, not 3"));
-        }
-        stem.square("_conv_stem")?;
-        let stem_geo = stem.geometry(h, wd);
-        let (sw, sb) = stem.vecs()?;
+    pub fn load(w: &Weights, size: (usize, usize)) -> Result<EfficientNetLite, String> {
+        let spec = Spec::read(w, size)?;
+        let (h, wd) = spec.input;
+        let (sw, sb) = spec.stem.vecs()?;
+        let stem_c = spec.stem.dims().0;
         let stem_k =
-            nhwc::Conv::new(&sw, &sb, stem_c, 3, stem_geo, Act::Relu6).map_err(|e| format!("_conv_stem: {e}"))?;
-        let stem_out = stem_geo
-            .checked_out_size(h, wd)
-            .ok_or_else(|| format!("a {h}x{wd} input is too small for the stem"))?;
+            nhwc::Conv::new(&sw, &sb, stem_c, 3, spec.stem_geo, Act::Relu6).map_err(|e| format!("_conv_stem: {e}"))?;
+        let stem_out = spec.stem_out;
         // Each buffer sized for its role (block inputs and outputs; expanded; depthwise out),
         // not all for the largest activation: at 224x224, 9.6 MiB instead of 19.3.
         let mut io_max = stem_out.0 * stem_out.1 * stem_c;
         let (mut expanded_max, mut dw_max) = (0usize, 0usize);
         let col = stem_k.scratch_len(h, wd);
-        let mut blocks = Vec::new();
-        let (mut stage, mut prev_out) = (0usize, None);
-        let (mut in_c, mut size) = (stem_c, stem_out);
-        while w.contains_key(&format!("_blocks.{}._depthwise_conv.weight", blocks.len())) {
-            let p = format!("_blocks.{}", blocks.len());
-            let project = ConvBn::load(w, &format!("{p}._project_conv"), &format!("{p}._bn2"), 1)?;
-            let out_c = project.dims().0;
-            if prev_out.is_some_and(|o| o != out_c) {
-                stage += 1;
-            }
-            let stride = if prev_out != Some(out_c) {
-                *STAGE_STRIDES
-                    .get(stage)
-                    .ok_or_else(|| format!("{p}: more stages than EfficientNet-Lite has"))?
-            } else {
-                1
+        let mut blocks = Vec::with_capacity(spec.blocks.len());
+        for (i, b) in spec.blocks.iter().enumerate() {
+            let p = format!("_blocks.{i}");
+            let expand = match &b.expand {
+                Some(e) => Some(e.pointwise(&format!("{p}._expand_conv"), Act::Relu6)?),
+                None => None,
             };
-            let expand = if w.contains_key(&format!("{p}._expand_conv.weight")) {
-                let e = ConvBn::load(w, &format!("{p}._expand_conv"), &format!("{p}._bn0"), 1)?;
-                Some(e.pointwise(&format!("{p}._expand_conv"), Act::Relu6)?)
-            } else {
-                None
-            };
-            let dw = ConvBn::load(w, &format!("{p}._depthwise_conv"), &format!("{p}._bn1"), stride)?;
-            let (mid, one, ..) = dw.dims();
-            let mid_in = expand.as_ref().map_or(in_c, |e| e.cout);
-            if one != 1 || mid != mid_in {
-                return Err(format!(
-                    "{p}._depthwise_conv: {mid} filters of {one} channels after {mid_in} channels"
-                ));
-            }
-            dw.square(&format!("{p}._depthwise_conv"))?;
-            let geo = dw.geometry(size.0, size.1);
-            let (dwv, dbv) = dw.vecs()?;
-            let depthwise = nhwc::Depthwise::new(&dwv, &dbv, mid, geo, Act::Relu6)
+            let mid = b.depthwise.dims().0;
+            let (dwv, dbv) = b.depthwise.vecs()?;
+            let depthwise = nhwc::Depthwise::new(&dwv, &dbv, mid, b.geo, Act::Relu6)
                 .map_err(|e| format!("{p}._depthwise_conv: {e}"))?;
-            let project = project.pointwise(&format!("{p}._project_conv"), Act::None)?;
-            if project.cin != mid {
-                return Err(format!("{p}._project_conv takes {} channels after {mid}", project.cin));
-            }
-            let out = geo
-                .checked_out_size(size.0, size.1)
-                .ok_or_else(|| format!("{p}: a {}x{} input is too small", size.0, size.1))?;
+            let project = b.project.pointwise(&format!("{p}._project_conv"), Act::None)?;
             if expand.is_some() {
-                expanded_max = expanded_max.max(size.0 * size.1 * mid);
+                expanded_max = expanded_max.max(b.size.0 * b.size.1 * mid);
             }
-            dw_max = dw_max.max(out.0 * out.1 * mid);
-            io_max = io_max.max(out.0 * out.1 * out_c);
+            dw_max = dw_max.max(b.out.0 * b.out.1 * mid);
+            io_max = io_max.max(b.out.0 * b.out.1 * project.cout);
             blocks.push(Block {
                 expand,
                 depthwise,
                 project,
-                skip: stride == 1 && in_c == out_c,
-                size,
+                skip: b.skip,
+                size: b.size,
             });
-            (in_c, size, prev_out) = (out_c, out, Some(out_c));
         }
-        if blocks.is_empty() {
-            return Err("no `_blocks.N` tensors: not an EfficientNet-Lite checkpoint".into());
-        }
-        let head = ConvBn::load(w, "_conv_head", "_bn1", 1)?.pointwise("_conv_head", Act::Relu6)?;
-        if head.cin != in_c {
-            return Err(format!("_conv_head takes {} channels after {in_c}", head.cin));
-        }
-        expanded_max = expanded_max.max(size.0 * size.1 * head.cout);
-        let get = |n: &str| {
-            w.get(n)
-                .ok_or_else(|| format!("missing tensor `{n}`"))?
-                .to_dtype(candle_core::DType::F32)
-                .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        let head = spec.head.pointwise("_conv_head", Act::Relu6)?;
+        let last = spec.blocks.last().map_or(stem_out, |b| b.out);
+        expanded_max = expanded_max.max(last.0 * last.1 * head.cout);
+        let v = |t: &Tensor, n: &str| {
+            t.flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
                 .map_err(|e| format!("{n}: {e}"))
         };
-        let fc = nhwc::Dense::new(&get("_fc.weight")?, &get("_fc.bias")?).map_err(|e| format!("_fc: {e}"))?;
-        if fc.inputs != head.cout {
-            return Err(format!(
-                "_fc takes {} features, the head gives {}",
-                fc.inputs, head.cout
-            ));
-        }
+        let fc = nhwc::Dense::new(&v(&spec.fc.0, "_fc.weight")?, &v(&spec.fc.1, "_fc.bias")?)
+            .map_err(|e| format!("_fc: {e}"))?;
         let buf = |n: usize| vec![0f32; n];
         let arena = Arena {
             input: buf(h * wd * 3),

@@ -7,7 +7,14 @@
 //! (YOLO and others) run through `graph.rs`'s plan with `candle-graph`.
 
 mod cpu;
+mod device_ops;
+mod device_plan;
 mod efficientnet;
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(not(feature = "cuda"))]
+#[path = "gpu_stub.rs"]
+mod gpu;
 #[cfg(feature = "candle-graph")]
 mod graph;
 #[cfg(not(feature = "candle-graph"))]
@@ -24,7 +31,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{Backend, BackendEnv, BackendError, Outputs};
+use super::{Backend, BackendEnv, BackendError, Outputs, Placement};
 use crate::config::model::EMBEDDED_MODEL;
 use crate::config::model::{Layout, ModelConfig, ModelType};
 
@@ -35,6 +42,8 @@ static EMBEDDED_WEIGHTS: &[u8] = include_bytes!("../../../models/efficientnet-li
 enum Arch {
     /// Boxed: the layers are many and large; the enum stays small.
     EfficientNet(Box<efficientnet::EfficientNetLite>),
+    /// The same on a GPU.
+    DeviceEfficientNet(Box<device_plan::EfficientNet>),
     Graph(graph::Plan),
     /// Dense layers (sensor models).
     Mlp(mlp::Mlp),
@@ -43,6 +52,27 @@ enum Arch {
 pub struct CandleBackend {
     net: Arch,
     input: (usize, usize, usize, usize),
+    /// Where the frame tensor goes (the CPU, or the GPU the model runs on).
+    device: Device,
+    placement: Placement,
+}
+
+/// The device a model runs on: the CPU, or with `gpu_enabled` its GPU, when it can be used;
+/// when it cannot, the GPU policy decides (an error, or the CPU and the reason).
+fn place(config: &ModelConfig) -> Result<(Device, Placement), BackendError> {
+    let i = &config.inference;
+    if !i.gpu_enabled {
+        return Ok((Device::Cpu, Placement::cpu()));
+    }
+    let opened = match config.sensor {
+        // A few hundred multiply-adds: a GPU launch costs more than the CPU takes.
+        Some(_) => Err("the Candle backend runs sensor models' dense networks on the CPU".to_owned()),
+        None => gpu::open(i.gpu_device),
+    };
+    match opened {
+        Ok(d) => Ok((d, Placement::cuda(i.gpu_device))),
+        Err(why) => Ok((Device::Cpu, Placement::gpu_unavailable(config, "candle", why)?)),
+    }
 }
 
 fn unsupported(reason: String) -> BackendError {
@@ -54,6 +84,7 @@ fn unsupported(reason: String) -> BackendError {
 
 impl CandleBackend {
     pub fn load(path: &Path, config: &ModelConfig, _env: &BackendEnv) -> Result<CandleBackend, BackendError> {
+        let (device, placement) = place(config)?;
         let load_err = |reason: String| BackendError::Load {
             path: path.display().to_string(),
             reason,
@@ -84,6 +115,8 @@ impl CandleBackend {
             return Ok(CandleBackend {
                 net: Arch::Mlp(net),
                 input: (1, s.input_len(), 1, 1),
+                device,
+                placement,
             });
         }
         let p = &config.preprocessing;
@@ -105,7 +138,11 @@ impl CandleBackend {
                 )));
             }
             let bytes = std::fs::read(path).map_err(|e| load_err(e.to_string()))?;
-            let plan = graph::Plan::from_onnx(&bytes).map_err(load_err)?;
+            let plan = match &device {
+                Device::Cpu => graph::Plan::from_onnx(&bytes),
+                d => graph::Plan::from_onnx_on(&bytes, d),
+            }
+            .map_err(load_err)?;
             let want = [input.0, input.1, input.2, input.3];
             let fits = plan.input_dims.len() == 4
                 && plan
@@ -120,13 +157,17 @@ impl CandleBackend {
                 )));
             }
             log::info!(
-                "model `{}`: Candle ONNX graph plan from {}",
+                model = config.name.as_str();
+                "model `{}`: Candle ONNX graph plan on {} from {}",
                 config.name,
+                placement.device,
                 path.display()
             );
             return Ok(CandleBackend {
                 net: Arch::Graph(plan),
                 input,
+                device,
+                placement,
             });
         }
         if config.model_type != ModelType::Classification {
@@ -146,6 +187,24 @@ impl CandleBackend {
         } else {
             return Err(load_err("the file does not exist".into()));
         };
+        if !device.is_cpu() {
+            let model = device_plan::EfficientNet::load(&weights, (input.2, input.3), &device)
+                .map_err(|e| load_err(format!("EfficientNet-Lite on {}: {e}", placement.device)))?;
+            log::info!(
+                model = config.name.as_str();
+                "model `{}`: Candle EfficientNet-Lite ({} blocks) on {} from {}",
+                config.name,
+                model.blocks(),
+                placement.device,
+                path.display()
+            );
+            return Ok(CandleBackend {
+                net: Arch::DeviceEfficientNet(Box::new(model)),
+                input,
+                device,
+                placement,
+            });
+        }
         let model = efficientnet::EfficientNetLite::load(&weights, (input.2, input.3))
             .map_err(|e| load_err(format!("EfficientNet-Lite: {e}")))?;
         log::info!(
@@ -159,6 +218,8 @@ impl CandleBackend {
         Ok(CandleBackend {
             net: Arch::EfficientNet(Box::new(model)),
             input,
+            device,
+            placement,
         })
     }
 }
@@ -169,7 +230,11 @@ impl Backend for CandleBackend {
     }
 
     fn provider(&self) -> &str {
-        "cpu"
+        &self.placement.device
+    }
+
+    fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     fn metadata_labels(&self) -> Option<Vec<String>> {
@@ -178,7 +243,7 @@ impl Backend for CandleBackend {
                 .metadata
                 .get("names")
                 .and_then(|n| crate::config::model::parse_names(n)),
-            Arch::EfficientNet(_) | Arch::Mlp(_) => None,
+            Arch::EfficientNet(_) | Arch::DeviceEfficientNet(_) | Arch::Mlp(_) => None,
         }
     }
 
@@ -186,11 +251,18 @@ impl Backend for CandleBackend {
         out.shape.clear();
         out.values.clear();
         let dims = self.input;
+        let device = &self.device;
         cpu::run(|| match &mut self.net {
             Arch::EfficientNet(m) => {
                 let logits = m.forward(input).map_err(BackendError::Run)?;
                 out.shape.extend_from_slice(&[1, logits.len()]);
                 out.values.extend_from_slice(logits);
+                Ok(())
+            }
+            Arch::DeviceEfficientNet(m) => {
+                m.forward(input, &mut out.values)
+                    .map_err(|e| BackendError::Run(e.to_string()))?;
+                out.shape.extend_from_slice(&[1, out.values.len()]);
                 Ok(())
             }
             Arch::Mlp(m) => {
@@ -201,7 +273,7 @@ impl Backend for CandleBackend {
             }
             Arch::Graph(plan) => {
                 let run = |e: candle_core::Error| BackendError::Run(e.to_string());
-                let x = Tensor::from_slice(input, dims, &Device::Cpu).map_err(run)?;
+                let x = Tensor::from_slice(input, dims, device).map_err(run)?;
                 let y = plan.run(x).map_err(run)?;
                 out.shape.extend_from_slice(y.dims());
                 out.values
@@ -213,14 +285,20 @@ impl Backend for CandleBackend {
 
     fn profile(&mut self, input: &[f32]) -> Option<Vec<(String, std::time::Duration)>> {
         let dims = self.input;
+        let device = &self.device;
         cpu::run(|| {
             let mut times = Vec::new();
             match &mut self.net {
                 Arch::EfficientNet(m) => {
                     m.forward_profiled(input, &mut times).ok()?;
                 }
+                Arch::DeviceEfficientNet(m) => {
+                    let t = std::time::Instant::now();
+                    m.forward(input, &mut Vec::new()).ok()?;
+                    times.push((format!("whole network on {}", m.device_name()), t.elapsed()));
+                }
                 Arch::Graph(plan) => {
-                    let x = Tensor::from_slice(input, dims, &Device::Cpu).ok()?;
+                    let x = Tensor::from_slice(input, dims, device).ok()?;
                     plan.run_profiled(x, Some(&mut times)).ok()?;
                 }
                 Arch::Mlp(m) => {

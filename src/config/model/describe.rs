@@ -82,12 +82,20 @@ pub fn describe(m: &ModelConfig) -> String {
     let i = &m.inference;
     let _ = writeln!(
         o,
-        "inference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  top_k: {}\n  softmax: {}\n  class_agnostic_nms: {}\n  yolo_version: {}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  cpu_arena: {}\n  memory_pattern: {}\n  inter_threads: {}\n  optimization_level: {}\n  execution_providers: [{}]\n  dual_tolerance: {}",
+        "inference:\n  confidence_threshold: {}\n  iou_threshold: {}\n  max_detections: {}\n  batch_size: {}\n  gpu_enabled: {}\n  gpu_device: {}\n  gpu_policy: {}\n  gpu_memory_limit_mb: {}\n  tensorrt_fp16: {}{}\n  top_k: {}\n  softmax: {}\n  class_agnostic_nms: {}\n  yolo_version: {}\n  intra_threads: {}\n  instances: {}\n  spinning: {}\n  cpu_arena: {}\n  memory_pattern: {}\n  inter_threads: {}\n  optimization_level: {}\n  execution_providers: [{}]\n  dual_tolerance: {}",
         i.confidence_threshold,
         i.iou_threshold,
         i.max_detections,
         i.batch_size,
         i.gpu_enabled,
+        i.gpu_device,
+        i.gpu_policy.as_str(),
+        i.gpu_memory_limit_mb,
+        i.tensorrt_fp16,
+        match &i.tensorrt_engine_cache {
+            Some(p) => format!("\n  tensorrt_engine_cache: {}", quoted(&p.display().to_string())),
+            None => String::new(),
+        },
         i.top_k,
         match i.softmax {
             Softmax::Auto => "auto",

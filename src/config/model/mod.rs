@@ -180,6 +180,33 @@ pub enum YoloVersion {
     V8,
 }
 
+/// A GPU asked for (`gpu_enabled`) that cannot be used: no driver, no device, the library or
+/// the provider missing, or the build without `cuda`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuPolicy {
+    /// Refuse to load the model, with the reason.
+    Require,
+    /// Run on the CPU, with a warning and the reason shown wherever the model's device is.
+    Fallback,
+}
+
+impl GpuPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GpuPolicy::Require => "require",
+            GpuPolicy::Fallback => "fallback",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<GpuPolicy> {
+        match s {
+            "require" => Some(GpuPolicy::Require),
+            "fallback" => Some(GpuPolicy::Fallback),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OptLevel {
     Disable,
@@ -195,6 +222,17 @@ pub struct Inference {
     pub max_detections: usize,
     pub batch_size: usize,
     pub gpu_enabled: bool,
+    /// Which GPU (CUDA device ordinal) when `gpu_enabled`.
+    pub gpu_device: usize,
+    /// What happens when a GPU is asked for and cannot be used.
+    pub gpu_policy: GpuPolicy,
+    /// ONNX Runtime's CUDA/TensorRT providers: the most device memory their arena may take
+    /// (MiB; 0: no limit).
+    pub gpu_memory_limit_mb: u64,
+    /// TensorRT: where built engines are cached between starts (none: rebuilt each load).
+    pub tensorrt_engine_cache: Option<PathBuf>,
+    /// TensorRT: build fp16 engines.
+    pub tensorrt_fp16: bool,
     /// Classification: how many classes to report.
     pub top_k: usize,
     pub softmax: Softmax,

@@ -51,6 +51,11 @@ const INF_KEYS: &[&str] = &[
     "max_detections",
     "batch_size",
     "gpu_enabled",
+    "gpu_device",
+    "gpu_policy",
+    "gpu_memory_limit_mb",
+    "tensorrt_engine_cache",
+    "tensorrt_fp16",
     "top_k",
     "softmax",
     "class_agnostic_nms",
@@ -391,6 +396,31 @@ impl Doc {
             batch_size,
             gpu_enabled: self.boolean(&v["gpu_enabled"], "inference.gpu_enabled", settings.gpu_enabled)?
                 && settings.gpu_enabled,
+            gpu_device: self.int(
+                &v["gpu_device"],
+                "inference.gpu_device",
+                settings.gpu_device as u64,
+                0,
+                255,
+            )? as usize,
+            gpu_policy: GpuPolicy::parse(&choice(
+                "gpu_policy",
+                &["require", "fallback"],
+                settings.gpu_policy.as_str(),
+            )?)
+            .unwrap_or(settings.gpu_policy),
+            gpu_memory_limit_mb: self.int(
+                &v["gpu_memory_limit_mb"],
+                "inference.gpu_memory_limit_mb",
+                0,
+                0,
+                1 << 24,
+            )? as u64,
+            tensorrt_engine_cache: self
+                .string(&v["tensorrt_engine_cache"], "inference.tensorrt_engine_cache")?
+                .filter(|s| !s.is_empty())
+                .map(|s| Path::new(&self.file).parent().unwrap_or(Path::new(".")).join(s)),
+            tensorrt_fp16: self.boolean(&v["tensorrt_fp16"], "inference.tensorrt_fp16", false)?,
         })
     }
 

@@ -65,7 +65,19 @@ pub(super) fn to_tensor(t: &TensorProto) -> R<Tensor> {
 }
 
 impl Plan {
+    /// The plan for the CPU: convolutions on our CPU kernels.
     pub fn from_onnx(bytes: &[u8]) -> R<Plan> {
+        Plan::compile(bytes, None)
+    }
+
+    /// The plan for `device` over candle ops and `device_ops` (one launch per depthwise
+    /// convolution and per epilogue), its constants uploaded once, here. On the CPU it is the
+    /// GPU plan's reference.
+    pub fn from_onnx_on(bytes: &[u8], device: &Device) -> R<Plan> {
+        Plan::compile(bytes, Some(device))
+    }
+
+    fn compile(bytes: &[u8], device: Option<&Device>) -> R<Plan> {
         let model = onnx_proto::parse_model(bytes)?;
         let g = &model.graph;
         let inits: HashMap<&str, &TensorProto> = g.initializers.iter().map(|t| (t.name.as_str(), t)).collect();
@@ -318,9 +330,15 @@ impl Plan {
         fuse_activations(&mut steps, output_slot);
         fuse_softmax(&mut steps, output_slot);
         for step in &mut steps {
-            compile_conv(step)?;
+            match device {
+                None => compile_conv(step)?,
+                Some(_) => super::device::depthwise_conv(step)?,
+            }
         }
         mark_transpose_views(&mut steps);
+        if let Some(d) = device {
+            super::device::upload(&mut steps, d)?;
+        }
         // Liveness: free each slot after the last step that reads it.
         let mut last: HashMap<usize, usize> = HashMap::new();
         for (i, s) in steps.iter().enumerate() {
@@ -343,6 +361,7 @@ impl Plan {
             input_name: input.name.clone(),
             input_dims: input.dims.clone(),
             metadata: model.metadata,
+            generic: device.is_some(),
         })
     }
 }

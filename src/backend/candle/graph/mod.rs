@@ -26,6 +26,8 @@ use super::cpu::Act;
 
 mod bench;
 mod compile;
+/// The ops whose CPU form is our CPU kernels, on any device (the GPU plan).
+mod device;
 mod fuse;
 /// The graph's own kernels: compiled with this module, so `candle-graph` keeps one `cfg`.
 mod kernels;
@@ -65,6 +67,12 @@ enum Op {
     /// Our kernels (`kernels.rs`), weights packed at compile, activation fused.
     FastConv(kernels::Conv),
     FastDepthwise(kernels::Depthwise),
+    /// Device plans: a depthwise convolution as one `device_ops::Depthwise` (inputs x, w, bias).
+    DeviceDepthwise {
+        stride: usize,
+        pads: [usize; 4],
+        act: Act,
+    },
     Sigmoid,
     Exp,
     Relu,
@@ -129,6 +137,7 @@ impl Op {
     fn arity(&self) -> (usize, usize) {
         match self {
             Op::Conv { .. } | Op::Gemm { .. } => (2, 3),
+            Op::DeviceDepthwise { .. } => (3, 3),
             Op::FastConv(_) | Op::FastDepthwise(_) => (1, 1),
             Op::Binary(_) | Op::MatMul => (2, 2),
             Op::Concat { .. } => (1, usize::MAX),
@@ -155,6 +164,8 @@ pub struct Plan {
     /// Graph input dimensions (-1 where dynamic).
     pub input_dims: Vec<i64>,
     pub metadata: HashMap<String, String>,
+    /// Compiled for a device (`from_onnx_on`): ops over candle and `device_ops`, not our CPU kernels.
+    generic: bool,
 }
 
 impl Plan {
@@ -181,8 +192,11 @@ impl Plan {
                     Src::Const(t) => t,
                 });
             }
-            let outs =
-                ops::apply(&step.op, &args).map_err(|e| candle_core::Error::Msg(format!("{}: {e}", step.name)))?;
+            let outs = match self.generic {
+                true => device::apply(&step.op, &args),
+                false => ops::apply(&step.op, &args),
+            }
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", step.name)))?;
             if let Some(times) = times.as_deref_mut() {
                 let dims = outs.first().map(|t| t.dims().to_vec()).unwrap_or_default();
                 times.push((format!("{} -> {dims:?}", step.name), t0.elapsed()));

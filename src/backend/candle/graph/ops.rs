@@ -7,7 +7,7 @@ use super::kernels;
 use super::{Bin, Op};
 
 /// An ONNX axis (negative counts from the end) as an index below `rank`.
-fn axis(a: i64, rank: usize) -> candle_core::Result<usize> {
+pub(super) fn axis(a: i64, rank: usize) -> candle_core::Result<usize> {
     let i = if a < 0 { a + rank as i64 } else { a };
     usize::try_from(i)
         .ok()
@@ -49,6 +49,7 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
                 act => y.contiguous()?.apply_op1_no_bwd(&kernels::Activation(*act))?,
             })
         }
+        Op::DeviceDepthwise { .. } => super::device::apply(op, a),
         Op::FastConv(k) => one(kernels::contiguous(x)?.apply_op1_no_bwd(k)?),
         Op::FastDepthwise(k) => one(kernels::contiguous(x)?.apply_op1_no_bwd(k)?),
         Op::Sigmoid => one(kernels::contiguous(x)?.apply_op1_no_bwd(&kernels::Activation(Act::Sigmoid))?),
