@@ -132,3 +132,56 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
         _ => ops::apply(op, a),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Plan;
+    use candle_core::{Device, Tensor};
+
+    fn run_both(bytes: &[u8], x: &Tensor) -> (Plan, Vec<f32>, Vec<f32>) {
+        let cpu = Plan::from_onnx(bytes).unwrap();
+        let dev = Plan::from_onnx_on(bytes, &Device::Cpu).unwrap();
+        let a: Vec<f32> = cpu.run(x.clone()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = dev.run(x.clone()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        (dev, a, b)
+    }
+
+    /// The device plan (candle ops and `device_ops`, run here on the CPU) against the CPU plan
+    /// (our kernels) on the fusions fixture: SiLU folded into a convolution and a softmax.
+    #[test]
+    fn the_device_plan_matches_the_cpu_plan_on_the_fusions_fixture() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fusions.onnx")).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 6), &Device::Cpu).unwrap();
+        let (dev, a, b) = run_both(&bytes, &x);
+        assert!(dev
+            .steps
+            .iter()
+            .all(|s| !matches!(s.op, super::Op::FastConv(_) | super::Op::FastDepthwise(_))));
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-5, "at {i}: {x} vs {y}");
+        }
+    }
+
+    /// The same on YOLOv12n (`models/fetch`), every output within 1e-3 of the CPU plan's
+    /// (class scores in 0..1, boxes in pixels of 640).
+    #[test]
+    fn the_device_plan_matches_the_cpu_plan_on_yolov12n() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/.cache/yolov12n.onnx");
+        let bytes = std::fs::read(path).expect("run `bash models/fetch` for yolov12n.onnx");
+        let x = Tensor::rand(0f32, 1.0, (1, 3, 640, 640), &Device::Cpu).unwrap();
+        let (dev, a, b) = run_both(&bytes, &x);
+        let depthwise = dev
+            .steps
+            .iter()
+            .filter(|s| matches!(s.op, super::Op::DeviceDepthwise { .. }))
+            .count();
+        assert!(depthwise > 0, "YOLOv12n's depthwise convolutions run as one op each");
+        assert_eq!(a.len(), 84 * 8400);
+        let mut worst = 0f32;
+        for (x, y) in a.iter().zip(&b) {
+            worst = worst.max((x - y).abs() / y.abs().max(1.0));
+        }
+        assert!(worst <= 1e-3, "largest relative difference {worst}");
+    }
+}

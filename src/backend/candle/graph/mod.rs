@@ -198,6 +198,10 @@ impl Plan {
             }
             .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", step.name)))?;
             if let Some(times) = times.as_deref_mut() {
+                // On a GPU the launch returns at once: wait for the step, so its time is its own.
+                if let Some(t) = outs.first().filter(|t| !t.device().is_cpu()) {
+                    t.device().synchronize()?;
+                }
                 let dims = outs.first().map(|t| t.dims().to_vec()).unwrap_or_default();
                 times.push((format!("{} -> {dims:?}", step.name), t0.elapsed()));
             }
