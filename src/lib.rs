@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod alerts;
 pub mod alloc_count;
 pub mod backend;
 pub mod bench;
@@ -39,3 +40,4 @@ pub mod result;
 pub mod sensor;
 pub mod service;
 pub mod topic;
+pub mod zones;

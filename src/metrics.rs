@@ -311,6 +311,8 @@ pub struct Metrics {
     pub dual_matches: AtomicU64,
     /// Dual comparisons whose second backend failed (the primary's result went out).
     pub dual_failed: AtomicU64,
+    /// Alert events published, by phase (start, update, end).
+    pub alert_events: [AtomicU64; 3],
     /// When the service started (set once at start-up), for the uptime.
     pub started: std::sync::OnceLock<std::time::Instant>,
 }
@@ -336,6 +338,10 @@ impl Metrics {
         self.backends[backend_index(backend)].observe(d);
     }
     /// One dual comparison, agreeing or not.
+    pub fn alert_event(&self, phase: crate::alerts::Phase) {
+        self.alert_events[phase as usize].fetch_add(1, Relaxed);
+    }
+
     pub fn dual(&self, matched: bool) {
         self.dual_comparisons.fetch_add(1, Relaxed);
         self.dual_matches.fetch_add(matched as u64, Relaxed);
@@ -561,6 +567,18 @@ impl Metrics {
             "counter",
             "Dual comparisons whose second backend failed; the primary's result still went out.",
             &one(v(&self.dual_failed)),
+        );
+        metric(
+            &mut o,
+            "aei_alert_events_total",
+            "counter",
+            "Alert lifecycle events published (alert rules), by event.",
+            &by(
+                "event",
+                &mut crate::alerts::Phase::ALL
+                    .iter()
+                    .map(|p| (p.as_str(), v(&self.alert_events[*p as usize]))),
+            ),
         );
         metric(
             &mut o,

@@ -103,6 +103,8 @@ pub struct Model {
     pub placement: Placement,
     /// What its results say in `backend_used` (in dual mode, the primary side's).
     pub backend_used: String,
+    /// Its alert rules' state per camera; shared with the version a reload replaces it by.
+    pub alerts: Arc<std::sync::Mutex<crate::alerts::Alerts>>,
     pub ready: AtomicBool,
     pub loaded_at: std::time::SystemTime,
     /// Content hash of the model file (0 when there is none), the version `/models` shows.
@@ -194,6 +196,7 @@ impl Models {
                         provider,
                         backend_used,
                         placement,
+                        alerts: Default::default(),
                         ready: AtomicBool::new(true),
                         loaded_at: std::time::SystemTime::now(),
                         hash,

@@ -457,10 +457,10 @@ async fn deliver(shared: &Shared, origin: &Origin, topic: &str, body: &[u8], kin
 async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emitted) {
     match origin {
         // A one-shot request gets its result; comparisons are published only.
-        Origin::Reply(_) if kind == Emitted::Comparison => {}
+        Origin::Reply(_) if matches!(kind, Emitted::Comparison | Emitted::Alert) => {}
         Origin::Reply(tx) => {
             let status = match kind {
-                Emitted::Result | Emitted::Comparison => 200,
+                Emitted::Result | Emitted::Comparison | Emitted::Alert => 200,
                 Emitted::Error(why) => why.http_status(),
             };
             let _ = tx.try_send(Reply {

@@ -39,6 +39,8 @@ pub enum Emitted {
     Result,
     /// A `dual_backend_comparison` (MQTT only; one-shot replies carry the result).
     Comparison,
+    /// An `ai_alert_event` (MQTT only).
+    Alert,
     /// An `inference_error`, and why.
     Error(Refusal),
 }
@@ -203,12 +205,18 @@ fn run_ml(
     t.infer = run_a.time;
     ctx.metrics.stage(Stage::Infer, t.infer);
     postprocess_engine(primary, *yolo, config, &g);
-    let preds = predictions(primary, labels, config.model_type);
+    let zoning = result::Zoning {
+        zones: &config.zones,
+        camera: crate::zones::for_camera(&config.zones, &slot.device, &slot.topic),
+    };
+    let size = (slot.decoded.width, slot.decoded.height);
+    let preds = predictions(primary, labels, config.model_type, zoning, size);
     let alert = postprocess::alert(&config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
     let mut out = std::mem::take(&mut slot.out);
-    result::write_inference(
+    let now = SystemTime::now();
+    let result_id = result::write_inference(
         &mut out,
-        SystemTime::now(),
+        now,
         &slot.source(),
         &config.name,
         result::Ran {
@@ -217,11 +225,15 @@ fn run_ml(
         },
         t,
         &slot.decoded,
-        preds,
+        preds.clone(),
         alert,
+        zoning,
     );
     slot.out = out;
     emit_to(slot, ctx, model, route, &config.output_topic, Emitted::Result, emit);
+    if !config.alert_rules.is_empty() {
+        alert_events(slot, ctx, model, route, now, result_id, preds, emit);
+    }
 
     if let Some(second) = comparison {
         // One frame, one result: a failing second backend marks the comparison failed.
@@ -261,12 +273,12 @@ fn run_ml(
                 (
                     primary.engine.name(),
                     Ok(run_a),
-                    predictions(primary, labels, config.model_type),
+                    predictions(primary, labels, config.model_type, zoning, size),
                 ),
                 (
                     second.engine.name(),
                     run_b.as_ref().map(|r| *r).map_err(|e| e.detail.as_str()),
-                    predictions(second, labels, config.model_type),
+                    predictions(second, labels, config.model_type, zoning, size),
                 ),
             ],
             matched,
@@ -510,6 +522,8 @@ fn predictions<'a>(
     state: &'a EngineState,
     labels: &'a [String],
     kind: ModelType,
+    zoning: result::Zoning<'a>,
+    (width, height): (u32, u32),
 ) -> impl Iterator<Item = Prediction<'a>> + Clone {
     let label = move |c: usize| labels.get(c).map(String::as_str).unwrap_or("unknown");
     let dets = state
@@ -521,6 +535,10 @@ fn predictions<'a>(
             label: label(d.class_id),
             confidence: d.score,
             bbox: Some(d.bbox),
+            zones: match zoning.camera {
+                0 => 0,
+                cam => crate::zones::containing(zoning.zones, cam, label(d.class_id), d.bbox, width, height),
+            },
         });
     let classes = state
         .classes
@@ -531,8 +549,72 @@ fn predictions<'a>(
             label: label(c),
             confidence: p,
             bbox: None,
+            zones: 0,
         });
     dets.chain(classes)
+}
+
+/// Feeds the frame's detections to the model's alert rules and emits the events they cause
+/// (`ai_alert_event` on `alerts_topic`). The camera is the frame's device id.
+#[allow(clippy::too_many_arguments)]
+fn alert_events<'p>(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    model: &Model,
+    route: Route,
+    now: SystemTime,
+    result_id: (u64, u64),
+    preds: impl Iterator<Item = Prediction<'p>> + Clone,
+    emit: &mut impl FnMut(&Slot, Emitted),
+) {
+    let config = &model.config;
+    let mut obs = [crate::alerts::Observation::default(); crate::config::model::MAX_ALERT_RULES];
+    for (o, rule) in obs.iter_mut().zip(&config.alert_rules) {
+        let zone = rule
+            .zone
+            .as_ref()
+            .and_then(|z| config.zones.iter().position(|c| &c.name == z));
+        for p in preds.clone() {
+            let class = rule.classes.is_empty() || rule.classes.iter().any(|c| c == p.label);
+            let in_zone = zone.is_none_or(|i| p.zones & (1 << i) != 0);
+            if class && in_zone && p.confidence >= rule.min_confidence {
+                o.count += 1;
+                o.peak = o.peak.max(p.confidence);
+            }
+        }
+    }
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    // Empty unless an alert starts, changes or ends: no allocation on most frames.
+    let mut events = Vec::new();
+    model.alerts.lock().unwrap_or_else(|e| e.into_inner()).observe(
+        &slot.device,
+        secs,
+        result_id,
+        &config.alert_rules,
+        &obs[..config.alert_rules.len()],
+        &mut events,
+    );
+    for e in &events {
+        ctx.metrics.alert_event(e.phase);
+        log::info!(
+            model = config.name.as_str(), device = slot.device.as_str(), rule = config.alert_rules[e.alert.rule].name.as_str();
+            "alert {} {}: {} on `{}`", e.alert.id, e.phase.as_str(), config.alert_rules[e.alert.rule].name, slot.device
+        );
+        let mut out = std::mem::take(&mut slot.out);
+        result::write_alert(
+            &mut out,
+            now,
+            &slot.source(),
+            &config.name,
+            &config.alert_rules[e.alert.rule],
+            e,
+        );
+        slot.out = out;
+        emit_to(slot, ctx, model, route, &config.alerts_topic, Emitted::Alert, emit);
+    }
 }
 
 /// Writes and emits an error result for the frame in `slot`.

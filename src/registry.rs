@@ -273,7 +273,11 @@ impl Registry {
         if let Some(f) = fresh.failed.pop() {
             return Err(f.error.to_string());
         }
-        let model = fresh.list.pop().ok_or("the model did not load")?;
+        let mut model = fresh.list.pop().ok_or("the model did not load")?;
+        // Open alerts and their hysteresis carry over to the new version.
+        if let Some(m) = Arc::get_mut(&mut model) {
+            m.alerts = old.list[i].alerts.clone();
+        }
         let mut list = old.list.clone();
         list[i] = model;
         self.swap(Models {

@@ -50,6 +50,8 @@ pub struct Prediction<'a> {
     pub confidence: f32,
     /// `[x1, y1, x2, y2]` in original image pixels, for detections.
     pub bbox: Option<[f32; 4]>,
+    /// The model's zones the detection is in (bit i: `zones[i]`).
+    pub zones: u64,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -76,7 +78,7 @@ fn next_result_id() -> (u64, u64) {
     (boot_id(), SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
-fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Option<&str>) {
+fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Option<&str>) -> (u64, u64) {
     w.begin_object();
     w.key("message_type").str(message_type);
     let (boot, seq) = next_result_id();
@@ -88,6 +90,7 @@ fn header(w: &mut Writer<'_>, message_type: &str, now: SystemTime, device_id: Op
         Some(d) => w.str(d),
         None => w.null(),
     };
+    (boot, seq)
 }
 
 fn source(w: &mut Writer<'_>, s: &Source<'_>) {
@@ -136,14 +139,29 @@ pub fn write_inference<'p>(
     image: &Decoded,
     predictions: impl Iterator<Item = Prediction<'p>> + Clone,
     alert: bool,
-) {
+    zones: Zoning<'_>,
+) -> (u64, u64) {
     let mut w = Writer::new(buf);
-    header(&mut w, "ai_inference_result", now, src.device_id);
+    let id = header(&mut w, "ai_inference_result", now, src.device_id);
     w.key("model_name").str(model_name);
     w.key("backend_used").str(ran.backend_used);
     w.key("inference_time_ms").f64(ms(t.infer), 3);
     w.key("predictions");
-    write_predictions(&mut w, predictions.clone());
+    write_predictions(&mut w, predictions.clone(), zones.zones);
+    if zones.camera != 0 {
+        // Per zone drawn for this camera: how many detections are in it.
+        w.key("zone_counts").begin_object();
+        for (i, z) in zones
+            .zones
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| zones.camera & (1 << i) != 0)
+        {
+            w.key(&z.name)
+                .u64(predictions.clone().filter(|p| p.zones & (1 << i) != 0).count() as u64);
+        }
+        w.end_object();
+    }
     w.key("metadata").begin_object();
     w.key("decode_time_ms").f64(ms(t.decode), 3);
     w.key("preprocessing_time_ms").f64(ms(t.preprocess), 3);
@@ -154,6 +172,62 @@ pub fn write_inference<'p>(
         .u64(predictions.filter(|p| p.bbox.is_some()).count() as u64);
     w.key("alert_triggered").bool(alert);
     ran.write(&mut w);
+    source(&mut w, src);
+    w.end_object();
+    w.end_object();
+    id
+}
+
+/// A model's zones, and which of them are drawn for this frame's camera (a mask).
+#[derive(Clone, Copy)]
+pub struct Zoning<'a> {
+    pub zones: &'a [crate::config::model::Zone],
+    pub camera: u64,
+}
+
+impl Zoning<'_> {
+    pub const NONE: Zoning<'static> = Zoning { zones: &[], camera: 0 };
+}
+
+/// An alert's lifecycle event (`ai_alert_event`): `start`, `update` or `end`.
+pub fn write_alert(
+    buf: &mut Vec<u8>,
+    now: SystemTime,
+    src: &Source<'_>,
+    model_name: &str,
+    rule: &crate::config::model::AlertRule,
+    event: &crate::alerts::Event,
+) {
+    let a = &event.alert;
+    let secs = |s: f64| UNIX_EPOCH + Duration::from_secs_f64(s.max(0.0));
+    let mut w = Writer::new(buf);
+    header(&mut w, "ai_alert_event", now, src.device_id);
+    w.key("model_name").str(model_name);
+    w.key("event").str(event.phase.as_str());
+    w.key("alert_id").fmt_str(format_args!("{:x}-a{}", boot_id(), a.id));
+    w.key("rule").str(&rule.name);
+    w.key("zone");
+    match &rule.zone {
+        Some(z) => w.str(z),
+        None => w.null(),
+    };
+    w.key("classes").begin_array();
+    for c in &rule.classes {
+        w.str(c);
+    }
+    w.end_array();
+    w.key("first_seen");
+    w.rfc3339(secs(a.first_seen));
+    w.key("last_seen");
+    w.rfc3339(secs(a.last_seen));
+    w.key("peak_confidence").f64(a.peak as f64, 4);
+    w.key("count").u64(a.count as u64);
+    w.key("result_ids").begin_array();
+    for (boot, seq) in &a.results {
+        w.fmt_str(format_args!("{boot:x}-{seq}"));
+    }
+    w.end_array();
+    w.key("metadata").begin_object();
     source(&mut w, src);
     w.end_object();
     w.end_object();
@@ -219,7 +293,11 @@ pub fn write_health(
     w.end_object();
 }
 
-fn write_predictions<'p>(w: &mut Writer<'_>, predictions: impl Iterator<Item = Prediction<'p>>) {
+fn write_predictions<'p>(
+    w: &mut Writer<'_>,
+    predictions: impl Iterator<Item = Prediction<'p>>,
+    zones: &[crate::config::model::Zone],
+) {
     w.begin_array();
     for p in predictions {
         w.begin_object();
@@ -230,6 +308,13 @@ fn write_predictions<'p>(w: &mut Writer<'_>, predictions: impl Iterator<Item = P
             w.key("bbox").begin_array();
             for v in b {
                 w.f64(v as f64, 1);
+            }
+            w.end_array();
+        }
+        if p.zones != 0 {
+            w.key("zones").begin_array();
+            for (_, z) in zones.iter().enumerate().filter(|(i, _)| p.zones & (1 << i) != 0) {
+                w.str(&z.name);
             }
             w.end_array();
         }
@@ -269,7 +354,7 @@ pub fn write_comparison<'p, P: Iterator<Item = Prediction<'p>>>(
                 w.key("memory_usage_mb")
                     .f64(run.allocated_bytes as f64 / (1024.0 * 1024.0), 3);
                 w.key("predictions");
-                write_predictions(&mut w, preds);
+                write_predictions(&mut w, preds, &[]);
             }
             Err(reason) => {
                 w.key("error").str(reason);
@@ -453,6 +538,7 @@ mod tests {
             label: "person",
             confidence: 0.8123,
             bbox: Some([1.0, 2.0, 30.5, 40.25]),
+            zones: 0,
         }];
         let t = Timings {
             decode: Duration::from_micros(1500),
@@ -480,6 +566,7 @@ mod tests {
             },
             preds.iter().copied(),
             true,
+            Zoning::NONE,
         );
         let v: Value = json::from_str(std::str::from_utf8(&buf).unwrap()).unwrap();
         assert!(matches!(get(&v, &["message_type"]), Value::String(s) if s == "ai_inference_result"));
@@ -556,6 +643,7 @@ mod tests {
             label: "cat",
             confidence: 0.9,
             bbox: None,
+            zones: 0,
         }];
         let run = BackendRun {
             time: Duration::from_millis(4),

@@ -128,12 +128,14 @@ fn preprocess_and_inference_result_do_not_allocate() {
             label: "person",
             confidence: 0.9,
             bbox: Some([1.0, 2.0, 3.0, 4.0]),
+            zones: 0,
         },
         Prediction {
             class_id: 15,
             label: "cat",
             confidence: 0.5,
             bbox: None,
+            zones: 0,
         },
     ];
     let src = result::Source {
@@ -166,6 +168,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
             },
             preds.iter().copied(),
             true,
+            result::Zoning::NONE,
         );
     };
     run(&mut tensor, &mut scratch, &mut out);

@@ -139,7 +139,7 @@ fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
         };
         match kind {
             Emitted::Result => results += 1,
-            Emitted::Comparison => panic!("camera health publishes no comparisons"),
+            Emitted::Comparison | Emitted::Alert => panic!("camera health publishes no comparisons or alerts"),
             Emitted::Error(_) => {
                 errors += 1;
                 let Some(miniserde::json::Value::String(code)) = o.get("error") else {

@@ -135,7 +135,7 @@ impl OnnxBackend {
         }
         let inf = &config.inference;
 
-        let (eps, provider, placement) = providers(&rt, config)?;
+        let (eps, provider, placement) = providers(rt, config)?;
         let level = match inf.optimization_level {
             OptLevel::Disable => GraphOptimizationLevel::Disable,
             OptLevel::Basic => GraphOptimizationLevel::Level1,

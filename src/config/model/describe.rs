@@ -152,13 +152,60 @@ pub fn describe(m: &ModelConfig) -> String {
             s.device_timeout_s
         );
     }
+    let names = |v: &[String]| v.iter().map(|c| quoted(c)).collect::<Vec<_>>().join(", ");
+    if !m.zones.is_empty() {
+        o.push_str("zones:\n");
+        for z in &m.zones {
+            let cameras: Vec<String> = z
+                .cameras
+                .iter()
+                .map(|c| match c {
+                    CameraMatch::Device(d) => quoted(d),
+                    CameraMatch::Topic(t) => quoted(t.subscription()),
+                })
+                .collect();
+            let points: Vec<String> = z.polygon.iter().map(|[x, y]| format!("[{x}, {y}]")).collect();
+            let _ = writeln!(
+                o,
+                "  - name: {}\n    cameras: [{}]\n    polygon: [{}]\n    classes: [{}]\n    min_area: {}\n    anchor: {}",
+                quoted(&z.name),
+                cameras.join(", "),
+                points.join(", "),
+                names(&z.classes),
+                z.min_area,
+                match z.anchor {
+                    Anchor::BottomCenter => "bottom_center",
+                    Anchor::Center => "center",
+                }
+            );
+        }
+    }
+    if !m.alert_rules.is_empty() {
+        o.push_str("alert_rules:\n");
+        for r in &m.alert_rules {
+            let _ = writeln!(
+                o,
+                "  - name: {}\n    classes: [{}]{}\n    min_confidence: {}\n    k: {}\n    n: {}\n    for_s: {}\n    cooldown_s: {}\n    clear_s: {}",
+                quoted(&r.name),
+                names(&r.classes),
+                r.zone.as_deref().map(|z| format!("\n    zone: {}", quoted(z))).unwrap_or_default(),
+                r.min_confidence,
+                r.k,
+                r.n,
+                r.for_s,
+                r.cooldown_s,
+                r.clear_s
+            );
+        }
+    }
     let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(t.subscription())).collect();
     let _ = writeln!(
         o,
-        "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}",
+        "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}\n  alerts_topic_template: {}",
         inputs.join(", "),
         quoted(m.output_topic.as_str()),
-        quoted(m.comparison_topic.as_str())
+        quoted(m.comparison_topic.as_str()),
+        quoted(m.alerts_topic.as_str())
     );
     o
 }

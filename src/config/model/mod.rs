@@ -318,6 +318,67 @@ pub struct ModelConfig {
     pub comparison_topic: TopicTemplate,
     /// Sensor models: the readings' mapping to the input (`None` for picture models).
     pub sensor: Option<Sensor>,
+    /// Detection models: polygon zones per camera (`zones.rs`).
+    pub zones: Vec<Zone>,
+    /// Detection models: alert rules with hysteresis (`alerts.rs`); their events go to `alerts_topic`.
+    pub alert_rules: Vec<AlertRule>,
+    pub alerts_topic: TopicTemplate,
+}
+
+/// Most zones and alert rules one model may have (a detection's zones are a 64-bit mask).
+pub const MAX_ZONES: usize = 64;
+pub const MAX_ALERT_RULES: usize = 32;
+/// Most vertices of one zone's polygon.
+pub const MAX_ZONE_POINTS: usize = 64;
+
+/// Which cameras a zone is drawn for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CameraMatch {
+    /// A device id, exactly.
+    Device(String),
+    /// A topic filter the frame's topic matches (`+`, `#`).
+    Topic(TopicFilter),
+}
+
+/// The point of a box that decides whether it is in a zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Anchor {
+    /// Where a person stands.
+    BottomCenter,
+    Center,
+}
+
+/// A polygon in normalised image coordinates (0..1, x right, y down) on some cameras.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Zone {
+    pub name: String,
+    /// Empty: every camera.
+    pub cameras: Vec<CameraMatch>,
+    pub polygon: Vec<[f32; 2]>,
+    /// Empty: every class.
+    pub classes: Vec<String>,
+    /// Smallest box, as a fraction of the image's area.
+    pub min_area: f32,
+    pub anchor: Anchor,
+}
+
+/// Raises, updates and ends alerts: `classes` (in `zone`, or anywhere) at `min_confidence` or
+/// more, in at least `k` of the last `n` snapshots, or continuously for `for_s` seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRule {
+    pub name: String,
+    /// Empty: every class.
+    pub classes: Vec<String>,
+    pub zone: Option<String>,
+    pub min_confidence: f32,
+    pub k: u32,
+    pub n: u32,
+    /// Seconds the condition must hold (0: use `k` of `n`).
+    pub for_s: f64,
+    /// After an end, no new start for this long.
+    pub cooldown_s: f64,
+    /// The condition must stay cleared this long before the alert ends.
+    pub clear_s: f64,
 }
 
 impl ModelConfig {

@@ -20,6 +20,8 @@ const TOP_KEYS: &[&str] = &[
     "inference",
     "health",
     "alerts",
+    "zones",
+    "alert_rules",
     "mqtt",
     "sensor",
 ];
@@ -73,7 +75,26 @@ const INF_KEYS: &[&str] = &[
 /// Execution providers a config may name.
 pub const PROVIDERS: &[&str] = &["cpu", "cuda", "tensorrt"];
 const HEALTH_KEYS: &[&str] = &["black_threshold", "blur_threshold"];
-const MQTT_KEYS: &[&str] = &["input_topics", "output_topic_template", "comparison_topic_template"];
+const MQTT_KEYS: &[&str] = &[
+    "input_topics",
+    "output_topic_template",
+    "comparison_topic_template",
+    "alerts_topic_template",
+];
+const ZONE_KEYS: &[&str] = &["name", "cameras", "polygon", "classes", "min_area", "anchor"];
+const RULE_KEYS: &[&str] = &[
+    "name",
+    "classes",
+    "zone",
+    "min_confidence",
+    "k",
+    "n",
+    "for_s",
+    "cooldown_s",
+    "clear_s",
+];
+/// Where alert events go unless `mqtt.alerts_topic_template` says.
+pub const DEFAULT_ALERTS_TOPIC: &str = "edge-ai/{business_unit}/{facility}/{gateway_id}/ai/alerts";
 
 /// Parses one config's text; `path` names it in errors and anchors relative paths.
 pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig, ConfigError> {
@@ -179,6 +200,31 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         }
     };
     let (input_topics, output_topic, comparison_topic) = ctx.topics(&doc["mqtt"], settings)?;
+    let zones = ctx.zones(&doc["zones"])?;
+    let alert_rules = ctx.alert_rules(&doc["alert_rules"], &zones)?;
+    if model_type != ModelType::Detection && !(zones.is_empty() && alert_rules.is_empty()) {
+        return Err(ctx.err(
+            "zones",
+            format!(
+                "zones and alert rules are for object-detection models, not {}",
+                model_type.as_str()
+            ),
+        ));
+    }
+    let alerts_topic = {
+        let (text, key) = match ctx.string(&doc["mqtt"]["alerts_topic_template"], "mqtt.alerts_topic_template")? {
+            Some(t) => (t, "mqtt.alerts_topic_template"),
+            None => (DEFAULT_ALERTS_TOPIC.to_owned(), "mqtt.alerts_topic_template (default)"),
+        };
+        let t = TopicTemplate::parse(&text).map_err(|e| ctx.err(key, e.0))?;
+        // Only models with rules publish alerts; others need not bind its variables.
+        if !alert_rules.is_empty() {
+            for f in &input_topics {
+                t.check_against(f).map_err(|e| ctx.err(key, e.0))?;
+            }
+        }
+        t
+    };
     if backend == BackendKind::Dual {
         for f in &input_topics {
             comparison_topic
@@ -208,6 +254,9 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         inference: ctx.inference(&doc["inference"], settings)?,
         health: ctx.health(&doc["health"])?,
         alerts: ctx.alerts(&doc["alerts"])?,
+        zones,
+        alert_rules,
+        alerts_topic,
         input_topics,
         output_topic,
         comparison_topic,
@@ -415,7 +464,7 @@ impl Doc {
                 0,
                 0,
                 1 << 24,
-            )? as u64,
+            )?,
             tensorrt_engine_cache: self
                 .string(&v["tensorrt_engine_cache"], "inference.tensorrt_engine_cache")?
                 .filter(|s| !s.is_empty())
@@ -537,6 +586,141 @@ impl Doc {
                 ),
             )),
         }
+    }
+
+    fn names(&self, v: &Yaml, key: &str) -> Result<Vec<String>, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Ok(Vec::new()),
+            Yaml::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, c)| scalar_text(c).ok_or_else(|| self.err(&format!("{key}[{i}]"), "expected a name".into())))
+                .collect(),
+            Yaml::String(s) => Ok(vec![s.clone()]),
+            other => Err(self.err(key, format!("expected a list of names, found {}", kind(other)))),
+        }
+    }
+
+    pub(super) fn zones(&self, v: &Yaml) -> Result<Vec<Zone>, ConfigError> {
+        let items = match v {
+            Yaml::BadValue | Yaml::Null => return Ok(Vec::new()),
+            Yaml::Array(a) if a.len() <= MAX_ZONES => a,
+            Yaml::Array(_) => return Err(self.err("zones", format!("at most {MAX_ZONES} zones"))),
+            other => return Err(self.err("zones", format!("expected a list of zones, found {}", kind(other)))),
+        };
+        let mut zones: Vec<Zone> = Vec::with_capacity(items.len());
+        for (i, z) in items.iter().enumerate() {
+            let k = |f: &str| format!("zones[{i}].{f}");
+            self.known_keys(z, &format!("zones[{i}]."), ZONE_KEYS)?;
+            let name = self
+                .string(&z["name"], &k("name"))?
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| self.err(&k("name"), "is required".into()))?;
+            if zones.iter().any(|o| o.name == name) {
+                return Err(self.err(&k("name"), format!("zone `{name}` is named twice")));
+            }
+            let cameras = self
+                .names(&z["cameras"], &k("cameras"))?
+                .into_iter()
+                .map(|c| match c.contains(['/', '+', '#']) {
+                    true => TopicFilter::parse(&c)
+                        .map(CameraMatch::Topic)
+                        .map_err(|e| self.err(&k("cameras"), e.0)),
+                    false => Ok(CameraMatch::Device(c)),
+                })
+                .collect::<Result<_, _>>()?;
+            let Yaml::Array(points) = &z["polygon"] else {
+                return Err(self.err(
+                    &k("polygon"),
+                    "is required: a list of [x, y] in 0..1 (x right, y down)".into(),
+                ));
+            };
+            if points.len() < 3 || points.len() > MAX_ZONE_POINTS {
+                return Err(self.err(
+                    &k("polygon"),
+                    format!("needs 3 to {MAX_ZONE_POINTS} points, found {}", points.len()),
+                ));
+            }
+            let polygon = points
+                .iter()
+                .enumerate()
+                .map(|(j, p)| match p {
+                    Yaml::Array(xy) if xy.len() == 2 => Ok([
+                        self.float(&xy[0], &format!("zones[{i}].polygon[{j}][0]"), 0.0, 0.0, 1.0)?,
+                        self.float(&xy[1], &format!("zones[{i}].polygon[{j}][1]"), 0.0, 0.0, 1.0)?,
+                    ]),
+                    _ => Err(self.err(&format!("zones[{i}].polygon[{j}]"), "expected [x, y]".into())),
+                })
+                .collect::<Result<_, _>>()?;
+            zones.push(Zone {
+                name,
+                cameras,
+                polygon,
+                classes: self.names(&z["classes"], &k("classes"))?,
+                min_area: self.float(&z["min_area"], &k("min_area"), 0.0, 0.0, 1.0)?,
+                anchor: match self.string(&z["anchor"], &k("anchor"))?.as_deref() {
+                    None | Some("bottom_center") => Anchor::BottomCenter,
+                    Some("center") => Anchor::Center,
+                    Some(o) => {
+                        return Err(self.err(&k("anchor"), format!("expected bottom_center or center, found `{o}`")))
+                    }
+                },
+            });
+        }
+        Ok(zones)
+    }
+
+    pub(super) fn alert_rules(&self, v: &Yaml, zones: &[Zone]) -> Result<Vec<AlertRule>, ConfigError> {
+        let items = match v {
+            Yaml::BadValue | Yaml::Null => return Ok(Vec::new()),
+            Yaml::Array(a) if a.len() <= MAX_ALERT_RULES => a,
+            Yaml::Array(_) => return Err(self.err("alert_rules", format!("at most {MAX_ALERT_RULES} rules"))),
+            other => {
+                return Err(self.err(
+                    "alert_rules",
+                    format!("expected a list of rules, found {}", kind(other)),
+                ))
+            }
+        };
+        let mut rules: Vec<AlertRule> = Vec::with_capacity(items.len());
+        for (i, r) in items.iter().enumerate() {
+            let k = |f: &str| format!("alert_rules[{i}].{f}");
+            self.known_keys(r, &format!("alert_rules[{i}]."), RULE_KEYS)?;
+            let name = self
+                .string(&r["name"], &k("name"))?
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| self.err(&k("name"), "is required".into()))?;
+            if rules.iter().any(|o| o.name == name) {
+                return Err(self.err(&k("name"), format!("rule `{name}` is named twice")));
+            }
+            let zone = self.string(&r["zone"], &k("zone"))?;
+            if let Some(z) = &zone {
+                if !zones.iter().any(|o| &o.name == z) {
+                    let known: Vec<&str> = zones.iter().map(|o| o.name.as_str()).collect();
+                    return Err(self.err(&k("zone"), format!("no zone `{z}` (zones: {})", known.join(", "))));
+                }
+            }
+            let n = self.int(&r["n"], &k("n"), 1, 1, 64)? as u32;
+            let k_of = self.int(&r["k"], &k("k"), 1, 1, 64)? as u32;
+            if k_of > n {
+                return Err(self.err(
+                    &k("k"),
+                    format!("{k_of} of the last {n} snapshots cannot happen; k must be at most n"),
+                ));
+            }
+            rules.push(AlertRule {
+                name,
+                classes: self.names(&r["classes"], &k("classes"))?,
+                zone,
+                min_confidence: self.float(&r["min_confidence"], &k("min_confidence"), 0.5, 0.0, 1.0)?,
+                k: k_of,
+                n,
+                for_s: self.float(&r["for_s"], &k("for_s"), 0.0, 0.0, 86_400.0)? as f64,
+                cooldown_s: self.float(&r["cooldown_s"], &k("cooldown_s"), 0.0, 0.0, 86_400.0)? as f64,
+                clear_s: self.float(&r["clear_s"], &k("clear_s"), 0.0, 0.0, 86_400.0)? as f64,
+            });
+        }
+        Ok(rules)
     }
 
     pub(super) fn health(&self, v: &Yaml) -> Result<Health, ConfigError> {
