@@ -597,7 +597,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
             ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection, camera-health or sensor-anomaly, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, mqtt, sensor)"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, zones, alert_rules, mqtt, sensor)"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\n", "/cfg/m.yaml: `sensor`: is required for sensor-anomaly"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v] }\n", "/cfg/m.yaml: `sensor.threshold`: is required"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v], mean: [1], threshold: 1 }\n", "/cfg/m.yaml: `sensor.mean`: expected 2 numbers, one per field"),
