@@ -362,7 +362,7 @@ fn detections_end_to_end_through_mosquitto_in_every_payload_form() {
     assert!(by_device(topic).contains(&"cup".to_owned()));
     let (_, ready) = svc.get("/readyz");
     assert!(ready.contains("\"provider\":\"cpu\""), "{ready}");
-    assert!(svc.get("/metrics").1.contains("provider=\"cpu\"} 1"));
+    assert!(svc.get("/metrics").1.contains("provider=\"cpu\",device=\"cpu\"} 1"));
     assert!(svc.still_running());
 }
 
