@@ -101,6 +101,37 @@ impl TopicFilter {
         &self.subscription
     }
 
+    /// The filter as a config writes it, named levels as `{name}`: it parses back to this
+    /// filter (`subscription` would lose the names).
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        if let Some((group, _)) = self
+            .subscription
+            .strip_prefix("$share/")
+            .and_then(|r| r.split_once('/'))
+        {
+            s.push_str("$share/");
+            s.push_str(group);
+            s.push('/');
+        }
+        for (i, l) in self.levels.iter().enumerate() {
+            if i > 0 {
+                s.push('/');
+            }
+            match l {
+                Level::Literal(t) => s.push_str(t),
+                Level::One(Some(n)) => {
+                    s.push('{');
+                    s.push_str(n);
+                    s.push('}');
+                }
+                Level::One(None) => s.push('+'),
+                Level::Rest => s.push('#'),
+            }
+        }
+        s
+    }
+
     /// The variable names this filter binds.
     pub fn var_names(&self) -> impl Iterator<Item = &str> {
         self.levels.iter().filter_map(|l| match l {

@@ -40,3 +40,29 @@ fn model_onnx_regressions_are_refused_with_a_reason() {
         }
     }
 }
+
+/// Model-config YAML: what `check-config` prints for a config that parses parses back to it
+/// (the `model_config` target's property). The first case: an input filter whose `{name}`
+/// levels sit where no well-known name does, which `check-config` printed as bare `+`.
+#[test]
+fn model_config_regressions_round_trip_through_check_config() {
+    use ai_edge_inference::config::{model, Settings};
+    let cases = inputs("model_config");
+    assert!(!cases.is_empty());
+    let settings = Settings::from_env_and_args(|_| None, &[]).unwrap().0;
+    let at = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fuzz.yaml");
+    for (name, bytes) in cases {
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        if let Ok(c) = model::parse(text, &at, &settings) {
+            let described = model::describe(&c);
+            let back = model::parse(&described, &at, &settings)
+                .unwrap_or_else(|e| panic!("{name}: check-config output does not parse: {e}\n{described}"));
+            assert_eq!(
+                back, c,
+                "{name}: check-config output parses to another config:\n{described}"
+            );
+        }
+    }
+}

@@ -161,7 +161,7 @@ pub fn describe(m: &ModelConfig) -> String {
                 .iter()
                 .map(|c| match c {
                     CameraMatch::Device(d) => quoted(d),
-                    CameraMatch::Topic(t) => quoted(t.subscription()),
+                    CameraMatch::Topic(t) => quoted(&t.text()),
                 })
                 .collect();
             let points: Vec<String> = z.polygon.iter().map(|[x, y]| format!("[{x}, {y}]")).collect();
@@ -198,7 +198,7 @@ pub fn describe(m: &ModelConfig) -> String {
             );
         }
     }
-    let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(t.subscription())).collect();
+    let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(&t.text())).collect();
     let _ = writeln!(
         o,
         "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}\n  alerts_topic_template: {}",
