@@ -76,14 +76,7 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
             groups,
             act: f,
         } => {
-            let [t, l, b, r] = *pads;
-            let y = if t == b && l == r && t == l {
-                x.conv2d(arg(1)?, t, *stride, *dilation, *groups)?
-            } else {
-                x.pad_with_zeros(2, t, b)?
-                    .pad_with_zeros(3, l, r)?
-                    .conv2d(arg(1)?, 0, *stride, *dilation, *groups)?
-            };
+            let y = ops::conv2d(x, arg(1)?, *pads, *stride, *dilation, *groups)?;
             one(match a.get(2) {
                 Some(bias) => y.contiguous()?.apply_op2_no_bwd(&bias.flatten_all()?, &BiasAct(*f))?,
                 None => act(y, *f)?,
@@ -110,16 +103,9 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
         Op::Transpose { perm, view: false } => one(x.permute(perm.as_slice())?.contiguous()?),
         Op::MatMul => {
             let b = arg(1)?;
-            let mm = |l: &Tensor, r: &Tensor| {
-                if l.rank() == r.rank() {
-                    l.matmul(r)
-                } else {
-                    l.broadcast_matmul(r)
-                }
-            };
-            one(match mm(x, b) {
+            one(match ops::mm(x, b) {
                 Ok(y) => y,
-                Err(_) => mm(&x.contiguous()?, &b.contiguous()?)?,
+                Err(_) => ops::mm(&x.contiguous()?, &b.contiguous()?)?,
             })
         }
         Op::Resize { scale_h, scale_w } => {

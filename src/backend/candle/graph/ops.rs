@@ -15,6 +15,34 @@ pub(super) fn axis(a: i64, rank: usize) -> candle_core::Result<usize> {
         .ok_or_else(|| candle_core::Error::Msg(format!("axis {a} for rank {rank}")))
 }
 
+/// candle's conv2d with ONNX pads (top, left, bottom, right): symmetric ones passed through,
+/// others as explicit zero padding first.
+pub(super) fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    [t, l, b, r]: [usize; 4],
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> candle_core::Result<Tensor> {
+    if t == b && l == r && t == l {
+        x.conv2d(w, t, stride, dilation, groups)
+    } else {
+        x.pad_with_zeros(2, t, b)?
+            .pad_with_zeros(3, l, r)?
+            .conv2d(w, 0, stride, dilation, groups)
+    }
+}
+
+/// candle's matmul, broadcasting when the ranks differ.
+pub(super) fn mm(l: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
+    if l.rank() == r.rank() {
+        l.matmul(r)
+    } else {
+        l.broadcast_matmul(r)
+    }
+}
+
 pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> {
     // Compile checked each op's input count (`Op::arity`); this keeps a miss an error.
     let arg = |i: usize| {
@@ -32,14 +60,7 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
             groups,
             act,
         } => {
-            let [t, l, b, r] = *pads;
-            let y = if t == b && l == r && t == l {
-                x.conv2d(arg(1)?, t, *stride, *dilation, *groups)?
-            } else {
-                x.pad_with_zeros(2, t, b)?
-                    .pad_with_zeros(3, l, r)?
-                    .conv2d(arg(1)?, 0, *stride, *dilation, *groups)?
-            };
+            let y = conv2d(x, arg(1)?, *pads, *stride, *dilation, *groups)?;
             let y = match a.get(2) {
                 Some(bias) => y.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?)?,
                 None => y,
@@ -119,13 +140,6 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
         Op::MatMul => {
             // candle's matmul reads the strides of a transposed view as they are; other
             // layouts it refuses are made contiguous first.
-            let mm = |l: &Tensor, r: &Tensor| {
-                if l.rank() == r.rank() {
-                    l.matmul(r)
-                } else {
-                    l.broadcast_matmul(r)
-                }
-            };
             let b = arg(1)?;
             let same_batch = x.rank() == b.rank() && x.rank() >= 2 && {
                 let r = x.rank();
