@@ -101,6 +101,8 @@ impl RuleState {
 struct Camera {
     rules: Vec<RuleState>,
     seen: f64,
+    /// When the camera's last annotated picture went to the alert topic.
+    last_picture: Option<f64>,
 }
 
 #[derive(Default)]
@@ -110,6 +112,19 @@ pub struct Alerts {
 }
 
 impl Alerts {
+    /// Whether `camera` (already observed) may send an annotated picture at `now`, at most one
+    /// per `min_interval_s`; a yes counts as sent.
+    pub fn picture_due(&mut self, camera: &str, now: f64, min_interval_s: f64) -> bool {
+        let Some(c) = self.cameras.get_mut(camera) else {
+            return false;
+        };
+        if c.last_picture.is_some_and(|t| now - t < min_interval_s && now >= t) {
+            return false;
+        }
+        c.last_picture = Some(now);
+        true
+    }
+
     /// Open alerts, over every camera.
     pub fn open(&self) -> usize {
         self.cameras
@@ -146,6 +161,7 @@ impl Alerts {
                 Camera {
                     rules: Vec::new(),
                     seen: now,
+                    last_picture: None,
                 },
             );
         }

@@ -66,6 +66,7 @@ pub fn bench_decode(file: &str, iters: usize, size: u32, mode: &str, filter: Opt
         max_height: 4320,
         max_tensor: crate::preprocess::tensor_len(&pre),
         max_input_width: size as usize,
+        max_picture: 0,
     };
     let mut slot = Slot::new(&limits);
     let (mut dec, mut prep, mut allocs, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());

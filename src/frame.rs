@@ -84,6 +84,8 @@ pub struct Limits {
     pub max_tensor: usize,
     /// Widest model input, in pixels.
     pub max_input_width: usize,
+    /// Room for an annotated JPEG: the largest `annotations.max_bytes` of the models.
+    pub max_picture: usize,
 }
 
 impl Limits {
@@ -103,6 +105,12 @@ impl Limits {
                 .unwrap_or(0)
                 .max(MAX_SENSOR_INPUT),
             max_input_width: pre.map(|p| p.width as usize).max().unwrap_or(0),
+            max_picture: models
+                .list
+                .iter()
+                .map(|m| m.config.annotations.max_bytes)
+                .max()
+                .unwrap_or(crate::config::model::DEFAULT_PICTURE_BYTES),
         }
     }
 
@@ -159,6 +167,10 @@ pub struct Slot {
     pub tensor: Vec<f32>,
     pub pre_scratch: preprocess::Scratch,
     pub health_scratch: health::Scratch,
+    /// A one-shot caller wants the annotated picture as its answer (`annotate.rs`).
+    pub annotate: bool,
+    /// An annotated JPEG being built (lent by the worker, like `rgb`; its canvas is `rgb_spare`).
+    pub picture: Vec<u8>,
     /// The result message being built.
     pub out: Vec<u8>,
     pub out_topic: String,
@@ -218,6 +230,9 @@ impl Slot {
             ),
             // An upright image may be as wide as the stored one is high.
             health_scratch: health::Scratch::with_capacity(l.max_width.max(l.max_height) as usize),
+            annotate: false,
+            // Reserved, not touched: pages become resident only once a picture is written.
+            picture: Vec::with_capacity(l.max_picture),
             out: Vec::with_capacity(RESULT_CAPACITY),
             out_topic: String::with_capacity(MAX_TOPIC_LEN),
             // Grown by the first sensor reading the slot carries, then reused.
@@ -235,6 +250,7 @@ impl Slot {
             max_height: 0,
             max_tensor: 0,
             max_input_width: 0,
+            max_picture: 0,
             ..*l
         });
         s.rgb = Vec::new();
@@ -265,6 +281,7 @@ impl Slot {
         self.origin = Origin::Mqtt;
         self.models = None;
         self.ack = None;
+        self.annotate = false;
         self.topic.clear();
         self.device.clear();
         self.routes.clear();
@@ -288,6 +305,7 @@ impl Slot {
 pub struct WorkBuffers {
     rgb: Vec<u8>,
     rgb_spare: Vec<u8>,
+    picture: Vec<u8>,
     tensor: Vec<f32>,
     pre_scratch: preprocess::Scratch,
     health_scratch: health::Scratch,
@@ -299,6 +317,7 @@ impl WorkBuffers {
         WorkBuffers {
             rgb: s.rgb,
             rgb_spare: s.rgb_spare,
+            picture: s.picture,
             tensor: s.tensor,
             pre_scratch: s.pre_scratch,
             health_scratch: s.health_scratch,
@@ -309,6 +328,7 @@ impl WorkBuffers {
     pub fn swap(&mut self, slot: &mut Slot) {
         std::mem::swap(&mut self.rgb, &mut slot.rgb);
         std::mem::swap(&mut self.rgb_spare, &mut slot.rgb_spare);
+        std::mem::swap(&mut self.picture, &mut slot.picture);
         std::mem::swap(&mut self.tensor, &mut slot.tensor);
         std::mem::swap(&mut self.pre_scratch, &mut slot.pre_scratch);
         std::mem::swap(&mut self.health_scratch, &mut slot.health_scratch);
@@ -442,6 +462,7 @@ mod tests {
             max_height: 8,
             max_tensor: 12,
             max_input_width: 2,
+            max_picture: 0,
         }
     }
 

@@ -9,6 +9,7 @@
 
 pub mod alerts;
 pub mod alloc_count;
+pub mod annotate;
 pub mod backend;
 pub mod bench;
 pub mod build_info;

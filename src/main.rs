@@ -16,8 +16,9 @@ Usage: ai-edge-inference [COMMAND] [OPTIONS]
 
 Commands:
   run                     Run the service (the default): MQTT in, results out, HTTP probes
-  infer FILE... [--model NAME]
-                          Run JPEG files through a model once and print JSON results
+  infer FILE... [--model NAME] [--annotate OUT.jpg|DIR]
+                          Run image files through a model once and print JSON results;
+                          --annotate also writes each with its detections drawn on it
   check-config [PATH]     Validate model config(s) and print the effective configuration
   convert IN OUT [--dtype f16|f32]
                           Checkpoint (.pth, legacy or zip; .safetensors) -> safetensors for Candle
@@ -63,11 +64,12 @@ fn main() -> ExitCode {
             Err(e) => fail(&e),
         },
         "infer" => {
-            let (model, files) = take_flag(rest, "--model");
+            let (model, rest) = take_flag(rest, "--model");
+            let (annotate, files) = take_flag(&rest, "--annotate");
             if files.is_empty() {
                 return fail("infer: name at least one image file");
             }
-            match service::infer_files(&settings, model.as_deref(), &files) {
+            match service::infer_files(&settings, model.as_deref(), &files, annotate.as_deref()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => fail(&e),

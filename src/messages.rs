@@ -24,6 +24,8 @@ pub struct Incoming {
     pub ack: Option<Ack>,
     /// The broker marked this delivery as a repeat (DUP).
     pub dup: bool,
+    /// A one-shot request for the annotated picture instead of the JSON result.
+    pub annotate: bool,
 }
 
 /// What the MQTT publisher thread does, in order: a frame's answers are
@@ -63,9 +65,10 @@ pub struct Ack {
     pub key: Option<u64>,
 }
 
-/// The answer to a one-shot request: HTTP status and JSON body.
+/// The answer to a one-shot request: HTTP status and body (JSON, or an annotated JPEG).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
+    pub content_type: &'static str,
 }

@@ -280,6 +280,10 @@ pub struct Metrics {
     pub dropped: [AtomicU64; DropReason::ALL.len()],
     pub results_published: AtomicU64,
     pub errors_published: AtomicU64,
+    /// Annotated pictures handed to the MQTT client (alert starts and ends).
+    pub pictures_published: AtomicU64,
+    /// Annotated pictures asked for, by what became of them.
+    pub pictures: [AtomicU64; crate::annotate::Outcome::ALL.len()],
     /// Outgoing messages refused by the MQTT client.
     pub publish_failed: AtomicU64,
     /// Publishes the broker answered with a failure reason (e.g. not authorised).
@@ -338,6 +342,10 @@ impl Metrics {
         self.backends[backend_index(backend)].observe(d);
     }
     /// One dual comparison, agreeing or not.
+    pub fn picture(&self, outcome: crate::annotate::Outcome) {
+        self.pictures[outcome as usize].fetch_add(1, Relaxed);
+    }
+
     pub fn alert_event(&self, phase: crate::alerts::Phase) {
         self.alert_events[phase as usize].fetch_add(1, Relaxed);
     }
@@ -449,8 +457,21 @@ impl Metrics {
                 &mut [
                     ("result", v(&self.results_published)),
                     ("error", v(&self.errors_published)),
+                    ("picture", v(&self.pictures_published)),
                 ]
                 .into_iter(),
+            ),
+        );
+        metric(
+            &mut o,
+            "aei_pictures_total",
+            "counter",
+            "Annotated pictures asked for (one-shot annotate, alert starts and ends), by outcome.",
+            &by(
+                "outcome",
+                &mut crate::annotate::Outcome::ALL
+                    .iter()
+                    .map(|p| (p.as_str(), v(&self.pictures[*p as usize]))),
             ),
         );
         metric(

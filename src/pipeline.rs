@@ -283,6 +283,7 @@ async fn ingest_loop(shared: &Shared, incoming: async_channel::Receiver<Incoming
         slot.reset();
         slot.routes.extend_from_slice(&routes);
         slot.models = Some(models.clone());
+        slot.annotate = msg.annotate && msg.reply.is_some();
         let origin = msg.reply.map(Origin::Reply).unwrap_or_default();
         let filled = ingest::fill(&mut slot, topic, &msg.payload, &a, origin).and_then(|()| match reading {
             true => ingest::window_reading(&mut slot, &models, &rows, t0),
@@ -395,9 +396,16 @@ struct FrameAnswers(Vec<(Outbound, Emitted)>);
 
 impl FrameAnswers {
     fn push(&mut self, s: &Slot, kind: Emitted) {
+        // A caller that asked for the picture gets it in place of the JSON result.
+        if s.annotate && kind == Emitted::Result {
+            return;
+        }
         let o = Outbound {
             topic: s.out_topic.clone(),
-            payload: s.out.clone(),
+            payload: match kind {
+                Emitted::Picture | Emitted::AlertPicture => s.picture.clone(),
+                _ => s.out.clone(),
+            },
             error: matches!(kind, Emitted::Error(_)),
         };
         self.0.push((o, kind));
@@ -457,23 +465,28 @@ async fn deliver(shared: &Shared, origin: &Origin, topic: &str, body: &[u8], kin
 async fn deliver_owned(shared: &Shared, origin: &Origin, o: Outbound, kind: Emitted) {
     match origin {
         // A one-shot request gets its result; comparisons are published only.
-        Origin::Reply(_) if matches!(kind, Emitted::Comparison | Emitted::Alert) => {}
+        Origin::Reply(_) if matches!(kind, Emitted::Comparison | Emitted::Alert | Emitted::AlertPicture) => {}
         Origin::Reply(tx) => {
             let status = match kind {
-                Emitted::Result | Emitted::Comparison | Emitted::Alert => 200,
                 Emitted::Error(why) => why.http_status(),
+                _ => 200,
+            };
+            let content_type = match kind {
+                Emitted::Picture => "image/jpeg",
+                _ => "application/json",
             };
             let _ = tx.try_send(Reply {
                 status,
                 body: o.payload,
+                content_type,
             });
         }
         Origin::Mqtt => match &shared.outbound {
             Some(out) => {
-                let counter = if o.error {
-                    &shared.metrics.errors_published
-                } else {
-                    &shared.metrics.results_published
+                let counter = match kind {
+                    Emitted::Error(_) => &shared.metrics.errors_published,
+                    Emitted::Picture | Emitted::AlertPicture => &shared.metrics.pictures_published,
+                    _ => &shared.metrics.results_published,
                 };
                 if out.send(ToMqtt::Publish(o)).await.is_ok() {
                     counter.fetch_add(1, Relaxed);
@@ -496,6 +509,20 @@ pub fn run_oneshot(
     name: &str,
     jpeg: &[u8],
 ) -> Vec<(Vec<u8>, Emitted)> {
+    run_oneshot_annotated(slot, ctx, max_payload, model, name, jpeg, false)
+}
+
+/// [`run_oneshot`], and with `annotate` the annotated picture too (`Emitted::Picture`, before
+/// the result; `infer --annotate`).
+pub fn run_oneshot_annotated(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    max_payload: usize,
+    model: usize,
+    name: &str,
+    jpeg: &[u8],
+    annotate: bool,
+) -> Vec<(Vec<u8>, Emitted)> {
     let routes = [Route {
         model: model as u16,
         filter: 0,
@@ -511,8 +538,15 @@ pub fn run_oneshot(
     };
     slot.reset();
     slot.routes.extend_from_slice(&routes);
+    slot.annotate = annotate;
     let mut out = Vec::with_capacity(2);
-    let mut keep = |s: &Slot, kind| out.push((s.out.clone(), kind));
+    let mut keep = |s: &Slot, kind| {
+        let body = match kind {
+            Emitted::Picture | Emitted::AlertPicture => s.picture.clone(),
+            _ => s.out.clone(),
+        };
+        out.push((body, kind))
+    };
     match ingest::fill(slot, name, jpeg, &a, Origin::Mqtt) {
         Ok(()) => process::process(slot, ctx, keep),
         Err(e) => process::fail(slot, ctx, &e, &mut keep),

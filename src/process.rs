@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime};
 
 use crate::alloc_count;
+use crate::annotate;
 use crate::backend::Backend as _;
 use crate::config::model::{ModelConfig, ModelType, SensorScore, Softmax};
 use crate::decode::{self, DecodeError};
@@ -41,6 +42,10 @@ pub enum Emitted {
     Comparison,
     /// An `ai_alert_event` (MQTT only).
     Alert,
+    /// The annotated JPEG a one-shot caller asked for, in `slot.picture` (in place of the result).
+    Picture,
+    /// An annotated JPEG of a frame that started or ended an alert, in `slot.picture` (MQTT only).
+    AlertPicture,
     /// An `inference_error`, and why.
     Error(Refusal),
 }
@@ -212,6 +217,12 @@ fn run_ml(
     let size = (slot.decoded.width, slot.decoded.height);
     let preds = predictions(primary, labels, config.model_type, zoning, size);
     let alert = postprocess::alert(&config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
+    if slot.annotate {
+        if let Err(e) = picture(slot, ctx, config, preds.clone(), zoning.camera, usize::MAX) {
+            return Err(FrameError::new(FailReason::ImageTooLarge, e));
+        }
+        emit(slot, Emitted::Picture);
+    }
     let mut out = std::mem::take(&mut slot.out);
     let now = SystemTime::now();
     let result_id = result::write_inference(
@@ -232,7 +243,12 @@ fn run_ml(
     slot.out = out;
     emit_to(slot, ctx, model, route, &config.output_topic, Emitted::Result, emit);
     if !config.alert_rules.is_empty() {
-        alert_events(slot, ctx, model, route, now, result_id, preds, emit);
+        let changed = alert_events(slot, ctx, model, route, now, result_id, preds.clone(), emit);
+        if changed && !slot.annotate {
+            if let Some(topic) = &config.annotations.topic {
+                alert_picture(slot, ctx, model, route, now, topic, preds, zoning.camera, emit);
+            }
+        }
     }
 
     if let Some(second) = comparison {
@@ -554,8 +570,90 @@ fn predictions<'a>(
     dets.chain(classes)
 }
 
+/// Draws the frame's predictions and zones on a copy of it (the spare RGB buffer) and encodes
+/// it into `slot.picture`, within `max_bytes`. Counted in `aei_pictures_total`.
+fn picture<'p>(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    config: &ModelConfig,
+    preds: impl Iterator<Item = Prediction<'p>>,
+    zone_mask: u64,
+    max_bytes: usize,
+) -> Result<(), annotate::AnnotateError> {
+    let (w, h) = (slot.decoded.width, slot.decoded.height);
+    let n = w as usize * h as usize * 3;
+    let Slot {
+        rgb,
+        rgb_spare,
+        picture,
+        ..
+    } = slot;
+    rgb_spare[..n].copy_from_slice(&rgb[..n]);
+    let marks = preds.map(|p| annotate::Mark {
+        class_id: p.class_id,
+        label: p.label,
+        confidence: p.confidence,
+        bbox: p.bbox,
+    });
+    let mut canvas = annotate::Canvas {
+        rgb: &mut rgb_spare[..n],
+        width: w,
+        height: h,
+    };
+    annotate::draw(&mut canvas, marks, &config.zones, zone_mask);
+    let done = annotate::encode(&rgb_spare[..n], w, h, config.annotations.quality, max_bytes, picture);
+    ctx.metrics.picture(match &done {
+        Ok(_) => annotate::Outcome::Drawn,
+        Err(annotate::AnnotateError::TooLarge(..)) => annotate::Outcome::TooLarge,
+        Err(annotate::AnnotateError::Encode(_)) => annotate::Outcome::Failed,
+    });
+    done.map(|_| ())
+}
+
+/// An alert started or ended on this frame: its annotated picture goes to the model's
+/// `annotated_topic_template`, at most one per camera per `annotations.min_interval_s`, and
+/// only within `annotations.max_bytes`.
+#[allow(clippy::too_many_arguments)]
+fn alert_picture<'p>(
+    slot: &mut Slot,
+    ctx: &Ctx<'_>,
+    model: &Model,
+    route: Route,
+    now: SystemTime,
+    topic: &TopicTemplate,
+    preds: impl Iterator<Item = Prediction<'p>>,
+    zone_mask: u64,
+    emit: &mut impl FnMut(&Slot, Emitted),
+) {
+    let a = &model.config.annotations;
+    let secs = unix_seconds(now);
+    let due = model
+        .alerts
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .picture_due(&slot.device, secs, a.min_interval_s);
+    if !due {
+        ctx.metrics.picture(annotate::Outcome::RateLimited);
+        return;
+    }
+    match picture(slot, ctx, &model.config, preds, zone_mask, a.max_bytes) {
+        Ok(()) => emit_to(slot, ctx, model, route, topic, Emitted::AlertPicture, emit),
+        Err(e) => log::warn!(
+            model = model.config.name.as_str(), device = slot.device.as_str();
+            "no annotated picture for `{}`'s alert: {e}", slot.device
+        ),
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
 /// Feeds the frame's detections to the model's alert rules and emits the events they cause
-/// (`ai_alert_event` on `alerts_topic`). The camera is the frame's device id.
+/// (`ai_alert_event` on `alerts_topic`). The camera is the frame's device id. Returns whether
+/// an alert started or ended.
 #[allow(clippy::too_many_arguments)]
 fn alert_events<'p>(
     slot: &mut Slot,
@@ -566,7 +664,7 @@ fn alert_events<'p>(
     result_id: (u64, u64),
     preds: impl Iterator<Item = Prediction<'p>> + Clone,
     emit: &mut impl FnMut(&Slot, Emitted),
-) {
+) -> bool {
     let config = &model.config;
     let mut obs = [crate::alerts::Observation::default(); crate::config::model::MAX_ALERT_RULES];
     for (o, rule) in obs.iter_mut().zip(&config.alert_rules) {
@@ -583,10 +681,7 @@ fn alert_events<'p>(
             }
         }
     }
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    let secs = unix_seconds(now);
     // Empty unless an alert starts, changes or ends: no allocation on most frames.
     let mut events = Vec::new();
     model.alerts.lock().unwrap_or_else(|e| e.into_inner()).observe(
@@ -615,6 +710,7 @@ fn alert_events<'p>(
         slot.out = out;
         emit_to(slot, ctx, model, route, &config.alerts_topic, Emitted::Alert, emit);
     }
+    events.iter().any(|e| e.phase != crate::alerts::Phase::Update)
 }
 
 /// Writes and emits an error result for the frame in `slot`.

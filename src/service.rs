@@ -301,13 +301,48 @@ fn watchdog(notifier: Arc<crate::notify::Notifier>, every: Duration, pipeline: A
     });
 }
 
-/// `infer FILE...`: one JSON line per file on stdout. Returns whether every file got a result.
-pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -> Result<bool, String> {
+/// `infer FILE... [--annotate OUT]`: one JSON line per file on stdout, and with `annotate`
+/// each file's annotated picture (a path for one file; for several, a directory that gets
+/// `NAME.annotated.jpg` for each). Returns whether every file got a result.
+pub fn infer_files(
+    settings: &Settings,
+    model: Option<&str>,
+    files: &[String],
+    annotate: Option<&str>,
+) -> Result<bool, String> {
+    let picture_path = |f: &str| -> Result<std::path::PathBuf, String> {
+        let out = std::path::Path::new(annotate.unwrap_or_default());
+        if files.len() == 1 && !out.is_dir() {
+            return Ok(out.to_path_buf());
+        }
+        if !out.is_dir() {
+            return Err(format!(
+                "--annotate {}: with several files, name an existing directory",
+                out.display()
+            ));
+        }
+        let stem = std::path::Path::new(f)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "picture".into());
+        Ok(out.join(format!("{stem}.annotated.jpg")))
+    };
+    if annotate.is_some() {
+        picture_path(&files[0])?;
+    }
     let models = load_models(settings)?;
     let idx = match model {
         Some(name) => models.find(name).ok_or_else(|| format!("no model named `{name}`"))?,
         None => 0,
     };
+    let config = &models.list[idx].config;
+    if annotate.is_some() && !config.model_type.draws() {
+        return Err(format!(
+            "--annotate is for classification and detection models; `{}` is {}",
+            config.name,
+            config.model_type.as_str()
+        ));
+    }
     let metrics = Metrics::default();
     let limits = Limits::for_models(
         &models,
@@ -326,9 +361,21 @@ pub fn infer_files(settings: &Settings, model: Option<&str>, files: &[String]) -
     let mut all_ok = true;
     for f in files {
         let bytes = std::fs::read(f).map_err(|e| format!("cannot read {f}: {e}"))?;
-        for (body, kind) in pipeline::run_oneshot(&mut slot, &ctx, limits.max_payload, idx, f, &bytes) {
-            all_ok &= !matches!(kind, Emitted::Error(_));
-            println!("{}", String::from_utf8_lossy(&body));
+        let answers =
+            pipeline::run_oneshot_annotated(&mut slot, &ctx, limits.max_payload, idx, f, &bytes, annotate.is_some());
+        for (body, kind) in answers {
+            match kind {
+                Emitted::Picture => {
+                    let path = picture_path(f)?;
+                    std::fs::write(&path, &body).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                    eprintln!("{f}: annotated picture in {}", path.display());
+                }
+                Emitted::AlertPicture => {}
+                _ => {
+                    all_ok &= !matches!(kind, Emitted::Error(_));
+                    println!("{}", String::from_utf8_lossy(&body));
+                }
+            }
         }
     }
     Ok(all_ok)

@@ -41,6 +41,7 @@ fn ingest_decode_analyse_and_result_allocate_only_in_the_decoder() {
         max_height: 1080,
         max_tensor: 0,
         max_input_width: 0,
+        max_picture: 0,
     };
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {

@@ -121,6 +121,71 @@ fn cli_infer_prints_one_result_per_file() {
     );
 }
 
+/// A classifier's annotated picture: its top classes as a caption, the first line in the top
+/// class's colour (the embedded EfficientNet-Lite0, no files needed).
+#[test]
+fn cli_infer_annotate_captions_a_classified_picture() {
+    let dir = TempDir::new("annotate-default");
+    let out = dir.0.join("cat.jpg");
+    let o = binary()
+        .args([
+            "infer",
+            "tests/fixtures/chelsea.jpg",
+            "--annotate",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let result: miniserde::json::Value = miniserde::json::from_str(&text(&o.stdout)).unwrap();
+    let top = num(get(&result, &["predictions"])
+        .and_then(|p| match p {
+            miniserde::json::Value::Array(a) => a.first(),
+            _ => None,
+        })
+        .and_then(|p| get(p, &["class_id"]))
+        .unwrap()) as usize;
+    let jpeg = std::fs::read(&out).unwrap();
+    let mut rgb = vec![0u8; 1 << 22];
+    let d = ai_edge_inference::decode::decode_into(&jpeg, &mut rgb, 1024, 1024).unwrap();
+    assert_eq!((d.width, d.height), (451, 300), "the frame's own size");
+    // The first caption line (8 px glyphs and a 1 px pad at this size) is mostly the top
+    // class's colour, which the photo itself does not have there.
+    let c = ai_edge_inference::annotate::colour(top);
+    let mut orig = vec![0u8; 1 << 22];
+    ai_edge_inference::decode::decode_into(&fixture("chelsea.jpg"), &mut orig, 1024, 1024).unwrap();
+    let near = |b: &[u8], x: usize, y: usize| {
+        let p = &b[(y * d.width as usize + x) * 3..][..3];
+        p.iter().zip(c).all(|(&a, b)| (a as i32 - b as i32).abs() <= 48)
+    };
+    let area = || (0..10).flat_map(|y| (0..40).map(move |x| (x, y)));
+    let drawn = area().filter(|&(x, y)| near(&rgb, x, y)).count();
+    let was = area().filter(|&(x, y)| near(&orig, x, y)).count();
+    assert!(
+        drawn >= 160 && was < 40,
+        "{drawn} of 400 caption pixels in {c:?} (the photo: {was})"
+    );
+    // A camera-health model draws nothing: a clear error, no file.
+    let (_dir, health) = camera_health_config();
+    let o = binary()
+        .args([
+            "infer",
+            "tests/fixtures/chelsea.jpg",
+            "--annotate",
+            dir.0.join("h.jpg").to_str().unwrap(),
+        ])
+        .env("MODEL_CONFIG_PATH", &health)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("--annotate is for classification and detection models"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!dir.0.join("h.jpg").exists());
+}
+
 #[test]
 fn config_errors_name_file_key_and_expectation() {
     let dir = TempDir::new("badcfg");

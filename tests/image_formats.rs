@@ -252,6 +252,7 @@ fn after_a_turned_picture_the_next_rgba_frame_still_fits() {
         max_height: 80,
         max_tensor: 0,
         max_input_width: 0,
+        max_picture: 0,
     });
     let mut d = decode::decode_into(&file("cat-exif6.png"), &mut slot.rgb, 120, 120).unwrap();
     decode::orient(&mut slot.rgb, &mut slot.rgb_spare, &mut d);

@@ -74,6 +74,7 @@ fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
         max_height: 1024,
         max_tensor: 0,
         max_input_width: 0,
+        max_picture: 0,
     };
     let mut slot = Slot::new(&limits);
     let ctx = Ctx {
@@ -139,7 +140,9 @@ fn mutated_envelopes_and_jpegs_are_each_answered_once_without_panicking() {
         };
         match kind {
             Emitted::Result => results += 1,
-            Emitted::Comparison | Emitted::Alert => panic!("camera health publishes no comparisons or alerts"),
+            Emitted::Comparison | Emitted::Alert | Emitted::Picture | Emitted::AlertPicture => {
+                panic!("camera health publishes no comparisons, alerts or pictures")
+            }
             Emitted::Error(_) => {
                 errors += 1;
                 let Some(miniserde::json::Value::String(code)) = o.get("error") else {

@@ -14,14 +14,20 @@ use support::*;
 const TOPIC: &str = "edge-ai/acme/plant-1/gw-1/camera/snapshots";
 const RESULTS: &str = "edge-ai/acme/plant-1/gw-1/ai/inference/vision";
 const ALERTS: &str = "edge-ai/acme/plant-1/gw-1/ai/alerts";
+const PICTURES: &str = "edge-ai/acme/plant-1/gw-1/ai/annotated";
 
 fn config(dir: &TempDir) -> std::path::PathBuf {
     let text = std::fs::read_to_string(root().join("models/yolov12n.yaml")).unwrap();
     let model = root().join("models/.cache/yolov12n.onnx");
-    let text = text.replace(
-        "model_path: .cache/yolov12n.onnx",
-        &format!("model_path: {}", model.display()),
-    );
+    let text = text
+        .replace(
+            "model_path: .cache/yolov12n.onnx",
+            &format!("model_path: {}", model.display()),
+        )
+        .replace(
+            "mqtt:\n",
+            "annotations:\n  min_interval_s: 0\nmqtt:\n  annotated_topic_template: \"edge-ai/{business_unit}/{facility}/{gateway_id}/ai/annotated\"\n",
+        );
     dir.write(
         "yolo.yaml",
         &format!(
@@ -48,7 +54,7 @@ fn a_person_entering_and_leaving_a_zone_gives_one_start_and_one_end() {
         ("MODEL_WATCH_S", "0"),
     ]);
     s.wait_ready();
-    let peer = Peer::connect(broker.port, &[RESULTS, ALERTS]);
+    let peer = Peer::connect(broker.port, &[RESULTS, ALERTS, PICTURES]);
     let (person, empty) = (fixture("astronaut.jpg"), fixture("coffee.jpg"));
     // One snapshot at a time, each answered before the next, as a 1 fps camera would.
     let seq = [false, true, false, true, true, true, false, false, false];
@@ -106,6 +112,36 @@ fn a_person_entering_and_leaving_a_zone_gives_one_start_and_one_end() {
     assert_eq!(num(get(r, &["zone_counts", "ceiling"]).unwrap()), 0.0);
     // No person: no zone counted, but the zones are still reported.
     assert_eq!(num(get(&results[0], &["zone_counts", "floor"]).unwrap()), 0.0);
+    // The frames that started and ended the alert, annotated: the start's shows the person's
+    // box in its class colour on the left edge, and both the `floor` zone's top edge.
+    let pictures: Vec<&Msg> = msgs.iter().filter(|m| m.topic == PICTURES).collect();
+    assert_eq!(pictures.len(), 2, "one picture for the start, one for the end");
+    let mut rgb = vec![0u8; 1 << 24];
+    let d = ai_edge_inference::decode::decode_into(&pictures[0].payload, &mut rgb, 2048, 2048).unwrap();
+    let (w, h) = (d.width as usize, d.height as usize);
+    let b: Vec<f64> = match get(person_det, &["bbox"]) {
+        Some(Value::Array(b)) => b.iter().map(num).collect(),
+        other => panic!("{other:?}"),
+    };
+    let at = |x: usize, y: usize| [rgb[(y * w + x) * 3], rgb[(y * w + x) * 3 + 1], rgb[(y * w + x) * 3 + 2]];
+    let near = |p: [u8; 3], c: [u8; 3]| p.iter().zip(c).all(|(&a, b)| (a as i32 - b as i32).abs() <= 48);
+    let class = num(get(person_det, &["class_id"]).unwrap()) as usize;
+    let t = ai_edge_inference::annotate::line_width(w as u32, h as u32) as usize;
+    let mid_y = ((b[1] + b[3]) / 2.0) as usize;
+    let x = (b[0].round() as usize).min(w - 1) + t / 2;
+    assert!(
+        near(at(x, mid_y), ai_edge_inference::annotate::colour(class)),
+        "the person's left edge at ({x}, {mid_y}) is {:?}",
+        at(x, mid_y)
+    );
+    // Away from the boxes, the zone's top edge (y = h / 2) is white.
+    let zone_y = h / 2;
+    let white = (0..w)
+        .filter(|&x| near(at(x, zone_y), ai_edge_inference::annotate::ZONE_COLOUR))
+        .count();
+    assert!(white * 2 > w, "{white} of {w} pixels on the zone edge are white");
+    assert_eq!(s.metric("aei_pictures_total{outcome=\"drawn\"}"), 2.0);
+    assert_eq!(s.metric("aei_messages_published_total{kind=\"picture\"}"), 2.0);
     assert_eq!(s.metric("aei_alert_events_total{event=\"start\"}"), 1.0);
     assert_eq!(s.metric("aei_alert_events_total{event=\"end\"}"), 1.0);
     assert_eq!(s.metric("aei_alert_events_total{event=\"update\"}"), 0.0);
@@ -130,6 +166,8 @@ fn bad_zones_and_rules_are_config_errors() {
             "zones:\n  - name: a\n    polygon: [[0, 0], [1, 0], [1, 1]]\n    anchor: top\n",
             "expected bottom_center or center",
         ),
+        ("annotations:\n  quality: 0\n", "annotations.quality"),
+        ("annotations:\n  colour: red\n", "colour"),
     ] {
         let p = dir.write("m.yaml", &format!("{base}\n{extra}"));
         let out = binary()
@@ -140,4 +178,19 @@ fn bad_zones_and_rules_are_config_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{extra}: {err}");
     }
+    // Pictures go out on alert starts and ends: a topic for them needs rules.
+    let p = dir.write(
+        "m.yaml",
+        &base.replace(
+            "mqtt:\n",
+            "mqtt:\n  annotated_topic_template: \"x/{gateway_id}/annotated\"\n",
+        ),
+    );
+    let out = binary()
+        .env_clear()
+        .args(["check-config", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("add alert_rules"), "{err}");
 }

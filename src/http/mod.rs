@@ -415,6 +415,11 @@ fn readiness(state: &HttpState) -> (bool, Vec<u8>) {
 
 async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>) -> Response {
     let models = state.registry.snapshot();
+    let annotate = match query.split('&').find_map(|kv| kv.strip_prefix("annotate=")) {
+        None | Some("false" | "0") => false,
+        Some("true" | "1") => true,
+        Some(v) => return json_response(400, error_body(&format!("annotate={v}: expected true or false"))),
+    };
     let model = match query.split('&').find_map(|kv| kv.strip_prefix("model=")) {
         Some(name) => match models.find(name) {
             Some(i) => i,
@@ -422,6 +427,16 @@ async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>)
         },
         None => 0,
     };
+    if annotate && !models.list[model].config.model_type.draws() {
+        return json_response(
+            400,
+            error_body(&format!(
+                "annotate=true is for classification and detection models; `{}` is {}",
+                models.list[model].config.name,
+                models.list[model].config.model_type.as_str()
+            )),
+        );
+    }
     let body = match body {
         Ok(b) => b,
         Err(BodyError::TooLarge) => {
@@ -445,6 +460,7 @@ async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>)
         model: Some((models, model)),
         ack: None,
         dup: false,
+        annotate,
     };
     if state.incoming.send(msg).await.is_err() {
         return json_response(503, error_body("the pipeline is shutting down"));
@@ -455,7 +471,7 @@ async fn infer(state: &HttpState, query: &str, body: Result<Vec<u8>, BodyError>)
     })
     .await
     {
-        Some(reply) => json_response(reply.status, reply.body),
+        Some(reply) => Response::new(reply.status, reply.content_type, reply.body),
         None => json_response(504, error_body("no result within 30 s")),
     }
 }

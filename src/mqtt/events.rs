@@ -122,6 +122,7 @@ pub(super) fn run(mut connection: Connection, e: Events) {
                     model: None,
                     ack,
                     dup: p.dup,
+                    annotate: false,
                 };
                 if !backlog.is_empty() {
                     backlog.push_back(msg);

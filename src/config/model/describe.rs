@@ -198,14 +198,24 @@ pub fn describe(m: &ModelConfig) -> String {
             );
         }
     }
+    let a = &m.annotations;
+    let _ = writeln!(
+        o,
+        "annotations:\n  quality: {}\n  max_bytes: {}\n  min_interval_s: {}",
+        a.quality, a.max_bytes, a.min_interval_s
+    );
     let inputs: Vec<String> = m.input_topics.iter().map(|t| quoted(&t.text())).collect();
     let _ = writeln!(
         o,
-        "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}\n  alerts_topic_template: {}",
+        "mqtt:\n  input_topics: [{}]\n  output_topic_template: {}\n  comparison_topic_template: {}\n  alerts_topic_template: {}{}",
         inputs.join(", "),
         quoted(m.output_topic.as_str()),
         quoted(m.comparison_topic.as_str()),
-        quoted(m.alerts_topic.as_str())
+        quoted(m.alerts_topic.as_str()),
+        a.topic
+            .as_ref()
+            .map(|t| format!("\n  annotated_topic_template: {}", quoted(t.as_str())))
+            .unwrap_or_default()
     );
     o
 }

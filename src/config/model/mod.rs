@@ -65,6 +65,11 @@ impl ModelType {
     }
 
     /// Takes sensor readings rather than pictures.
+    /// Whether its results can be drawn on the picture (`annotate.rs`).
+    pub fn draws(self) -> bool {
+        matches!(self, ModelType::Classification | ModelType::Detection)
+    }
+
     pub fn is_sensor(self) -> bool {
         self == ModelType::SensorAnomaly
     }
@@ -323,7 +328,37 @@ pub struct ModelConfig {
     /// Detection models: alert rules with hysteresis (`alerts.rs`); their events go to `alerts_topic`.
     pub alert_rules: Vec<AlertRule>,
     pub alerts_topic: TopicTemplate,
+    /// Annotated pictures (`annotate.rs`): their JPEG settings, and where pictures of frames
+    /// that start or end an alert go (`mqtt.annotated_topic_template`; none by default).
+    pub annotations: Annotations,
 }
+
+/// How annotated pictures are encoded and sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Annotations {
+    /// `None`: no pictures on MQTT (`infer --annotate` and `POST /infer?annotate=true` still work).
+    pub topic: Option<TopicTemplate>,
+    /// JPEG quality, 1..=100.
+    pub quality: u8,
+    /// A picture for MQTT over this is encoded again at lower quality, then skipped.
+    pub max_bytes: usize,
+    /// Per camera, at least this long between two pictures on the topic.
+    pub min_interval_s: f64,
+}
+
+impl Default for Annotations {
+    fn default() -> Annotations {
+        Annotations {
+            topic: None,
+            quality: 80,
+            max_bytes: DEFAULT_PICTURE_BYTES,
+            min_interval_s: 10.0,
+        }
+    }
+}
+
+/// `annotations.max_bytes` unless a config says.
+pub const DEFAULT_PICTURE_BYTES: usize = 1 << 20;
 
 /// Most zones and alert rules one model may have (a detection's zones are a 64-bit mask).
 pub const MAX_ZONES: usize = 64;
@@ -597,7 +632,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
             ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection, camera-health or sensor-anomaly, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, zones, alert_rules, mqtt, sensor)"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, zones, alert_rules, annotations, mqtt, sensor)"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\n", "/cfg/m.yaml: `sensor`: is required for sensor-anomaly"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v] }\n", "/cfg/m.yaml: `sensor.threshold`: is required"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v], mean: [1], threshold: 1 }\n", "/cfg/m.yaml: `sensor.mean`: expected 2 numbers, one per field"),
@@ -651,6 +686,16 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         configs.push(
             parse_str("name: ab\nmodel_type: image-classification\nmodel_path: m.onnx\nlabels: [\"x\", \"y: \\\"z\\\"\"]\nalerts: {\"x\": 0.25}\n")
                 .unwrap(),
+        );
+        configs.push(
+            parse_str(
+                "name: z\nmodel_type: object-detection\nmodel_path: m.onnx\n\
+                 zones:\n  - name: door\n    polygon: [[0, 0], [0.5, 0], [0.5, 0.7]]\n\
+                 alert_rules:\n  - name: r\n    zone: door\n    for_s: 2.5\n\
+                 annotations:\n  quality: 65\n  max_bytes: 200000\n  min_interval_s: 0.3\n\
+                 mqtt:\n  input_topics: [\"a/{gateway_id}/+\"]\n  output_topic_template: \"r/{gateway_id}\"\n  alerts_topic_template: \"al/{gateway_id}\"\n  annotated_topic_template: \"p/{gateway_id}/pic\"\n",
+            )
+            .unwrap(),
         );
         for c in configs {
             let text = describe(&c);

@@ -22,9 +22,11 @@ const TOP_KEYS: &[&str] = &[
     "alerts",
     "zones",
     "alert_rules",
+    "annotations",
     "mqtt",
     "sensor",
 ];
+const ANNOTATION_KEYS: &[&str] = &["quality", "max_bytes", "min_interval_s"];
 const SENSOR_KEYS: &[&str] = &[
     "fields",
     "mean",
@@ -80,6 +82,7 @@ const MQTT_KEYS: &[&str] = &[
     "output_topic_template",
     "comparison_topic_template",
     "alerts_topic_template",
+    "annotated_topic_template",
 ];
 const ZONE_KEYS: &[&str] = &["name", "cameras", "polygon", "classes", "min_area", "anchor"];
 const RULE_KEYS: &[&str] = &[
@@ -225,6 +228,17 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         }
         t
     };
+    let annotations = ctx.annotations(
+        &doc["annotations"],
+        &doc["mqtt"]["annotated_topic_template"],
+        &input_topics,
+    )?;
+    if annotations.topic.is_some() && alert_rules.is_empty() {
+        return Err(ctx.err(
+            "mqtt.annotated_topic_template",
+            "pictures go out when an alert starts or ends: add alert_rules".into(),
+        ));
+    }
     if backend == BackendKind::Dual {
         for f in &input_topics {
             comparison_topic
@@ -257,6 +271,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         zones,
         alert_rules,
         alerts_topic,
+        annotations,
         input_topics,
         output_topic,
         comparison_topic,
@@ -668,6 +683,45 @@ impl Doc {
             });
         }
         Ok(zones)
+    }
+
+    pub(super) fn annotations(
+        &self,
+        v: &Yaml,
+        topic: &Yaml,
+        inputs: &[TopicFilter],
+    ) -> Result<Annotations, ConfigError> {
+        self.known_keys(v, "annotations.", ANNOTATION_KEYS)?;
+        let d = Annotations::default();
+        let topic = match self.string(topic, "mqtt.annotated_topic_template")? {
+            Some(text) => {
+                let t = TopicTemplate::parse(&text).map_err(|e| self.err("mqtt.annotated_topic_template", e.0))?;
+                for f in inputs {
+                    t.check_against(f)
+                        .map_err(|e| self.err("mqtt.annotated_topic_template", e.0))?;
+                }
+                Some(t)
+            }
+            None => None,
+        };
+        Ok(Annotations {
+            topic,
+            quality: self.int(&v["quality"], "annotations.quality", d.quality as u64, 1, 100)? as u8,
+            max_bytes: self.int(
+                &v["max_bytes"],
+                "annotations.max_bytes",
+                d.max_bytes as u64,
+                4096,
+                64 << 20,
+            )? as usize,
+            min_interval_s: self.float(
+                &v["min_interval_s"],
+                "annotations.min_interval_s",
+                d.min_interval_s as f32,
+                0.0,
+                86_400.0,
+            )? as f64,
+        })
     }
 
     pub(super) fn alert_rules(&self, v: &Yaml, zones: &[Zone]) -> Result<Vec<AlertRule>, ConfigError> {
