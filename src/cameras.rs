@@ -60,6 +60,11 @@ impl<V> Table<V> {
         value
     }
 
+    /// Every camera's value, in no particular order (does not count as seeing them).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
+        self.entries.iter().map(|(k, (v, _))| (k.as_str(), v))
+    }
+
     /// Whether `camera` is in the table (does not count as seeing it).
     pub fn contains(&self, camera: &str) -> bool {
         self.entries.contains_key(camera)

@@ -267,6 +267,55 @@ pub struct Summary {
     pub latency: [HistogramSnapshot; 2],
 }
 
+/// The camera-health job's latest view of each camera, for per-camera alerting (silent,
+/// frozen, black): at most [`CAMERA_GAUGES`] cameras, the least recently seen forgotten first
+/// (its series disappear), so made-up device ids cannot grow the scrape without bound.
+#[derive(Debug)]
+pub struct CameraGauges(std::sync::Mutex<crate::cameras::Table<CameraSeen>>);
+
+/// Cameras with their own series.
+pub const CAMERA_GAUGES: usize = 1024;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CameraSeen {
+    /// Unix seconds of its latest analysed frame.
+    pub last_frame: f64,
+    pub frozen: bool,
+    pub black: bool,
+    pub blurry: bool,
+}
+
+impl Default for CameraGauges {
+    fn default() -> CameraGauges {
+        CameraGauges(std::sync::Mutex::new(crate::cameras::Table::new(CAMERA_GAUGES)))
+    }
+}
+
+impl CameraGauges {
+    /// Records a camera-health report of `device`.
+    pub fn seen(&self, device: &str, now: std::time::SystemTime, frozen: bool, black: bool, blurry: bool) {
+        let last_frame = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *t.touch(device, CameraSeen::default) = CameraSeen {
+            last_frame,
+            frozen,
+            black,
+            blurry,
+        };
+    }
+
+    /// Every camera's latest view, sorted by device id.
+    pub fn list(&self) -> Vec<(String, CameraSeen)> {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(String, CameraSeen)> = t.iter().map(|(k, s)| (k.to_owned(), *s)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
 /// Every metric of the service.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -317,6 +366,8 @@ pub struct Metrics {
     pub dual_failed: AtomicU64,
     /// Alert events published, by phase (start, update, end).
     pub alert_events: [AtomicU64; 3],
+    /// Per camera, what the camera-health job last saw (`aei_camera_*{device}`).
+    pub cameras: CameraGauges,
     /// When the service started (set once at start-up), for the uptime.
     pub started: std::sync::OnceLock<std::time::Instant>,
 }
@@ -601,6 +652,44 @@ impl Metrics {
                     .map(|p| (p.as_str(), v(&self.alert_events[*p as usize]))),
             ),
         );
+        let cameras = self.cameras.list();
+        head(
+            &mut o,
+            "aei_camera_last_frame_timestamp_seconds",
+            "gauge",
+            "Unix time of each camera's latest frame the camera-health job analysed (a silent camera's stops moving).",
+        );
+        for (d, c) in &cameras {
+            let _ = writeln!(
+                o,
+                "aei_camera_last_frame_timestamp_seconds{{device=\"{}\"}} {:.3}",
+                escape_label(d),
+                c.last_frame
+            );
+        }
+        for (name, help, get) in [
+            (
+                "aei_camera_frozen",
+                "1 when each camera's latest frame was identical to the one before it (camera health).",
+                (|c: &CameraSeen| c.frozen) as fn(&CameraSeen) -> bool,
+            ),
+            (
+                "aei_camera_black",
+                "1 when each camera's latest frame was black (camera health).",
+                |c: &CameraSeen| c.black,
+            ),
+            (
+                "aei_camera_blurry",
+                "1 when each camera's latest frame was blurry (camera health).",
+                |c: &CameraSeen| c.blurry,
+            ),
+        ] {
+            let samples: Vec<(String, u64)> = cameras
+                .iter()
+                .map(|(d, c)| (format!("device=\"{}\"", escape_label(d)), get(c) as u64))
+                .collect();
+            metric(&mut o, name, "gauge", help, &samples);
+        }
         metric(
             &mut o,
             "aei_queue_waiting_frames",

@@ -110,6 +110,13 @@ pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitt
                 let rgb = &slot.rgb[..w as usize * h as usize * 3];
                 let mut report = health::analyse(rgb, w, h, &model.config.health, &mut slot.health_scratch);
                 report.frozen = monitor.frozen(&slot.device, health::content_hash(rgb));
+                ctx.metrics.cameras.seen(
+                    &slot.device,
+                    SystemTime::now(),
+                    report.frozen,
+                    report.black_frame,
+                    report.blurry,
+                );
                 t.infer = ti.elapsed();
                 ctx.metrics.stage(Stage::Infer, t.infer);
                 let mut out = std::mem::take(&mut slot.out);

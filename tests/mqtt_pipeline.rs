@@ -221,6 +221,26 @@ fn every_form_is_answered_and_bad_input_never_stops_good_frames() {
         svc.metric("aei_messages_published_total{kind=\"error\"}"),
         bad.len() as f64
     );
+    // Per camera, for the camera-silent and camera-frozen alerting rules: the frozen camera
+    // and the black one say so, and their latest frame's time is now.
+    // (Raw JPEGs carry no device id: the topic names the camera.)
+    let frozen_device = GOOD_TOPIC;
+    assert_eq!(
+        svc.metric(&format!("aei_camera_frozen{{device=\"{frozen_device}\"}}")),
+        1.0
+    );
+    assert_eq!(
+        svc.metric(&format!("aei_camera_black{{device=\"{frozen_device}\"}}")),
+        0.0
+    );
+    assert_eq!(svc.metric("aei_camera_black{device=\"cam-black\"}"), 1.0);
+    assert_eq!(svc.metric("aei_camera_frozen{device=\"cam-black\"}"), 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = svc.metric("aei_camera_last_frame_timestamp_seconds{device=\"cam-black\"}");
+    assert!((now - last).abs() < 60.0, "last frame at {last}, now {now}");
     let (_, text) = svc.get("/metrics");
     let mut lint = Command::new("promtool")
         .args(["check", "metrics"])

@@ -49,6 +49,14 @@ panel("MQTT connected", [(f'min(aei_mqtt_connected{sel})', "connected")], kind="
 panel("Alert events", [
     (f'sum by (event) (increase(aei_alert_events_total{sel}[$__rate_interval]))', "{{event}}"),
 ], w=12)
+panel("Cameras: seconds since the last frame (camera health)", [
+    (f'time() - aei_camera_last_frame_timestamp_seconds{sel}', "{{device}}"),
+], unit="s", w=12)
+panel("Cameras frozen, black or blurry", [
+    (f'sum(aei_camera_frozen{sel})', "frozen"),
+    (f'sum(aei_camera_black{sel})', "black"),
+    (f'sum(aei_camera_blurry{sel})', "blurry"),
+], w=12)
 
 dashboard = {
     "uid": "ai-edge-inference", "title": "ai-edge-inference", "schemaVersion": 39, "version": 1,
