@@ -150,6 +150,31 @@ pub struct Models {
     pub failed: Vec<LoadError>,
 }
 
+/// A model's alert state: fresh, or read back from its `alert_state_file` (what was found is
+/// logged; a reload keeps the state it replaces instead, see `registry.rs`).
+fn open_alerts(config: &ModelConfig) -> crate::alerts::Alerts {
+    use crate::alerts::{Alerts, Restored};
+    let Some(path) = &config.alert_state_file else {
+        return Alerts::default();
+    };
+    let (alerts, restored) = Alerts::with_state_file(path, &config.name, &config.alert_rules);
+    let (name, file) = (config.name.as_str(), path.display());
+    match restored {
+        Restored::Fresh => log::info!(model = name; "model `{name}`: alert state will be kept in {file}"),
+        Restored::Read { cameras, open } => log::info!(
+            model = name; "model `{name}`: alert state read from {file} ({cameras} cameras, {open} open alerts)"
+        ),
+        Restored::SetAside(why, aside) => log::warn!(
+            model = name; "model `{name}`: alert state file {file} cannot be used ({why}); moved to {}, starting fresh",
+            aside.display()
+        ),
+        Restored::NotUsed(why) => log::warn!(
+            model = name; "model `{name}`: alert state file {file} left alone ({why}); this model's alert state is not saved"
+        ),
+    }
+    alerts
+}
+
 impl Models {
     /// Loads every model. A model that fails to load or warm up is recorded
     /// in `failed` and the others still serve.
@@ -196,7 +221,7 @@ impl Models {
                         provider,
                         backend_used,
                         placement,
-                        alerts: Default::default(),
+                        alerts: Arc::new(std::sync::Mutex::new(open_alerts(&config))),
                         ready: AtomicBool::new(true),
                         loaded_at: std::time::SystemTime::now(),
                         hash,

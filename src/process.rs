@@ -691,14 +691,22 @@ fn alert_events<'p>(
     let secs = unix_seconds(now);
     // Empty unless an alert starts, changes or ends: no allocation on most frames.
     let mut events = Vec::new();
-    model.alerts.lock().unwrap_or_else(|e| e.into_inner()).observe(
-        &slot.device,
-        secs,
-        result_id,
-        &config.alert_rules,
-        &obs[..config.alert_rules.len()],
-        &mut events,
-    );
+    let save_failed = {
+        let mut alerts = model.alerts.lock().unwrap_or_else(|e| e.into_inner());
+        alerts.observe(
+            &slot.device,
+            secs,
+            result_id,
+            &config.alert_rules,
+            &obs[..config.alert_rules.len()],
+            &mut events,
+        );
+        // With an `alert_state_file`: on every event, else every few seconds.
+        alerts.save_if_due(&config.name, secs, !events.is_empty())
+    };
+    if let Some(why) = save_failed {
+        log::warn!(model = config.name.as_str(); "model `{}`: {why}", config.name);
+    }
     for e in &events {
         ctx.metrics.alert_event(e.phase);
         log::info!(

@@ -204,7 +204,7 @@ pub fn write_alert(
     header(&mut w, "ai_alert_event", now, src.device_id);
     w.key("model_name").str(model_name);
     w.key("event").str(event.phase.as_str());
-    w.key("alert_id").fmt_str(format_args!("{:x}-a{}", boot_id(), a.id));
+    w.key("alert_id").fmt_str(format_args!("{:x}-a{}", a.boot, a.id));
     w.key("rule").str(&rule.name);
     w.key("zone");
     match &rule.zone {

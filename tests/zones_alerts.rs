@@ -194,3 +194,68 @@ fn bad_zones_and_rules_are_config_errors() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("add alert_rules"), "{err}");
 }
+
+/// With `alert_state_file`, an alert open when the service stops is still open after it starts
+/// again: no second `start` for the person still there, and one `end`, with the alert's own id,
+/// once they are gone. (Without the file, the new process would start a new alert.)
+#[test]
+fn an_open_alert_survives_a_restart_with_a_state_file() {
+    let broker = Broker::start();
+    let dir = TempDir::new("alert-state");
+    let cfg = config(&dir);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let cfg = dir.write("yolo.yaml", &format!("{text}alert_state_file: state/alerts.json\n"));
+    std::fs::create_dir(dir.0.join("state")).unwrap();
+    let port = broker.port.to_string();
+    let ort = ort_library();
+    let env = [
+        ("AIO_BROKER_HOSTNAME", "127.0.0.1"),
+        ("AIO_BROKER_TCP_PORT", port.as_str()),
+        ("MODEL_CONFIG_PATH", cfg.to_str().unwrap()),
+        ("ORT_DYLIB_PATH", ort.to_str().unwrap()),
+        ("DROP_SUPERSEDED", "false"),
+        ("MODEL_WATCH_S", "0"),
+    ];
+    let peer = Peer::connect(broker.port, &[RESULTS, ALERTS]);
+    let (person, empty) = (fixture("astronaut.jpg"), fixture("coffee.jpg"));
+    let mut answered = 0;
+    let mut send = |peer: &Peer, jpeg: &[u8]| {
+        peer.publish(TOPIC, jpeg.to_vec());
+        answered += 1;
+        let n = answered;
+        peer.wait_until(&format!("result {n}"), |m| {
+            m.iter().filter(|m| m.topic == RESULTS).count() >= n
+        });
+    };
+    let mut s = Service::start(&env);
+    s.wait_ready();
+    send(&peer, &person);
+    send(&peer, &person);
+    s.signal("TERM");
+    assert!(s.wait_exit().success());
+    let saved = std::fs::read_to_string(dir.0.join("state/alerts.json")).unwrap();
+    assert!(saved.contains("\"active\":{"), "the open alert is in the file: {saved}");
+
+    let s = Service::start(&env);
+    s.wait_ready();
+    assert!(s.log_line("1 open alerts").is_some(), "the new process read it back");
+    send(&peer, &person);
+    for _ in 0..3 {
+        send(&peer, &empty);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let msgs = peer.wait_until("every result", |m| m.iter().filter(|m| m.topic == RESULTS).count() == 6);
+    let events: Vec<Value> = msgs.iter().filter(|m| m.topic == ALERTS).map(Msg::json).collect();
+    let phases: Vec<String> = events.iter().map(|e| get_str(e, &["event"]).unwrap()).collect();
+    assert_eq!(phases, ["start", "end"], "{events:?}");
+    assert_eq!(get_str(&events[0], &["alert_id"]), get_str(&events[1], &["alert_id"]));
+    // The end names hits from both processes (their result ids have different boot ids).
+    let Some(Value::Array(ids)) = get(&events[1], &["result_ids"]) else {
+        panic!("{:?}", events[1])
+    };
+    let boots: std::collections::HashSet<String> = ids
+        .iter()
+        .map(|v| get_str(v, &[]).unwrap().split('-').next().unwrap().to_owned())
+        .collect();
+    assert_eq!(boots.len(), 2, "{ids:?}");
+}

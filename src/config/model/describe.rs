@@ -198,6 +198,9 @@ pub fn describe(m: &ModelConfig) -> String {
             );
         }
     }
+    if let Some(p) = &m.alert_state_file {
+        let _ = writeln!(o, "alert_state_file: {}", path_text(p));
+    }
     let a = &m.annotations;
     let _ = writeln!(
         o,

@@ -22,6 +22,7 @@ const TOP_KEYS: &[&str] = &[
     "alerts",
     "zones",
     "alert_rules",
+    "alert_state_file",
     "annotations",
     "mqtt",
     "sensor",
@@ -228,6 +229,19 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         }
         t
     };
+    let alert_state_file = match ctx.string(&doc["alert_state_file"], "alert_state_file")? {
+        Some(p) if p.is_empty() => {
+            return Err(ctx.err("alert_state_file", "is empty; leave it out for no state file".into()))
+        }
+        Some(_) if alert_rules.is_empty() => {
+            return Err(ctx.err(
+                "alert_state_file",
+                "keeps the alert rules' state across restarts: add alert_rules".into(),
+            ))
+        }
+        Some(p) => Some(base.join(p)),
+        None => None,
+    };
     let annotations = ctx.annotations(
         &doc["annotations"],
         &doc["mqtt"]["annotated_topic_template"],
@@ -271,6 +285,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         zones,
         alert_rules,
         alerts_topic,
+        alert_state_file,
         annotations,
         input_topics,
         output_topic,

@@ -10,11 +10,16 @@
 //!
 //! State is bounded (`MAX_CAMERAS`, the least recently seen camera forgotten first, its open
 //! alerts with it) and lives beside the model, so a hot swap keeps it (rules are matched by
-//! name); a restart loses it. A camera that goes silent keeps its open alerts until it sends again.
+//! name); a restart loses it unless the model names an `alert_state_file` (`state.rs`). A camera
+//! that goes silent keeps its open alerts until it sends again.
+
+mod state;
 
 use std::collections::{HashMap, VecDeque};
 
 use crate::config::model::AlertRule;
+
+pub use state::{write_state, Restored, StateFile, SAVE_EVERY_S};
 
 /// Cameras whose alert state is kept per model.
 pub const MAX_CAMERAS: usize = 1024;
@@ -52,8 +57,11 @@ impl Phase {
 /// An open (or just ended) alert.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alert {
-    /// Unique in this process (with the result ids' boot id in messages).
+    /// Unique per `boot`: messages name it `<boot>-a<id>`.
     pub id: u64,
+    /// The boot id of the process that raised it (its first result's), kept when the alert
+    /// is restored from a state file after a restart.
+    pub boot: u64,
     /// Index into the model's `alert_rules`.
     pub rule: usize,
     /// Unix seconds.
@@ -109,6 +117,8 @@ struct Camera {
 pub struct Alerts {
     cameras: HashMap<String, Camera>,
     next: u64,
+    /// Where the state is saved, when the model names a file.
+    store: Option<StateFile>,
 }
 
 impl Alerts {
@@ -181,6 +191,10 @@ impl Alerts {
                 .collect();
         }
         for (i, (rule, st)) in rules.iter().zip(cam.rules.iter_mut()).enumerate() {
+            // A reload may have moved the rule.
+            if let Some(a) = &mut st.active {
+                a.rule = i;
+            }
             let o = obs.get(i).copied().unwrap_or_default();
             let hit = o.count > 0;
             let window = if rule.n >= 64 { u64::MAX } else { (1u64 << rule.n) - 1 };
@@ -213,6 +227,7 @@ impl Alerts {
                     results.extend(st.recent.iter().filter(|r| r.1).map(|r| r.0));
                     let a = Alert {
                         id: self.next,
+                        boot: result.0,
                         rule: i,
                         first_seen: st.hit_since.unwrap_or(now),
                         last_seen: now,
