@@ -41,4 +41,5 @@ pub mod result;
 pub mod sensor;
 pub mod service;
 pub mod topic;
+pub mod tracks;
 pub mod zones;

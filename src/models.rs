@@ -37,6 +37,8 @@ pub struct EngineState {
     pub outputs: Outputs,
     pub candidates: Vec<Detection>,
     pub kept: Vec<Detection>,
+    /// With tracking: each kept detection's track id (same order).
+    pub track_ids: Vec<u64>,
     /// Classification: the top-k (class, probability) pairs.
     pub classes: Vec<(usize, f32)>,
 }
@@ -105,6 +107,8 @@ pub struct Model {
     pub backend_used: String,
     /// Its alert rules' state per camera; shared with the version a reload replaces it by.
     pub alerts: Arc<std::sync::Mutex<crate::alerts::Alerts>>,
+    /// With tracking: each camera's previous boxes; shared like `alerts`.
+    pub tracks: Arc<std::sync::Mutex<crate::tracks::Tracks>>,
     pub ready: AtomicBool,
     pub loaded_at: std::time::SystemTime,
     /// Content hash of the model file (0 when there is none), the version `/models` shows.
@@ -222,6 +226,7 @@ impl Models {
                         backend_used,
                         placement,
                         alerts: Arc::new(std::sync::Mutex::new(open_alerts(&config))),
+                        tracks: Default::default(),
                         ready: AtomicBool::new(true),
                         loaded_at: std::time::SystemTime::now(),
                         hash,
@@ -457,6 +462,7 @@ fn warm(mut engine: Engine, config: &ModelConfig) -> Result<EngineState, Backend
         outputs,
         candidates: Vec::new(),
         kept: Vec::new(),
+        track_ids: Vec::new(),
         classes: Vec::new(),
     })
 }

@@ -217,12 +217,29 @@ fn run_ml(
     t.infer = run_a.time;
     ctx.metrics.stage(Stage::Infer, t.infer);
     postprocess_engine(primary, *yolo, config, &g);
+    let now = SystemTime::now();
+    if let (Some(max_gap_s), Some(_)) = (config.tracking, *yolo) {
+        model.tracks.lock().unwrap_or_else(|e| e.into_inner()).assign(
+            &slot.device,
+            unix_seconds(now),
+            max_gap_s,
+            &primary.kept,
+            &mut primary.track_ids,
+        );
+    }
     let zoning = result::Zoning {
         zones: &config.zones,
         camera: crate::zones::for_camera(&config.zones, &slot.device, &slot.topic),
     };
     let size = (slot.decoded.width, slot.decoded.height);
-    let preds = predictions(primary, labels, config.model_type, zoning, size);
+    let preds = predictions(
+        primary,
+        labels,
+        config.model_type,
+        zoning,
+        size,
+        config.tracking.is_some(),
+    );
     let alert = postprocess::alert(&config.alerts, preds.clone().map(|p| (p.label, p.confidence)));
     if slot.annotate {
         if let Err(e) = picture(slot, ctx, config, preds.clone(), zoning.camera, usize::MAX) {
@@ -231,7 +248,6 @@ fn run_ml(
         emit(slot, Emitted::Picture);
     }
     let mut out = std::mem::take(&mut slot.out);
-    let now = SystemTime::now();
     let result_id = result::write_inference(
         &mut out,
         now,
@@ -296,12 +312,19 @@ fn run_ml(
                 (
                     primary.engine.name(),
                     Ok(run_a),
-                    predictions(primary, labels, config.model_type, zoning, size),
+                    predictions(
+                        primary,
+                        labels,
+                        config.model_type,
+                        zoning,
+                        size,
+                        config.tracking.is_some(),
+                    ),
                 ),
                 (
                     second.engine.name(),
                     run_b.as_ref().map(|r| *r).map_err(|e| e.detail.as_str()),
-                    predictions(second, labels, config.model_type, zoning, size),
+                    predictions(second, labels, config.model_type, zoning, size, false),
                 ),
             ],
             matched,
@@ -547,13 +570,15 @@ fn predictions<'a>(
     kind: ModelType,
     zoning: result::Zoning<'a>,
     (width, height): (u32, u32),
+    tracked: bool,
 ) -> impl Iterator<Item = Prediction<'a>> + Clone {
     let label = move |c: usize| labels.get(c).map(String::as_str).unwrap_or("unknown");
     let dets = state
         .kept
         .iter()
+        .enumerate()
         .filter(move |_| kind == ModelType::Detection)
-        .map(move |d| Prediction {
+        .map(move |(i, d)| Prediction {
             class_id: d.class_id,
             label: label(d.class_id),
             confidence: d.score,
@@ -562,6 +587,7 @@ fn predictions<'a>(
                 0 => 0,
                 cam => crate::zones::containing(zoning.zones, cam, label(d.class_id), d.bbox, width, height),
             },
+            track_id: state.track_ids.get(i).copied().filter(|_| tracked),
         });
     let classes = state
         .classes
@@ -573,6 +599,7 @@ fn predictions<'a>(
             confidence: p,
             bbox: None,
             zones: 0,
+            track_id: None,
         });
     dets.chain(classes)
 }

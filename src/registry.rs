@@ -274,9 +274,10 @@ impl Registry {
             return Err(f.error.to_string());
         }
         let mut model = fresh.list.pop().ok_or("the model did not load")?;
-        // Open alerts and their hysteresis carry over to the new version.
+        // Open alerts and their hysteresis, and track ids, carry over to the new version.
         if let Some(m) = Arc::get_mut(&mut model) {
             m.alerts = old.list[i].alerts.clone();
+            m.tracks = old.list[i].tracks.clone();
         }
         let mut list = old.list.clone();
         list[i] = model;

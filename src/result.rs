@@ -52,6 +52,8 @@ pub struct Prediction<'a> {
     pub bbox: Option<[f32; 4]>,
     /// The model's zones the detection is in (bit i: `zones[i]`).
     pub zones: u64,
+    /// With tracking: the detection's identity across snapshots (`tracks.rs`).
+    pub track_id: Option<u64>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -311,6 +313,9 @@ fn write_predictions<'p>(
             }
             w.end_array();
         }
+        if let Some(id) = p.track_id {
+            w.key("track_id").u64(id);
+        }
         if p.zones != 0 {
             w.key("zones").begin_array();
             for (_, z) in zones.iter().enumerate().filter(|(i, _)| p.zones & (1 << i) != 0) {
@@ -539,6 +544,7 @@ mod tests {
             confidence: 0.8123,
             bbox: Some([1.0, 2.0, 30.5, 40.25]),
             zones: 0,
+            track_id: None,
         }];
         let t = Timings {
             decode: Duration::from_micros(1500),
@@ -644,6 +650,7 @@ mod tests {
             confidence: 0.9,
             bbox: None,
             zones: 0,
+            track_id: None,
         }];
         let run = BackendRun {
             time: Duration::from_millis(4),

@@ -130,6 +130,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
             confidence: 0.9,
             bbox: Some([1.0, 2.0, 3.0, 4.0]),
             zones: 0,
+            track_id: None,
         },
         Prediction {
             class_id: 15,
@@ -137,6 +138,7 @@ fn preprocess_and_inference_result_do_not_allocate() {
             confidence: 0.5,
             bbox: None,
             zones: 0,
+            track_id: None,
         },
     ];
     let src = result::Source {

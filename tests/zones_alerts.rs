@@ -26,7 +26,7 @@ fn config(dir: &TempDir) -> std::path::PathBuf {
         )
         .replace(
             "mqtt:\n",
-            "annotations:\n  min_interval_s: 0\nmqtt:\n  annotated_topic_template: \"edge-ai/{business_unit}/{facility}/{gateway_id}/ai/annotated\"\n",
+            "tracking:\n  enabled: true\nannotations:\n  min_interval_s: 0\nmqtt:\n  annotated_topic_template: \"edge-ai/{business_unit}/{facility}/{gateway_id}/ai/annotated\"\n",
         );
     dir.write(
         "yolo.yaml",
@@ -110,6 +110,26 @@ fn a_person_entering_and_leaving_a_zone_gives_one_start_and_one_end() {
     assert_eq!(get_str(&z[0], &[]).as_deref(), Some("floor"));
     assert_eq!(num(get(r, &["zone_counts", "floor"]).unwrap()), 1.0);
     assert_eq!(num(get(r, &["zone_counts", "ceiling"]).unwrap()), 0.0);
+    // Tracking: the person keeps one track id through the snapshots they are in (one missed
+    // snapshot between them is bridged); the cup on the table is someone else.
+    let person_ids: Vec<f64> = [1, 3, 4, 5]
+        .iter()
+        .map(|&i| {
+            let Some(Value::Array(p)) = get(&results[i], &["predictions"]) else {
+                panic!("{:?}", results[i])
+            };
+            let d = p
+                .iter()
+                .find(|d| get_str(d, &["label"]).as_deref() == Some("person"))
+                .unwrap();
+            num(get(d, &["track_id"]).expect("a track id"))
+        })
+        .collect();
+    assert!(person_ids.iter().all(|&id| id == person_ids[0]), "{person_ids:?}");
+    let Some(Value::Array(cup)) = get(&results[0], &["predictions"]) else {
+        panic!()
+    };
+    assert!(cup.iter().all(|d| num(get(d, &["track_id"]).unwrap()) != person_ids[0]));
     // No person: no zone counted, but the zones are still reported.
     assert_eq!(num(get(&results[0], &["zone_counts", "floor"]).unwrap()), 0.0);
     // The frames that started and ended the alert, annotated: the start's shows the person's

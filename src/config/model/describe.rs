@@ -201,6 +201,9 @@ pub fn describe(m: &ModelConfig) -> String {
     if let Some(p) = &m.alert_state_file {
         let _ = writeln!(o, "alert_state_file: {}", path_text(p));
     }
+    if let Some(gap) = m.tracking {
+        let _ = writeln!(o, "tracking:\n  enabled: true\n  max_gap_s: {gap}");
+    }
     let a = &m.annotations;
     let _ = writeln!(
         o,

@@ -330,6 +330,8 @@ pub struct ModelConfig {
     pub alerts_topic: TopicTemplate,
     /// Where the alert rules' state is kept across restarts (`alerts/state.rs`); `None`: lost.
     pub alert_state_file: Option<PathBuf>,
+    /// Identity across snapshots (`tracks.rs`): `Some(max_gap_s)` when enabled.
+    pub tracking: Option<f64>,
     /// Annotated pictures (`annotate.rs`): their JPEG settings, and where pictures of frames
     /// that start or end an alert go (`mqtt.annotated_topic_template`; none by default).
     pub annotations: Annotations,
@@ -634,7 +636,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
         let cases = [
             ("name: a\nmodel_type: image-classification\n", "/cfg/m.yaml: `model_path`: is required for image-classification"),
             ("name: a\nmodel_type: foo\n", "/cfg/m.yaml: `model_type`: expected image-classification, object-detection, camera-health or sensor-anomaly, found `foo`"),
-            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, zones, alert_rules, alert_state_file, annotations, mqtt, sensor)"),
+            ("name: a\nmodel_type: camera-health\npreprocesing: {}\n", "/cfg/m.yaml: `preprocesing`: unknown key (expected one of: name, backend, model_path, onnx_model_path, model_type, labels, preprocessing, inference, health, alerts, zones, alert_rules, alert_state_file, tracking, annotations, mqtt, sensor)"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\n", "/cfg/m.yaml: `sensor`: is required for sensor-anomaly"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v] }\n", "/cfg/m.yaml: `sensor.threshold`: is required"),
             ("name: a\nmodel_type: sensor-anomaly\nmodel_path: m\nsensor: { fields: [t, v], mean: [1], threshold: 1 }\n", "/cfg/m.yaml: `sensor.mean`: expected 2 numbers, one per field"),
@@ -695,6 +697,7 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
                  zones:\n  - name: door\n    polygon: [[0, 0], [0.5, 0], [0.5, 0.7]]\n\
                  alert_rules:\n  - name: r\n    zone: door\n    for_s: 2.5\n\
                  alert_state_file: state/z.json\n\
+                 tracking:\n  enabled: true\n  max_gap_s: 4.5\n\
                  annotations:\n  quality: 65\n  max_bytes: 200000\n  min_interval_s: 0.3\n\
                  mqtt:\n  input_topics: [\"a/{gateway_id}/+\"]\n  output_topic_template: \"r/{gateway_id}\"\n  alerts_topic_template: \"al/{gateway_id}\"\n  annotated_topic_template: \"p/{gateway_id}/pic\"\n",
             )

@@ -23,10 +23,12 @@ const TOP_KEYS: &[&str] = &[
     "zones",
     "alert_rules",
     "alert_state_file",
+    "tracking",
     "annotations",
     "mqtt",
     "sensor",
 ];
+const TRACKING_KEYS: &[&str] = &["enabled", "max_gap_s"];
 const ANNOTATION_KEYS: &[&str] = &["quality", "max_bytes", "min_interval_s"];
 const SENSOR_KEYS: &[&str] = &[
     "fields",
@@ -242,6 +244,16 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         Some(p) => Some(base.join(p)),
         None => None,
     };
+    let tracking = ctx.tracking(&doc["tracking"])?;
+    if tracking.is_some() && model_type != ModelType::Detection {
+        return Err(ctx.err(
+            "tracking",
+            format!(
+                "tracks boxes: object-detection models only, not {}",
+                model_type.as_str()
+            ),
+        ));
+    }
     let annotations = ctx.annotations(
         &doc["annotations"],
         &doc["mqtt"]["annotated_topic_template"],
@@ -286,6 +298,7 @@ pub fn parse(text: &str, path: &Path, settings: &Settings) -> Result<ModelConfig
         alert_rules,
         alerts_topic,
         alert_state_file,
+        tracking,
         annotations,
         input_topics,
         output_topic,
@@ -698,6 +711,16 @@ impl Doc {
             });
         }
         Ok(zones)
+    }
+
+    pub(super) fn tracking(&self, v: &Yaml) -> Result<Option<f64>, ConfigError> {
+        self.known_keys(v, "tracking.", TRACKING_KEYS)?;
+        if matches!(v, Yaml::BadValue) || !self.boolean(&v["enabled"], "tracking.enabled", false)? {
+            return Ok(None);
+        }
+        Ok(Some(
+            self.float(&v["max_gap_s"], "tracking.max_gap_s", 10.0, 0.0, 3600.0)? as f64,
+        ))
     }
 
     pub(super) fn annotations(
