@@ -269,7 +269,7 @@ fn run_ml(
         let changed = alert_events(slot, ctx, model, route, now, result_id, preds.clone(), emit);
         if changed && !slot.annotate {
             if let Some(topic) = &config.annotations.topic {
-                alert_picture(slot, ctx, model, route, now, topic, preds, zoning.camera, emit);
+                alert_picture(slot, ctx, model, route, now, topic, preds.clone(), zoning.camera, emit);
             }
         }
     }
@@ -309,18 +309,7 @@ fn run_ml(
             &slot.source(),
             &config.name,
             [
-                (
-                    primary.engine.name(),
-                    Ok(run_a),
-                    predictions(
-                        primary,
-                        labels,
-                        config.model_type,
-                        zoning,
-                        size,
-                        config.tracking.is_some(),
-                    ),
-                ),
+                (primary.engine.name(), Ok(run_a), preds),
                 (
                     second.engine.name(),
                     run_b.as_ref().map(|r| *r).map_err(|e| e.detail.as_str()),

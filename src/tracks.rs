@@ -14,7 +14,7 @@
 //! across a hot swap like the alert state.
 
 use crate::cameras::Table;
-use crate::postprocess::Detection;
+use crate::postprocess::{iou, Detection};
 
 /// Cameras whose previous snapshot is kept per model.
 pub const MAX_CAMERAS: usize = 1024;
@@ -55,19 +55,6 @@ impl Default for Tracks {
             cameras: Table::new(MAX_CAMERAS),
             next: 0,
         }
-    }
-}
-
-fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: &[f32; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 {
-        inter / union
-    } else {
-        0.0
     }
 }
 
