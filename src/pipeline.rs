@@ -402,10 +402,7 @@ impl FrameAnswers {
         }
         let o = Outbound {
             topic: s.out_topic.clone(),
-            payload: match kind {
-                Emitted::Picture | Emitted::AlertPicture => s.picture.clone(),
-                _ => s.out.clone(),
-            },
+            payload: process::body(s, kind).to_vec(),
             error: matches!(kind, Emitted::Error(_)),
         };
         self.0.push((o, kind));
@@ -540,13 +537,7 @@ pub fn run_oneshot_annotated(
     slot.routes.extend_from_slice(&routes);
     slot.annotate = annotate;
     let mut out = Vec::with_capacity(2);
-    let mut keep = |s: &Slot, kind| {
-        let body = match kind {
-            Emitted::Picture | Emitted::AlertPicture => s.picture.clone(),
-            _ => s.out.clone(),
-        };
-        out.push((body, kind))
-    };
+    let mut keep = |s: &Slot, kind| out.push((process::body(s, kind).to_vec(), kind));
     match ingest::fill(slot, name, jpeg, &a, Origin::Mqtt) {
         Ok(()) => process::process(slot, ctx, keep),
         Err(e) => process::fail(slot, ctx, &e, &mut keep),

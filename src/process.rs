@@ -50,6 +50,14 @@ pub enum Emitted {
     Error(Refusal),
 }
 
+/// The bytes of a message `process` emitted: the picture buffer for pictures, else `slot.out`.
+pub fn body(slot: &Slot, kind: Emitted) -> &[u8] {
+    match kind {
+        Emitted::Picture | Emitted::AlertPicture => &slot.picture,
+        _ => &slot.out,
+    }
+}
+
 /// Runs the frame in `slot` through every routed model, calling `emit` after
 /// each message is written into `slot.out` / `slot.out_topic`.
 pub fn process(slot: &mut Slot, ctx: &Ctx<'_>, mut emit: impl FnMut(&Slot, Emitted)) {
