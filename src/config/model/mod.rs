@@ -325,7 +325,7 @@ pub struct ModelConfig {
     pub sensor: Option<Sensor>,
     /// Detection models: polygon zones per camera (`zones.rs`).
     pub zones: Vec<Zone>,
-    /// Detection models: alert rules with hysteresis (`alerts.rs`); their events go to `alerts_topic`.
+    /// Detection models: alert rules with hysteresis (`alerts/`); their events go to `alerts_topic`.
     pub alert_rules: Vec<AlertRule>,
     pub alerts_topic: TopicTemplate,
     /// Where the alert rules' state is kept across restarts (`alerts/state.rs`); `None`: lost.
