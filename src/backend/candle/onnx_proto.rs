@@ -388,8 +388,9 @@ impl TensorProto {
         }
     }
 
-    /// The dimensions, checked: none negative, and their product is the
-    /// element count that `elem_bytes`-wide elements give the data.
+    /// The dimensions, checked: none negative, no product of them (hence no
+    /// stride) overflowing, and their product is the element count that
+    /// `elem_bytes`-wide elements give the data.
     pub fn shape(&self, elem_bytes: usize) -> R<Vec<usize>> {
         let bad = |why: &str| format!("tensor `{}`: dims {:?} {why}", self.name, self.dims);
         let dims = self
@@ -397,10 +398,12 @@ impl TensorProto {
             .iter()
             .map(|&d| usize::try_from(d).map_err(|_| bad("include a negative size")))
             .collect::<R<Vec<usize>>>()?;
-        let count = dims
-            .iter()
-            .try_fold(1usize, |n, &d| n.checked_mul(d))
+        // Strides are products of the trailing dims, so those must fit too:
+        // `[0, 2^40, 2^40]` holds no elements but its first stride overflows.
+        dims.iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d.max(1)))
             .ok_or_else(|| bad("overflow"))?;
+        let count = dims.iter().product::<usize>();
         if count.checked_mul(elem_bytes) != Some(self.raw.len()) {
             return Err(bad(&format!(
                 "need {count} elements, but the data holds {} bytes",
@@ -445,6 +448,20 @@ mod tests {
         varint(((num as u64) << 3) | 2, out);
         varint(payload.len() as u64, out);
         out.extend_from_slice(payload);
+    }
+
+    #[test]
+    fn an_empty_tensor_whose_strides_overflow_is_refused() {
+        let t = |dims: Vec<i64>| TensorProto {
+            name: "w".into(),
+            dims,
+            data_type: FLOAT,
+            ..TensorProto::default()
+        };
+        // No elements, yet the stride of the leading 0 is 2^40 * 2^40.
+        let err = t(vec![0, 1 << 40, 1 << 40]).shape(4).unwrap_err();
+        assert!(err.contains("overflow"), "{err}");
+        assert_eq!(t(vec![0, 3, 4]).shape(4), Ok(vec![0, 3, 4]));
     }
 
     #[test]
