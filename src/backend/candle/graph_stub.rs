@@ -3,8 +3,6 @@
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
-
 /// Whether ONNX graphs compile in this build.
 pub const COMPILED: bool = false;
 
@@ -23,18 +21,17 @@ impl Plan {
         Plan::from_onnx(bytes)
     }
 
-    pub fn run(&self, _x: Tensor) -> candle_core::Result<Tensor> {
+    pub fn run_slice(
+        &mut self,
+        _input: &[f32],
+        _dims: &[usize],
+        _device: &candle_core::Device,
+        _out: &mut Vec<f32>,
+        _times: Option<&mut Vec<(String, std::time::Duration)>>,
+    ) -> candle_core::Result<Vec<usize>> {
         Err(candle_core::Error::Msg(
             "ONNX graphs on Candle are not compiled into this build".into(),
         ))
-    }
-
-    pub fn run_profiled(
-        &self,
-        x: Tensor,
-        _times: Option<&mut Vec<(String, std::time::Duration)>>,
-    ) -> candle_core::Result<Tensor> {
-        self.run(x)
     }
 }
 

@@ -29,7 +29,7 @@ mod weights;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use super::{Backend, BackendEnv, BackendError, Outputs, Placement};
 use crate::config::model::EMBEDDED_MODEL;
@@ -44,7 +44,8 @@ enum Arch {
     EfficientNet(Box<efficientnet::EfficientNetLite>),
     /// The same on a GPU.
     DeviceEfficientNet(Box<device_plan::EfficientNet>),
-    Graph(graph::Plan),
+    /// Boxed as well: the plan carries its arena's layout.
+    Graph(Box<graph::Plan>),
     /// Dense layers (sensor models).
     Mlp(mlp::Mlp),
 }
@@ -164,7 +165,7 @@ impl CandleBackend {
                 path.display()
             );
             return Ok(CandleBackend {
-                net: Arch::Graph(plan),
+                net: Arch::Graph(Box::new(plan)),
                 input,
                 device,
                 placement,
@@ -272,12 +273,11 @@ impl Backend for CandleBackend {
                 Ok(())
             }
             Arch::Graph(plan) => {
-                let run = |e: candle_core::Error| BackendError::Run(e.to_string());
-                let x = Tensor::from_slice(input, dims, device).map_err(run)?;
-                let y = plan.run(x).map_err(run)?;
-                out.shape.extend_from_slice(y.dims());
-                out.values
-                    .extend(y.flatten_all().map_err(run)?.to_vec1::<f32>().map_err(run)?);
+                let (n, c, h, w) = dims;
+                let shape = plan
+                    .run_slice(input, &[n, c, h, w], device, &mut out.values, None)
+                    .map_err(|e| BackendError::Run(e.to_string()))?;
+                out.shape.extend_from_slice(&shape);
                 Ok(())
             }
         })
@@ -298,8 +298,9 @@ impl Backend for CandleBackend {
                     times.push((format!("whole network on {}", m.device_name()), t.elapsed()));
                 }
                 Arch::Graph(plan) => {
-                    let x = Tensor::from_slice(input, dims, device).ok()?;
-                    plan.run_profiled(x, Some(&mut times)).ok()?;
+                    let (n, c, h, w) = dims;
+                    plan.run_slice(input, &[n, c, h, w], device, &mut Vec::new(), Some(&mut times))
+                        .ok()?;
                 }
                 Arch::Mlp(m) => {
                     let t = std::time::Instant::now();

@@ -362,6 +362,8 @@ impl Plan {
             input_dims: input.dims.clone(),
             metadata: model.metadata,
             generic: device.is_some(),
+            arena: None,
+            arena_refused: None,
         })
     }
 }

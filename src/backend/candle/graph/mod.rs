@@ -24,6 +24,8 @@ use candle_core::Tensor;
 
 use super::cpu::Act;
 
+/// The CPU plan's buffers, laid out at the first frame: no tensor allocated per step.
+mod arena;
 mod bench;
 mod compile;
 /// The ops whose CPU form is our CPU kernels, on any device (the GPU plan).
@@ -166,18 +168,73 @@ pub struct Plan {
     pub metadata: HashMap<String, String>,
     /// Compiled for a device (`from_onnx_on`): ops over candle and `device_ops`, not our CPU kernels.
     generic: bool,
+    /// The CPU plan's arena, for the input dims of the frame that laid it out.
+    arena: Option<arena::Arena>,
+    /// Input dims whose arena could not be laid out (logged once; they run on candle).
+    arena_refused: Option<Vec<usize>>,
+}
+
+/// `AEI_ARENA=off` runs the CPU plan over candle tensors, one per step (for comparisons).
+fn arena_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("AEI_ARENA").as_deref() != Ok("off"))
 }
 
 impl Plan {
+    /// Runs the plan over candle tensors (the reference the arena is checked against).
+    #[cfg(test)]
     pub fn run(&self, x: Tensor) -> candle_core::Result<Tensor> {
-        self.run_profiled(x, None)
+        self.walk(x, None, None)
     }
 
-    /// Runs the plan; with `times`, records each step's duration.
-    pub fn run_profiled(
+    /// Runs the plan on `input` of `dims`, appends its output to `out` and returns the
+    /// output's dims; with `times`, records each step's duration. On the CPU the first frame of
+    /// a size runs over candle tensors and lays out the arena; the frames after run in it.
+    pub fn run_slice(
+        &mut self,
+        input: &[f32],
+        dims: &[usize],
+        device: &candle_core::Device,
+        out: &mut Vec<f32>,
+        times: Option<&mut Vec<(String, std::time::Duration)>>,
+    ) -> candle_core::Result<Vec<usize>> {
+        let use_arena = !self.generic && arena_enabled() && self.arena_refused.as_deref() != Some(dims);
+        if let Some(mut a) = self.arena.take().filter(|a| use_arena && a.fits(dims)) {
+            let r = a.run(self, input, out, times);
+            self.arena = Some(a);
+            return r;
+        }
+        let x = Tensor::from_slice(input, dims, device)?;
+        let mut traced = use_arena.then(|| vec![None; self.slots]);
+        let y = self.walk(x, times, traced.as_mut())?;
+        if let Some(traced) = traced {
+            match arena::Arena::build(self, dims, &traced) {
+                Ok(a) => {
+                    log::debug!(
+                        "graph arena for {dims:?}: {:.1} MiB, {} of {} steps on candle",
+                        a.len() as f64 * 4.0 / (1 << 20) as f64,
+                        a.fallbacks,
+                        self.steps.len()
+                    );
+                    self.arena = Some(a);
+                }
+                Err(e) => {
+                    log::warn!("graph arena for {dims:?} not laid out ({e}); this size runs on candle tensors");
+                    self.arena_refused = Some(dims.to_vec());
+                }
+            }
+        }
+        out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+        Ok(y.dims().to_vec())
+    }
+
+    /// Runs the plan over candle tensors; with `times`, records each step's duration; with
+    /// `traced`, each slot's dims.
+    fn walk(
         &self,
         x: Tensor,
         mut times: Option<&mut Vec<(String, std::time::Duration)>>,
+        mut traced: Option<&mut Vec<Option<Vec<usize>>>>,
     ) -> candle_core::Result<Tensor> {
         let mut vals: Vec<Option<Tensor>> = vec![None; self.slots];
         vals[self.input] = Some(x);
@@ -206,6 +263,9 @@ impl Plan {
                 times.push((format!("{} -> {dims:?}", step.name), t0.elapsed()));
             }
             for (slot, t) in step.outputs.iter().zip(outs) {
+                if let Some(tr) = traced.as_deref_mut() {
+                    tr[*slot] = Some(t.dims().to_vec());
+                }
                 vals[*slot] = Some(t);
             }
             for k in &step.free {

@@ -136,7 +136,10 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
         }
         Op::Transpose { perm, view: true } => one(x.permute(perm.as_slice())?),
         // Our transpose reads any strides: a view is not copied twice.
-        Op::Transpose { perm, view: false } => one(x.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?),
+        Op::Transpose { perm, view: false } if x.rank() <= kernels::MAX_RANK => {
+            one(x.apply_op1_no_bwd(&kernels::Transpose(perm.clone()))?)
+        }
+        Op::Transpose { perm, .. } => one(x.permute(perm.as_slice())?.contiguous()?),
         Op::MatMul => {
             // candle's matmul reads the strides of a transposed view as they are; other
             // layouts it refuses are made contiguous first.

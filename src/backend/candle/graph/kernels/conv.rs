@@ -86,21 +86,65 @@ impl Conv {
         c
     }
 
-    fn winograd_fwd(&self, wg: &Winograd, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize)) -> Vec<f32> {
-        let len = n * self.cout * oh * ow;
-        let mut out = uninit(len);
+    fn winograd_fwd(&self, wg: &Winograd, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), dst: &SharedOut) {
+        let per = self.cout * oh * ow;
+        assert!(n * per <= dst.1, "conv: output too small");
         for b in 0..n {
-            // SAFETY: batch b's outputs lie inside the allocation of `len` elements.
-            let dst = SharedOut(
-                unsafe { out.as_mut_ptr().add(b * self.cout * oh * ow) },
-                self.cout * oh * ow,
-            );
-            wg.run(&x[b * c * h * w..(b + 1) * c * h * w], (h, w), (oh, ow), &dst);
+            // Batch b's outputs: inside `dst` (asserted above).
+            let out = SharedOut(dst.at(b * per), per);
+            wg.run(&x[b * c * h * w..(b + 1) * c * h * w], (h, w), (oh, ow), &out);
         }
-        // SAFETY: the 2x2 blocks cover every output pixel of every filter and batch, and
-        // `run` has written each (the pixels past an odd edge are dropped, not left unwritten).
-        unsafe { out.set_len(len) };
-        out
+    }
+
+    /// The output size for an NCHW input of `dims`, checked against the filters.
+    pub fn out_hw(&self, (_, c, h, w): Dims4) -> candle_core::Result<(usize, usize)> {
+        out_size(self.geo, (c, h, w), self.cin, "conv")
+    }
+
+    /// Output channels.
+    pub fn filters(&self) -> usize {
+        self.cout
+    }
+
+    /// Writes all `n * c_out * oh * ow` outputs to `dst`, by im2col + GEMM or Winograd (the
+    /// first call on a layer where both apply times them and keeps the faster).
+    pub fn forward(&self, x: &[f32], dims: Dims4, (oh, ow): (usize, usize), dst: &SharedOut) {
+        let Some(wg) = &self.winograd else {
+            return self.direct(x, dims, (oh, ow), dst);
+        };
+        match self.choice.load(Relaxed) {
+            DIRECT => self.direct(x, dims, (oh, ow), dst),
+            WINOGRAD => self.winograd_fwd(wg, x, dims, (oh, ow), dst),
+            _ => {
+                // The first input (the warm-up at load): run each once to warm it, then
+                // keep the faster by the better of two timed runs (one noisy run must not decide).
+                let time = |f: &dyn Fn()| {
+                    f();
+                    let t = Instant::now();
+                    f();
+                    let first = t.elapsed();
+                    let t = Instant::now();
+                    f();
+                    first.min(t.elapsed())
+                };
+                let td = time(&|| self.direct(x, dims, (oh, ow), dst));
+                let tw = time(&|| self.winograd_fwd(wg, x, dims, (oh, ow), dst));
+                let pick = if tw < td { WINOGRAD } else { DIRECT };
+                self.choice.store(pick, Relaxed);
+                let (_, _, h, w) = dims;
+                log::debug!(
+                    "conv {}->{} 3x3 at {h}x{w}: im2col {:.3} ms, Winograd {:.3} ms",
+                    self.cin,
+                    self.cout,
+                    td.as_secs_f64() * 1e3,
+                    tw.as_secs_f64() * 1e3
+                );
+                if pick == DIRECT {
+                    // `dst` holds Winograd's answer, the last one run.
+                    self.direct(x, dims, (oh, ow), dst);
+                }
+            }
+        }
     }
 }
 
@@ -110,52 +154,21 @@ impl CustomOp1 for Conv {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, (n, c, h, w)) = input4(storage, layout, "conv")?;
-        let (oh, ow) = out_size(self.geo, (c, h, w), self.cin, "conv")?;
-        let shape = Shape::from((n, self.cout, oh, ow));
-        let Some(wg) = &self.winograd else {
-            return Ok((CpuStorage::F32(self.direct(x, (n, c, h, w), (oh, ow))), shape));
-        };
-        let out = match self.choice.load(Relaxed) {
-            DIRECT => self.direct(x, (n, c, h, w), (oh, ow)),
-            WINOGRAD => self.winograd_fwd(wg, x, (n, c, h, w), (oh, ow)),
-            _ => {
-                // The first input (the warm-up at load): run each once to warm it, then
-                // keep the faster by the better of two timed runs (one noisy run must not decide).
-                let time = |f: &dyn Fn() -> Vec<f32>| {
-                    let _ = f();
-                    let t = Instant::now();
-                    let _ = f();
-                    let first = t.elapsed();
-                    let t = Instant::now();
-                    let out = f();
-                    (first.min(t.elapsed()), out)
-                };
-                let (td, direct) = time(&|| self.direct(x, (n, c, h, w), (oh, ow)));
-                let (tw, wino) = time(&|| self.winograd_fwd(wg, x, (n, c, h, w), (oh, ow)));
-                let pick = if tw < td { WINOGRAD } else { DIRECT };
-                self.choice.store(pick, Relaxed);
-                log::debug!(
-                    "conv {}->{} 3x3 at {h}x{w}: im2col {:.3} ms, Winograd {:.3} ms",
-                    self.cin,
-                    self.cout,
-                    td.as_secs_f64() * 1e3,
-                    tw.as_secs_f64() * 1e3
-                );
-                if pick == WINOGRAD {
-                    wino
-                } else {
-                    direct
-                }
-            }
-        };
-        Ok((CpuStorage::F32(out), shape))
+        let (x, dims) = input4(storage, layout, "conv")?;
+        let (oh, ow) = self.out_hw(dims)?;
+        let len = dims.0 * self.cout * oh * ow;
+        // Not zeroed: `forward` writes every element (see `uninit`).
+        let mut out = uninit(len);
+        self.forward(x, dims, (oh, ow), &SharedOut(out.as_mut_ptr(), len));
+        // SAFETY: `forward` has written all `len` elements.
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from((dims.0, self.cout, oh, ow))))
     }
 }
 
 impl Conv {
     /// im2col + GEMM over column tiles.
-    fn direct(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize)) -> Vec<f32> {
+    fn direct(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), out: &SharedOut) {
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
@@ -166,15 +179,18 @@ impl Conv {
         let per = per.next_multiple_of(16).min(ohw);
         let tiles = ohw.div_ceil(per);
         let len = n * self.cout * ohw;
+        assert!(len <= out.1, "conv: output too small");
         if k_len == 0 || len == 0 {
-            return vec![0f32; len];
+            for i in 0..len {
+                // SAFETY: this thread alone writes `out` here.
+                unsafe { out.write(i, 0.0) };
+            }
+            return;
         }
-        // Not zeroed: the GEMM writes every element (see `uninit`).
-        let mut out = uninit(len);
         for b in 0..n {
             let x = &x[b * c * hw..(b + 1) * c * hw];
-            // SAFETY: batch b's outputs lie inside the allocation of `len` elements.
-            let dst = SharedOut(unsafe { out.as_mut_ptr().add(b * self.cout * ohw) }, self.cout * ohw);
+            // Batch b's outputs: inside `out` (asserted above).
+            let dst = SharedOut(out.at(b * self.cout * ohw), self.cout * ohw);
             (0..tiles).into_par_iter().for_each(|t| {
                 let (c0, cols) = (t * per, per.min(ohw - t * per));
                 SCRATCH.with(|scratch| {
@@ -194,10 +210,8 @@ impl Conv {
                 });
             });
         }
-        // SAFETY: the tiles cover every column of every output row of every batch, and
-        // the GEMM (k_len > 0, read_dst off) has written each element.
-        unsafe { out.set_len(len) };
-        out
+        // The tiles cover every column of every output row of every batch, and the GEMM
+        // (k_len > 0, read_dst off) has written each element.
     }
 }
 
@@ -444,9 +458,22 @@ impl CustomOp1 for Depthwise {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, (n, c, h, w)) = input4(storage, layout, "depthwise")?;
-        let (oh, ow) = out_size(self.geo, (c, h, w), self.channels, "depthwise")?;
-        let mut out = vec![0f32; n * c * oh * ow];
+        let (x, dims) = input4(storage, layout, "depthwise")?;
+        let (oh, ow) = self.out_hw(dims)?;
+        let mut out = vec![0f32; dims.0 * dims.1 * oh * ow];
+        self.forward(x, dims, (oh, ow), &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((dims.0, dims.1, oh, ow))))
+    }
+}
+
+impl Depthwise {
+    /// The output size for an NCHW input of `dims`, checked against the filters.
+    pub fn out_hw(&self, (_, c, h, w): Dims4) -> candle_core::Result<(usize, usize)> {
+        out_size(self.geo, (c, h, w), self.channels, "depthwise")
+    }
+
+    /// Writes the `n * c * oh * ow` outputs to `out`, a plane per task.
+    pub fn forward(&self, x: &[f32], (_, c, h, w): Dims4, (oh, ow): (usize, usize), out: &mut [f32]) {
         out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
             let inp = &x[plane * h * w..(plane + 1) * h * w];
             if self.geo.stride == 1 {
@@ -459,6 +486,5 @@ impl CustomOp1 for Depthwise {
             }
             activate(self.isa, o, self.act);
         });
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 }

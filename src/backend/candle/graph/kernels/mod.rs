@@ -23,7 +23,7 @@ mod tensor;
 mod winograd;
 
 pub use conv::{Conv, Depthwise};
-pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample};
+pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample, MAX_RANK};
 
 multiversion! {
     /// `act` on every element.
@@ -107,6 +107,11 @@ pub(super) struct SharedOut(*mut f32, usize);
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    /// All of `s`, for threads to write disjoint parts of.
+    pub(super) fn of(s: &mut [f32]) -> SharedOut {
+        SharedOut(s.as_mut_ptr(), s.len())
+    }
+
     /// A pointer to element `i`.
     pub(super) fn at(&self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
@@ -349,6 +354,18 @@ mod tests {
             let w: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(g, w, "contiguous view {i}");
         }
+        // Past MAX_RANK axes: a clear error from the kernel, candle's copy for `contiguous`.
+        let dims = [2usize; MAX_RANK + 1];
+        let big = Tensor::randn(0f32, 1.0, dims.as_slice(), &Device::Cpu).unwrap();
+        let perm: Vec<usize> = (0..=MAX_RANK).rev().collect();
+        let mut out = vec![0f32; big.elem_count()];
+        let strides = big.stride().to_vec();
+        let data: Vec<f32> = big.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(Transpose::permute(&perm, &data, &dims, &strides, &mut out).is_err());
+        let v = big.transpose(0, MAX_RANK).unwrap();
+        let g: Vec<f32> = contiguous(&v).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let w: Vec<f32> = v.contiguous().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g, w);
     }
 
     #[test]

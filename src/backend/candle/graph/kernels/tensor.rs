@@ -17,11 +17,24 @@ impl CustomOp1 for Activation {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let mut out = input_f32(storage, layout, "activation")?.to_vec();
+        let x = input_f32(storage, layout, "activation")?;
+        let mut out = vec![0f32; x.len()];
+        self.forward(x, &mut out);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+impl Activation {
+    /// `out = act(x)`, in parallel chunks.
+    pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         let (_, per) = split(out.len(), out.len().div_ceil(threads() * 4));
         let isa = Isa::detect();
-        out.par_chunks_mut(per.max(4096)).for_each(|o| activate(isa, o, self.0));
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        out.par_chunks_mut(per.max(4096))
+            .zip(x.par_chunks(per.max(4096)))
+            .for_each(|(o, x)| {
+                o.copy_from_slice(x);
+                activate(isa, o, self.0)
+            });
     }
 }
 
@@ -56,6 +69,38 @@ impl CustomOp2 for MatMul {
             candle_core::bail!("matmul: f32 inputs expected");
         };
         let (da, db) = (l1.shape().dims(), l2.shape().dims());
+        let shape = MatMul::out_dims(da, db)?;
+        let len = shape.iter().product();
+        // Not zeroed: `forward` writes every element (see `uninit`).
+        let mut out = uninit(len);
+        MatMul::forward(
+            (&a[l1.start_offset()..], da, l1.stride()),
+            (&b[l2.start_offset()..], db, l2.stride()),
+            &SharedOut(out.as_mut_ptr(), len),
+        )?;
+        // SAFETY: `forward` has written all `len` elements.
+        unsafe { out.set_len(len) };
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+/// A MatMul operand: its data from the view's first element, dims and strides.
+pub type Operand<'a> = (&'a [f32], &'a [usize], &'a [usize]);
+
+impl MatMul {
+    /// The product's dims, checked: same batch dims, inner dims that agree.
+    pub fn out_dims(da: &[usize], db: &[usize]) -> candle_core::Result<Vec<usize>> {
+        let r = da.len();
+        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+            candle_core::bail!("matmul: shapes {da:?} x {db:?}");
+        }
+        let mut shape = da.to_vec();
+        shape[r - 1] = db[r - 1];
+        Ok(shape)
+    }
+
+    /// Writes the product's elements (row-major, `out_dims`) to `dst`.
+    pub fn forward((a, da, sa): Operand, (b, db, sb): Operand, dst: &SharedOut) -> candle_core::Result<()> {
         let r = da.len();
         if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
             candle_core::bail!("matmul: shapes {da:?} x {db:?}");
@@ -63,24 +108,25 @@ impl CustomOp2 for MatMul {
         let (m, k, n) = (da[r - 2], da[r - 1], db[r - 1]);
         let batch_dims = &da[..r - 2];
         let batches: usize = batch_dims.iter().product();
-        let (sa, sb) = (l1.stride(), l2.stride());
-        // Every element a GEMM reads must lie inside its storage.
-        let reach = |l: &Layout, rows: usize, cols: usize, st: &[usize], len: usize| {
+        if sa.len() != r || sb.len() != r || batches * m * n > dst.1 {
+            candle_core::bail!("matmul: strides or output do not fit the shapes");
+        }
+        // Every element a GEMM reads must lie inside its data.
+        let reach = |rows: usize, cols: usize, st: &[usize], len: usize| {
             let last = batch_offset(batches.saturating_sub(1), batch_dims, &st[..r - 2]);
-            let far = l.start_offset() + last + rows.saturating_sub(1) * st[r - 2] + cols.saturating_sub(1) * st[r - 1];
+            let far = last + rows.saturating_sub(1) * st[r - 2] + cols.saturating_sub(1) * st[r - 1];
             far < len || rows * cols == 0
         };
-        if !reach(l1, m, k, sa, a.len()) || !reach(l2, k, n, sb, b.len()) {
+        if !reach(m, k, sa, a.len()) || !reach(k, n, sb, b.len()) {
             candle_core::bail!("matmul: strides reach past the storage");
         }
         if k == 0 || batches * m * n == 0 {
-            let mut shape = da.to_vec();
-            shape[r - 1] = n;
-            return Ok((CpuStorage::F32(vec![0f32; batches * m * n]), Shape::from(shape)));
+            for i in 0..batches * m * n {
+                // SAFETY: this thread alone writes `dst` here; `i` is inside it (checked above).
+                unsafe { dst.write(i, 0.0) };
+            }
+            return Ok(());
         }
-        // Not zeroed: each batch's GEMM writes all of its m x n outputs (see `uninit`).
-        let mut out = uninit(batches * m * n);
-        let dst = SharedOut(out.as_mut_ptr(), batches * m * n);
         let par = if batches < threads() {
             gemm::Parallelism::Rayon(threads())
         } else {
@@ -88,11 +134,11 @@ impl CustomOp2 for MatMul {
         };
         (0..batches).into_par_iter().for_each(|i| {
             let o = dst.at(i * m * n);
-            let oa = l1.start_offset() + batch_offset(i, batch_dims, &sa[..r - 2]);
-            let ob = l2.start_offset() + batch_offset(i, batch_dims, &sb[..r - 2]);
+            let oa = batch_offset(i, batch_dims, &sa[..r - 2]);
+            let ob = batch_offset(i, batch_dims, &sb[..r - 2]);
             // SAFETY: `reach` checked the farthest element of the last batch on both
             // sides; earlier batches lie below it; `o` is this batch's m x n output,
-            // which no other batch touches.
+            // inside `dst` (checked above), which no other batch touches.
             unsafe {
                 gemm::gemm(
                     m,
@@ -117,11 +163,8 @@ impl CustomOp2 for MatMul {
                 )
             }
         });
-        // SAFETY: every batch's GEMM (k > 0, read_dst off) has written its m x n outputs.
-        unsafe { out.set_len(batches * m * n) };
-        let mut shape = da.to_vec();
-        shape[r - 1] = n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        // Every batch's GEMM (k > 0, read_dst off) has written its m x n outputs.
+        Ok(())
     }
 }
 
@@ -143,7 +186,17 @@ impl CustomOp1 for Upsample {
         let (sh, sw) = (self.sh.max(1), self.sw.max(1));
         let (oh, ow) = (h * sh, w * sw);
         let mut out = vec![0f32; n * c * oh * ow];
-        if !out.is_empty() {
+        self.forward(x, (n, c, h, w), &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+}
+
+impl Upsample {
+    /// Writes the `n * c * (h * sh) * (w * sw)` outputs to `out`.
+    pub fn forward(&self, x: &[f32], (_, _, h, w): Dims4, out: &mut [f32]) {
+        let (sh, sw) = (self.sh.max(1), self.sw.max(1));
+        let (oh, ow) = (h * sh, w * sw);
+        if !out.is_empty() && h * w > 0 {
             out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(o, x)| {
                 for (y, rows) in o.chunks_exact_mut(sh * ow).enumerate() {
                     let (first, rest) = rows.split_at_mut(ow);
@@ -156,7 +209,6 @@ impl CustomOp1 for Upsample {
                 }
             });
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
 }
 
@@ -175,7 +227,15 @@ impl CustomOp1 for Softmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = input_f32(storage, layout, "softmax")?;
-        let dims = layout.shape().dims();
+        let mut out = vec![0f32; x.len()];
+        self.forward(x, layout.shape().dims(), &mut out)?;
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
+impl Softmax {
+    /// Writes `softmax(scale * x)` over the axis to `out` (`x`'s length, contiguous).
+    pub fn forward(&self, x: &[f32], dims: &[usize], out: &mut [f32]) -> candle_core::Result<()> {
         let rank = dims.len() as i64;
         let ax = if self.axis < 0 { self.axis + rank } else { self.axis };
         if !(0..rank).contains(&ax) {
@@ -185,7 +245,9 @@ impl CustomOp1 for Softmax {
         let (n, inner) = (dims[ax], dims[ax + 1..].iter().product::<usize>());
         // One block: the `n` rows one softmax runs over, `inner` columns each.
         let block = (n * inner).max(1);
-        let mut out = vec![0f32; x.len()];
+        if out.len() != x.len() {
+            candle_core::bail!("softmax: {} outputs for {} inputs", out.len(), x.len());
+        }
         let isa = Isa::detect();
         // Enough blocks per task that a task is worth handing to another thread.
         let per = (16384 / block).max(1);
@@ -200,7 +262,7 @@ impl CustomOp1 for Softmax {
                     }
                 }
             });
-        Ok((CpuStorage::F32(out), layout.shape().clone()))
+        Ok(())
     }
 }
 
@@ -280,27 +342,50 @@ impl CustomOp1 for Transpose {
         // Any strides: a view (a Split part, a transposed MatMul operand) is read where it lies.
         let x = &all[layout.start_offset()..];
         let dims = layout.shape().dims();
-        let in_strides = layout.stride();
-        let perm = &self.0;
+        let out_dims: Vec<usize> = self.0.iter().filter_map(|&p| dims.get(p).copied()).collect();
+        let mut out = vec![0f32; dims.iter().product()];
+        Transpose::permute(&self.0, x, dims, layout.stride(), &mut out)?;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
+
+impl Transpose {
+    /// Writes `x` (read through `in_strides`) permuted by `perm` to `out`, contiguous.
+    /// At most [`MAX_RANK`] axes (the index arithmetic lives on the stack: no allocation).
+    pub fn permute(
+        perm: &[usize],
+        x: &[f32],
+        dims: &[usize],
+        in_strides: &[usize],
+        out: &mut [f32],
+    ) -> candle_core::Result<()> {
         let rank = dims.len();
-        if perm.len() != rank || (0..rank).any(|i| !perm.contains(&i)) {
+        if rank > MAX_RANK || perm.len() != rank || (0..rank).any(|i| !perm.contains(&i)) {
             candle_core::bail!("transpose: perm {perm:?} for rank {rank}");
         }
         let len: usize = dims.iter().product();
-        let out_dims: Vec<usize> = perm.iter().map(|&p| dims[p]).collect();
-        let mut out = vec![0f32; len];
+        let mut out_dims = [0usize; MAX_RANK];
+        for (o, &p) in out_dims.iter_mut().zip(perm) {
+            *o = dims[p];
+        }
+        if out.len() != len || in_strides.len() != rank {
+            candle_core::bail!("transpose: {} outputs or strides for {dims:?}", out.len());
+        }
         if len == 0 || rank == 0 {
             if len == 1 {
                 out[0] = x[0];
             }
-            return Ok((CpuStorage::F32(out), Shape::from(out_dims)));
+            return Ok(());
         }
         let reach: usize = dims.iter().zip(in_strides).map(|(d, s)| (d - 1) * s).sum();
         if reach >= x.len() {
             candle_core::bail!("transpose: strides {in_strides:?} reach past the storage");
         }
         // For each output axis, the input stride it walks.
-        let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        let mut src = [0usize; MAX_RANK];
+        for (o, &p) in src.iter_mut().zip(perm) {
+            *o = in_strides[p];
+        }
         let last = rank - 1;
         let n_last = out_dims[last];
         // `a`: another output axis that walks the input with stride 1, for square tiles.
@@ -309,15 +394,25 @@ impl CustomOp1 for Transpose {
         } else {
             (0..last).find(|&i| src[i] == 1 && out_dims[i] > 1)
         };
-        let mut out_strides = vec![1usize; rank];
+        let mut out_strides = [1usize; MAX_RANK];
         for i in (0..last).rev() {
             out_strides[i] = out_strides[i + 1] * out_dims[i + 1];
         }
         // Outer index: every output axis but `last` and `a`, as an odometer, split across threads.
-        let outer: Vec<usize> = (0..rank).filter(|&i| i != last && Some(i) != a).collect();
+        let mut outer = [0usize; MAX_RANK];
+        let mut n_outer = 0;
+        for i in (0..rank).filter(|&i| i != last && Some(i) != a) {
+            outer[n_outer] = i;
+            n_outer += 1;
+        }
+        let outer = &outer[..n_outer];
         let count: usize = outer.iter().map(|&i| out_dims[i]).product();
+        // With square tiles, each task takes one band of TILE_T along `a`: a lone 2-D transpose
+        // (batch 1) still splits across the pool.
+        let bands = a.map_or(1, |a| out_dims[a].div_ceil(TILE_T));
         let dst = SharedOut(out.as_mut_ptr(), out.len());
-        (0..count).into_par_iter().for_each(|mut o| {
+        (0..count * bands).into_par_iter().for_each(|task| {
+            let (mut o, band) = (task / bands, task % bands);
             let (mut ib, mut ob) = (0, 0);
             for &i in outer.iter().rev() {
                 let d = o % out_dims[i];
@@ -325,8 +420,9 @@ impl CustomOp1 for Transpose {
                 ib += d * src[i];
                 ob += d * out_strides[i];
             }
-            // Each outer index owns the output elements ob + j*out_strides[a] + k, disjoint
-            // from every other's: every write below is to an element only this task touches.
+            // Each outer index (and band along `a`) owns the output elements
+            // ob + j*out_strides[a] + k (j in the band), disjoint from every other task's:
+            // every write below is to an element only this task touches.
             let sl = src[last];
             match a {
                 // The output's last axis walks the input with stride 1: contiguous runs.
@@ -340,29 +436,45 @@ impl CustomOp1 for Transpose {
                 }
                 Some(a) => {
                     let (n_a, oa) = (out_dims[a], out_strides[a]);
-                    for j0 in (0..n_a).step_by(TILE_T) {
-                        for k0 in (0..n_last).step_by(TILE_T) {
-                            for j in j0..(j0 + TILE_T).min(n_a) {
-                                for k in k0..(k0 + TILE_T).min(n_last) {
-                                    // SAFETY: this task's own element (above).
-                                    unsafe { dst.write(ob + j * oa + k, x[ib + j + k * sl]) };
-                                }
+                    // A square tile: its input rows (along `a`, contiguous) read into `t`, then
+                    // written out along the output's last axis, a contiguous run per row.
+                    let mut t = [[0f32; TILE_T]; TILE_T];
+                    let j0 = band * TILE_T;
+                    let tj = TILE_T.min(n_a - j0);
+                    for k0 in (0..n_last).step_by(TILE_T) {
+                        let tk = TILE_T.min(n_last - k0);
+                        for (k, tr) in t.iter_mut().enumerate().take(tk) {
+                            let at = ib + j0 + (k0 + k) * sl;
+                            tr[..tj].copy_from_slice(&x[at..at + tj]);
+                        }
+                        // The whole fixed-size tile flipped, which the compiler does in registers.
+                        let mut flipped = [[0f32; TILE_T]; TILE_T];
+                        for (k, tr) in t.iter().enumerate() {
+                            for (j, v) in tr.iter().enumerate() {
+                                flipped[j][k] = *v;
                             }
+                        }
+                        for (j, row) in flipped.iter().enumerate().take(tj) {
+                            // SAFETY: this task's own elements (above).
+                            unsafe { dst.copy_from(ob + (j0 + j) * oa + k0, &row[..tk]) };
                         }
                     }
                 }
             }
         });
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        Ok(())
     }
 }
+
+/// The most axes [`Transpose::permute`] takes (higher ranks go through candle's own copy).
+pub const MAX_RANK: usize = 8;
 
 /// `x` laid out contiguously: itself when it already is, else one parallel
 /// copy (candle's own copies a strided view one element at a time, on one thread).
 pub fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.is_contiguous() {
         Ok(x.clone())
-    } else if x.dtype() == candle_core::DType::F32 {
+    } else if x.dtype() == candle_core::DType::F32 && x.rank() <= MAX_RANK {
         x.apply_op1_no_bwd(&Transpose((0..x.rank()).collect()))
     } else {
         x.contiguous()
