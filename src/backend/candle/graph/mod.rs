@@ -208,6 +208,9 @@ impl Plan {
         let mut traced = use_arena.then(|| vec![None; self.slots]);
         let y = self.walk(x, times, traced.as_mut())?;
         if let Some(traced) = traced {
+            // The traced frame's tensors are freed: hand their heap back before the arena takes
+            // its own, so that peak memory is the larger of the two, not their sum.
+            crate::memory::return_free_memory();
             match arena::Arena::build(self, dims, &traced) {
                 Ok(a) => {
                     log::debug!(
