@@ -2,15 +2,18 @@
 //! so that a frame allocates no tensors.
 //!
 //! The first frame of a size runs over candle tensors and records every
-//! value's dims ([`Plan::trace`](super::Plan)); from those, [`Arena::build`]
-//! gives each value a place: a region of the arena for what a kernel writes,
-//! or a view of another value's region for what needs no copy (Reshape and
-//! Flatten, a Split along an axis with nothing outside it, a Transpose only
-//! MatMuls read). Regions are packed by liveness: a region is free again
-//! after the last step that reads it or any view of it. Then each frame runs
-//! the steps as slice kernels (`kernels/`) writing into their regions. An op
-//! with no slice kernel here runs on candle over copies of its inputs
-//! (counted in [`Arena::fallbacks`]), so every plan that compiles runs.
+//! value's dims (`Plan::run_slice`); from those, [`Arena::build`] gives each
+//! value a place: a region of the arena for what a kernel writes, a view of
+//! another value's region for what needs no copy (Reshape and Flatten, a
+//! Split along an axis with nothing outside it, a Transpose only MatMuls
+//! read), or a slice of a Concat's output, which its producer writes in place
+//! (where the Concat's leading axes are all 1). Regions are packed first-fit
+//! by liveness: a region is free again after the last step that reads it or
+//! any view of it. Then each frame runs the steps as slice kernels
+//! (`kernels/`) writing into their regions; a Split along an inner axis and a
+//! Slice are strided copies. An op with no slice kernel here runs on candle
+//! over copies of its inputs (counted in `Arena::fallbacks`), so every plan
+//! that compiles runs.
 //!
 //! Owns: the places (regions, views), their packing and the per-frame loop.
 
@@ -942,6 +945,27 @@ mod tests {
         let plan = arena_matches_candle(&bytes, &[1, 4, 6, 6], 1e-6);
         // Conv (a kernel), Reshape (a view), the fused softmax (a kernel): nothing on candle.
         assert_eq!(plan.arena.as_ref().unwrap().fallbacks, 0);
+    }
+
+    /// An op with no slice kernel (GlobalAveragePool) runs on candle over copies, and the
+    /// Flatten after it is a view of its region; a new input size lays out a new arena.
+    #[test]
+    fn an_op_without_a_slice_kernel_runs_on_candle_and_a_new_size_gets_a_new_arena() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/dynamic-gap.onnx")).unwrap();
+        for dims in [[1, 3, 32, 48], [2, 3, 20, 20]] {
+            let plan = arena_matches_candle(&bytes, &dims, 1e-6);
+            let a = plan.arena.as_ref().unwrap();
+            assert_eq!(a.fallbacks, 1);
+            assert!(matches!(a.steps[1].exec, Exec::Alias));
+        }
+        let mut plan = Plan::from_onnx(&bytes).unwrap();
+        let mut out = Vec::new();
+        plan.run_slice(&[0.5; 3 * 8 * 8], &[1, 3, 8, 8], &Device::Cpu, &mut out, None)
+            .unwrap();
+        plan.run_slice(&[0.25; 2 * 3 * 4 * 4], &[2, 3, 4, 4], &Device::Cpu, &mut out, None)
+            .unwrap();
+        assert!(plan.arena.as_ref().is_some_and(|a| a.fits(&[2, 3, 4, 4])));
+        assert_eq!(out, [0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]);
     }
 
     /// YOLOv12n (`models/fetch`): every op it uses runs on a slice kernel or as a view, and
