@@ -19,6 +19,12 @@ pub fn median_p99(v: &mut [Duration]) -> (f64, f64) {
     (at(0.5), at(0.99))
 }
 
+/// `bench gemm`: the Candle kernels' GEMM against the `gemm` crate, on one thread.
+pub fn bench_gemm(settings: &Settings, iters: usize) -> Result<String, String> {
+    crate::backend::set_cpu(settings.candle_threads, &settings.candle_isa);
+    crate::backend::bench_gemm(iters)
+}
+
 /// `bench layouts`: the Candle kernels' NCHW against NHWC on EfficientNet-Lite0's
 /// layer shapes (`candle-graph` builds), on the CPU pool the settings give.
 pub fn bench_layouts(settings: &Settings, iters: usize) -> Result<String, String> {

@@ -28,6 +28,8 @@ Commands:
                           Time JPEG decode + letterbox preprocess to SxS (default 640)
   bench model FILE [--model NAME] [--iters N] [--layers N]
                           Time one model's backend on FILE's tensor (median, p99)
+  bench gemm [--iters N]
+                          The Candle kernels' GEMM against the gemm crate on convolution shapes
   bench layouts [--iters N]
                           NCHW against NHWC kernels on EfficientNet-Lite0's shapes (candle-graph builds)
   bench mqtt FILE --topic T --result-topic R [--iters N]
@@ -136,6 +138,10 @@ fn main() -> ExitCode {
                         _ => Err("bench decode: name one image file".into()),
                     }
                 }
+                "gemm" => match r.as_slice() {
+                    [] => bench::bench_gemm(&settings, iters),
+                    _ => Err("bench gemm: takes no file".into()),
+                },
                 "layouts" => match r.as_slice() {
                     [] => bench::bench_layouts(&settings, iters),
                     _ => Err("bench layouts: takes no file".into()),
@@ -157,7 +163,9 @@ fn main() -> ExitCode {
                         _ => Err("bench mqtt: name one JPEG file, --topic and --result-topic".into()),
                     }
                 }
-                other => Err(format!("unknown benchmark `{other}` (decode, model, layouts, mqtt)")),
+                other => Err(format!(
+                    "unknown benchmark `{other}` (decode, model, gemm, layouts, mqtt)"
+                )),
             };
             match report {
                 Ok(text) => {

@@ -1,8 +1,9 @@
 //! The Candle graph path's allocations per frame, after warm-up, on YOLOv12n (`models/fetch`):
-//! the arena holds every intermediate, so what is left is the `gemm` crate's own packing
-//! (BENCHMARKS.md, "The graph arena"). A tensor per step (`AEI_ARENA=off`) made over 4,000
-//! allocations and 287 MB per frame; these bounds fail if the arena stops being used. Alone in
-//! its test binary: the counts are process-wide (the pool's threads run the kernels).
+//! the arena holds every intermediate and the GEMM packs into each pool thread's reused
+//! scratch (`gemm.rs`), so a frame allocates next to nothing (BENCHMARKS.md, "Our own GEMM").
+//! The bound is 50. A tensor per step (`AEI_ARENA=off`) made over 4,000 allocations and
+//! 287 MB per frame, and the `gemm` crate about 1,300. Alone in its test binary: the counts are
+//! process-wide (the pool's threads run the kernels).
 #![cfg(feature = "candle-graph")]
 
 mod support;
@@ -18,7 +19,7 @@ use support::*;
 static ALLOC: CountingAlloc = CountingAlloc;
 
 #[test]
-fn a_yolov12n_frame_on_the_candle_graph_allocates_only_inside_gemm() {
+fn a_yolov12n_frame_on_the_candle_graph_allocates_at_most_50_times() {
     let cfg = model::load_file(&root().join("models/yolov12n-candle.yaml"), &settings()).unwrap();
     assert!(
         cfg.model_path.as_ref().unwrap().exists(),
@@ -41,8 +42,8 @@ fn a_yolov12n_frame_on_the_candle_graph_allocates_only_inside_gemm() {
         let (a2, b2) = snapshot_all();
         let (count, bytes) = (a2 - a, b2 - b);
         println!("round {round}: {count} allocations, {bytes} bytes");
-        assert!(count < 2_500, "round {round}: {count} allocations");
-        assert!(bytes < 64 << 20, "round {round}: {bytes} bytes");
+        assert!(count <= 50, "round {round}: {count} allocations");
+        assert!(bytes < 4 << 20, "round {round}: {bytes} bytes");
         assert_eq!(ml.primary.outputs.shape, [1, 84, 8400]);
         assert_eq!(
             ml.primary.outputs.values, first,

@@ -42,6 +42,10 @@ pub fn convert(_input: &Path, _output: &Path, _dtype: &str) -> Result<String, St
 
 pub fn set_cpu(_threads: usize, _isa: &str) {}
 
+pub fn bench_gemm(_iters: usize) -> Result<String, String> {
+    Err(BackendError::NotCompiled { backend: "candle" }.to_string())
+}
+
 pub fn bench_layouts(_iters: usize) -> Result<String, String> {
     Err(BackendError::NotCompiled { backend: "candle" }.to_string())
 }

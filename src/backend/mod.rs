@@ -79,6 +79,11 @@ pub fn set_cpu(threads: usize, isa: &str) {
     candle::set_cpu(threads, isa)
 }
 
+/// `bench gemm`: the Candle kernels' GEMM against the `gemm` crate on convolution shapes.
+pub fn bench_gemm(iters: usize) -> Result<String, String> {
+    candle::bench_gemm(iters)
+}
+
 /// `bench layouts`: the Candle kernels' NCHW against NHWC on EfficientNet-Lite0's layer shapes.
 pub fn bench_layouts(iters: usize) -> Result<String, String> {
     candle::bench_layouts(iters)

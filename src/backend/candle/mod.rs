@@ -10,6 +10,7 @@ mod cpu;
 mod device_ops;
 mod device_plan;
 mod efficientnet;
+mod gemm;
 #[cfg(feature = "cuda")]
 mod gpu;
 #[cfg(not(feature = "cuda"))]
@@ -318,6 +319,11 @@ impl Backend for CandleBackend {
 pub fn set_cpu(threads: usize, isa: &str) {
     cpu::set_isa_cap(isa);
     cpu::set_threads(threads)
+}
+
+/// `bench gemm`: our GEMM against the `gemm` crate (`gemm.rs`).
+pub fn bench_gemm(iters: usize) -> Result<String, String> {
+    Ok(gemm::bench(iters))
 }
 
 /// `bench layouts`: NCHW against NHWC kernels on EfficientNet-Lite0's shapes (`candle-graph`).

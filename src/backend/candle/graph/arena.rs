@@ -58,11 +58,13 @@ impl View {
     }
 
     fn is_contiguous(&self) -> bool {
-        self.dims
-            .iter()
-            .zip(&self.strides)
-            .zip(contiguous_strides(&self.dims))
-            .all(|((d, s), c)| *d <= 1 || *s == c)
+        // The contiguous stride of each axis, innermost first (no allocation: this runs per frame).
+        let mut c = 1;
+        self.dims.iter().zip(&self.strides).rev().all(|(d, s)| {
+            let ok = *d <= 1 || *s == c;
+            c *= d;
+            ok
+        })
     }
 
     /// One past the farthest element the view reaches, from `off`.
@@ -730,14 +732,16 @@ unsafe fn concat(op: &Op, views: &[View], a: &ArenaStep, done: &[bool], mem: &Me
 }
 
 /// Broadcast strides of an operand of dims `d` against output dims `out` (0 where broadcast).
-fn bstrides(d: &[usize], out: &[usize]) -> [usize; 8] {
-    let mut s = [0usize; 8];
+fn bstrides(d: &[usize], out: &[usize]) -> [usize; kernels::MAX_RANK] {
+    let mut s = [0usize; kernels::MAX_RANK];
     let lead = out.len() - d.len();
-    let cs = contiguous_strides(d);
-    for (j, (dim, st)) in d.iter().zip(cs).enumerate() {
+    // The contiguous strides, innermost first, worked out on the stack (this runs per frame).
+    let mut st = 1;
+    for (j, dim) in d.iter().enumerate().rev() {
         if *dim != 1 {
             s[lead + j] = st;
         }
+        st *= dim;
     }
     s
 }
@@ -752,7 +756,7 @@ fn binary(
 ) -> candle_core::Result<()> {
     let r = dout.len();
     let fits = |d: &[usize]| d.len() <= r && d.iter().rev().zip(dout.iter().rev()).all(|(x, y)| *x == *y || *x == 1);
-    if r == 0 || r > 8 || !fits(da) || !fits(db) || o.len() != dout.iter().product::<usize>() {
+    if r == 0 || r > kernels::MAX_RANK || !fits(da) || !fits(db) || o.len() != dout.iter().product::<usize>() {
         return Err(run_err("binary: shapes do not broadcast"));
     }
     if o.is_empty() {

@@ -11,18 +11,20 @@ use rayon::prelude::*;
 use super::winograd::{self, Winograd};
 
 use super::super::super::cpu::{multiversion, split, Act, Isa};
+use super::super::super::gemm::{gemm_packed, Packed, Strided, B};
 use super::super::super::nhwc::Geometry;
 use super::*;
 
 /// A convolution with groups = 1: weights `[c_out][c_in * k * k]` (OIHW as it comes), bias, activation.
 pub struct Conv {
-    w: Vec<f32>,
     bias: Vec<f32>,
     cin: usize,
     cout: usize,
     geo: Geometry,
     act: Act,
     isa: Isa,
+    /// The weights (`[c_out][c_in k k]`) packed for the GEMM.
+    packed: Packed,
     /// Stride-1 3x3 layers: the Winograd form, and which of the two runs (decided
     /// by timing both on the first input: [`UNDECIDED`], [`DIRECT`], [`WINOGRAD`]).
     winograd: Option<Winograd>,
@@ -63,8 +65,9 @@ impl Conv {
         let policy = winograd_policy();
         let winograd = (winograd::applies(weight, stride) && policy != DIRECT)
             .then(|| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa));
+        let packed = Packed::a(isa, Strided::rows(&w, cin * k * k), cout, cin * k * k);
         Ok(Conv {
-            w,
+            packed,
             bias,
             cin,
             cout,
@@ -81,7 +84,8 @@ impl Conv {
     pub(super) fn winograd_only(weight: &Tensor, bias: &Tensor, pad: [usize; 4], act: Act, isa: Isa) -> Conv {
         let mut c = Conv::new(weight, Some(bias), 1, pad, act).unwrap();
         let (cout, cin, ..) = weight.dims4().unwrap();
-        c.winograd = Some(Winograd::new(&c.w, c.bias.clone(), cout, cin, pad, act, isa));
+        let w = f32s(weight).unwrap();
+        c.winograd = Some(Winograd::new(&w, c.bias.clone(), cout, cin, pad, act, isa));
         c.choice = AtomicU8::new(WINOGRAD);
         c
     }
@@ -172,46 +176,41 @@ impl Conv {
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
+        let tile = self.packed.tile;
         // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
         let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
-        // Tiles a multiple of 16 wide: the GEMM then reads the im2col tile as it is, unpacked.
+        // Tiles a whole number of the GEMM's panels wide.
         let (_, per) = split(ohw, cols);
-        let per = per.next_multiple_of(16).min(ohw);
+        let per = per.next_multiple_of(tile.nr).min(ohw);
         let tiles = ohw.div_ceil(per);
         let len = n * self.cout * ohw;
         assert!(len <= out.1, "conv: output too small");
-        if k_len == 0 || len == 0 {
-            for i in 0..len {
-                // SAFETY: this thread alone writes `out` here.
-                unsafe { out.write(i, 0.0) };
-            }
-            return;
-        }
         for b in 0..n {
             let x = &x[b * c * hw..(b + 1) * c * hw];
             // Batch b's outputs: inside `out` (asserted above).
             let dst = SharedOut(out.at(b * self.cout * ohw), self.cout * ohw);
             (0..tiles).into_par_iter().for_each(|t| {
                 let (c0, cols) = (t * per, per.min(ohw - t * per));
+                if direct {
+                    // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output row,
+                    // so no two threads touch the same element.
+                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, B::Rows(&x[c0..], hw)) };
+                    return;
+                }
                 SCRATCH.with(|scratch| {
                     let mut scratch = scratch.borrow_mut();
-                    let (rhs, rhs_rs): (&[f32], usize) = if direct {
-                        (&x[c0..], hw)
-                    } else {
-                        if scratch.len() < k_len * cols {
-                            scratch.resize(k_len * cols, 0.0);
-                        }
-                        im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, &mut scratch[..k_len * cols]);
-                        (&scratch[..], cols)
-                    };
-                    // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output row,
-                    // so no two threads touch the same element; `o` outlives the loop.
-                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, rhs, rhs_rs) };
+                    if scratch.len() < k_len * cols {
+                        scratch.resize(k_len * cols, 0.0);
+                    }
+                    let col = &mut scratch[..k_len * cols];
+                    im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, col);
+                    // SAFETY: as above.
+                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, B::Rows(col, cols)) };
                 });
             });
         }
         // The tiles cover every column of every output row of every batch, and the GEMM
-        // (k_len > 0, read_dst off) has written each element.
+        // has written each element (the bias alone where k_len is 0).
     }
 }
 
@@ -221,56 +220,36 @@ std::thread_local! {
 }
 
 impl Conv {
-    /// Columns `c0..c0 + cols` of every output row (`ohw` long): GEMM, then bias and activation.
+    /// Columns `c0..c0 + cols` of every output row (`ohw` long): GEMM with the bias, then
+    /// the activation.
     ///
     /// # Safety
     /// No other thread may touch those columns while this runs.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        &self,
-        dst: &SharedOut,
-        ohw: usize,
-        c0: usize,
-        cols: usize,
-        k_len: usize,
-        rhs: &[f32],
-        rhs_rs: usize,
-    ) {
+    unsafe fn tile(&self, dst: &SharedOut, ohw: usize, c0: usize, cols: usize, k_len: usize, rhs: B) {
         assert!(self.cout * ohw <= dst.1 && c0 + cols <= ohw);
-        assert!(rhs.len() >= (k_len - 1) * rhs_rs + cols && self.w.len() >= self.cout * k_len);
         // SAFETY: `c0 < ohw <= dst.1` (asserted), so the pointer stays inside the buffer.
         let o = unsafe { dst.0.add(c0) };
-        // SAFETY: the asserts bound every element gemm reads (`cout x k_len` of `w`,
-        // `k_len x cols` of `rhs` at row stride `rhs_rs`) and writes (`cout` rows of
-        // `cols` at stride `ohw` from `o`, inside `dst`); the caller owns those columns.
+        // SAFETY: `cout` rows of `cols` at stride `ohw` from `o` lie inside `dst` (asserted);
+        // the caller owns those columns.
         unsafe {
-            gemm::gemm(
-                self.cout,
-                cols,
-                k_len,
+            gemm_packed(
+                self.isa,
+                (self.cout, cols, k_len),
+                self.packed.data(),
+                rhs,
                 o,
-                1,
-                ohw as isize,
-                false,
-                self.w.as_ptr(),
-                1,
-                k_len as isize,
-                rhs.as_ptr(),
-                1,
-                rhs_rs as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
+                ohw,
+                Some(&self.bias),
             )
         };
+        if self.act == Act::None {
+            return;
+        }
         for r in 0..self.cout {
             // SAFETY: row r's columns c0..c0 + cols lie inside `dst` (asserted) and belong to
-            // this caller alone; gemm has written them.
+            // this caller alone; the GEMM has written them.
             let row = unsafe { std::slice::from_raw_parts_mut(o.add(r * ohw), cols) };
-            bias_activate(self.isa, row, self.bias[r], self.act);
+            activate(self.isa, row, self.act);
         }
     }
 }

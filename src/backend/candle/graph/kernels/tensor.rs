@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::super::super::cpu::{multiversion, split, threads, Act, Isa};
+use super::super::super::gemm::{gemm_packed, pack_a, pack_b, Strided, Tile, B};
 use super::super::super::nhwc;
 use super::*;
 
@@ -84,6 +85,11 @@ impl CustomOp2 for MatMul {
     }
 }
 
+std::thread_local! {
+    /// Each pool thread's packed MatMul operands, grown to the largest, then reused.
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A MatMul operand: its data from the view's first element, dims and strides.
 pub type Operand<'a> = (&'a [f32], &'a [usize], &'a [usize]);
 
@@ -127,43 +133,54 @@ impl MatMul {
             }
             return Ok(());
         }
-        let par = if batches < threads() {
-            gemm::Parallelism::Rayon(threads())
-        } else {
-            gemm::Parallelism::None
-        };
-        (0..batches).into_par_iter().for_each(|i| {
-            let o = dst.at(i * m * n);
+        let isa = Isa::detect();
+        let t = Tile::of(isa);
+        // Tasks: each batch's columns in as many runs as keep every thread busy, whole panels each.
+        let runs = threads().div_ceil(batches).max(1);
+        let per = n.div_ceil(runs).next_multiple_of(t.nr).min(n);
+        let runs = n.div_ceil(per);
+        (0..batches * runs).into_par_iter().for_each(|task| {
+            let (i, c0) = (task / runs, task % runs * per);
+            let cols = per.min(n - c0);
             let oa = batch_offset(i, batch_dims, &sa[..r - 2]);
-            let ob = batch_offset(i, batch_dims, &sb[..r - 2]);
-            // SAFETY: `reach` checked the farthest element of the last batch on both
-            // sides; earlier batches lie below it; `o` is this batch's m x n output,
-            // inside `dst` (checked above), which no other batch touches.
-            unsafe {
-                gemm::gemm(
+            let ob = batch_offset(i, batch_dims, &sb[..r - 2]) + c0 * sb[r - 1];
+            PACKED.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                let b_in_place = sb[r - 1] == 1 && (k == 1 || sb[r - 2] >= cols);
+                let (a_len, b_len) = (t.a_len(m, k), if b_in_place { 0 } else { t.b_len(k, cols) });
+                if buf.len() < a_len + b_len {
+                    buf.resize(a_len + b_len, 0.0);
+                }
+                let (pa, pb) = buf.split_at_mut(a_len);
+                pack_a(
+                    t,
+                    Strided {
+                        data: &a[oa..],
+                        rs: sa[r - 2],
+                        cs: sa[r - 1],
+                    },
                     m,
-                    n,
                     k,
-                    o,
-                    1,
-                    n as isize,
-                    false,
-                    a.as_ptr().add(oa),
-                    sa[r - 1] as isize,
-                    sa[r - 2] as isize,
-                    b.as_ptr().add(ob),
-                    sb[r - 1] as isize,
-                    sb[r - 2] as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
+                    pa,
+                );
+                let bs = Strided {
+                    data: &b[ob..],
+                    rs: sb[r - 2],
+                    cs: sb[r - 1],
+                };
+                let rhs = if b_in_place {
+                    B::Rows(&b[ob..], sb[r - 2])
+                } else {
+                    pack_b(t, bs, k, cols, pb);
+                    B::Packed(pb)
+                };
+                // SAFETY: `reach` checked the farthest element of the last batch on both sides;
+                // this task's output is batch i's m rows at columns c0..c0 + cols, inside `dst`
+                // (checked above), which no other task touches.
+                unsafe { gemm_packed(isa, (m, cols, k), pa, rhs, dst.at(i * m * n + c0), n, None) };
+            });
         });
-        // Every batch's GEMM (k > 0, read_dst off) has written its m x n outputs.
+        // The tasks cover every column of every batch's m x n outputs.
         Ok(())
     }
 }

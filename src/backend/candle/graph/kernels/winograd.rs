@@ -14,7 +14,7 @@ use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::super::super::cpu::{multiversion, Act, Isa};
-use super::super::super::nhwc::gemm_set;
+use super::super::super::gemm::{gemm_packed, Packed, Strided, B};
 use super::*;
 
 /// Output blocks (2x2 pixels each) per chunk: `16 * (c_in + c_out)` floats a block must fit L2 with room.
@@ -24,8 +24,8 @@ fn blocks_per_chunk(cin: usize, cout: usize) -> usize {
 
 /// A stride-1 3x3 convolution (groups = 1) as Winograd F(2x2, 3x3).
 pub struct Winograd {
-    /// `u[ξ][co][ci]`, ξ = 4 r + c of the 4x4 transformed filter.
-    u: Vec<f32>,
+    /// `U[ξ]` (`c_out x c_in`) packed for the GEMM, ξ = 4 r + c of the 4x4 transformed filter.
+    u: Vec<Packed>,
     bias: Vec<f32>,
     cin: usize,
     cout: usize,
@@ -61,6 +61,9 @@ impl Winograd {
                 }
             }
         }
+        let u = (0..16)
+            .map(|xi| Packed::a(isa, Strided::rows(&u[xi * cout * cin..][..cout * cin], cin), cout, cin))
+            .collect();
         Winograd {
             u,
             bias,
@@ -103,16 +106,20 @@ impl Winograd {
                     &mut v[..16 * self.cin * n],
                     tmp,
                 );
-                for xi in 0..16 {
-                    gemm_set(
-                        self.cout,
-                        n,
-                        self.cin,
-                        &self.u[xi * self.cout * self.cin..][..self.cout * self.cin],
-                        self.cin,
-                        &v[xi * self.cin * n..][..self.cin * n],
-                        &mut m[xi * self.cout * n..][..self.cout * n],
-                    );
+                for (xi, u) in self.u.iter().enumerate() {
+                    let m = &mut m[xi * self.cout * n..][..self.cout * n];
+                    // SAFETY: `m` is this product's `cout x n`, this thread's scratch.
+                    unsafe {
+                        gemm_packed(
+                            self.isa,
+                            (self.cout, n, self.cin),
+                            u.data(),
+                            B::Rows(&v[xi * self.cin * n..][..self.cin * n], n),
+                            m.as_mut_ptr(),
+                            n,
+                            None,
+                        )
+                    };
                 }
                 // Y = Aᵀ M A, into the first 4 * cout * n floats of `v` (no longer needed).
                 let y = &mut v[..4 * self.cout * n];

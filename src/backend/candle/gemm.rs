@@ -1,0 +1,726 @@
+//! The GEMM under every convolution and MatMul of the Candle kernels: packed
+//! panels, a register tile per instruction set, and no allocation.
+//!
+//! `c = bias + a b`, with `a` (`m x k`) packed into panels of [`Tile::mr`]
+//! rows and `b` (`k x n`) into panels of [`Tile::nr`] columns, each panel
+//! `k`-major so that the register tile reads both operands in order. Weights
+//! are packed once, at load ([`Packed`]); the other operand is packed per call
+//! into a buffer the caller owns (a pool thread's scratch, reused), so a frame
+//! allocates nothing here. `c` is row-major with any row stride, so a caller
+//! can write straight into a column tile of its output.
+//!
+//! The register tiles: AVX-512, 8 rows by 32 columns (16 accumulators of 16
+//! lanes) with a 16-column tile for a narrow last panel; AVX2 + FMA, 6 by 16;
+//! the baseline, 4 by 8 in plain arithmetic. Sums run in blocks of [`KC`]
+//! along `k`: the block's panels stay in L1, and a long sum is added up in
+//! parts (closer to the reference, where it has no FMA).
+
+use super::cpu::{Isa, Level};
+
+/// The depth of one pass of the register tile over `k`.
+pub const KC: usize = 256;
+
+/// The register tile of an instruction set: rows of `a`, columns of `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub mr: usize,
+    pub nr: usize,
+    /// The narrowest last panel of `b` (`nr`, or a half-width tile's).
+    pub nr_last: usize,
+}
+
+impl Tile {
+    pub fn of(isa: Isa) -> Tile {
+        match isa.level() {
+            Level::V4 => Tile {
+                mr: 8,
+                nr: 32,
+                nr_last: 16,
+            },
+            Level::V3 => Tile {
+                mr: 6,
+                nr: 16,
+                nr_last: 16,
+            },
+            Level::Base => Tile {
+                mr: 4,
+                nr: 8,
+                nr_last: 8,
+            },
+        }
+    }
+
+    /// The width of the last panel of `n` columns.
+    fn last_width(self, n: usize) -> usize {
+        let rem = n - (n.max(1) - 1) / self.nr * self.nr;
+        if rem <= self.nr_last {
+            self.nr_last
+        } else {
+            self.nr
+        }
+    }
+
+    /// Floats `a` (`m x k`) takes packed.
+    pub fn a_len(self, m: usize, k: usize) -> usize {
+        m.div_ceil(self.mr) * self.mr * k
+    }
+
+    /// Floats `b` (`k x n`) takes packed.
+    pub fn b_len(self, k: usize, n: usize) -> usize {
+        if n == 0 {
+            return 0;
+        }
+        ((n - 1) / self.nr * self.nr + self.last_width(n)) * k
+    }
+}
+
+/// A matrix element by element: `(row, column)` at `data[row * rs + column * cs]`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// Row-major, rows `rs` apart.
+    pub fn rows(data: &'a [f32], rs: usize) -> Strided<'a> {
+        Strided { data, rs, cs: 1 }
+    }
+
+    /// Whether every element of a `rows x cols` matrix lies inside `data`.
+    fn fits(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `a` (`m x k`) into panels of `t.mr` rows in `dst` (at least `t.a_len(m, k)`), zeros past `m`.
+pub fn pack_a(t: Tile, a: Strided, m: usize, k: usize, dst: &mut [f32]) {
+    assert!(a.fits(m, k) && dst.len() >= t.a_len(m, k), "gemm: pack_a out of bounds");
+    for (p, panel) in dst[..t.a_len(m, k)].chunks_exact_mut((t.mr * k).max(1)).enumerate() {
+        let r0 = p * t.mr;
+        let rows = t.mr.min(m - r0);
+        for (q, lane) in panel.chunks_exact_mut(t.mr).enumerate() {
+            for (i, v) in lane.iter_mut().enumerate() {
+                *v = if i < rows {
+                    a.data[(r0 + i) * a.rs + q * a.cs]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// `b` (`k x n`) into panels of `t.nr` columns (the last perhaps narrower) in `dst`
+/// (at least `t.b_len(k, n)`), zeros past `n`.
+pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
+    assert!(b.fits(k, n) && dst.len() >= t.b_len(k, n), "gemm: pack_b out of bounds");
+    let mut at = 0;
+    let mut c0 = 0;
+    while c0 < n {
+        let w = if n - c0 > t.nr { t.nr } else { t.last_width(n) };
+        let cols = w.min(n - c0);
+        let panel = &mut dst[at..at + w * k];
+        for (q, lane) in panel.chunks_exact_mut(w).enumerate() {
+            let row = q * b.rs + c0 * b.cs;
+            if b.cs == 1 {
+                lane[..cols].copy_from_slice(&b.data[row..row + cols]);
+            } else {
+                for (j, v) in lane[..cols].iter_mut().enumerate() {
+                    *v = b.data[row + j * b.cs];
+                }
+            }
+            lane[cols..].fill(0.0);
+        }
+        at += w * k;
+        c0 += w;
+    }
+}
+
+/// Weights packed once, as the GEMM's left operand.
+pub struct Packed {
+    data: Vec<f32>,
+    pub tile: Tile,
+}
+
+impl Packed {
+    /// `a` (`m x k`) as the left operand.
+    pub fn a(isa: Isa, a: Strided, m: usize, k: usize) -> Packed {
+        let tile = Tile::of(isa);
+        let mut data = vec![0f32; tile.a_len(m, k)];
+        pack_a(tile, a, m, k, &mut data);
+        Packed { data, tile }
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+/// The right operand of [`gemm_packed`].
+#[derive(Clone, Copy)]
+pub enum B<'a> {
+    /// Packed by [`pack_b`].
+    Packed(&'a [f32]),
+    /// Row-major, rows `ldb` apart, read where it lies: no copy, for a matrix the
+    /// caller has just written (an im2col tile) or one already in that order.
+    Rows(&'a [f32], usize),
+}
+
+/// `c[i * ldc + j] = bias[i] + sum_p a[i, p] b[p, j]` for `i < m`, `j < n`, from
+/// `a` packed by [`pack_a`] with `isa`'s [`Tile`], and `b`; no bias is zero.
+///
+/// # Safety
+/// `c` must be valid for writes of `m` rows of `n` floats, `ldc` apart, and no other
+/// thread may touch them while this runs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_packed(
+    isa: Isa,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    b: B,
+    c: *mut f32,
+    ldc: usize,
+    bias: Option<&[f32]>,
+) {
+    let t = Tile::of(isa);
+    let (b, ldb) = match b {
+        B::Packed(b) => {
+            assert!(b.len() >= t.b_len(k, n), "gemm: packed b smaller than its shape");
+            (b, 0)
+        }
+        B::Rows(b, ldb) => {
+            assert!(
+                Strided::rows(b, ldb).fits(k, n) && (k <= 1 || ldb >= n),
+                "gemm: b smaller than its shape"
+            );
+            // A stride of 0 (one row of b, k = 1) reads the same: never taken for "packed".
+            (b, ldb.max(1))
+        }
+    };
+    assert!(
+        a.len() >= t.a_len(m, k) && bias.is_none_or(|b| b.len() >= m),
+        "gemm: operands smaller than their shapes"
+    );
+    assert!(m <= 1 || ldc >= n, "gemm: rows of c overlap");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let g = Gemm {
+        t,
+        m,
+        n,
+        k,
+        a: a.as_ptr(),
+        b: b.as_ptr(),
+        ldb,
+        c,
+        ldc,
+        bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
+    };
+    match isa.level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` of level V4 exists only where AVX-512 F was found (`Isa::supported`);
+        // the asserts above bound every panel read, and the caller owns `c`'s tile.
+        Level::V4 => unsafe { g.run_v4() },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: likewise, level V3 only where AVX2 and FMA were found.
+        Level::V3 => unsafe { g.run_v3() },
+        // SAFETY: as above, with no instruction beyond the baseline.
+        _ => unsafe { g.run_base() },
+    }
+}
+
+/// One call's operands, checked by [`gemm_packed`].
+struct Gemm {
+    t: Tile,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: *const f32,
+    b: *const f32,
+    /// `b`'s row stride where it is read in place; 0 where packed.
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    bias: *const f32,
+}
+
+/// One register tile's work: `rows x cols` of `c` from `a`'s and `b`'s panels, over
+/// `k` (one block): the first block's sum plus the bias (or zero) is stored, a later
+/// block's sum is added to `c`.
+struct Step {
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    k: usize,
+    /// The panel's width (the tile's).
+    w: usize,
+    /// The stride from one `k` to the next in `b`: `w` if packed.
+    ldb: usize,
+    rows: usize,
+    cols: usize,
+    first: bool,
+    bias: *const f32,
+}
+
+impl Gemm {
+    /// Every tile of `c`, block by block along `k`: `kernel(step)` per tile.
+    ///
+    /// # Safety
+    /// As [`gemm_packed`]; `kernel` computes a [`Step`] within its bounds.
+    #[inline(always)]
+    unsafe fn each(&self, mut kernel: impl FnMut(&Step)) {
+        let t = self.t;
+        let mut q0 = 0;
+        loop {
+            let kc = KC.min(self.k - q0);
+            let mut bp = 0;
+            let mut c0 = 0;
+            while c0 < self.n {
+                let w = if self.n - c0 > t.nr { t.nr } else { t.last_width(self.n) };
+                let cols = w.min(self.n - c0);
+                for r0 in (0..self.m).step_by(t.mr) {
+                    // SAFETY: panel offsets inside the lengths `gemm_packed` asserted; row r0,
+                    // column c0 of `c` inside the caller's m x n tile.
+                    let step = unsafe {
+                        Step {
+                            a: self.a.add(r0 * self.k + q0 * t.mr),
+                            b: if self.ldb == 0 {
+                                self.b.add(bp + q0 * w)
+                            } else {
+                                self.b.add(q0 * self.ldb + c0)
+                            },
+                            c: self.c.add(r0 * self.ldc + c0),
+                            ldc: self.ldc,
+                            k: kc,
+                            w,
+                            ldb: if self.ldb == 0 { w } else { self.ldb },
+                            rows: t.mr.min(self.m - r0),
+                            cols,
+                            first: q0 == 0,
+                            bias: if self.bias.is_null() {
+                                self.bias
+                            } else {
+                                self.bias.add(r0)
+                            },
+                        }
+                    };
+                    kernel(&step);
+                }
+                bp += w * self.k;
+                c0 += w;
+            }
+            q0 += kc;
+            if q0 >= self.k {
+                break;
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`gemm_packed`], on a CPU with AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_v4(&self) {
+        // SAFETY: as this function's.
+        unsafe {
+            self.each(|s| {
+                // `each` hands steps within their panels; this CPU has AVX-512 F.
+                if s.w == 32 {
+                    v4::<2>(s)
+                } else {
+                    v4::<1>(s)
+                }
+            })
+        }
+    }
+
+    /// # Safety
+    /// As [`gemm_packed`], on a CPU with AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_v3(&self) {
+        // SAFETY: as this function's.
+        unsafe {
+            // `each` hands steps within their panels; this CPU has AVX2 and FMA.
+            self.each(|s| v3(s))
+        }
+    }
+
+    /// # Safety
+    /// As [`gemm_packed`].
+    unsafe fn run_base(&self) {
+        // SAFETY: as this function's.
+        unsafe {
+            // `each` hands steps within their panels.
+            self.each(|s| base(s))
+        }
+    }
+}
+
+/// The AVX-512 tile: 8 rows, `NV` vectors of 16 columns.
+///
+/// # Safety
+/// `s` within its panels and `c`'s tile; AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn v4<const NV: usize>(s: &Step) {
+    use std::arch::x86_64::*;
+    const MR: usize = 8;
+    // Lanes of each vector inside `cols`.
+    let mut masks = [0u16; NV];
+    for (v, mask) in masks.iter_mut().enumerate() {
+        let lanes = s.cols.saturating_sub(v * 16).min(16);
+        *mask = ((1u32 << lanes) - 1) as u16;
+    }
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    if s.first && !s.bias.is_null() {
+        for (i, row) in acc.iter_mut().enumerate().take(s.rows) {
+            // SAFETY: row i < rows of the tile, which the bias covers.
+            *row = [_mm512_set1_ps(unsafe { *s.bias.add(i) }); NV];
+        }
+    }
+    let (mut a, mut b) = (s.a, s.b);
+    for _ in 0..s.k {
+        let mut bv = [_mm512_setzero_ps(); NV];
+        for (v, x) in bv.iter_mut().enumerate() {
+            // SAFETY: the panel holds `cols` floats (and zeros to `w`) per step of k.
+            *x = unsafe { _mm512_maskz_loadu_ps(masks[v], b.add(v * 16)) };
+        }
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the panel holds MR floats per step of k.
+            let ai = _mm512_set1_ps(unsafe { *a.add(i) });
+            for v in 0..NV {
+                row[v] = _mm512_fmadd_ps(ai, bv[v], row[v]);
+            }
+        }
+        // SAFETY: k steps stay inside both panels.
+        unsafe {
+            a = a.add(MR);
+            b = b.add(s.ldb);
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(s.rows) {
+        for (v, x) in row.iter().enumerate() {
+            // SAFETY: row i < rows of the tile, lanes under the mask inside it.
+            unsafe {
+                let at = s.c.add(i * s.ldc + v * 16);
+                // A later block of k: this block's partial sum added to the earlier ones'.
+                let x = if s.first {
+                    *x
+                } else {
+                    _mm512_add_ps(*x, _mm512_maskz_loadu_ps(masks[v], at))
+                };
+                _mm512_mask_storeu_ps(at, masks[v], x)
+            };
+        }
+    }
+}
+
+/// The AVX2 tile: 6 rows, 2 vectors of 8 columns; edges go through a staging tile.
+///
+/// # Safety
+/// `s` within its panels and `c`'s tile; AVX2 and FMA on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn v3(s: &Step) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let full = s.rows == MR && s.cols == NR;
+    let mut stage = [0f32; MR * NR];
+    let (dst, ld) = if full { (s.c, s.ldc) } else { (stage.as_mut_ptr(), NR) };
+    if !full && !s.first {
+        // The earlier blocks' sums, for the adds at the end.
+        for i in 0..s.rows {
+            for j in 0..s.cols {
+                // SAFETY: inside the tile.
+                stage[i * NR + j] = unsafe { *s.c.add(i * s.ldc + j) };
+            }
+        }
+    }
+    // Lanes inside `cols`, for loads from `b` read in place.
+    let lane = |v: usize| {
+        let on = |j: usize| if v * 8 + j < s.cols { -1 } else { 0 };
+        _mm256_setr_epi32(on(0), on(1), on(2), on(3), on(4), on(5), on(6), on(7))
+    };
+    let (m0, m1) = (lane(0), lane(1));
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    if s.first && !s.bias.is_null() {
+        for (i, row) in acc.iter_mut().enumerate().take(s.rows) {
+            // SAFETY: row i < rows of the tile, which the bias covers.
+            *row = [_mm256_set1_ps(unsafe { *s.bias.add(i) }); 2];
+        }
+    }
+    let (mut a, mut b) = (s.a, s.b);
+    for _ in 0..s.k {
+        // SAFETY: the panel holds `cols` floats per step of k; the masks load no more.
+        let (b0, b1) = unsafe { (_mm256_maskload_ps(b, m0), _mm256_maskload_ps(b.add(8), m1)) };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the panel holds MR floats per step of k.
+            let ai = _mm256_set1_ps(unsafe { *a.add(i) });
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+        // SAFETY: k steps stay inside both panels.
+        unsafe {
+            a = a.add(MR);
+            b = b.add(s.ldb);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (v, x) in row.iter().enumerate() {
+            // SAFETY: `dst` is the full tile or the stage.
+            unsafe {
+                let at = dst.add(i * ld + v * 8);
+                // A later block of k: this block's partial sum added to the earlier ones'.
+                let x = if s.first {
+                    *x
+                } else {
+                    _mm256_add_ps(*x, _mm256_loadu_ps(at))
+                };
+                _mm256_storeu_ps(at, x)
+            };
+        }
+    }
+    if !full {
+        for i in 0..s.rows {
+            for j in 0..s.cols {
+                // SAFETY: inside the tile.
+                unsafe { *s.c.add(i * s.ldc + j) = stage[i * NR + j] };
+            }
+        }
+    }
+}
+
+/// The baseline tile, 4 rows by 8 columns, in plain arithmetic.
+///
+/// # Safety
+/// `s` within its panels and `c`'s tile.
+unsafe fn base(s: &Step) {
+    const MR: usize = 4;
+    const NR: usize = 8;
+    debug_assert!(s.cols <= NR);
+    let mut acc = [[0f32; NR]; MR];
+    if s.first && !s.bias.is_null() {
+        for (i, row) in acc.iter_mut().enumerate().take(s.rows) {
+            // SAFETY: row i < rows of the tile, which the bias covers.
+            *row = [unsafe { *s.bias.add(i) }; NR];
+        }
+    }
+    for q in 0..s.k {
+        // SAFETY: the panels hold MR and `cols` floats per step of k.
+        let (a, b) = unsafe {
+            (
+                std::slice::from_raw_parts(s.a.add(q * MR), MR),
+                std::slice::from_raw_parts(s.b.add(q * s.ldb), s.cols),
+            )
+        };
+        for (row, &ai) in acc.iter_mut().zip(a) {
+            for (x, &bj) in row.iter_mut().zip(b) {
+                *x += ai * bj;
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(s.rows) {
+        for (j, x) in row.iter().enumerate().take(s.cols) {
+            // SAFETY: inside the tile.
+            unsafe {
+                let at = s.c.add(i * s.ldc + j);
+                // A later block of k: this block's partial sum added to the earlier ones'.
+                *at = if s.first { *x } else { *at + *x };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// Against a plain triple loop in f64, on every instruction set this CPU runs, on
+    /// edge shapes: one row or column, tiles' edges, a k past [`KC`], k = 0.
+    #[test]
+    fn matches_a_plain_product_on_every_isa() {
+        let shapes = [
+            (1, 1, 1),
+            (1, 33, 7),
+            (8, 32, 16),
+            (9, 17, 5),
+            (13, 50, 300),
+            (16, 48, 27),
+            (5, 3, 0),
+            (64, 100, 600),
+            (7, 16, 513),
+        ];
+        for isa in Isa::supported() {
+            let t = Tile::of(isa);
+            for &(m, n, k) in &shapes {
+                let (a, b, bias) = (lcg(m * k, 1), lcg(k * n, 2), lcg(m, 3));
+                // b with rows 5 floats longer than n, to read in place.
+                let ldb = n + 5;
+                let mut bpad = vec![f32::NAN; k * ldb];
+                for p in 0..k {
+                    bpad[p * ldb..p * ldb + n].copy_from_slice(&b[p * n..(p + 1) * n]);
+                }
+                // b read transposed from its own transpose, to check column strides.
+                let mut bt = vec![0f32; k * n];
+                for p in 0..k {
+                    for j in 0..n {
+                        bt[j * k + p] = b[p * n + j];
+                    }
+                }
+                let bs = Strided {
+                    data: &bt,
+                    rs: 1,
+                    cs: k,
+                };
+                let mut pb = vec![f32::NAN; t.b_len(k, n)];
+                pack_b(t, if k > 0 { bs } else { Strided::rows(&b, n) }, k, n, &mut pb);
+                let pa = Packed::a(isa, Strided::rows(&a, k), m, k);
+                for (with_bias, operand) in [
+                    (false, B::Packed(&pb)),
+                    (true, B::Packed(&pb)),
+                    (true, B::Rows(&b, n)),
+                    (false, B::Rows(&bpad[..((k.max(1) - 1) * ldb + n).min(bpad.len())], ldb)),
+                ] {
+                    // c wider than n: the columns past n must stay untouched.
+                    let ldc = n + 3;
+                    let mut c = vec![7f32; m * ldc];
+                    let bias_s = with_bias.then_some(&bias[..]);
+                    // SAFETY: c holds m rows of ldc >= n floats, this thread's alone.
+                    unsafe { gemm_packed(isa, (m, n, k), pa.data(), operand, c.as_mut_ptr(), ldc, bias_s) };
+                    for i in 0..m {
+                        for j in 0..ldc {
+                            let got = c[i * ldc + j];
+                            if j >= n {
+                                assert_eq!(got, 7.0, "{isa:?} {m}x{n}x{k}: wrote past n");
+                                continue;
+                            }
+                            let mut want = if with_bias { bias[i] as f64 } else { 0.0 };
+                            for p in 0..k {
+                                want += a[i * k + p] as f64 * b[p * n + j] as f64;
+                            }
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{isa:?} {m}x{n}x{k} at ({i}, {j}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packed_lengths_pad_to_whole_panels() {
+        for isa in Isa::supported() {
+            let t = Tile::of(isa);
+            assert_eq!(t.a_len(t.mr + 1, 3), 2 * t.mr * 3);
+            assert_eq!(t.b_len(3, t.nr), t.nr * 3);
+            assert_eq!(t.b_len(3, t.nr + 1), (t.nr + t.nr_last) * 3);
+            assert_eq!(t.b_len(3, 0), 0);
+        }
+    }
+}
+
+/// `bench gemm`: this GEMM (packing `b` per call, as a convolution's column tile does)
+/// against the `gemm` crate on the shapes of YOLOv12n's convolution tiles
+/// (`c_out x tile columns x c_in k k`), on this thread, alternating; best of `iters` rounds.
+pub fn bench(iters: usize) -> String {
+    use std::time::Instant;
+    let isa = Isa::detect();
+    let t = Tile::of(isa);
+    let mut out = format!(
+        "GEMM ({isa:?}, tile {}x{}): ours against the gemm crate, one thread\n",
+        t.mr, t.nr
+    );
+    out.push_str("m x n x k | ours, b packed | ours, b in place | gemm crate | in place / crate time\n");
+    for &(m, k) in &[
+        (16, 27),
+        (16, 16),
+        (32, 144),
+        (64, 64),
+        (64, 288),
+        (64, 576),
+        (128, 1152),
+        (256, 2304),
+        (80, 576),
+    ] {
+        let n = ((65536 / k).clamp(64, 1024) / 32 * 32).max(32);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let pa = Packed::a(isa, Strided::rows(&a, k), m, k);
+        let mut pb = vec![0f32; t.b_len(k, n)];
+        let mut c = vec![0f32; m * n];
+        let reps = (50_000_000 / (m * n * k)).max(3);
+        let (mut ours, mut inplace, mut theirs) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..iters.max(1) {
+            let s = Instant::now();
+            for _ in 0..reps {
+                // SAFETY: c holds m rows of n, this thread's alone.
+                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Rows(&b, n), c.as_mut_ptr(), n, None) };
+            }
+            inplace = inplace.min(s.elapsed().as_secs_f64() / reps as f64);
+            let s = Instant::now();
+            for _ in 0..reps {
+                pack_b(t, Strided::rows(&b, n), k, n, &mut pb);
+                // SAFETY: c holds m rows of n, this thread's alone.
+                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Packed(&pb), c.as_mut_ptr(), n, None) };
+            }
+            ours = ours.min(s.elapsed().as_secs_f64() / reps as f64);
+            let s = Instant::now();
+            for _ in 0..reps {
+                // SAFETY: all three row-major, m x k, k x n and m x n, in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+            }
+            theirs = theirs.min(s.elapsed().as_secs_f64() / reps as f64);
+        }
+        let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
+        out.push_str(&format!(
+            "{m} x {n} x {k} | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.2}\n",
+            gf(ours),
+            gf(inplace),
+            gf(theirs),
+            inplace / theirs
+        ));
+    }
+    out
+}
