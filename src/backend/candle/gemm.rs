@@ -122,16 +122,37 @@ pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
         let w = if n - c0 > t.nr { t.nr } else { t.last_width(n) };
         let cols = w.min(n - c0);
         let panel = &mut dst[at..at + w * k];
-        for (q, lane) in panel.chunks_exact_mut(w).enumerate() {
-            let row = q * b.rs + c0 * b.cs;
-            if b.cs == 1 {
-                lane[..cols].copy_from_slice(&b.data[row..row + cols]);
-            } else {
-                for (j, v) in lane[..cols].iter_mut().enumerate() {
-                    *v = b.data[row + j * b.cs];
+        if b.rs == 1 && b.cs != 1 && k > 1 {
+            // b stored transposed (a column of b is contiguous, as an attention's transposed
+            // operand is): 8x8 blocks, read 8 contiguous floats of 8 columns, written as 8
+            // rows of the panel, so that reads and writes both run along memory.
+            for q0 in (0..k).step_by(8) {
+                let qn = 8.min(k - q0);
+                for j0 in (0..w).step_by(8) {
+                    let mut blk = [[0f32; 8]; 8];
+                    for (jj, col) in (j0..(j0 + 8).min(cols)).enumerate() {
+                        let src = &b.data[(c0 + col) * b.cs + q0..][..qn];
+                        for (qq, x) in src.iter().enumerate() {
+                            blk[qq][jj] = *x;
+                        }
+                    }
+                    for (qq, row) in blk.iter().enumerate().take(qn) {
+                        panel[(q0 + qq) * w + j0..][..8].copy_from_slice(row);
+                    }
                 }
             }
-            lane[cols..].fill(0.0);
+        } else {
+            for (q, lane) in panel.chunks_exact_mut(w).enumerate() {
+                let row = q * b.rs + c0 * b.cs;
+                if b.cs == 1 {
+                    lane[..cols].copy_from_slice(&b.data[row..row + cols]);
+                } else {
+                    for (j, v) in lane[..cols].iter_mut().enumerate() {
+                        *v = b.data[row + j * b.cs];
+                    }
+                }
+                lane[cols..].fill(0.0);
+            }
         }
         at += w * k;
         c0 += w;
@@ -554,7 +575,8 @@ mod tests {
     }
 
     /// Against a plain triple loop in f64, on every instruction set this CPU runs, on
-    /// edge shapes: one row or column, tiles' edges, a k past [`KC`], k = 0.
+    /// edge shapes (one row or column, tiles' edges, a k past [`KC`], k = 0), with `b`
+    /// packed from a transpose and read in place, with and without bias.
     #[test]
     fn matches_a_plain_product_on_every_isa() {
         let shapes = [

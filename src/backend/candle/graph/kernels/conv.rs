@@ -289,7 +289,7 @@ multiversion! {
                 }
                 let first = a * g.stride + kx - pl;
                 match g.stride {
-                    1 => mid.copy_from_slice(&irow[first..first + mid.len()]),
+                    1 => copy_short(&irow[first..first + mid.len()], mid),
                     2 => every_other(&irow[first..], mid),
                     s => {
                         for (j, o) in mid.iter_mut().enumerate() {
@@ -408,7 +408,7 @@ multiversion! {
         pad.clear();
         pad.resize(hp * wp, 0.0);
         for (y, row) in inp.chunks_exact(w).enumerate() {
-            pad[(y + pt) * wp + pl..][..w].copy_from_slice(row);
+            copy_short(row, &mut pad[(y + pt) * wp + pl..][..w]);
         }
         let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
         let bias = dw.bias[ch];

@@ -186,7 +186,7 @@ multiversion! {
                     let hi = (w as isize - x0).clamp(lo as isize, len as isize) as usize;
                     row[..lo].fill(0.0);
                     row[hi..].fill(0.0);
-                    row[lo..hi].copy_from_slice(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize]);
+                    copy_short(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize], &mut row[lo..hi]);
                 }
                 // Bᵀ d down each column: t0 = d0 - d2, t1 = d1 + d2, t2 = d2 - d1, t3 = d1 - d3,
                 // kept as even and odd columns (span + 1 of each).
