@@ -20,31 +20,41 @@
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
-use super::gemm::{gemm_packed, pack_a, Strided, Tile, B};
 
-/// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this
-/// thread: `a` packed into this thread's scratch, `b` read where it lies.
+/// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread,
+/// by the `gemm` crate. Not by `gemm.rs`: its tiles run along `n`, and here `n` is the
+/// layer's output channels (16 to 40 on the layers that count), where it took EfficientNet-
+/// Lite0 from 8.2-8.6 to 10.3-12.4 ms (BENCHMARKS.md, "Our own GEMM").
 pub(super) fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
     assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
     if m == 0 || n == 0 {
         return;
     }
-    let isa = Isa::detect();
-    let t = Tile::of(isa);
-    PACKED_A.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.len() < t.a_len(m, k) {
-            buf.resize(t.a_len(m, k), 0.0);
-        }
-        pack_a(t, Strided::rows(a, lda), m, k, &mut buf);
-        // SAFETY: `out` holds m rows of n (asserted), borrowed mutably.
-        unsafe { gemm_packed(isa, (m, n, k), &buf, B::Rows(b, n), out.as_mut_ptr(), n, None) };
-    });
-}
-
-std::thread_local! {
-    /// Each pool thread's packed left operand, grown to the largest, then reused.
-    static PACKED_A: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    // SAFETY: the assert above keeps every index gemm computes from these
+    // strides inside the three slices; `out` is borrowed mutably, the others shared.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// `a * b + c`, fused where the instruction set has FMA.
