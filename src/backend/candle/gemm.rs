@@ -162,7 +162,6 @@ pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
 /// Weights packed once, as the GEMM's left operand.
 pub struct Packed {
     data: Vec<f32>,
-    pub tile: Tile,
 }
 
 impl Packed {
@@ -171,7 +170,7 @@ impl Packed {
         let tile = Tile::of(isa);
         let mut data = vec![0f32; tile.a_len(m, k)];
         pack_a(tile, a, m, k, &mut data);
-        Packed { data, tile }
+        Packed { data }
     }
 
     pub fn data(&self) -> &[f32] {
@@ -560,6 +559,92 @@ unsafe fn base(s: &Step) {
     }
 }
 
+/// `bench gemm`: this GEMM (packing `b` per call, as a convolution's column tile does)
+/// against the `gemm` crate on the shapes of YOLOv12n's convolution tiles
+/// (`c_out x tile columns x c_in k k`), on this thread, alternating; best of `iters` rounds.
+pub fn bench(iters: usize) -> String {
+    use std::time::Instant;
+    let isa = Isa::detect();
+    let t = Tile::of(isa);
+    let mut out = format!(
+        "GEMM ({isa:?}, tile {}x{}): ours against the gemm crate, one thread\n",
+        t.mr, t.nr
+    );
+    out.push_str("m x n x k | ours, b packed | ours, b in place | gemm crate | in place / crate time\n");
+    for &(m, k) in &[
+        (16, 27),
+        (16, 16),
+        (32, 144),
+        (64, 64),
+        (64, 288),
+        (64, 576),
+        (128, 1152),
+        (256, 2304),
+        (80, 576),
+    ] {
+        let n = ((65536 / k).clamp(64, 1024) / 32 * 32).max(32);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let pa = Packed::a(isa, Strided::rows(&a, k), m, k);
+        let mut pb = vec![0f32; t.b_len(k, n)];
+        let mut c = vec![0f32; m * n];
+        let reps = (50_000_000 / (m * n * k)).max(3);
+        let (mut ours, mut inplace, mut theirs) = (f64::MAX, f64::MAX, f64::MAX);
+        for _ in 0..iters.max(1) {
+            let s = Instant::now();
+            for _ in 0..reps {
+                // SAFETY: c holds m rows of n, this thread's alone.
+                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Rows(&b, n), c.as_mut_ptr(), n, None) };
+            }
+            inplace = inplace.min(s.elapsed().as_secs_f64() / reps as f64);
+            let s = Instant::now();
+            for _ in 0..reps {
+                pack_b(t, Strided::rows(&b, n), k, n, &mut pb);
+                // SAFETY: c holds m rows of n, this thread's alone.
+                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Packed(&pb), c.as_mut_ptr(), n, None) };
+            }
+            ours = ours.min(s.elapsed().as_secs_f64() / reps as f64);
+            let s = Instant::now();
+            for _ in 0..reps {
+                // SAFETY: all three row-major, m x k, k x n and m x n, in bounds.
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        c.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        b.as_ptr(),
+                        1,
+                        n as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                };
+            }
+            theirs = theirs.min(s.elapsed().as_secs_f64() / reps as f64);
+        }
+        let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
+        out.push_str(&format!(
+            "{m} x {n} x {k} | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.2}\n",
+            gf(ours),
+            gf(inplace),
+            gf(theirs),
+            inplace / theirs
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,90 +744,4 @@ mod tests {
             assert_eq!(t.b_len(3, 0), 0);
         }
     }
-}
-
-/// `bench gemm`: this GEMM (packing `b` per call, as a convolution's column tile does)
-/// against the `gemm` crate on the shapes of YOLOv12n's convolution tiles
-/// (`c_out x tile columns x c_in k k`), on this thread, alternating; best of `iters` rounds.
-pub fn bench(iters: usize) -> String {
-    use std::time::Instant;
-    let isa = Isa::detect();
-    let t = Tile::of(isa);
-    let mut out = format!(
-        "GEMM ({isa:?}, tile {}x{}): ours against the gemm crate, one thread\n",
-        t.mr, t.nr
-    );
-    out.push_str("m x n x k | ours, b packed | ours, b in place | gemm crate | in place / crate time\n");
-    for &(m, k) in &[
-        (16, 27),
-        (16, 16),
-        (32, 144),
-        (64, 64),
-        (64, 288),
-        (64, 576),
-        (128, 1152),
-        (256, 2304),
-        (80, 576),
-    ] {
-        let n = ((65536 / k).clamp(64, 1024) / 32 * 32).max(32);
-        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
-        let pa = Packed::a(isa, Strided::rows(&a, k), m, k);
-        let mut pb = vec![0f32; t.b_len(k, n)];
-        let mut c = vec![0f32; m * n];
-        let reps = (50_000_000 / (m * n * k)).max(3);
-        let (mut ours, mut inplace, mut theirs) = (f64::MAX, f64::MAX, f64::MAX);
-        for _ in 0..iters.max(1) {
-            let s = Instant::now();
-            for _ in 0..reps {
-                // SAFETY: c holds m rows of n, this thread's alone.
-                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Rows(&b, n), c.as_mut_ptr(), n, None) };
-            }
-            inplace = inplace.min(s.elapsed().as_secs_f64() / reps as f64);
-            let s = Instant::now();
-            for _ in 0..reps {
-                pack_b(t, Strided::rows(&b, n), k, n, &mut pb);
-                // SAFETY: c holds m rows of n, this thread's alone.
-                unsafe { gemm_packed(isa, (m, n, k), pa.data(), B::Packed(&pb), c.as_mut_ptr(), n, None) };
-            }
-            ours = ours.min(s.elapsed().as_secs_f64() / reps as f64);
-            let s = Instant::now();
-            for _ in 0..reps {
-                // SAFETY: all three row-major, m x k, k x n and m x n, in bounds.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        c.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        k as isize,
-                        b.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                };
-            }
-            theirs = theirs.min(s.elapsed().as_secs_f64() / reps as f64);
-        }
-        let gf = |s: f64| 2.0 * (m * n * k) as f64 / s / 1e9;
-        out.push_str(&format!(
-            "{m} x {n} x {k} | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.1} GFLOP/s | {:.2}\n",
-            gf(ours),
-            gf(inplace),
-            gf(theirs),
-            inplace / theirs
-        ));
-    }
-    out
 }

@@ -439,7 +439,7 @@ pub struct Dense {
 
 impl Dense {
     pub fn new(w: &[f32], bias: &[f32]) -> Result<Dense, String> {
-        if bias.is_empty() || w.len() % bias.len() != 0 {
+        if bias.is_empty() || !w.len().is_multiple_of(bias.len()) {
             return Err(format!(
                 "a dense layer of {} weights cannot have {} outputs",
                 w.len(),

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::winograd::{self, Winograd};
 
 use super::super::super::cpu::{multiversion, split, Act, Isa};
-use super::super::super::gemm::{gemm_packed, Packed, Strided, B};
+use super::super::super::gemm::{gemm_packed, Packed, Strided, Tile, B};
 use super::super::super::nhwc::Geometry;
 use super::*;
 
@@ -176,7 +176,7 @@ impl Conv {
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
-        let tile = self.packed.tile;
+        let tile = Tile::of(self.isa);
         // Column tiles: a tile's im2col rows (k_len x cols) stay in L2 while the GEMM reads them.
         let cols = (65536 / k_len.max(1)).clamp(64, 1024) / 16 * 16;
         // Tiles a whole number of the GEMM's panels wide.
