@@ -16,6 +16,7 @@
 //! parts (closer to the reference, where it has no FMA).
 
 use super::cpu::{Isa, Level};
+use super::nhwc::gemm_set;
 
 /// The depth of one pass of the register tile over `k`.
 pub const KC: usize = 256;
@@ -606,30 +607,7 @@ pub fn bench(iters: usize) -> String {
             ours = ours.min(s.elapsed().as_secs_f64() / reps as f64);
             let s = Instant::now();
             for _ in 0..reps {
-                // SAFETY: all three row-major, m x k, k x n and m x n, in bounds.
-                unsafe {
-                    gemm::gemm(
-                        m,
-                        n,
-                        k,
-                        c.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        a.as_ptr(),
-                        1,
-                        k as isize,
-                        b.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                };
+                gemm_set(m, n, k, &a, k, &b, &mut c);
             }
             theirs = theirs.min(s.elapsed().as_secs_f64() / reps as f64);
         }
