@@ -187,6 +187,17 @@ pub enum B<'a> {
     /// Row-major, rows `ldb` apart, read where it lies: no copy, for a matrix the
     /// caller has just written (an im2col tile) or one already in that order.
     Rows(&'a [f32], usize),
+    /// Row `p` shifted by `off[p]`, its columns in runs: column `j` of row `p` at
+    /// `data[off[p] + j / run * run_stride + j % run]`. A convolution reads its
+    /// (padded, phase-split) input this way as the im2col matrix it never writes:
+    /// a run is one output row, each row of `b` one tap of the kernel. No panel
+    /// crosses a run.
+    Shifted {
+        data: &'a [f32],
+        off: &'a [u32],
+        run: usize,
+        run_stride: usize,
+    },
 }
 
 /// `c[i * ldc + j] = bias[i] + sum_p a[i, p] b[p, j]` for `i < m`, `j < n`, from
@@ -206,6 +217,7 @@ pub unsafe fn gemm_packed(
     bias: Option<&[f32]>,
 ) {
     let t = Tile::of(isa);
+    let (mut off, mut run, mut run_stride) = (std::ptr::null(), n, 0);
     let (b, ldb) = match b {
         B::Packed(b) => {
             assert!(b.len() >= t.b_len(k, n), "gemm: packed b smaller than its shape");
@@ -218,6 +230,20 @@ pub unsafe fn gemm_packed(
             );
             // A stride of 0 (one row of b, k = 1) reads the same: never taken for "packed".
             (b, ldb.max(1))
+        }
+        B::Shifted {
+            data,
+            off: o,
+            run: r,
+            run_stride: rs,
+        } => {
+            assert!(o.len() >= k && r > 0 && rs >= r, "gemm: shifted b's offsets or runs");
+            // The last column is the farthest, as runs do not overlap (rs >= r).
+            let last = n.max(1) - 1;
+            let far = o[..k].iter().max().map_or(0, |&x| x as usize) + last / r * rs + last % r;
+            assert!(k == 0 || n == 0 || far < data.len(), "gemm: b smaller than its shape");
+            (off, run, run_stride) = (o.as_ptr(), r, rs);
+            (data, 1)
         }
     };
     assert!(
@@ -236,6 +262,9 @@ pub unsafe fn gemm_packed(
         a: a.as_ptr(),
         b: b.as_ptr(),
         ldb,
+        off,
+        run,
+        run_stride,
         c,
         ldc,
         bias: bias.map_or(std::ptr::null(), <[f32]>::as_ptr),
@@ -263,6 +292,11 @@ struct Gemm {
     b: *const f32,
     /// `b`'s row stride where it is read in place; 0 where packed.
     ldb: usize,
+    /// Shifted `b` ([`B::Shifted`]): its row offsets (else null), and its runs
+    /// (`run` is `n` otherwise).
+    off: *const u32,
+    run: usize,
+    run_stride: usize,
     c: *mut f32,
     ldc: usize,
     bias: *const f32,
@@ -281,6 +315,8 @@ struct Step {
     w: usize,
     /// The stride from one `k` to the next in `b`: `w` if packed.
     ldb: usize,
+    /// Shifted `b`: this block's row offsets from `b` (else null; `ldb` then steps).
+    off: *const u32,
     rows: usize,
     cols: usize,
     first: bool,
@@ -301,15 +337,20 @@ impl Gemm {
             let mut bp = 0;
             let mut c0 = 0;
             while c0 < self.n {
-                let w = if self.n - c0 > t.nr { t.nr } else { t.last_width(self.n) };
-                let cols = w.min(self.n - c0);
+                // Panels end where runs do (a run is all of `n` unless shifted).
+                let x0 = c0 % self.run;
+                let left = (self.run - x0).min(self.n - c0);
+                let w = if left > t.nr { t.nr } else { t.last_width(left) };
+                let cols = w.min(left);
                 for r0 in (0..self.m).step_by(t.mr) {
                     // SAFETY: panel offsets inside the lengths `gemm_packed` asserted; row r0,
                     // column c0 of `c` inside the caller's m x n tile.
                     let step = unsafe {
                         Step {
                             a: self.a.add(r0 * self.k + q0 * t.mr),
-                            b: if self.ldb == 0 {
+                            b: if !self.off.is_null() {
+                                self.b.add(c0 / self.run * self.run_stride + x0)
+                            } else if self.ldb == 0 {
                                 self.b.add(bp + q0 * w)
                             } else {
                                 self.b.add(q0 * self.ldb + c0)
@@ -319,6 +360,7 @@ impl Gemm {
                             k: kc,
                             w,
                             ldb: if self.ldb == 0 { w } else { self.ldb },
+                            off: if self.off.is_null() { self.off } else { self.off.add(q0) },
                             rows: t.mr.min(self.m - r0),
                             cols,
                             first: q0 == 0,
@@ -332,7 +374,7 @@ impl Gemm {
                     kernel(&step);
                 }
                 bp += w * self.k;
-                c0 += w;
+                c0 += cols;
             }
             q0 += kc;
             if q0 >= self.k {
@@ -350,10 +392,11 @@ impl Gemm {
         unsafe {
             self.each(|s| {
                 // `each` hands steps within their panels; this CPU has AVX-512 F.
-                if s.w == 32 {
-                    v4::<2>(s)
-                } else {
-                    v4::<1>(s)
+                match (s.w == 32, s.off.is_null()) {
+                    (true, true) => v4::<2, false>(s),
+                    (false, true) => v4::<1, false>(s),
+                    (true, false) => v4::<2, true>(s),
+                    (false, false) => v4::<1, true>(s),
                 }
             })
         }
@@ -367,7 +410,7 @@ impl Gemm {
         // SAFETY: as this function's.
         unsafe {
             // `each` hands steps within their panels; this CPU has AVX2 and FMA.
-            self.each(|s| v3(s))
+            self.each(|s| if s.off.is_null() { v3::<false>(s) } else { v3::<true>(s) })
         }
     }
 
@@ -382,14 +425,14 @@ impl Gemm {
     }
 }
 
-/// The AVX-512 tile: 8 rows, `NV` vectors of 16 columns.
+/// The AVX-512 tile: 8 rows, `NV` vectors of 16 columns; `b` shifted if `SHIFT`.
 ///
 /// # Safety
 /// `s` within its panels and `c`'s tile; AVX-512 F on this CPU.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn v4<const NV: usize>(s: &Step) {
+unsafe fn v4<const NV: usize, const SHIFT: bool>(s: &Step) {
     use std::arch::x86_64::*;
     const MR: usize = 8;
     // Lanes of each vector inside `cols`.
@@ -406,7 +449,11 @@ unsafe fn v4<const NV: usize>(s: &Step) {
         }
     }
     let (mut a, mut b) = (s.a, s.b);
-    for _ in 0..s.k {
+    for q in 0..s.k {
+        if SHIFT {
+            // SAFETY: `off` holds this block's `k` offsets, each a row inside `b`.
+            b = unsafe { s.b.add(*s.off.add(q) as usize) };
+        }
         let mut bv = [_mm512_setzero_ps(); NV];
         for (v, x) in bv.iter_mut().enumerate() {
             // SAFETY: the panel holds `cols` floats (and zeros to `w`) per step of k.
@@ -422,7 +469,9 @@ unsafe fn v4<const NV: usize>(s: &Step) {
         // SAFETY: k steps stay inside both panels.
         unsafe {
             a = a.add(MR);
-            b = b.add(s.ldb);
+            if !SHIFT {
+                b = b.add(s.ldb);
+            }
         }
     }
     for (i, row) in acc.iter().enumerate().take(s.rows) {
@@ -442,14 +491,15 @@ unsafe fn v4<const NV: usize>(s: &Step) {
     }
 }
 
-/// The AVX2 tile: 6 rows, 2 vectors of 8 columns; edges go through a staging tile.
+/// The AVX2 tile: 6 rows, 2 vectors of 8 columns; edges go through a staging tile; `b`
+/// shifted if `SHIFT`.
 ///
 /// # Safety
 /// `s` within its panels and `c`'s tile; AVX2 and FMA on this CPU.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn v3(s: &Step) {
+unsafe fn v3<const SHIFT: bool>(s: &Step) {
     use std::arch::x86_64::*;
     const MR: usize = 6;
     const NR: usize = 16;
@@ -479,7 +529,11 @@ unsafe fn v3(s: &Step) {
         }
     }
     let (mut a, mut b) = (s.a, s.b);
-    for _ in 0..s.k {
+    for q in 0..s.k {
+        if SHIFT {
+            // SAFETY: `off` holds this block's `k` offsets, each a row inside `b`.
+            b = unsafe { s.b.add(*s.off.add(q) as usize) };
+        }
         // SAFETY: the panel holds `cols` floats per step of k; the masks load no more.
         let (b0, b1) = unsafe { (_mm256_maskload_ps(b, m0), _mm256_maskload_ps(b.add(8), m1)) };
         for (i, row) in acc.iter_mut().enumerate() {
@@ -491,7 +545,9 @@ unsafe fn v3(s: &Step) {
         // SAFETY: k steps stay inside both panels.
         unsafe {
             a = a.add(MR);
-            b = b.add(s.ldb);
+            if !SHIFT {
+                b = b.add(s.ldb);
+            }
         }
     }
     for (i, row) in acc.iter().enumerate() {
@@ -535,11 +591,19 @@ unsafe fn base(s: &Step) {
         }
     }
     for q in 0..s.k {
-        // SAFETY: the panels hold MR and `cols` floats per step of k.
+        // SAFETY: the panels hold MR and `cols` floats per step of k (b's row q shifted
+        // by `off[q]` where shifted).
         let (a, b) = unsafe {
             (
                 std::slice::from_raw_parts(s.a.add(q * MR), MR),
-                std::slice::from_raw_parts(s.b.add(q * s.ldb), s.cols),
+                std::slice::from_raw_parts(
+                    if s.off.is_null() {
+                        s.b.add(q * s.ldb)
+                    } else {
+                        s.b.add(*s.off.add(q) as usize)
+                    },
+                    s.cols,
+                ),
             )
         };
         for (row, &ai) in acc.iter_mut().zip(a) {
@@ -639,7 +703,7 @@ mod tests {
 
     /// Against a plain triple loop in f64, on every instruction set this CPU runs, on
     /// edge shapes (one row or column, tiles' edges, a k past [`KC`], k = 0), with `b`
-    /// packed from a transpose and read in place, with and without bias.
+    /// packed from a transpose, read in place and shifted, with and without bias.
     #[test]
     fn matches_a_plain_product_on_every_isa() {
         let shapes = [
@@ -675,6 +739,17 @@ mod tests {
                     rs: 1,
                     cs: k,
                 };
+                // b shifted: each row at its own offset, in runs of 7 columns 10 apart, NaN
+                // between (a run shorter than a panel, so that panels end at runs).
+                let (run, rs) = (7, 10);
+                let span = n.div_ceil(run) * rs + 3;
+                let off: Vec<u32> = (0..k).map(|p| ((k - 1 - p) * span + p % 3) as u32).collect();
+                let mut sh = vec![f32::NAN; k * span + 3];
+                for p in 0..k {
+                    for j in 0..n {
+                        sh[off[p] as usize + j / run * rs + j % run] = b[p * n + j];
+                    }
+                }
                 let mut pb = vec![f32::NAN; t.b_len(k, n)];
                 pack_b(t, if k > 0 { bs } else { Strided::rows(&b, n) }, k, n, &mut pb);
                 let pa = Packed::a(isa, Strided::rows(&a, k), m, k);
@@ -683,6 +758,15 @@ mod tests {
                     (true, B::Packed(&pb)),
                     (true, B::Rows(&b, n)),
                     (false, B::Rows(&bpad[..((k.max(1) - 1) * ldb + n).min(bpad.len())], ldb)),
+                    (
+                        true,
+                        B::Shifted {
+                            data: &sh,
+                            off: &off,
+                            run,
+                            run_stride: rs,
+                        },
+                    ),
                 ] {
                     // c wider than n: the columns past n must stay untouched.
                     let ldc = n + 3;

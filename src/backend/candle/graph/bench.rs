@@ -1,4 +1,5 @@
-//! `bench layouts`: how the native plan's layout was chosen.
+//! `bench layouts`: how the native plan's layout, and the convolutions' GEMM
+//! operand, were chosen.
 
 use candle_core::{Device, Tensor};
 
@@ -85,6 +86,71 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
         out.push_str(&format!(
             "{kind} {k}x{k} s{s} {cin}->{cout} @{h}x{h} | {nchw:.3} ms | {nhwc_t:.3} ms | {:.2}\n",
             nchw / nhwc_t
+        ));
+    }
+    out.push_str(&bench_conv_operands(iters)?);
+    Ok(out)
+}
+
+/// YOLOv12n's 3x3 convolutions on the two GEMM operands of [`kernels::Conv`]: im2col
+/// tiles against shifted phase planes (random data, SiLU fused, on the CPU pool,
+/// alternating; median of `iters` runs each), which is how [`kernels::Conv`] picks
+/// between them by output width.
+fn bench_conv_operands(iters: usize) -> Result<String, String> {
+    use super::super::cpu;
+    use super::kernels::SharedOut;
+    use std::time::Instant;
+    let e = |x: candle_core::Error| x.to_string();
+    let mut out = String::from("\nconv 3x3 (YOLOv12n) | im2col tiles | shifted planes | shifted / im2col\n");
+    // (channels in, channels out, input size, stride).
+    let shapes = [
+        (3, 16, 640, 2),
+        (16, 32, 320, 2),
+        (64, 64, 160, 2),
+        (128, 128, 80, 2),
+        (64, 64, 80, 2),
+        (128, 256, 40, 2),
+        (16, 8, 160, 1),
+        (16, 16, 80, 1),
+        (64, 64, 80, 1),
+        (32, 32, 40, 1),
+        (128, 64, 40, 1),
+        (64, 64, 20, 1),
+        (256, 64, 20, 1),
+    ];
+    let dev = Device::Cpu;
+    for (cin, cout, h, s) in shapes {
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, cin * h * h, &dev)
+            .and_then(|t| t.to_vec1())
+            .map_err(e)?;
+        let w = Tensor::randn(0f32, 0.1, (cout, cin, 3, 3), &dev).map_err(e)?;
+        let b = Tensor::zeros(cout, candle_core::DType::F32, &dev).map_err(e)?;
+        let op = kernels::Conv::new(&w, Some(&b), s, [1; 4], Act::Silu).map_err(e)?;
+        let dims = (1, cin, h, h);
+        let (oh, ow) = op.out_hw(dims).map_err(e)?;
+        let mut y = vec![0f32; cout * oh * ow];
+        let dst = SharedOut::of(&mut y);
+        let (mut a, mut c) = (Vec::new(), Vec::new());
+        cpu::run(|| {
+            op.im2col(&x, dims, (oh, ow), &dst);
+            op.shifted(&x, dims, (oh, ow), &dst);
+            for _ in 0..iters.max(1) {
+                let t = Instant::now();
+                op.im2col(&x, dims, (oh, ow), &dst);
+                a.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                op.shifted(&x, dims, (oh, ow), &dst);
+                c.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        });
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (a, c) = (med(&mut a), med(&mut c));
+        out.push_str(&format!(
+            "s{s} {cin}->{cout} @{h}x{h} | {a:.3} ms | {c:.3} ms | {:.2}\n",
+            c / a
         ));
     }
     Ok(out)

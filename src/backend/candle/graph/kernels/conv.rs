@@ -1,5 +1,6 @@
-//! Convolutions: the general one (im2col + GEMM, column tiles, or Winograd
-//! for stride-1 3x3 where it measures faster) and depthwise.
+//! Convolutions: the general one (GEMM over the input read as the im2col
+//! matrix, shifted per tap or copied into column tiles, or Winograd for
+//! stride-1 3x3 where it measures faster) and depthwise.
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::OnceLock;
@@ -25,22 +26,26 @@ pub struct Conv {
     isa: Isa,
     /// The weights (`[c_out][c_in k k]`) packed for the GEMM.
     packed: Packed,
-    /// Stride-1 3x3 layers: the Winograd form, and which of the two runs (decided
-    /// by timing both on the first input: [`UNDECIDED`], [`DIRECT`], [`WINOGRAD`]).
+    /// Stride-1 3x3 layers: the Winograd form.
     winograd: Option<Winograd>,
+    /// Which form runs: [`UNDECIDED`] until the first input times them all, then
+    /// [`IM2COL`], [`SHIFTED`] or [`WINOGRAD`].
     choice: AtomicU8,
 }
 
 const UNDECIDED: u8 = 0;
-const DIRECT: u8 = 1;
+/// im2col tiles ([`Conv::im2col`]; a 1x1 stride-1 layer's input read in place).
+const IM2COL: u8 = 1;
 const WINOGRAD: u8 = 2;
+/// Shifted phase planes ([`Conv::shifted`]).
+const SHIFTED: u8 = 3;
 
-/// `AEI_WINOGRAD`: `auto` (default: per layer, the faster on its first input),
-/// `off` (im2col + GEMM everywhere) or `on` (Winograd wherever it applies).
+/// `AEI_WINOGRAD`: `auto` (default: per layer, if it times fastest on its first input),
+/// `off` (never) or `on` (wherever it applies).
 fn winograd_policy() -> u8 {
     static POLICY: OnceLock<u8> = OnceLock::new();
     *POLICY.get_or_init(|| match std::env::var("AEI_WINOGRAD").as_deref() {
-        Ok("off") => DIRECT,
+        Ok("off") => IM2COL,
         Ok("on") => WINOGRAD,
         _ => UNDECIDED,
     })
@@ -63,8 +68,16 @@ impl Conv {
         let w = f32s(weight)?;
         let isa = Isa::detect();
         let policy = winograd_policy();
-        let winograd = (winograd::applies(weight, stride) && policy != DIRECT)
+        let winograd = (winograd::applies(weight, stride) && policy != IM2COL)
             .then(|| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa));
+        let pointwise = k == 1 && stride == 1 && pad == [0; 4];
+        let choice = if pointwise {
+            IM2COL
+        } else if winograd.is_some() && policy == WINOGRAD {
+            WINOGRAD
+        } else {
+            UNDECIDED
+        };
         let packed = Packed::a(isa, Strided::rows(&w, cin * k * k), cout, cin * k * k);
         Ok(Conv {
             packed,
@@ -75,7 +88,7 @@ impl Conv {
             act,
             isa,
             winograd,
-            choice: AtomicU8::new(policy),
+            choice: AtomicU8::new(choice),
         })
     }
 
@@ -110,44 +123,61 @@ impl Conv {
         self.cout
     }
 
-    /// Writes all `n * c_out * oh * ow` outputs to `dst`, by im2col + GEMM or Winograd (the
-    /// first call on a layer where both apply times them and keeps the faster).
-    pub fn forward(&self, x: &[f32], dims: Dims4, (oh, ow): (usize, usize), dst: &SharedOut) {
-        let Some(wg) = &self.winograd else {
-            return self.direct(x, dims, (oh, ow), dst);
+    /// Writes all `n * c_out * oh * ow` outputs to `dst`, by the GEMM over im2col tiles
+    /// or shifted planes, or by Winograd: the first call on a layer times each that applies
+    /// and keeps the fastest.
+    pub fn forward(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
+        match (self.choice.load(Relaxed), &self.winograd) {
+            (IM2COL, _) => self.im2col(x, dims, ohw, dst),
+            (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
+            (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
+            _ => self.decide(x, dims, ohw, dst),
+        }
+    }
+
+    /// The first input (the warm-up at load): each form run once to warm it, then the
+    /// fastest kept by the better of two timed runs (one noisy run must not decide).
+    fn decide(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
+        let time = |form: u8| {
+            let run = || match (form, &self.winograd) {
+                (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
+                (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
+                _ => self.im2col(x, dims, ohw, dst),
+            };
+            run();
+            let t = Instant::now();
+            run();
+            let first = t.elapsed();
+            let t = Instant::now();
+            run();
+            first.min(t.elapsed())
         };
-        match self.choice.load(Relaxed) {
-            DIRECT => self.direct(x, dims, (oh, ow), dst),
-            WINOGRAD => self.winograd_fwd(wg, x, dims, (oh, ow), dst),
-            _ => {
-                // The first input (the warm-up at load): run each once to warm it, then
-                // keep the faster by the better of two timed runs (one noisy run must not decide).
-                let time = |f: &dyn Fn()| {
-                    f();
-                    let t = Instant::now();
-                    f();
-                    let first = t.elapsed();
-                    let t = Instant::now();
-                    f();
-                    first.min(t.elapsed())
-                };
-                let td = time(&|| self.direct(x, dims, (oh, ow), dst));
-                let tw = time(&|| self.winograd_fwd(wg, x, dims, (oh, ow), dst));
-                let pick = if tw < td { WINOGRAD } else { DIRECT };
-                self.choice.store(pick, Relaxed);
-                let (_, _, h, w) = dims;
-                log::debug!(
-                    "conv {}->{} 3x3 at {h}x{w}: im2col {:.3} ms, Winograd {:.3} ms",
-                    self.cin,
-                    self.cout,
-                    td.as_secs_f64() * 1e3,
-                    tw.as_secs_f64() * 1e3
-                );
-                if pick == DIRECT {
-                    // `dst` holds Winograd's answer, the last one run.
-                    self.direct(x, dims, (oh, ow), dst);
-                }
-            }
+        let mut forms = vec![(IM2COL, time(IM2COL)), (SHIFTED, time(SHIFTED))];
+        if self.winograd.is_some() {
+            forms.push((WINOGRAD, time(WINOGRAD)));
+        }
+        let (pick, _) = *forms.iter().min_by_key(|(_, t)| *t).expect("two forms at least");
+        self.choice.store(pick, Relaxed);
+        let (_, _, h, w) = dims;
+        let ms = |f: u8| {
+            forms
+                .iter()
+                .find(|(g, _)| *g == f)
+                .map_or("-".to_string(), |(_, t)| format!("{:.3} ms", t.as_secs_f64() * 1e3))
+        };
+        log::debug!(
+            "conv {}->{} {k}x{k} s{s} at {h}x{w}: im2col {}, shifted {}, Winograd {}",
+            self.cin,
+            self.cout,
+            ms(IM2COL),
+            ms(SHIFTED),
+            ms(WINOGRAD),
+            k = self.geo.k,
+            s = self.geo.stride,
+        );
+        if pick != forms.last().expect("two forms at least").0 {
+            // `dst` holds the last form's answer.
+            self.forward(x, dims, ohw, dst);
         }
     }
 }
@@ -171,8 +201,119 @@ impl CustomOp1 for Conv {
 }
 
 impl Conv {
-    /// im2col + GEMM over column tiles.
-    fn direct(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), out: &SharedOut) {
+    /// The im2col matrix never written: the input padded and split into `stride x stride`
+    /// phases, a band of output rows at a time, which the GEMM reads at one offset per
+    /// tap ([`B::Shifted`]), one output row per run (or the band as a grid). Each phase plane holds the band's
+    /// input pixels that one tap parity reads, so a tap `(ky, kx)` is the plane of
+    /// `(ky % s, kx % s)` shifted by `(ky / s, kx / s)`: about one copy of the input
+    /// where im2col writes `k * k / s^2` copies.
+    pub(in super::super) fn shifted(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), out: &SharedOut) {
+        let (k, s) = (self.geo.k, self.geo.stride);
+        let reach = (k - 1) / s;
+        let wph = ow + reach;
+        let (hw, ohw, k_len) = (h * w, oh * ow, c * k * k);
+        // Bands whose planes (c s^2 (band + reach) wph floats) stay near 512 KB, in L2.
+        let per_row = c * s * s * wph;
+        let (tasks, band) = split(oh, (131072 / per_row.max(1)).saturating_sub(reach).max(1));
+        let rows_len = band + reach;
+        let planes_len = per_row * rows_len;
+        // Output rows a whole number of the GEMM's narrowest panel wide run one per output
+        // row, straight into the output; narrower ones (the last panel would idle lanes)
+        // run the band as one grid, through a tile.
+        let grid = ow % Tile::of(self.isa).nr_last != 0;
+        let len = n * self.cout * ohw;
+        assert!(len <= out.1, "conv: output too small");
+        for b in 0..n {
+            let x = &x[b * c * hw..(b + 1) * c * hw];
+            // Batch b's outputs: inside `out` (asserted above).
+            let dst = SharedOut(out.at(b * self.cout * ohw), self.cout * ohw);
+            (0..tasks).into_par_iter().for_each(|t| {
+                let oy0 = t * band;
+                if oy0 >= oh {
+                    return;
+                }
+                let rows = band.min(oh - oy0);
+                PLANES.with(|scratch| {
+                    let mut scratch = scratch.borrow_mut();
+                    let (planes, off, tile) = &mut *scratch;
+                    if planes.len() < planes_len {
+                        planes.resize(planes_len, 0.0);
+                    }
+                    let planes = &mut planes[..planes_len];
+                    phase_planes(
+                        self.isa,
+                        x,
+                        (c, h, w),
+                        self.geo,
+                        (oy0, rows + reach, rows_len, wph),
+                        planes,
+                    );
+                    off.clear();
+                    off.extend((0..k_len).map(|q| {
+                        let (ci, ky, kx) = (q / (k * k), q / k % k, q % k);
+                        let plane = (ci * s + ky % s) * s + kx % s;
+                        ((plane * rows_len + ky / s) * wph + kx / s) as u32
+                    }));
+                    if !grid {
+                        let rhs = B::Shifted {
+                            data: planes,
+                            off,
+                            run: ow,
+                            run_stride: wph,
+                        };
+                        // SAFETY: bands are disjoint ranges of output rows, so of columns
+                        // oy0 ow..(oy0 + rows) ow of every channel: no two threads touch the
+                        // same element.
+                        unsafe { self.tile(&dst, ohw, oy0 * ow, rows * ow, k_len, rhs) };
+                        return;
+                    }
+                    // The band's rows as one run, `wph` apart, the `reach` columns past each
+                    // output row computed and dropped: the GEMM into this thread's tile, then
+                    // each output row out of it, activated.
+                    let cols = (rows - 1) * wph + ow;
+                    if tile.len() < self.cout * cols {
+                        tile.resize(self.cout * cols, 0.0);
+                    }
+                    let rhs = B::Shifted {
+                        data: planes,
+                        off,
+                        run: cols,
+                        run_stride: cols,
+                    };
+                    // SAFETY: the tile holds `cout` rows of `cols`, this thread's alone.
+                    unsafe {
+                        gemm_packed(
+                            self.isa,
+                            (self.cout, cols, k_len),
+                            self.packed.data(),
+                            rhs,
+                            tile.as_mut_ptr(),
+                            cols,
+                            Some(&self.bias),
+                        )
+                    };
+                    for (r, trow) in tile.chunks_exact(cols).enumerate().take(self.cout) {
+                        for y in 0..rows {
+                            let at = r * ohw + (oy0 + y) * ow;
+                            assert!(at + ow <= dst.1);
+                            // SAFETY: inside `dst` (asserted); output row oy0 + y of channel r
+                            // belongs to this band's task alone.
+                            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(at), ow) };
+                            copy_short(&trow[y * wph..y * wph + ow], o);
+                            if self.act != Act::None {
+                                activate(self.isa, o, self.act);
+                            }
+                        }
+                    }
+                });
+            });
+        }
+        // The bands cover every output row of every batch, and the GEMM has written each
+        // element of them.
+    }
+
+    /// im2col + GEMM over column tiles (or the input itself, 1x1 stride 1).
+    pub(in super::super) fn im2col(&self, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), out: &SharedOut) {
         let (hw, ohw) = (h * w, oh * ow);
         let k_len = c * self.geo.k * self.geo.k;
         let direct = self.geo.k == 1 && self.geo.stride == 1 && self.geo.pad == [0; 4];
@@ -217,6 +358,10 @@ impl Conv {
 std::thread_local! {
     /// Each pool thread's im2col tile, grown to the largest asked for, then reused.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each pool thread's phase planes, tap offsets and output tile for [`Conv::shifted`],
+    /// likewise.
+    static PLANES: std::cell::RefCell<(Vec<f32>, Vec<u32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 impl Conv {
@@ -289,6 +434,51 @@ multiversion! {
                 }
                 let first = a * g.stride + kx - pl;
                 match g.stride {
+                    1 => copy_short(&irow[first..first + mid.len()], mid),
+                    2 => every_other(&irow[first..], mid),
+                    s => {
+                        for (j, o) in mid.iter_mut().enumerate() {
+                            *o = irow[first + j * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`Conv::shifted`]'s phase planes for the band of output rows from `oy0`: plane
+    /// `(ci, py, px)` (`rows_len x wph`, in that order in `planes`), row `r`, column `j`
+    /// holds input `(ci, (oy0 + r) s + py - pad_top, j s + px - pad_left)`, zero where
+    /// that lies outside; its first `rows` rows are written.
+    fn phase_planes(
+        x: &[f32],
+        chw: (usize, usize, usize),
+        g: Geometry,
+        band: (usize, usize, usize, usize),
+        planes: &mut [f32],
+    ) {
+        let ((c, h, w), (oy0, rows, rows_len, wph)) = (chw, band);
+        let s = g.stride;
+        let [pt, _, pl, _] = g.pad;
+        for (p, plane) in planes.chunks_exact_mut(rows_len * wph).enumerate().take(c * s * s) {
+            let (ci, py, px) = (p / (s * s), p / s % s, p % s);
+            // Columns whose input column j s + px - pl lies inside the row.
+            let lo = pl.saturating_sub(px).div_ceil(s).min(wph);
+            let hi = wph.min((w + pl).saturating_sub(px).div_ceil(s)).max(lo);
+            for (r, orow) in plane.chunks_exact_mut(wph).enumerate().take(rows) {
+                let iy = ((oy0 + r) * s + py) as isize - pt as isize;
+                if iy < 0 || iy >= h as isize {
+                    orow.fill(0.0);
+                    continue;
+                }
+                let irow = &x[(ci * h + iy as usize) * w..][..w];
+                orow[..lo].fill(0.0);
+                orow[hi..].fill(0.0);
+                let first = lo * s + px - pl;
+                let mid = &mut orow[lo..hi];
+                match s {
                     1 => copy_short(&irow[first..first + mid.len()], mid),
                     2 => every_other(&irow[first..], mid),
                     s => {

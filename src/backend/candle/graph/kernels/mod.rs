@@ -260,6 +260,36 @@ mod tests {
         }
     }
 
+    /// Each GEMM operand of the general convolution, forced on every case whatever its
+    /// width: im2col tiles, and the shifted phase planes.
+    #[test]
+    fn im2col_and_shifted_convolutions_match_candles() {
+        let dev = Device::Cpu;
+        for (n, &(cin, h, w, k, s, pad)) in CASES.iter().enumerate() {
+            let cout = [16, 3, 1, 32, 7][n % 5];
+            let act = ACTS[(n + 1) % 5];
+            let x = Tensor::randn(0f32, 2.0, (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0 / ((cin * k * k) as f32).sqrt(), (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let want = reference(&x, &wt, &b, s, pad, 1, act);
+            let op = Conv::new(&wt, Some(&b), s, pad, act).unwrap();
+            let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let dims = (2, cin, h, w);
+            let (oh, ow) = op.out_hw(dims).unwrap();
+            for shifted in [false, true] {
+                let mut out = vec![f32::NAN; 2 * cout * oh * ow];
+                let dst = SharedOut(out.as_mut_ptr(), out.len());
+                if shifted {
+                    op.shifted(&xs, dims, (oh, ow), &dst);
+                } else {
+                    op.im2col(&xs, dims, (oh, ow), &dst);
+                }
+                let got = Tensor::from_vec(out, (2, cout, oh, ow), &dev).unwrap();
+                close(&got, &want, &format!("conv case {n} {act:?}, shifted {shifted}"));
+            }
+        }
+    }
+
     #[test]
     fn winograd_matches_candles_convolution_on_every_isa() {
         use super::super::super::cpu::Isa;
