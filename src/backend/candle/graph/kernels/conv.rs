@@ -602,21 +602,60 @@ multiversion! {
         }
         let wk = &dw.weight[ch * k * k..(ch + 1) * k * k];
         let bias = dw.bias[ch];
-        for (oy, orow) in out.chunks_exact_mut(ow).enumerate() {
-            for x0 in (0..ow).step_by(16) {
-                let mut acc = [bias; 16];
-                for ky in 0..k {
-                    let prow = &pad[(oy + ky) * wp + x0..];
-                    for (kx, wv) in wk[ky * k..(ky + 1) * k].iter().enumerate() {
-                        let src = &prow[kx..kx + 16];
-                        for j in 0..16 {
-                            acc[j] = if FMA { wv.mul_add(src[j], acc[j]) } else { acc[j] + wv * src[j] };
-                        }
-                    }
-                }
-                let n = (ow - x0).min(16);
-                orow[x0..x0 + n].copy_from_slice(&acc[..n]);
+        let oh = out.len() / ow.max(1);
+        let mut oy = 0;
+        while oy < oh {
+            // Four rows at once where four are left: four independent sums per tap, where
+            // one row's single sum waits on each multiply-add before the next.
+            let rows = if oh - oy >= 4 { 4 } else { 1 };
+            let orows = &mut out[oy * ow..(oy + rows) * ow];
+            if rows == 4 {
+                depthwise_rows::<4, FMA>(&pad[oy * wp..], (wp, ow), wk, k, bias, orows);
+            } else {
+                depthwise_rows::<1, FMA>(&pad[oy * wp..], (wp, ow), wk, k, bias, orows);
             }
+            oy += rows;
+        }
+    }
+}
+
+/// `acc += w * src[..16]`, sixteen lanes (one function per call site, which the
+/// compiler vectorises where a loop over rows of sums it did not).
+#[inline(always)]
+fn fma16<const FMA: bool>(acc: &mut [f32; 16], w: f32, src: &[f32]) {
+    let src: &[f32; 16] = src[..16].try_into().expect("16 floats");
+    for j in 0..16 {
+        acc[j] = if FMA {
+            w.mul_add(src[j], acc[j])
+        } else {
+            acc[j] + w * src[j]
+        };
+    }
+}
+
+/// `R` output rows of a stride-1 depthwise channel from its padded plane (from the
+/// first of them on, rows `wp` apart, 16 spare columns), in runs of 16 columns.
+#[inline(always)]
+fn depthwise_rows<const R: usize, const FMA: bool>(
+    pad: &[f32],
+    (wp, ow): (usize, usize),
+    wk: &[f32],
+    k: usize,
+    bias: f32,
+    out: &mut [f32],
+) {
+    for x0 in (0..ow).step_by(16) {
+        let mut acc = [[bias; 16]; R];
+        for ky in 0..k {
+            for (kx, wv) in wk[ky * k..(ky + 1) * k].iter().enumerate() {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    fma16::<FMA>(acc, *wv, &pad[(r + ky) * wp + x0 + kx..]);
+                }
+            }
+        }
+        let n = (ow - x0).min(16);
+        for (r, acc) in acc.iter().enumerate() {
+            out[r * ow + x0..r * ow + x0 + n].copy_from_slice(&acc[..n]);
         }
     }
 }

@@ -28,7 +28,7 @@ pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample, M
 multiversion! {
     /// `act` on every element.
     pub(super) fn activate(s: &mut [f32], act: Act) {
-        apply(s, act)
+        apply::<FMA>(s, act)
     }
 }
 
@@ -36,7 +36,7 @@ multiversion! {
     /// `act(s + bias)` on every element.
     pub(super) fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
         s.iter_mut().for_each(|v| *v += bias);
-        apply(s, act)
+        apply::<FMA>(s, act)
     }
 }
 

@@ -299,14 +299,14 @@ multiversion! {
         let mut oc = o.chunks_exact_mut(L);
         for (oc, xc) in (&mut oc).zip(x.chunks_exact(L)) {
             for j in 0..L {
-                oc[j] = nhwc::exp(scale * xc[j] - mx);
+                oc[j] = nhwc::exp::<FMA>(scale * xc[j] - mx);
                 s[j] += oc[j];
             }
         }
         let tail = x.len() / L * L;
         let mut sum: f32 = s.iter().sum();
         for (o, v) in oc.into_remainder().iter_mut().zip(&x[tail..]) {
-            *o = nhwc::exp(scale * v - mx);
+            *o = nhwc::exp::<FMA>(scale * v - mx);
             sum += *o;
         }
         let inv = 1.0 / sum;
@@ -326,7 +326,7 @@ multiversion! {
         let mut s = vec![0f32; inner];
         for (or, xr) in o.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
             for (((o, v), m), s) in or.iter_mut().zip(xr).zip(&m).zip(s.iter_mut()) {
-                *o = nhwc::exp(scale * v - m);
+                *o = nhwc::exp::<FMA>(scale * v - m);
                 *s += *o;
             }
         }
