@@ -127,9 +127,20 @@ pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
             // b stored transposed (a column of b is contiguous, as an attention's transposed
             // operand is): 8x8 blocks, read 8 contiguous floats of 8 columns, written as 8
             // rows of the panel, so that reads and writes both run along memory.
+            #[cfg(target_arch = "x86_64")]
+            let avx = std::arch::is_x86_feature_detected!("avx");
             for q0 in (0..k).step_by(8) {
                 let qn = 8.min(k - q0);
                 for j0 in (0..w).step_by(8) {
+                    #[cfg(target_arch = "x86_64")]
+                    if avx && qn == 8 && j0 + 8 <= cols {
+                        let src = &b.data[(c0 + j0) * b.cs + q0..];
+                        assert!(7 * b.cs + 8 <= src.len() && (q0 + 7) * w + j0 + 8 <= panel.len());
+                        // SAFETY: AVX found above; 8 rows of 8 floats, `cs` apart, inside
+                        // `src`, and 8 rows of 8, `w` apart, inside the panel (asserted).
+                        unsafe { transpose8(src.as_ptr(), b.cs, panel[q0 * w + j0..].as_mut_ptr(), w) };
+                        continue;
+                    }
                     let mut blk = [[0f32; 8]; 8];
                     for (jj, col) in (j0..(j0 + 8).min(cols)).enumerate() {
                         let src = &b.data[(c0 + col) * b.cs + q0..][..qn];
@@ -157,6 +168,48 @@ pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
         }
         at += w * k;
         c0 += w;
+    }
+}
+
+/// The 8x8 block at `src` (rows `ls` apart) transposed into `dst` (rows `ld` apart):
+/// eight loads, 24 shuffles and eight stores, where element by element the block took
+/// 64 loads and stores (the attention's transposed operand, 5 % of YOLOv12n's time).
+///
+/// # Safety
+/// AVX on this CPU; 8 rows of 8 floats valid at `src` for reads and at `dst` for writes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8(src: *const f32, ls: usize, dst: *mut f32, ld: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's: rows r < 8 of 8 floats at both ends.
+    unsafe {
+        let r: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(src.add(i * ls)));
+        let lo = |a, b| _mm256_unpacklo_ps(a, b);
+        let hi = |a, b| _mm256_unpackhi_ps(a, b);
+        let t = [
+            lo(r[0], r[1]),
+            hi(r[0], r[1]),
+            lo(r[2], r[3]),
+            hi(r[2], r[3]),
+            lo(r[4], r[5]),
+            hi(r[4], r[5]),
+            lo(r[6], r[7]),
+            hi(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        for i in 0..4 {
+            _mm256_storeu_ps(dst.add(i * ld), _mm256_permute2f128_ps::<0x20>(u[i], u[i + 4]));
+            _mm256_storeu_ps(dst.add((i + 4) * ld), _mm256_permute2f128_ps::<0x31>(u[i], u[i + 4]));
+        }
     }
 }
 

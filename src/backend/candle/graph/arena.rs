@@ -81,6 +81,57 @@ impl View {
     }
 }
 
+/// `x` split along axis `d` into parts of `sizes`: views at offsets along it, or `None`
+/// where the sizes overrun the axis.
+fn split_views(x: &View, d: usize, sizes: &[usize]) -> Option<Vec<View>> {
+    let mut start = 0;
+    let parts = sizes
+        .iter()
+        .map(|s| {
+            let mut v = x.clone();
+            v.off += start * x.strides[d];
+            v.dims[d] = *s;
+            start += s;
+            v
+        })
+        .collect();
+    (start <= x.dims[d]).then_some(parts)
+}
+
+/// The strides of `dims` (strided by `strides`) reshaped to `new` without a copy, where
+/// they exist: each run of axes the reshape merges or splits must be contiguous within
+/// itself (the rule of PyTorch's `view`).
+fn reshaped_strides(dims: &[usize], strides: &[usize], new: &[usize]) -> Option<Vec<usize>> {
+    let numel: usize = dims.iter().product();
+    if numel == 0 || numel != new.iter().product::<usize>() {
+        return (numel == 0 && new.iter().product::<usize>() == 0).then(|| contiguous_strides(new));
+    }
+    let mut out = vec![0usize; new.len()];
+    let mut view_d = new.len() as isize - 1;
+    let mut base = *strides.last().unwrap_or(&1);
+    let (mut tensor_numel, mut view_numel) = (1usize, 1usize);
+    for d in (0..dims.len()).rev() {
+        tensor_numel *= dims[d];
+        // The end of a chunk of axes contiguous within itself.
+        if d == 0 || (dims[d - 1] != 1 && strides[d - 1] != tensor_numel * base) {
+            while view_d >= 0 && (view_numel < tensor_numel || new[view_d as usize] == 1) {
+                out[view_d as usize] = view_numel * base;
+                view_numel *= new[view_d as usize];
+                view_d -= 1;
+            }
+            if view_numel != tensor_numel {
+                return None;
+            }
+            if d > 0 {
+                base = strides[d - 1];
+                tensor_numel = 1;
+                view_numel = 1;
+            }
+        }
+    }
+    (view_d == -1).then_some(out)
+}
+
 /// How a step runs on the arena.
 enum Exec {
     /// Nothing to do: its outputs are views of its input.
@@ -247,6 +298,29 @@ impl Arena {
                 at += len;
             }
         }
+        // Which steps read each value, and whether all of them read strided views: then a
+        // Transpose, Reshape or Split making it needs no copy (its readers gather, or copy
+        // it out themselves).
+        let mut readers: Vec<Vec<usize>> = vec![Vec::new(); views.len()];
+        for (i, st) in steps.iter().enumerate() {
+            for &a in &st.args {
+                readers[a].push(i);
+            }
+        }
+        let strided_ok = |slot: usize| {
+            slot != plan.output
+                && readers[slot].iter().all(|&r| {
+                    matches!(
+                        plan.steps[r].op,
+                        Op::MatMul
+                            | Op::Transpose { .. }
+                            | Op::Reshape { .. }
+                            | Op::Flatten { .. }
+                            | Op::Split { .. }
+                            | Op::Slice { .. }
+                    )
+                })
+        };
         // The region of each in-place Concat's output, made by its first producer.
         let mut concat_region: Vec<Option<usize>> = vec![None; n];
         let mut in_place = vec![false; views.len()];
@@ -266,34 +340,51 @@ impl Arena {
             let contiguous = arg_views.iter().all(View::is_contiguous);
             let out_dims: Vec<Vec<usize>> = st.outputs.iter().map(|&o| dims_of(o)).collect::<Result<_, _>>()?;
             // Views of the input, where the op needs no copy.
+            let outs_strided_ok = st.outputs.iter().all(|&o| strided_ok(o));
             let alias: Option<Vec<View>> = match &st.op {
                 Op::Reshape { .. } | Op::Flatten { .. } if x.is_contiguous() => Some(vec![View {
                     strides: contiguous_strides(&out_dims[0]),
                     dims: out_dims[0].clone(),
                     ..x.clone()
                 }]),
-                Op::Split { axis, sizes } if x.is_contiguous() => {
-                    let d = super::ops::axis(*axis, x.dims.len()).map_err(|e| e.to_string())?;
-                    let inner: usize = x.dims[d + 1..].iter().product();
-                    (x.dims[..d].iter().product::<usize>() == 1).then(|| {
-                        let mut start = 0;
-                        sizes
-                            .iter()
-                            .zip(&out_dims)
-                            .map(|(s, dims)| {
-                                let v = View {
-                                    off: x.off + start * inner,
-                                    strides: contiguous_strides(dims),
-                                    dims: dims.clone(),
-                                    ..x.clone()
-                                };
-                                start += s;
-                                v
-                            })
-                            .collect()
+                // A strided view reshaped, where its strides allow and its readers take one.
+                Op::Reshape { .. } | Op::Flatten { .. } if outs_strided_ok => {
+                    reshaped_strides(&x.dims, &x.strides, &out_dims[0]).map(|strides| {
+                        vec![View {
+                            strides,
+                            dims: out_dims[0].clone(),
+                            ..x.clone()
+                        }]
                     })
                 }
-                Op::Transpose { perm, view: true } => Some(vec![View {
+                Op::Split { axis, sizes } if x.is_contiguous() || outs_strided_ok => {
+                    let d = super::ops::axis(*axis, x.dims.len()).map_err(|e| e.to_string())?;
+                    let inner: usize = x.dims[d + 1..].iter().product();
+                    if x.is_contiguous() && x.dims[..d].iter().product::<usize>() == 1 {
+                        let mut start = 0;
+                        Some(
+                            sizes
+                                .iter()
+                                .zip(&out_dims)
+                                .map(|(s, dims)| {
+                                    let v = View {
+                                        off: x.off + start * inner,
+                                        strides: contiguous_strides(dims),
+                                        dims: dims.clone(),
+                                        ..x.clone()
+                                    };
+                                    start += s;
+                                    v
+                                })
+                                .collect(),
+                        )
+                    } else if outs_strided_ok {
+                        split_views(x, d, sizes).filter(|p| p.iter().zip(&out_dims).all(|(v, d)| v.dims == *d))
+                    } else {
+                        None
+                    }
+                }
+                Op::Transpose { perm, view } if *view || outs_strided_ok => Some(vec![View {
                     dims: perm.iter().map(|&p| x.dims[p]).collect(),
                     strides: perm.iter().map(|&p| x.strides[p]).collect(),
                     ..x.clone()
@@ -311,19 +402,11 @@ impl Arena {
             let copies: Option<Vec<View>> = match &st.op {
                 Op::Split { axis, sizes } => {
                     let d = super::ops::axis(*axis, x.dims.len()).map_err(|e| e.to_string())?;
-                    let mut start = 0;
-                    let parts = sizes
-                        .iter()
-                        .map(|s| {
-                            let mut v = x.clone();
-                            v.off += start * x.strides[d];
-                            v.dims[d] = *s;
-                            start += s;
-                            v
-                        })
-                        .collect();
-                    (start <= x.dims[d]).then_some(parts)
+                    split_views(x, d, sizes)
                 }
+                // A strided view reshaped where no strides express it: copied out in its own
+                // order, which is the reshaped value's contiguous layout.
+                Op::Reshape { .. } | Op::Flatten { .. } => Some(vec![x.clone()]),
                 Op::Slice { starts, ends, axes } => {
                     let mut v = x.clone();
                     for ((s, e), ax) in starts.iter().zip(ends).zip(axes) {
@@ -341,7 +424,11 @@ impl Arena {
             .filter(|parts: &Vec<View>| {
                 x.dims.len() <= kernels::MAX_RANK
                     && parts.len() == out_dims.len()
-                    && parts.iter().zip(&out_dims).all(|(p, d)| p.dims == *d)
+                    && parts.iter().zip(&out_dims).all(|(p, d)| {
+                        p.dims == *d
+                            || (matches!(st.op, Op::Reshape { .. } | Op::Flatten { .. })
+                                && p.len() == d.iter().product::<usize>())
+                    })
             });
             let native = all_f32
                 && match &st.op {
@@ -866,6 +953,48 @@ mod tests {
     use super::*;
 
     /// Packing: a region is reused once its last reader has run, never while it is live.
+    /// Reshaped strides, where they exist, read what the permuted tensor copied out and
+    /// reshaped holds; where they do not (axes merged across a transpose), none.
+    #[test]
+    fn reshaped_strides_read_what_a_copy_would() {
+        // (dims, permutation, new dims, whether strides exist)
+        let cases: &[(&[usize], &[usize], &[usize], bool)] = &[
+            (&[2, 3, 4], &[0, 1, 2], &[6, 4], true),
+            (&[2, 3, 4], &[0, 2, 1], &[2, 12], false),
+            (&[2, 3, 4], &[0, 2, 1], &[2, 2, 2, 3], true),
+            (&[4, 6, 5], &[1, 0, 2], &[6, 4, 5, 1], true),
+            (&[4, 6, 5], &[1, 0, 2], &[6, 20], false),
+            (&[4, 6, 5], &[2, 0, 1], &[5, 24], true),
+            (&[4, 6, 5], &[1, 0, 2], &[24, 5], false),
+            (&[1, 6, 10], &[0, 2, 1], &[1, 2, 5, 3, 2], true),
+            (&[3, 1, 4], &[2, 1, 0], &[1, 4, 3], true),
+        ];
+        for &(dims, perm, new, exists) in cases {
+            let st = contiguous_strides(dims);
+            let (pd, ps): (Vec<usize>, Vec<usize>) = perm.iter().map(|&p| (dims[p], st[p])).unzip();
+            // The permuted tensor copied out: element i is at offset `gather(pd, ps, i)`.
+            let gather = |d: &[usize], s: &[usize], mut i: usize| {
+                let mut off = 0;
+                for (d, s) in d.iter().zip(s).rev() {
+                    off += i % d * s;
+                    i /= d;
+                }
+                off
+            };
+            let got = reshaped_strides(&pd, &ps, new);
+            assert_eq!(got.is_some(), exists, "{dims:?} {perm:?} -> {new:?}: {got:?}");
+            if let Some(ns) = got {
+                for i in 0..dims.iter().product() {
+                    assert_eq!(
+                        gather(new, &ns, i),
+                        gather(&pd, &ps, i),
+                        "{dims:?} {perm:?} -> {new:?} at {i}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn regions_are_reused_only_after_their_last_reader() {
         let mut p = Packer {

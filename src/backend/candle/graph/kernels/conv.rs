@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -136,26 +136,31 @@ impl Conv {
     }
 
     /// The first input (the warm-up at load): each form run once to warm it, then the
-    /// fastest kept by the better of two timed runs (one noisy run must not decide).
+    /// fastest kept by its best of three timed runs, in rounds whose order alternates (one
+    /// noisy run, or a machine slowing down, must not decide).
     fn decide(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
-        let time = |form: u8| {
-            let run = || match (form, &self.winograd) {
-                (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
-                (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
-                _ => self.im2col(x, dims, ohw, dst),
-            };
-            run();
-            let t = Instant::now();
-            run();
-            let first = t.elapsed();
-            let t = Instant::now();
-            run();
-            first.min(t.elapsed())
+        let run = |form: u8| match (form, &self.winograd) {
+            (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
+            (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
+            _ => self.im2col(x, dims, ohw, dst),
         };
-        let mut forms = vec![(IM2COL, time(IM2COL)), (SHIFTED, time(SHIFTED))];
+        let mut forms = vec![(IM2COL, Duration::MAX), (SHIFTED, Duration::MAX)];
         if self.winograd.is_some() {
-            forms.push((WINOGRAD, time(WINOGRAD)));
+            forms.push((WINOGRAD, Duration::MAX));
         }
+        for &(f, _) in &forms {
+            run(f);
+        }
+        for round in 0..3 {
+            for i in 0..forms.len() {
+                let i = if round % 2 == 1 { forms.len() - 1 - i } else { i };
+                let t = Instant::now();
+                run(forms[i].0);
+                forms[i].1 = forms[i].1.min(t.elapsed());
+            }
+        }
+        // The last round ran forwards: its last form's answer is in `dst`.
+        let last = forms.last().expect("two forms at least").0;
         let (pick, _) = *forms.iter().min_by_key(|(_, t)| *t).expect("two forms at least");
         self.choice.store(pick, Relaxed);
         let (_, _, h, w) = dims;
@@ -175,7 +180,7 @@ impl Conv {
             k = self.geo.k,
             s = self.geo.stride,
         );
-        if pick != forms.last().expect("two forms at least").0 {
+        if pick != last {
             // `dst` holds the last form's answer.
             self.forward(x, dims, ohw, dst);
         }
