@@ -957,8 +957,9 @@ mod tests {
     /// reshaped holds; where they do not (axes merged across a transpose), none.
     #[test]
     fn reshaped_strides_read_what_a_copy_would() {
-        // (dims, permutation, new dims, whether strides exist)
-        let cases: &[(&[usize], &[usize], &[usize], bool)] = &[
+        /// (dims, permutation, new dims, whether strides exist)
+        type Case<'a> = (&'a [usize], &'a [usize], &'a [usize], bool);
+        let cases: &[Case] = &[
             (&[2, 3, 4], &[0, 1, 2], &[6, 4], true),
             (&[2, 3, 4], &[0, 2, 1], &[2, 12], false),
             (&[2, 3, 4], &[0, 2, 1], &[2, 2, 2, 3], true),
