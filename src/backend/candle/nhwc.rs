@@ -292,8 +292,29 @@ multiversion! {
         for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
             let oy = oy0 + r;
             let (ky0, ky1) = g.taps(oy, pt, h);
-            for ox in 0..ow {
+            let mut ox = 0;
+            while ox < ow {
                 let (kx0, kx1) = g.taps(ox, pl, w);
+                if ox + 1 < ow && g.taps(ox + 1, pl, w) == (kx0, kx1) {
+                    // Two pixels with the same taps: each weight load serves both.
+                    let t = (ky0, ky1, kx0, kx1);
+                    let mut cb = 0;
+                    while cb + 64 <= c {
+                        dw_pair::<64, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        cb += 64;
+                    }
+                    while cb + 16 <= c {
+                        dw_pair::<16, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        cb += 16;
+                    }
+                    while cb < c {
+                        dw_pair::<1, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        cb += 1;
+                    }
+                    dw.act.apply_all(&mut orow[ox * c..(ox + 2) * c]);
+                    ox += 2;
+                    continue;
+                }
                 let o = &mut orow[ox * c..(ox + 1) * c];
                 let mut cb = 0;
                 // Channel blocks held in registers across the taps: 64, then 16, then 1.
@@ -310,9 +331,44 @@ multiversion! {
                     cb += 1;
                 }
                 dw.act.apply_all(o);
+                ox += 1;
             }
         }
     }
+}
+
+/// Channels `cb..cb + B` of output pixels `ox` and `ox + 1` of row `orow`, whose taps
+/// (the same for both) are `t`.
+#[inline(always)]
+fn dw_pair<const B: usize, const FMA: bool>(
+    dw: &Depthwise,
+    x: &[f32],
+    w: usize,
+    (oy, ox): (usize, usize),
+    (ky0, ky1, kx0, kx1): (usize, usize, usize, usize),
+    cb: usize,
+    orow: &mut [f32],
+) {
+    let (c, g) = (dw.c, dw.geo);
+    let [pt, _, pl, _] = g.pad;
+    let mut a0 = [0f32; B];
+    a0.copy_from_slice(&dw.bias[cb..cb + B]);
+    let mut a1 = a0;
+    for ky in ky0..ky1 {
+        let iy = oy * g.stride + ky - pt;
+        for kx in kx0..kx1 {
+            let ix = ox * g.stride + kx - pl;
+            let i0 = &x[(iy * w + ix) * c + cb..][..B];
+            let i1 = &x[(iy * w + ix + g.stride) * c + cb..][..B];
+            let f = &dw.w[(ky * g.k + kx) * c + cb..][..B];
+            for j in 0..B {
+                a0[j] = madd::<FMA>(f[j], i0[j], a0[j]);
+                a1[j] = madd::<FMA>(f[j], i1[j], a1[j]);
+            }
+        }
+    }
+    orow[ox * c + cb..][..B].copy_from_slice(&a0);
+    orow[(ox + 1) * c + cb..][..B].copy_from_slice(&a1);
 }
 
 /// Channels `cb..cb + B` of one output pixel.
