@@ -15,7 +15,7 @@
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
-use super::super::cpu::{multiversion, Act};
+use super::super::cpu::{multiversion, Act, Isa, Level};
 use super::super::nhwc::{apply, Geometry};
 
 mod conv;
@@ -25,10 +25,72 @@ mod winograd;
 pub use conv::{Conv, Depthwise};
 pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample, MAX_RANK};
 
+/// `act` on every element: SiLU and sigmoid in AVX-512's own instructions where the CPU
+/// has them ([`sigmoid_v4`]), the rest (and other CPUs) from the portable body.
+pub(super) fn activate(isa: Isa, s: &mut [f32], act: Act) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() == Level::V4 && matches!(act, Act::Silu | Act::Sigmoid) {
+        // SAFETY: an `Isa` of level V4 exists only where AVX-512 F was found.
+        return unsafe { sigmoid_v4(s, act == Act::Silu) };
+    }
+    activate_any(isa, s, act)
+}
+
 multiversion! {
-    /// `act` on every element.
-    pub(super) fn activate(s: &mut [f32], act: Act) {
+    /// `act` on every element, from the portable body.
+    fn activate_any(s: &mut [f32], act: Act) {
         apply::<FMA>(s, act)
+    }
+}
+
+/// `x * sigmoid(x)` (`silu`) or `sigmoid(x)` on every element: `e^-x` as `2^k p(r)`
+/// with `vscalefps` doing the `2^k` (no clamps or exponent bits by hand), a degree-6
+/// polynomial, and `1 / (1 + e^-x)` as `vrcp14ps` plus one Newton step. About 15
+/// instructions a vector where the portable body takes 26 (SiLU was 9 % of YOLOv12n).
+///
+/// # Safety
+/// AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sigmoid_v4(s: &mut [f32], silu: bool) {
+    use std::arch::x86_64::*;
+    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+    let (hi, lo) = (_mm512_set1_ps(0.693_145_75), _mm512_set1_ps(1.428_606_8e-6));
+    let one = _mm512_set1_ps(1.0);
+    // e^-x overflows past x = -88; there the sigmoid is 0 to f32's precision anyway.
+    let top = _mm512_set1_ps(88.0);
+    const C: [f32; 6] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    let f = |x: __m512| {
+        let t = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), top);
+        // k = round(t log2 e); r = t - k ln 2 in two parts.
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(t, log2e));
+        let r = _mm512_fnmadd_ps(k, lo, _mm512_fnmadd_ps(k, hi, t));
+        let mut p = _mm512_set1_ps(C[0]);
+        for c in &C[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+        }
+        let e = _mm512_scalef_ps(_mm512_fmadd_ps(p, r, one), k);
+        let d = _mm512_add_ps(one, e);
+        let y = _mm512_rcp14_ps(d);
+        // One Newton step: y (2 - d y), from 14 bits to about 24.
+        let y = _mm512_fmadd_ps(y, _mm512_fnmadd_ps(d, y, one), y);
+        if silu {
+            _mm512_mul_ps(x, y)
+        } else {
+            y
+        }
+    };
+    let mut chunks = s.chunks_exact_mut(16);
+    for c in &mut chunks {
+        // SAFETY: 16 floats at `c`.
+        unsafe { _mm512_storeu_ps(c.as_mut_ptr(), f(_mm512_loadu_ps(c.as_ptr()))) };
+    }
+    let rest = chunks.into_remainder();
+    let mask = ((1u32 << rest.len()) - 1) as u16;
+    // SAFETY: the mask covers the `rest.len() < 16` floats at `rest`.
+    unsafe {
+        let x = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
+        _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, f(x));
     }
 }
 
@@ -342,6 +404,28 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("smaller than the kernel"));
+    }
+
+    /// SiLU and sigmoid on every instruction set (AVX-512's own kernel included) against
+    /// f64, from far below where e^-x overflows to far above, with a tail past 16 lanes.
+    #[test]
+    fn silu_and_sigmoid_match_f64_on_every_isa() {
+        use super::super::super::cpu::Isa;
+        let xs: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.05).collect();
+        for isa in Isa::supported() {
+            for act in [Act::Silu, Act::Sigmoid] {
+                let mut v = xs.clone();
+                activate(isa, &mut v, act);
+                for (&x, &got) in xs.iter().zip(&v) {
+                    let sig = 1.0 / (1.0 + (-(x as f64)).exp());
+                    let want = if act == Act::Silu { x as f64 * sig } else { sig };
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-6 * want.abs() + 1e-30,
+                        "{isa:?} {act:?}({x}) = {got}, f64 {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
