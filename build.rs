@@ -39,8 +39,17 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
         cuda_kernels();
     }
-    for path in [".git/HEAD", ".git/refs/heads"] {
-        if std::path::Path::new(path).exists() {
+    // A commit changes the branch's ref file (or packed-refs), not HEAD nor the refs
+    // folder: watch the file HEAD names too, or the binary reports an older commit.
+    let head_ref = std::fs::read_to_string(".git/HEAD")
+        .ok()
+        .and_then(|h| h.strip_prefix("ref: ").map(|r| format!(".git/{}", r.trim())));
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(head_ref)
+    {
+        if std::path::Path::new(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }
     }
