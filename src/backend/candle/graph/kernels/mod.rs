@@ -43,9 +43,37 @@ multiversion! {
     }
 }
 
-/// `x * sigmoid(x)` (`silu`) or `sigmoid(x)` on every element: `e^-x` as `2^k p(r)`
-/// with `vscalefps` doing the `2^k` (no clamps or exponent bits by hand), a degree-6
-/// polynomial, and `1 / (1 + e^-x)` as `vrcp14ps` plus one Newton step. About 15
+/// `e^t` on 16 lanes as `2^k p(r)`, `vscalefps` doing the `2^k` (no clamps or exponent
+/// bits by hand: it goes to 0 or infinity where `e^t` leaves f32), `p` of degree 6 on
+/// `|r| <= ln 2 / 2` (about 1.2e-7 relative).
+///
+/// # Safety
+/// AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn exp_v4(t: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    const C: [f32; 6] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    // k = round(t log2 e); r = t - k ln 2 in two parts.
+    let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
+        t,
+        _mm512_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm512_fnmadd_ps(
+        k,
+        _mm512_set1_ps(1.428_606_8e-6),
+        _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_145_75), t),
+    );
+    let mut p = _mm512_set1_ps(C[0]);
+    for c in &C[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+    }
+    _mm512_scalef_ps(_mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0)), k)
+}
+
+/// `x * sigmoid(x)` (`silu`) or `sigmoid(x)` on every element: `e^-x` by [`exp_v4`],
+/// and `1 / (1 + e^-x)` as `vrcp14ps` plus one Newton step. About 15
 /// instructions a vector where the portable body takes 26 (SiLU was 9 % of YOLOv12n).
 ///
 /// # Safety
@@ -54,22 +82,12 @@ multiversion! {
 #[target_feature(enable = "avx512f")]
 unsafe fn sigmoid_v4(s: &mut [f32], silu: bool) {
     use std::arch::x86_64::*;
-    let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
-    let (hi, lo) = (_mm512_set1_ps(0.693_145_75), _mm512_set1_ps(1.428_606_8e-6));
     let one = _mm512_set1_ps(1.0);
     // e^-x overflows past x = -88; there the sigmoid is 0 to f32's precision anyway.
     let top = _mm512_set1_ps(88.0);
-    const C: [f32; 6] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
     let f = |x: __m512| {
-        let t = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), top);
-        // k = round(t log2 e); r = t - k ln 2 in two parts.
-        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(t, log2e));
-        let r = _mm512_fnmadd_ps(k, lo, _mm512_fnmadd_ps(k, hi, t));
-        let mut p = _mm512_set1_ps(C[0]);
-        for c in &C[1..] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
-        }
-        let e = _mm512_scalef_ps(_mm512_fmadd_ps(p, r, one), k);
+        // SAFETY: AVX-512 F, as this function's.
+        let e = unsafe { exp_v4(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), top)) };
         let d = _mm512_add_ps(one, e);
         let y = _mm512_rcp14_ps(d);
         // One Newton step: y (2 - d y), from 14 bits to about 24.
@@ -509,6 +527,29 @@ mod tests {
                 let want = e.broadcast_div(&e.sum_keepdim(d).unwrap()).unwrap();
                 let got = x.apply_op1_no_bwd(&Softmax { axis, scale }).unwrap();
                 close(&got, &want, &format!("softmax axis {axis} scale {scale}"));
+            }
+        }
+    }
+
+    /// One row's softmax on every instruction set (AVX-512's own kernel included) against
+    /// f64, at lengths under, at and past a vector, with and without a tail.
+    #[test]
+    fn softmax_rows_match_f64_on_every_isa() {
+        use super::super::super::cpu::Isa;
+        for isa in Isa::supported() {
+            for len in [1usize, 7, 16, 37, 400] {
+                let x: Vec<f32> = (0..len).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3).collect();
+                let mut o = vec![f32::NAN; len];
+                tensor::softmax_row(isa, &x, 0.5, &mut o);
+                let mx = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(0.5 * v as f64));
+                let sum: f64 = x.iter().map(|&v| (0.5 * v as f64 - mx).exp()).sum();
+                for (&v, &got) in x.iter().zip(&o) {
+                    let want = (0.5 * v as f64 - mx).exp() / sum;
+                    assert!(
+                        (got as f64 - want).abs() <= 1e-6 * want + 1e-12,
+                        "{isa:?} length {len}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::super::super::cpu::{multiversion, split, threads, Act, Isa};
+use super::super::super::cpu::{multiversion, split, threads, Act, Isa, Level};
 use super::super::super::gemm::{gemm_packed, pack_a, pack_b, Strided, Tile, B};
 use super::super::super::nhwc;
 use super::*;
@@ -283,9 +283,63 @@ impl Softmax {
     }
 }
 
+/// `o = softmax(scale * x)` over one contiguous row: in AVX-512's own instructions
+/// where the CPU has them ([`softmax_row_v4`]), else from the portable body.
+pub(super) fn softmax_row(isa: Isa, x: &[f32], scale: f32, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.level() == Level::V4 {
+        // SAFETY: an `Isa` of level V4 exists only where AVX-512 F was found.
+        return unsafe { softmax_row_v4(x, scale, o) };
+    }
+    softmax_row_any(isa, x, scale, o)
+}
+
+/// [`softmax_row`] on AVX-512: the max, then `e^(scale x - max)` by [`super::exp_v4`]
+/// stored and summed, then the scale by `1 / sum`; the tail under a mask.
+///
+/// # Safety
+/// AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_row_v4(x: &[f32], scale: f32, o: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert_eq!(x.len(), o.len(), "softmax: row lengths");
+    let n = x.len();
+    let full = n / 16 * 16;
+    let mask = ((1u32 << (n - full)) - 1) as u16;
+    let sc = _mm512_set1_ps(scale);
+    // SAFETY (every load and store below): whole vectors at j < full lie inside both
+    // rows; the tail's mask covers its n - full < 16 floats.
+    unsafe {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for j in (0..full).step_by(16) {
+            m = _mm512_max_ps(m, _mm512_mul_ps(_mm512_loadu_ps(x.as_ptr().add(j)), sc));
+        }
+        let tail = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, x.as_ptr().add(full)), sc);
+        m = _mm512_mask_max_ps(m, mask, m, tail);
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        let mut sum = _mm512_setzero_ps();
+        for j in (0..full).step_by(16) {
+            let e = super::exp_v4(_mm512_fmsub_ps(_mm512_loadu_ps(x.as_ptr().add(j)), sc, mx));
+            _mm512_storeu_ps(o.as_mut_ptr().add(j), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let e = super::exp_v4(_mm512_sub_ps(tail, mx));
+        _mm512_mask_storeu_ps(o.as_mut_ptr().add(full), mask, e);
+        sum = _mm512_mask_add_ps(sum, mask, sum, e);
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for j in (0..full).step_by(16) {
+            let p = o.as_mut_ptr().add(j);
+            _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), inv));
+        }
+        let p = o.as_mut_ptr().add(full);
+        _mm512_mask_storeu_ps(p, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p), inv));
+    }
+}
+
 multiversion! {
-    /// `o = softmax(scale * x)` over one contiguous row.
-    fn softmax_row(x: &[f32], scale: f32, o: &mut [f32]) {
+    /// `o = softmax(scale * x)` over one contiguous row, from the portable body.
+    fn softmax_row_any(x: &[f32], scale: f32, o: &mut [f32]) {
         const L: usize = 16;
         let mut m = [f32::NEG_INFINITY; L];
         let mut chunks = x.chunks_exact(L);
