@@ -308,7 +308,7 @@ unsafe fn softmax_row_v4(x: &[f32], scale: f32, o: &mut [f32]) {
     let full = n / 16 * 16;
     let mask = ((1u32 << (n - full)) - 1) as u16;
     let sc = _mm512_set1_ps(scale);
-    // SAFETY (every load and store below): whole vectors at j < full lie inside both
+    // SAFETY: every load and store below: whole vectors at j < full lie inside both
     // rows; the tail's mask covers its n - full < 16 floats.
     unsafe {
         let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
