@@ -242,7 +242,8 @@ pub enum B<'a> {
     /// `data[off[p] + j / run * run_stride + j % run]`. A convolution reads its
     /// (padded, phase-split) input this way as the im2col matrix it never writes:
     /// a run is one output row, each row of `b` one tap of the kernel. No panel
-    /// crosses a run.
+    /// crosses a run. (Only the graph path's convolutions make one.)
+    #[cfg_attr(not(feature = "candle-graph"), allow(dead_code))]
     Shifted {
         data: &'a [f32],
         off: &'a [u32],
