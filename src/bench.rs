@@ -126,7 +126,7 @@ pub fn bench_decode(file: &str, iters: usize, size: u32, mode: &str, filter: Opt
 /// model on the tensor preprocessed from FILE (median and p99 over `iters`
 /// runs after warm-up) and, where the backend can, its per-layer profile
 /// (each layer's median over five profiled runs; the slowest `layers` listed,
-/// then totals by kind).
+/// then totals by kind; `--layers 0` skips the profile).
 pub fn bench_model(
     settings: &Settings,
     model: Option<&str>,
@@ -201,7 +201,9 @@ pub fn bench_model(
         )
     });
     let i = &m.config.inference;
-    let runs: Vec<Vec<(String, Duration)>> = (0..5).filter_map(|_| ml.primary.engine.profile(&tensor)).collect();
+    // `--layers 0`: no table, so no profiled runs either.
+    let profiled = if layers == 0 { 0 } else { 5 };
+    let runs: Vec<Vec<(String, Duration)>> = (0..profiled).filter_map(|_| ml.primary.engine.profile(&tensor)).collect();
     let profile = runs.first().map(|first| {
         let mut v: Vec<(String, Duration)> = first
             .iter()
