@@ -203,7 +203,9 @@ pub fn bench_model(
     let i = &m.config.inference;
     // `--layers 0`: no table, so no profiled runs either.
     let profiled = if layers == 0 { 0 } else { 5 };
-    let runs: Vec<Vec<(String, Duration)>> = (0..profiled).filter_map(|_| ml.primary.engine.profile(&tensor)).collect();
+    let runs: Vec<Vec<(String, Duration)>> = (0..profiled)
+        .filter_map(|_| ml.primary.engine.profile(&tensor))
+        .collect();
     let profile = runs.first().map(|first| {
         let mut v: Vec<(String, Duration)> = first
             .iter()
