@@ -17,7 +17,6 @@
 //! parts (closer to the reference, where it has no FMA).
 
 use super::cpu::{Isa, Level};
-use super::nhwc::gemm_set;
 
 /// The depth of one pass of the register tile over `k`.
 pub const KC: usize = 256;
@@ -675,6 +674,40 @@ unsafe fn base(s: &Step) {
                 *at = if s.first { *x } else { *at + *x };
             }
         }
+    }
+}
+
+/// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this
+/// thread, by the `gemm` crate: the peer `bench gemm` measures against.
+pub(super) fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assert above keeps every index gemm computes from these
+    // strides inside the three slices; `out` is borrowed mutably, the others shared.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
 }
 

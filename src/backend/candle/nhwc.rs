@@ -5,9 +5,9 @@
 //! the general convolution (im2col + GEMM), each with bias, activation and
 //! (pointwise) a residual fused in; global average pooling; the dense layer.
 //! Weights are packed once, at construction. No kernel allocates: outputs
-//! and scratch are the caller's (the GEMM crate keeps its own small packing
-//! buffers). Work is split across the CPU pool (`cpu::threads`) by output
-//! rows.
+//! and scratch are the caller's (the GEMM, `nhwc_gemm.rs`, keeps a packing
+//! buffer per pool thread). Work is split across the CPU pool (`cpu::threads`)
+//! by output rows (the GEMM: by output channels where pixels are few).
 //!
 //! NHWC keeps a pixel's channels contiguous: a pointwise layer is one
 //! `[pixels, c_in] x [c_in, c_out]` GEMM with no copy, and a depthwise tap
@@ -20,42 +20,7 @@
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
-
-/// `out[m x n] = a[m x k] * b[k x n]`, all row-major (`a`'s rows `lda` apart), on this thread,
-/// by the `gemm` crate. Not by `gemm.rs`: its tiles run along `n`, and here `n` is the
-/// layer's output channels (16 to 40 on the layers that count), where it took EfficientNet-
-/// Lite0 from 8.2-8.6 to 10.3-12.4 ms (BENCHMARKS.md, "Our own GEMM").
-pub(super) fn gemm_set(m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], out: &mut [f32]) {
-    assert!(m == 0 || (a.len() >= (m - 1) * lda + k && b.len() >= k * n && out.len() >= m * n));
-    if m == 0 || n == 0 {
-        return;
-    }
-    // SAFETY: the assert above keeps every index gemm computes from these
-    // strides inside the three slices; `out` is borrowed mutably, the others shared.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
-}
+use super::nhwc_gemm::{self, Epilogue};
 
 /// `a * b + c`, fused where the instruction set has FMA.
 #[inline(always)]
@@ -64,25 +29,6 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     } else {
         a * b + c
-    }
-}
-
-multiversion! {
-    /// The GEMM's epilogue, row by row (`bias.len()` wide) while the row is in L1:
-    /// `act(out + bias (+ the same row of residual))`.
-    fn epilogue(out: &mut [f32], bias: &[f32], residual: Option<&[f32]>, act: Act) {
-        let c = bias.len();
-        for (i, o) in out.chunks_exact_mut(c).enumerate() {
-            match residual {
-                Some(r) => {
-                    for ((o, r), b) in o.iter_mut().zip(&r[i * c..(i + 1) * c]).zip(bias) {
-                        *o += r + b;
-                    }
-                }
-                None => o.iter_mut().zip(bias).for_each(|(o, b)| *o += b),
-            }
-            apply::<FMA>(o, act);
-        }
     }
 }
 
@@ -149,23 +95,19 @@ fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// A 1x1 convolution: `[pixels, c_in] x [c_in, c_out]`, bias, optional residual, activation.
 pub struct Pointwise {
-    /// `[c_in][c_out]`.
-    w: Vec<f32>,
+    w: nhwc_gemm::Weights,
     bias: Vec<f32>,
     pub cin: usize,
     pub cout: usize,
     pub act: Act,
 }
 
-/// Output pixels per GEMM call: the call's output stays in L2 for the fused epilogue.
-const TILE: usize = 192;
-
 impl Pointwise {
     /// From OIHW weights (`[c_out][c_in]` for 1x1) and a bias.
     pub fn new(w_oi: &[f32], bias: &[f32], cout: usize, cin: usize, act: Act) -> Result<Pointwise, String> {
         sizes_fit("a 1x1 convolution", w_oi.len(), &[cout, cin], bias.len(), cout)?;
         Ok(Pointwise {
-            w: transposed(w_oi, cout, cin),
+            w: nhwc_gemm::Weights::new(&transposed(w_oi, cout, cin), cin, cout),
             bias: bias.to_vec(),
             cin,
             cout,
@@ -175,17 +117,12 @@ impl Pointwise {
 
     /// `out[..pixels * c_out]` from `x[..pixels * c_in]`, plus `residual` (`pixels * c_out`) if given.
     pub fn run(&self, isa: Isa, x: &[f32], pixels: usize, residual: Option<&[f32]>, out: &mut [f32]) {
-        let (cin, cout) = (self.cin, self.cout);
-        let (_, per) = split(pixels, TILE);
-        out[..pixels * cout]
-            .par_chunks_mut(per * cout)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let (p0, rows) = (t * per, o.len() / cout);
-                let res = residual.map(|r| &r[p0 * cout..(p0 + rows) * cout]);
-                gemm_set(rows, cout, cin, &x[p0 * cin..], cin, &self.w, o);
-                epilogue(isa, o, &self.bias, res, self.act);
-            });
+        let epi = Epilogue {
+            bias: &self.bias,
+            residual: residual.map(|r| &r[..pixels * self.cout]),
+            act: self.act,
+        };
+        nhwc_gemm::run(isa, &self.w, x, self.cin, pixels, epi, out);
     }
 }
 
@@ -400,10 +337,13 @@ fn dw_block<const B: usize, const FMA: bool>(
     out.copy_from_slice(&acc);
 }
 
+/// Output pixels per im2col task.
+const IM2COL_ROWS: usize = 1024;
+
 /// A general convolution (groups = 1) as im2col + GEMM, bias and activation fused.
 pub struct Conv {
     /// `[k*k*c_in][c_out]`, rows in (ky, kx, c_in) order, matching the im2col rows.
-    w: Vec<f32>,
+    w: nhwc_gemm::Weights,
     bias: Vec<f32>,
     pub cin: usize,
     pub cout: usize,
@@ -426,7 +366,7 @@ impl Conv {
             }
         }
         Ok(Conv {
-            w,
+            w: nhwc_gemm::Weights::new(&w, k * k * cin, cout),
             bias: bias.to_vec(),
             cin,
             cout,
@@ -445,17 +385,17 @@ impl Conv {
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, col: &mut [f32], out: &mut [f32]) {
         let (oh, ow) = self.geo.out_size(h, w);
         let (pixels, kc) = (oh * ow, self.geo.k * self.geo.k * self.cin);
-        let (_, per) = split(pixels, TILE);
-        out[..pixels * self.cout]
-            .par_chunks_mut(per * self.cout)
-            .zip(col[..pixels * kc].par_chunks_mut(per * kc))
+        let (_, per) = split(pixels, IM2COL_ROWS);
+        col[..pixels * kc]
+            .par_chunks_mut(per * kc)
             .enumerate()
-            .for_each(|(t, (o, col))| {
-                let p0 = t * per;
-                im2col(isa, self, x, h, w, p0, col);
-                gemm_set(o.len() / self.cout, self.cout, kc, col, kc, &self.w, o);
-                epilogue(isa, o, &self.bias, None, self.act);
-            });
+            .for_each(|(t, col)| im2col(isa, self, x, h, w, t * per, col));
+        let epi = Epilogue {
+            bias: &self.bias,
+            residual: None,
+            act: self.act,
+        };
+        nhwc_gemm::run(isa, &self.w, col, kc, pixels, epi, out);
     }
 }
 
@@ -680,9 +620,16 @@ mod tests {
     #[test]
     fn pointwise_with_residual_matches_candle_on_every_isa() {
         for isa in Isa::supported() {
-            for (n, &(cin, cout, h, w)) in [(16, 96, 15, 17), (1, 1, 1, 1), (320, 1280, 7, 7), (83, 5, 40, 41)]
-                .iter()
-                .enumerate()
+            for (n, &(cin, cout, h, w)) in [
+                (16, 96, 15, 17),
+                (1, 1, 1, 1),
+                (320, 1280, 7, 7),
+                (83, 5, 40, 41),
+                (192, 1152, 7, 7),
+                (24, 40, 9, 11),
+            ]
+            .iter()
+            .enumerate()
             {
                 let act = ACTS[n % ACTS.len()];
                 let geo = Geometry {
