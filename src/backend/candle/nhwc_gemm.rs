@@ -430,20 +430,25 @@ unsafe fn v3<const R: usize>(j: &Job, s0: usize, ks: Range<usize>, last: bool) {
     // Whole vectors load and store plainly; only an edge is masked (a masked store
     // is microcode on AMD's cores, a dozen cycles each).
     let full = here == NV * W;
-    // SAFETY (load, store): `p` at lanes under the mask, inside a slice the caller's
-    // asserts bound (`bias`: `cols` floats; `c` and the residual: `rows` rows of `cols`).
-    let load = |p: *const f32, v: usize| unsafe {
-        if full {
-            _mm256_loadu_ps(p)
-        } else {
-            _mm256_maskload_ps(p, masks[v])
+    let load = |p: *const f32, v: usize| {
+        // SAFETY: `p` at lanes under the mask, inside a slice the caller's asserts
+        // bound (`bias`: `cols` floats; `c` and the residual: `rows` rows of `cols`).
+        unsafe {
+            if full {
+                _mm256_loadu_ps(p)
+            } else {
+                _mm256_maskload_ps(p, masks[v])
+            }
         }
     };
-    let store = |p: *mut f32, v: usize, x: __m256| unsafe {
-        if full {
-            _mm256_storeu_ps(p, x)
-        } else {
-            _mm256_maskstore_ps(p, masks[v], x)
+    let store = |p: *mut f32, v: usize, x: __m256| {
+        // SAFETY: as `load`'s, in the caller's tile of `c`.
+        unsafe {
+            if full {
+                _mm256_storeu_ps(p, x)
+            } else {
+                _mm256_maskstore_ps(p, masks[v], x)
+            }
         }
     };
     // SAFETY: `bias` holds `cols` floats from s0 on under the masks.
