@@ -5,9 +5,9 @@
 //! the general convolution (im2col + GEMM), each with bias, activation and
 //! (pointwise) a residual fused in; global average pooling; the dense layer.
 //! Weights are packed once, at construction. No kernel allocates: outputs
-//! and scratch are the caller's (the GEMM, `nhwc_gemm.rs`, keeps a packing
-//! buffer per pool thread). Work is split across the CPU pool (`cpu::threads`)
-//! by output rows (the GEMM: by output channels where pixels are few).
+//! and scratch are the caller's (the GEMM, `nhwc_gemm.rs`, reads the pixels in
+//! place). Work is split across the CPU pool (`cpu::threads`) by output rows
+//! (the GEMM: by output channels where pixels are few).
 //!
 //! NHWC keeps a pixel's channels contiguous: a pointwise layer is one
 //! `[pixels, c_in] x [c_in, c_out]` GEMM with no copy, and a depthwise tap
