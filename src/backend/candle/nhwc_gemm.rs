@@ -3,10 +3,10 @@
 //!
 //! Owns: the weights' packing (panels of 48 output channels, [`pack_b`]'s layout),
 //! the split of one layer across the pool (by pixels, or by output channels where
-//! a layer has few pixels), the AVX2 register tile (which AVX-512 CPUs run too),
-//! and a portable row kernel for the baseline. Pixels are read where they lie
-//! (a pointer per row of the tile), so nothing is packed per call and nothing
-//! is allocated.
+//! a layer has few pixels), the register tiles (AVX-512: up to 12 pixels by 16 or
+//! 32 channels, 8 by 48; AVX2: 6 by 16), and a portable row kernel for the
+//! baseline. Pixels are read where they lie (a pointer per row of the tile), so
+//! nothing is packed per call and nothing is allocated.
 //!
 //! Each layer also keeps the form this plan ran before, the `gemm` crate plus
 //! an epilogue pass, and times both on its first input, keeping the faster
@@ -111,11 +111,15 @@ pub struct Epilogue<'a> {
     pub act: Act,
 }
 
-/// Pixels per register tile: 6 with AVX2 (which AVX-512 CPUs run too); 4 for the
-/// portable kernel, which runs a row at a time.
-fn rows_per_tile(isa: Isa) -> usize {
+/// Pixels per register tile, for a tile `nv` vectors of 16 channels wide: with
+/// AVX-512 (32 registers) 12 by 16 or 32 channels and 8 by 48, 24 accumulators at
+/// most; with AVX2, 6 by 16 (two vectors of 8); 4 for the portable kernel, which
+/// runs a row at a time.
+fn rows_per_tile(isa: Isa, nv: usize) -> usize {
     match isa.level() {
-        Level::V4 | Level::V3 => 6,
+        Level::V4 if nv >= 3 => 8,
+        Level::V4 => 12,
+        Level::V3 => 6,
         Level::Base => 4,
     }
 }
@@ -192,8 +196,8 @@ pub fn run_form(
             });
         return;
     }
-    let mr = rows_per_tile(isa);
     let (units, t) = (w.units(), threads().max(1));
+    let mr = rows_per_tile(isa, units.min(NR / LANES));
     let o = Out(out.as_mut_ptr());
     // Few pixels: split by channels where that loads the threads as evenly as
     // splitting the tiles of pixels would (each thread then reads only its weights).
@@ -204,19 +208,20 @@ pub fn run_form(
             let us = r * per..((r + 1) * per).min(units);
             // SAFETY: each task its own channels, inside `out`, `x` and the residual
             // by the asserts above.
-            unsafe { task(isa, w, x, lda, epi, o, 0..pixels, us, mr) }
+            unsafe { task(isa, w, x, lda, epi, o, 0..pixels, us) }
         });
     } else {
         let (runs, per) = split(pixels, TASK_ROWS);
         (0..runs).into_par_iter().for_each(|r| {
             let rows = r * per..((r + 1) * per).min(pixels);
             // SAFETY: each task its own pixels, as above.
-            unsafe { task(isa, w, x, lda, epi, o, rows, 0..units, mr) }
+            unsafe { task(isa, w, x, lda, epi, o, rows, 0..units) }
         });
     }
 }
 
-/// One task: pixels `rows` by the 16-column blocks `units`, in tiles of `mr` pixels.
+/// One task: pixels `rows` by the 16-column blocks `units`, in tiles as many pixels
+/// as [`rows_per_tile`] gives for the part of each panel the task computes.
 ///
 /// # Safety
 /// As [`run`] checked, and no other task writes these pixels' columns.
@@ -230,7 +235,6 @@ unsafe fn task(
     out: Out,
     rows: Range<usize>,
     units: Range<usize>,
-    mr: usize,
 ) {
     let (k, n) = (w.k, w.n);
     let (lo, hi) = (units.start * LANES, units.end * LANES);
@@ -238,6 +242,7 @@ unsafe fn task(
         let (c0, pw, b) = w.panel(p);
         let cols = pw.min(n - c0);
         let part = lo.max(c0) - c0..hi.min(c0 + pw) - c0;
+        let mr = rows_per_tile(isa, part.len() / LANES);
         for r0 in rows.clone().step_by(mr) {
             let at = r0 * n + c0;
             let j = Job {
@@ -301,13 +306,44 @@ impl Job<'_> {
             "nhwc gemm: residual tile out of bounds"
         );
         #[cfg(target_arch = "x86_64")]
-        if matches!(isa.level(), Level::V4 | Level::V3) {
+        if isa.level() == Level::V4 {
+            // The panel is `cols` rounded up to whole vectors wide, so the part is too.
+            let (s0, nv) = (self.part.start, self.part.len() / LANES);
+            let mut q0 = 0;
+            loop {
+                let kc = KC.min(self.k - q0);
+                let (ks, last) = (q0..q0 + kc, q0 + kc == self.k);
+                // SAFETY: level V4 means AVX-512 F (`Isa::supported`); the operands'
+                // lengths are asserted above, `nv` vectors from `s0` lie inside the
+                // panel, and `c` is the caller's. A tile of few pixels (a layer's
+                // last) runs a shorter tile.
+                unsafe {
+                    match (nv, self.rows) {
+                        (1, 1..=4) => v4::<4, 1>(self, s0, ks, last),
+                        (1, 5..=8) => v4::<8, 1>(self, s0, ks, last),
+                        (1, _) => v4::<12, 1>(self, s0, ks, last),
+                        (2, 1..=4) => v4::<4, 2>(self, s0, ks, last),
+                        (2, 5..=8) => v4::<8, 2>(self, s0, ks, last),
+                        (2, _) => v4::<12, 2>(self, s0, ks, last),
+                        (_, 1..=2) => v4::<2, 3>(self, s0, ks, last),
+                        (_, 3..=4) => v4::<4, 3>(self, s0, ks, last),
+                        (_, _) => v4::<8, 3>(self, s0, ks, last),
+                    }
+                };
+                q0 += kc;
+                if last {
+                    return;
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.level() == Level::V3 {
             for s0 in self.part.clone().step_by(LANES).take_while(|&s0| s0 < self.cols) {
                 let mut q0 = 0;
                 loop {
                     let kc = KC.min(self.k - q0);
                     let (ks, last) = (q0..q0 + kc, q0 + kc == self.k);
-                    // SAFETY: levels V4 and V3 mean AVX2 and FMA (`Isa::supported`); the
+                    // SAFETY: level V3 means AVX2 and FMA (`Isa::supported`); the
                     // operands' lengths are asserted above, and `c` is the caller's.
                     // A tile of few pixels (a layer's last) runs a shorter tile.
                     unsafe {
@@ -488,6 +524,85 @@ unsafe fn v3<const R: usize>(j: &Job, s0: usize, ks: Range<usize>, last: bool) {
     }
 }
 
+/// The AVX-512 tile: `R` pixels by `NV` vectors of 16 channels from column `s0` of
+/// the panel, over the block `ks` of `k`, as [`v3`] does with AVX2: the sum so far
+/// kept in the output before the last block; on the last, bias, residual and ReLU or
+/// ReLU6 on the accumulators, other activations on the stored row. Lanes past `cols`
+/// are masked (an AVX-512 masked store is a plain store, unlike AVX2's).
+///
+/// # Safety
+/// As [`Job::run`], whose asserts bound every read; `s0 + 16 NV <= pw`, `s0 < cols`;
+/// `ks` inside `0..k`, blocks in order; AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn v4<const R: usize, const NV: usize>(j: &Job, s0: usize, ks: Range<usize>, last: bool) {
+    use std::arch::x86_64::*;
+    const W: usize = 16;
+    let here = (j.cols - s0).min(NV * W);
+    let masks: [u16; NV] = std::array::from_fn(|v| {
+        let lanes = here.saturating_sub(v * W).min(W);
+        ((1u32 << lanes) - 1) as u16
+    });
+    let mut acc = [[_mm512_setzero_ps(); NV]; R];
+    // Pixels past the tile's last read the last one again (not stored).
+    // SAFETY: row min(i, rows - 1) lies inside `a` (asserted by `Job::run`).
+    let mut a: [*const f32; R] =
+        std::array::from_fn(|i| unsafe { j.a.as_ptr().add(i.min(j.rows - 1) * j.lda + ks.start) });
+    // SAFETY: s0 + 16 NV <= pw; ks.start < k.
+    let mut b = unsafe { j.b.as_ptr().add(ks.start * j.pw + s0) };
+    let first = ks.start == 0;
+    for _ in ks {
+        // SAFETY: the panel holds `pw` floats per step of k, each pixel `k` floats
+        // (asserted by `Job::run`).
+        unsafe {
+            let bv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(b.add(v * W)));
+            for (row, ai) in acc.iter_mut().zip(a.iter_mut()) {
+                let x = _mm512_set1_ps(**ai);
+                for v in 0..NV {
+                    row[v] = _mm512_fmadd_ps(x, bv[v], row[v]);
+                }
+                *ai = ai.add(1);
+            }
+            b = b.add(j.pw);
+        }
+    }
+    // SAFETY: `bias` holds `cols` floats from s0 on, under the masks.
+    let bias: [__m512; NV] =
+        std::array::from_fn(|v| unsafe { _mm512_maskz_loadu_ps(masks[v], j.bias.as_ptr().add(s0 + v * W)) });
+    let (zero, six) = (_mm512_setzero_ps(), _mm512_set1_ps(6.0));
+    for (i, row) in acc.iter().enumerate().take(j.rows) {
+        let at = i * j.ldc + s0;
+        for v in 0..NV {
+            // SAFETY: row i < rows of the caller's tile, lane block v inside it under
+            // its mask; the residual holds `rows` rows of `cols`, `ldc` apart (asserted).
+            unsafe {
+                let c = j.c.add(at + v * W);
+                let mut x = row[v];
+                if !first {
+                    // The earlier blocks' sum, kept in the tile.
+                    x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(masks[v], c));
+                }
+                if last {
+                    x = _mm512_add_ps(x, bias[v]);
+                    if let Some(r) = j.residual {
+                        x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(masks[v], r.as_ptr().add(at + v * W)));
+                    }
+                    x = match j.act {
+                        Act::Relu => _mm512_max_ps(x, zero),
+                        Act::Relu6 => _mm512_min_ps(_mm512_max_ps(x, zero), six),
+                        _ => x,
+                    };
+                }
+                _mm512_mask_storeu_ps(c, masks[v], x);
+            }
+        }
+        if last && !matches!(j.act, Act::None | Act::Relu | Act::Relu6) {
+            // SAFETY: the row just stored, `here` floats of the caller's tile.
+            apply::<true>(unsafe { std::slice::from_raw_parts_mut(j.c.add(at), here) }, j.act);
+        }
+    }
+}
+
 /// `bench gemm`, second table: this GEMM against the `gemm` crate (with the
 /// epilogue pass the plan ran after it) on EfficientNet-Lite0's pointwise shapes, on
 /// this thread, alternating; best of `iters` rounds.
@@ -523,25 +638,12 @@ pub fn bench(iters: usize) -> String {
             residual: None,
             act: Act::Relu6,
         };
-        let mr = rows_per_tile(isa);
         let (mut ours, mut theirs) = (f64::MAX, f64::MAX);
         for _ in 0..iters.max(1) {
             let s = Instant::now();
             for _ in 0..reps {
                 // SAFETY: `c` holds m rows of n; this thread's alone.
-                unsafe {
-                    task(
-                        isa,
-                        &packed,
-                        &x,
-                        k,
-                        epi,
-                        Out(c.as_mut_ptr()),
-                        0..m,
-                        0..packed.units(),
-                        mr,
-                    )
-                };
+                unsafe { task(isa, &packed, &x, k, epi, Out(c.as_mut_ptr()), 0..m, 0..packed.units()) };
             }
             ours = ours.min(s.elapsed().as_secs_f64() / reps as f64);
             let s = Instant::now();
@@ -597,6 +699,8 @@ mod tests {
             (13, 24, 40, 1),
             (500, 40, 24, 0),
             (31, 33, 200, 0),
+            (37, 20, 16, 1),
+            (130, 300, 64, 0),
         ];
         for isa in Isa::supported() {
             for (s, &(m, k, n, pad)) in shapes.iter().enumerate() {
