@@ -23,6 +23,7 @@ mod graph;
 mod graph;
 mod mlp;
 mod nhwc;
+mod nhwc_depthwise;
 mod nhwc_gemm;
 mod onnx_proto;
 #[cfg(test)]
@@ -324,7 +325,7 @@ pub fn set_cpu(threads: usize, isa: &str) {
 
 /// `bench gemm`: our GEMM against the `gemm` crate (`gemm.rs`).
 pub fn bench_gemm(iters: usize) -> Result<String, String> {
-    Ok(gemm::bench(iters) + &nhwc_gemm::bench(iters))
+    Ok(gemm::bench(iters) + &nhwc_gemm::bench(iters) + &nhwc::bench_depthwise(iters))
 }
 
 /// `bench layouts`: NCHW against NHWC kernels on EfficientNet-Lite0's shapes (`candle-graph`).

@@ -17,9 +17,12 @@
 //! is 1.4-10x faster; NCHW pointwise is faster where `c_out` is narrow (the
 //! GEMM's vectors run along the contiguous output axis), slower where wide.
 
+use std::time::Instant;
+
 use rayon::prelude::*;
 
 use super::cpu::{multiversion, split, threads, Act, Isa};
+use super::nhwc_depthwise;
 use super::nhwc_gemm::{self, Epilogue};
 
 /// `a * b + c`, fused where the instruction set has FMA.
@@ -216,21 +219,76 @@ impl Depthwise {
         out[..oh * row]
             .par_chunks_mut(per * row)
             .enumerate()
-            .for_each(|(t, o)| depthwise_rows(isa, self, x, h, w, t * per, o));
+            .for_each(|(t, o)| depthwise_rows(isa, self, x, h, w, t * per, isa, true, o));
     }
 }
 
 multiversion! {
-    /// Output rows from `oy0` on, as many as `out` holds.
-    fn depthwise_rows(dw: &Depthwise, x: &[f32], h: usize, w: usize, oy0: usize, out: &mut [f32]) {
+    /// Output rows from `oy0` on, as many as `out` holds. With `fast` on an AVX-512
+    /// `kern`, the pixels whose taps all land inside the input run
+    /// [`nhwc_depthwise::interior`] (`bench gemm` compares it with `fast` off).
+    fn depthwise_rows(
+        dw: &Depthwise,
+        x: &[f32],
+        h: usize,
+        w: usize,
+        oy0: usize,
+        kern: Isa,
+        fast: bool,
+        out: &mut [f32],
+    ) {
         let (c, g) = (dw.c, dw.geo);
         let (_, ow) = g.out_size(h, w);
         let [pt, _, pl, _] = g.pad;
+        // The pixels whose taps all land inside the row: `inner.0..inner.1`.
+        let inner = match (w + pl).checked_sub(g.k) {
+            Some(room) => (pl.div_ceil(g.stride), (room / g.stride + 1).min(ow)),
+            None => (0, 0),
+        };
+        let fast = fast && nhwc_depthwise::runs(kern, g.k, c) && inner.0 < inner.1;
         for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
             let oy = oy0 + r;
             let (ky0, ky1) = g.taps(oy, pt, h);
+            let mut skip = 0..0;
+            if fast && ky0 == 0 && ky1 == g.k {
+                let (ox0, n) = (inner.0, inner.1 - inner.0);
+                let (iy0, ix0) = (oy * g.stride - pt, ox0 * g.stride - pl);
+                // SAFETY: `runs` checked AVX-512 F on this CPU and k; rows iy0..iy0 + k
+                // and columns ix0..ix0 + (n - 1) stride + k lie inside `x` (all taps of
+                // these rows and pixels do: `ky0..ky1` and `inner`), `w`, the weights
+                // `k * k * c` and the bias `c` floats; pixels ox0..ox0 + n inside `orow`.
+                unsafe {
+                    assert!(x.len() >= h * w * c && dw.w.len() >= g.k * g.k * c && dw.bias.len() >= c);
+                    nhwc_depthwise::interior(
+                        g.k,
+                        x.as_ptr().add((iy0 * w + ix0) * c),
+                        w * c,
+                        c,
+                        g.stride,
+                        n,
+                        dw.w.as_ptr(),
+                        dw.bias.as_ptr(),
+                        dw.act,
+                        orow[ox0 * c..(ox0 + n) * c].as_mut_ptr(),
+                    )
+                };
+                for ox in ox0..ox0 + n {
+                    let o = &mut orow[ox * c..(ox + 1) * c];
+                    for cb in c / 16 * 16..c {
+                        dw_block::<1, FMA>(dw, x, w, (oy, ox), (0, g.k, 0, g.k), cb, &mut o[cb..cb + 1]);
+                    }
+                }
+                if c % 16 != 0 || !nhwc_depthwise::in_registers(dw.act) {
+                    dw.act.apply_all(&mut orow[ox0 * c..(ox0 + n) * c]);
+                }
+                skip = ox0..ox0 + n;
+            }
             let mut ox = 0;
             while ox < ow {
+                if ox == skip.start && !skip.is_empty() {
+                    ox = skip.end;
+                    continue;
+                }
                 let (kx0, kx1) = g.taps(ox, pl, w);
                 if ox + 1 < ow && g.taps(ox + 1, pl, w) == (kx0, kx1) {
                     // Two pixels with the same taps: each weight load serves both.
@@ -335,6 +393,57 @@ fn dw_block<const B: usize, const FMA: bool>(
         }
     }
     out.copy_from_slice(&acc);
+}
+
+/// `bench gemm`, third table: the depthwise layers of EfficientNet-Lite0, inner pixels in
+/// runs against in pairs, on this thread, alternating; best of `iters` rounds.
+pub fn bench_depthwise(iters: usize) -> String {
+    let isa = Isa::detect();
+    let mut out =
+        format!("NHWC depthwise ({isa:?}, ReLU6): the inner pixels' kernel against the general one, one thread\n");
+    out.push_str("c @ h x w, k, stride | inner kernel | general | inner / general time\n");
+    for &(c, hw, k, s) in &[
+        (32usize, 112usize, 3usize, 1usize),
+        (96, 112, 3, 2),
+        (144, 56, 3, 1),
+        (144, 56, 5, 2),
+        (240, 28, 5, 1),
+        (240, 28, 3, 2),
+        (480, 14, 3, 1),
+        (480, 14, 5, 1),
+        (672, 14, 5, 1),
+        (672, 14, 5, 2),
+        (1152, 7, 5, 1),
+        (1152, 7, 3, 1),
+    ] {
+        // TensorFlow's "same" padding, as the plan's layers have it.
+        let total = (hw.div_ceil(s) - 1) * s + k - hw;
+        let pad = [total / 2, total - total / 2, total / 2, total - total / 2];
+        let geo = Geometry { k, stride: s, pad };
+        let x: Vec<f32> = (0..hw * hw * c).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
+        let wt: Vec<f32> = (0..c * k * k).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
+        let dw = Depthwise::new(&wt, &vec![0.1; c], c, geo, Act::Relu6).expect("a valid shape");
+        let (oh, ow) = geo.out_size(hw, hw);
+        let mut o = vec![0f32; oh * ow * c];
+        let reps = (50_000_000 / (oh * ow * c * k * k)).max(3);
+        let mut best = [f64::MAX; 2];
+        for _ in 0..iters.max(1) {
+            for (i, fast) in [true, false].into_iter().enumerate() {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    depthwise_rows(isa, &dw, &x, hw, hw, 0, isa, fast, &mut o);
+                }
+                best[i] = best[i].min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+        }
+        out.push_str(&format!(
+            "{c} @ {hw} x {hw}, {k}x{k}, s{s} | {:.1} us | {:.1} us | {:.2}\n",
+            best[0] * 1e6,
+            best[1] * 1e6,
+            best[0] / best[1]
+        ));
+    }
+    out
 }
 
 /// Output pixels per im2col task.
@@ -569,8 +678,16 @@ mod tests {
 
     #[test]
     fn depthwise_matches_candles_grouped_convolution_on_every_isa() {
+        // Besides the shared shapes: runs of 4 and 8 pixels with a row's rest after
+        // them, and channels past the last block of 16.
+        let more: &[Shape] = &[
+            (48, 9, 23, 5, 1, [2, 2, 2, 2]),
+            (40, 8, 30, 3, 2, [0, 1, 0, 1]),
+            (32, 6, 13, 3, 1, [1, 1, 1, 1]),
+            (16, 5, 12, 5, 1, [0, 0, 0, 0]),
+        ];
         for isa in Isa::supported() {
-            for (n, &(c, h, w, k, s, pad)) in SHAPES.iter().enumerate() {
+            for (n, &(c, h, w, k, s, pad)) in SHAPES.iter().chain(more).enumerate() {
                 let act = ACTS[n % ACTS.len()];
                 let geo = Geometry { k, stride: s, pad };
                 let x = randn(&[h, w, c], n as u64);
