@@ -8,9 +8,10 @@
 //! baseline. Pixels are read where they lie (a pointer per row of the tile), so
 //! nothing is packed per call and nothing is allocated.
 //!
-//! Each layer also keeps the form this plan ran before, the `gemm` crate plus
-//! an epilogue pass, and times both on its first input, keeping the faster
-//! (`bench gemm` compares them shape by shape). The crate packs the weights
+//! Each layer can also run the form this plan ran before, the `gemm` crate plus
+//! an epilogue pass: it holds its weights as rows until its first input, times
+//! both forms on it and keeps the faster's weights only ([`Kept`]; `bench gemm`
+//! compares them shape by shape). The crate packs the weights
 //! again on every call, on every thread (a 7x7 layer with 1152 channels packs
 //! 0.9 MB for 25 pixels), and allocates; on AVX2 its kernel is still 5-30 %
 //! faster than the tile here where pixels are many.
@@ -21,7 +22,7 @@
 //! is 6 pixels by 16 channels, the bias, residual and activation per column.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use rayon::prelude::*;
@@ -50,45 +51,68 @@ const TILE: Tile = Tile {
     nr_last: LANES,
 };
 
-/// A layer's weights, `k x n` (inputs by output channels), packed once, and the
-/// form of GEMM the layer runs.
+/// A layer's weights, `k x n` (inputs by output channels). Until the first input
+/// only the rows are held; that input times both forms and keeps the faster, and
+/// only its weights (so a plan holds one copy, not two).
 pub struct Weights {
-    data: Vec<f32>,
-    /// `k x n` row-major, for the `gemm` crate.
-    rows: Vec<f32>,
     pub k: usize,
     pub n: usize,
-    /// [`UNDECIDED`] until the first input times both forms, then the faster.
-    choice: AtomicU8,
+    /// `k x n` row-major, until the form is decided.
+    source: Mutex<Option<Vec<f32>>>,
+    kept: OnceLock<Kept>,
 }
 
-const UNDECIDED: u8 = 0;
-const OURS: u8 = 1;
-const CRATE: u8 = 2;
-
-/// The two ways to run a layer (tests force each).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Form {
+/// A layer's weights in the form of GEMM it runs (tests make each).
+pub enum Kept {
     /// This module's tiles, weights prepacked, epilogue in registers.
-    Ours,
-    /// The `gemm` crate, then an epilogue pass per task (the plan's earlier form).
-    Crate,
+    Ours(Packed),
+    /// The `gemm` crate on `k x n` rows, then an epilogue pass per task (the plan's
+    /// earlier form).
+    Crate { rows: Vec<f32>, k: usize, n: usize },
+}
+
+/// Weights packed in panels of `NR` columns for this module's tiles.
+pub struct Packed {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
 }
 
 impl Weights {
     /// From `w`, `k x n` row-major.
     pub fn new(w: &[f32], k: usize, n: usize) -> Weights {
-        let mut data = vec![0f32; TILE.b_len(k, n)];
-        pack_b(TILE, Strided::rows(w, n), k, n, &mut data);
         Weights {
-            data,
-            rows: w[..k * n].to_vec(),
             k,
             n,
-            choice: AtomicU8::new(UNDECIDED),
+            source: Mutex::new(Some(w[..k * n].to_vec())),
+            kept: OnceLock::new(),
         }
     }
+}
 
+impl Kept {
+    /// This module's form of `w` (`k x n` row-major).
+    pub fn ours(w: &[f32], k: usize, n: usize) -> Kept {
+        let mut data = vec![0f32; TILE.b_len(k, n)];
+        pack_b(TILE, Strided::rows(w, n), k, n, &mut data);
+        Kept::Ours(Packed { data, k, n })
+    }
+
+    /// The crate's form of `rows` (`k x n` row-major).
+    pub fn crate_form(rows: Vec<f32>, k: usize, n: usize) -> Kept {
+        assert!(rows.len() >= k * n, "nhwc gemm: weights smaller than their shape");
+        Kept::Crate { rows, k, n }
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Kept::Ours(p) => (p.k, p.n),
+            Kept::Crate { k, n, .. } => (*k, *n),
+        }
+    }
+}
+
+impl Packed {
     /// Blocks of 16 columns (a tile's width): the unit a layer's channels are split by.
     fn units(&self) -> usize {
         self.n.div_ceil(LANES)
@@ -137,41 +161,46 @@ unsafe impl Sync for Out {}
 /// `pixels` rows of `w.k` floats, `lda` apart. Split across the pool, in the
 /// layer's faster form (timed on its first input: best of three, alternating).
 pub fn run(isa: Isa, w: &Weights, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &mut [f32]) {
-    match w.choice.load(Relaxed) {
-        OURS => run_form(isa, Form::Ours, w, x, lda, pixels, epi, out),
-        CRATE => run_form(isa, Form::Crate, w, x, lda, pixels, epi, out),
-        _ => {
-            let mut best = [f64::MAX; 2];
-            for _ in 0..3 {
-                for (i, form) in [Form::Ours, Form::Crate].into_iter().enumerate() {
-                    let t = Instant::now();
-                    run_form(isa, form, w, x, lda, pixels, epi, out);
-                    best[i] = best[i].min(t.elapsed().as_secs_f64());
-                }
-            }
-            let pick = if best[0] <= best[1] { OURS } else { CRATE };
-            w.choice.store(pick, Relaxed);
-            // The last run was the crate's; the chosen form writes the answer either way.
-            if pick == OURS {
-                run_form(isa, Form::Ours, w, x, lda, pixels, epi, out);
-            }
-        }
-    }
+    let kept = match w.kept.get() {
+        Some(kept) => kept,
+        None => decide(isa, w, x, lda, pixels, epi, out),
+    };
+    run_kept(isa, kept, x, lda, pixels, epi, out);
 }
 
-/// [`run`] in the form given.
-#[allow(clippy::too_many_arguments)]
-pub fn run_form(
+/// Times both forms on this input and keeps the faster, dropping the other; one
+/// thread decides while any other waits for its answer.
+#[cold]
+fn decide<'w>(
     isa: Isa,
-    form: Form,
-    w: &Weights,
+    w: &'w Weights,
     x: &[f32],
     lda: usize,
     pixels: usize,
     epi: Epilogue,
     out: &mut [f32],
-) {
-    let (k, n) = (w.k, w.n);
+) -> &'w Kept {
+    let mut source = w.source.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(kept) = w.kept.get() {
+        return kept;
+    }
+    let rows = source.take().expect("nhwc gemm: weights neither decided nor held");
+    let forms = [Kept::ours(&rows, w.k, w.n), Kept::crate_form(rows, w.k, w.n)];
+    let mut best = [f64::MAX; 2];
+    for _ in 0..3 {
+        for (i, form) in forms.iter().enumerate() {
+            let t = Instant::now();
+            run_kept(isa, form, x, lda, pixels, epi, out);
+            best[i] = best[i].min(t.elapsed().as_secs_f64());
+        }
+    }
+    let [ours, theirs] = forms;
+    w.kept.get_or_init(|| if best[0] <= best[1] { ours } else { theirs })
+}
+
+/// [`run`] in the form given.
+pub fn run_kept(isa: Isa, kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &mut [f32]) {
+    let (k, n) = kept.shape();
     assert!(
         pixels == 0 || (lda >= k && x.len() >= (pixels - 1) * lda + k),
         "nhwc gemm: input smaller than its shape"
@@ -183,19 +212,22 @@ pub fn run_form(
     if pixels == 0 || n == 0 {
         return;
     }
-    if form == Form::Crate {
-        let (_, per) = split(pixels, TASK_ROWS);
-        out[..pixels * n]
-            .par_chunks_mut(per * n)
-            .enumerate()
-            .for_each(|(t, o)| {
-                let (p0, rows) = (t * per, o.len() / n);
-                super::gemm::gemm_set(rows, n, k, &x[p0 * lda..], lda, &w.rows, o);
-                let res = epi.residual.map(|r| &r[p0 * n..(p0 + rows) * n]);
-                epilogue(isa, o, &epi.bias[..n], res, epi.act);
-            });
-        return;
-    }
+    let w = match kept {
+        Kept::Ours(packed) => packed,
+        Kept::Crate { rows: w, .. } => {
+            let (_, per) = split(pixels, TASK_ROWS);
+            out[..pixels * n]
+                .par_chunks_mut(per * n)
+                .enumerate()
+                .for_each(|(t, o)| {
+                    let (p0, rows) = (t * per, o.len() / n);
+                    super::gemm::gemm_set(rows, n, k, &x[p0 * lda..], lda, w, o);
+                    let res = epi.residual.map(|r| &r[p0 * n..(p0 + rows) * n]);
+                    epilogue(isa, o, &epi.bias[..n], res, epi.act);
+                });
+            return;
+        }
+    };
     let (units, t) = (w.units(), threads().max(1));
     let mr = rows_per_tile(isa, units.min(NR / LANES));
     let o = Out(out.as_mut_ptr());
@@ -228,7 +260,7 @@ pub fn run_form(
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
     isa: Isa,
-    w: &Weights,
+    w: &Packed,
     x: &[f32],
     lda: usize,
     epi: Epilogue,
@@ -630,7 +662,9 @@ pub fn bench(iters: usize) -> String {
         let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1 - 0.3).collect();
         let w: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1 - 0.2).collect();
         let bias = vec![0.1f32; n];
-        let packed = Weights::new(&w, k, n);
+        let Kept::Ours(packed) = Kept::ours(&w, k, n) else {
+            unreachable!("Kept::ours makes our form")
+        };
         let mut c = vec![0f32; m * n];
         let reps = (200_000_000 / (m * n * k)).max(3);
         let epi = Epilogue {
@@ -709,7 +743,7 @@ mod tests {
                 let w = lcg(k * n, 100 + s as u64);
                 let bias = lcg(n, 200 + s as u64);
                 let res = lcg(m * n, 300 + s as u64);
-                let packed = Weights::new(&w, k, n);
+                let forms = [Kept::ours(&w, k, n), Kept::crate_form(w.clone(), k, n)];
                 for (t, act) in acts.iter().enumerate() {
                     let residual = (t + s) % 2 == 1;
                     let mut want = vec![0f32; m * n];
@@ -738,13 +772,20 @@ mod tests {
                         residual: residual.then_some(&res[..]),
                         act: *act,
                     };
-                    for form in [Form::Ours, Form::Crate] {
+                    // Each form, then a layer's `run`, which times both and keeps one.
+                    let layer = Weights::new(&w, k, n);
+                    for form in ["ours", "crate", "decided"] {
                         let mut got = vec![f32::NAN; m * n + 3];
-                        run_form(isa, form, &packed, &x, lda, m, epi, &mut got);
-                        let what = format!("{isa:?} {form:?} {m}x{k}x{n} lda {lda} {act:?} residual {residual}");
+                        match form {
+                            "ours" => run_kept(isa, &forms[0], &x, lda, m, epi, &mut got),
+                            "crate" => run_kept(isa, &forms[1], &x, lda, m, epi, &mut got),
+                            _ => run(isa, &layer, &x, lda, m, epi, &mut got),
+                        }
+                        let what = format!("{isa:?} {form} {m}x{k}x{n} lda {lda} {act:?} residual {residual}");
                         close(&got[..m * n], &want, &what);
                         assert!(got[m * n..].iter().all(|v| v.is_nan()), "{what}: wrote past the output");
                     }
+                    assert!(layer.kept.get().is_some() && layer.source.lock().unwrap().is_none());
                 }
             }
         }
