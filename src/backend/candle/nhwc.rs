@@ -224,8 +224,8 @@ impl Depthwise {
 }
 
 multiversion! {
-    /// Output rows from `oy0` on, as many as `out` holds. With `fast` on an AVX-512
-    /// `kern`, the pixels whose taps all land inside the input run
+    /// Output rows from `oy0` on, as many as `out` holds. With `fast` on an AVX-512 or
+    /// AVX2 `kern`, the pixels whose taps all land inside the input run
     /// [`nhwc_depthwise::interior`] (`bench gemm` compares it with `fast` off).
     fn depthwise_rows(
         dw: &Depthwise,
@@ -246,6 +246,7 @@ multiversion! {
             None => (0, 0),
         };
         let fast = fast && nhwc_depthwise::runs(kern, g.k, c) && inner.0 < inner.1;
+        let lanes = nhwc_depthwise::lanes(kern);
         for (r, orow) in out.chunks_exact_mut(ow * c).enumerate() {
             let oy = oy0 + r;
             let (ky0, ky1) = g.taps(oy, pt, h);
@@ -253,13 +254,14 @@ multiversion! {
             if fast && ky0 == 0 && ky1 == g.k {
                 let (ox0, n) = (inner.0, inner.1 - inner.0);
                 let (iy0, ix0) = (oy * g.stride - pt, ox0 * g.stride - pl);
-                // SAFETY: `runs` checked AVX-512 F on this CPU and k; rows iy0..iy0 + k
+                // SAFETY: `runs` checked the instruction set (AVX-512 F, or AVX2 and FMA) and k; rows iy0..iy0 + k
                 // and columns ix0..ix0 + (n - 1) stride + k lie inside `x` (all taps of
                 // these rows and pixels do: `ky0..ky1` and `inner`), `w`, the weights
                 // `k * k * c` and the bias `c` floats; pixels ox0..ox0 + n inside `orow`.
                 unsafe {
                     assert!(x.len() >= h * w * c && dw.w.len() >= g.k * g.k * c && dw.bias.len() >= c);
                     nhwc_depthwise::interior(
+                        kern,
                         g.k,
                         x.as_ptr().add((iy0 * w + ix0) * c),
                         w * c,
@@ -272,13 +274,14 @@ multiversion! {
                         orow[ox0 * c..(ox0 + n) * c].as_mut_ptr(),
                     )
                 };
+                let whole = c / lanes * lanes;
                 for ox in ox0..ox0 + n {
                     let o = &mut orow[ox * c..(ox + 1) * c];
-                    for cb in c / 16 * 16..c {
+                    for cb in whole..c {
                         dw_block::<1, FMA>(dw, x, w, (oy, ox), (0, g.k, 0, g.k), cb, &mut o[cb..cb + 1]);
                     }
                 }
-                if c % 16 != 0 || !nhwc_depthwise::in_registers(dw.act) {
+                if whole < c || !nhwc_depthwise::in_registers(dw.act) {
                     dw.act.apply_all(&mut orow[ox0 * c..(ox0 + n) * c]);
                 }
                 skip = ox0..ox0 + n;
