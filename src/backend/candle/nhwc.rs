@@ -254,10 +254,11 @@ multiversion! {
             if fast && ky0 == 0 && ky1 == g.k {
                 let (ox0, n) = (inner.0, inner.1 - inner.0);
                 let (iy0, ix0) = (oy * g.stride - pt, ox0 * g.stride - pl);
-                // SAFETY: `runs` checked the instruction set (AVX-512 F, or AVX2 and FMA) and k; rows iy0..iy0 + k
-                // and columns ix0..ix0 + (n - 1) stride + k lie inside `x` (all taps of
-                // these rows and pixels do: `ky0..ky1` and `inner`), `w`, the weights
-                // `k * k * c` and the bias `c` floats; pixels ox0..ox0 + n inside `orow`.
+                // SAFETY: `runs` checked the instruction set (AVX-512 F, or AVX2 and
+                // FMA) and k; input rows iy0..iy0 + k and columns ix0..ix0 + (n - 1)
+                // stride + k lie inside `x` (all taps of this row and of the `inner`
+                // pixels do), `w` apart; the weights hold `k * k * c` floats and the bias
+                // `c` (asserted); pixels ox0..ox0 + n lie inside `orow`.
                 unsafe {
                     assert!(x.len() >= h * w * c && dw.w.len() >= g.k * g.k * c && dw.bias.len() >= c);
                     nhwc_depthwise::interior(
@@ -398,8 +399,9 @@ fn dw_block<const B: usize, const FMA: bool>(
     out.copy_from_slice(&acc);
 }
 
-/// `bench gemm`, third table: the depthwise layers of EfficientNet-Lite0, inner pixels in
-/// runs against in pairs, on this thread, alternating; best of `iters` rounds.
+/// `bench gemm`, third table: the depthwise layers of EfficientNet-Lite0, the inner
+/// pixels' kernel against the general one for every pixel, on this thread,
+/// alternating; best of `iters` rounds.
 pub fn bench_depthwise(iters: usize) -> String {
     let isa = Isa::detect();
     let mut out =
