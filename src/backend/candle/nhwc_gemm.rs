@@ -322,6 +322,21 @@ struct Job<'a> {
 }
 
 impl Job<'_> {
+    /// A register tile's first reads at step `q` of `k`: `R` pixel pointers and the
+    /// panel's row from column `s0`. Pixels past the tile's last read the last one
+    /// again (not stored), so a tile is always `R` pointers, each inside `a`.
+    ///
+    /// # Safety
+    /// `q < k` and `s0 < pw`, with [`Job::run`]'s asserts holding.
+    #[inline(always)]
+    unsafe fn starts<const R: usize>(&self, s0: usize, q: usize) -> ([*const f32; R], *const f32) {
+        // SAFETY: row min(i, rows - 1) lies inside `a`, `k` floats each (asserted by
+        // `Job::run`), and q < k.
+        let a = std::array::from_fn(|i| unsafe { self.a.as_ptr().add(i.min(self.rows - 1) * self.lda + q) });
+        // SAFETY: the panel holds `k` rows of `pw` floats; q < k, s0 < pw.
+        (a, unsafe { self.b.as_ptr().add(q * self.pw + s0) })
+    }
+
     /// # Safety
     /// `c` valid for writes of `rows` rows of `cols` floats, `ldc` apart, which no
     /// other thread touches meanwhile.
@@ -473,13 +488,8 @@ unsafe fn v3<const R: usize>(j: &Job, s0: usize, ks: Range<usize>, last: bool) {
     let masks: [__m256i; NV] =
         std::array::from_fn(|v| _mm256_cmpgt_epi32(_mm256_set1_epi32(here.saturating_sub(v * W) as i32), lane));
     let mut acc = [[_mm256_setzero_ps(); NV]; R];
-    // Pixels past the tile's last read the last one again (not stored): a tile is
-    // always `R` pointers, each inside `a`.
-    // SAFETY: row min(i, rows - 1) lies inside `a` (asserted by `Job::run`).
-    let mut a: [*const f32; R] =
-        std::array::from_fn(|i| unsafe { j.a.as_ptr().add(i.min(j.rows - 1) * j.lda + ks.start) });
-    // SAFETY: s0 + 16 <= pw: the panel is whole 16-column vectors wide; ks.start < k.
-    let mut b = unsafe { j.b.as_ptr().add(ks.start * j.pw + s0) };
+    // SAFETY: s0 + 16 <= pw (the panel is whole 16-column vectors wide); ks inside 0..k.
+    let (mut a, mut b) = unsafe { j.starts::<R>(s0, ks.start) };
     let first = ks.start == 0;
     for _ in ks {
         // SAFETY: the panel holds `pw` floats per step of k, each pixel `k` floats
@@ -576,12 +586,8 @@ unsafe fn v4<const R: usize, const NV: usize>(j: &Job, s0: usize, ks: Range<usiz
         ((1u32 << lanes) - 1) as u16
     });
     let mut acc = [[_mm512_setzero_ps(); NV]; R];
-    // Pixels past the tile's last read the last one again (not stored).
-    // SAFETY: row min(i, rows - 1) lies inside `a` (asserted by `Job::run`).
-    let mut a: [*const f32; R] =
-        std::array::from_fn(|i| unsafe { j.a.as_ptr().add(i.min(j.rows - 1) * j.lda + ks.start) });
-    // SAFETY: s0 + 16 NV <= pw; ks.start < k.
-    let mut b = unsafe { j.b.as_ptr().add(ks.start * j.pw + s0) };
+    // SAFETY: s0 + 16 NV <= pw; ks inside 0..k.
+    let (mut a, mut b) = unsafe { j.starts::<R>(s0, ks.start) };
     let first = ks.start == 0;
     for _ in ks {
         // SAFETY: the panel holds `pw` floats per step of k, each pixel `k` floats
