@@ -646,6 +646,8 @@ mqtt: { input_topics: ["edge-ai/+/+/+/camera/snapshots"], output_topic_template:
             ("name: a\nmodel_type: camera-health\nsensor: { fields: [t] }\n", "/cfg/m.yaml: `sensor`: only sensor models take it"),
             ("name: a\nmodel_type: camera-health\ninference: { iou_threshold: 2 }\n", "/cfg/m.yaml: `inference.iou_threshold`: expected a number in 0..=1, found 2"),
             ("name: a\nmodel_type: camera-health\npreprocessing: { resize: 224 }\n", "/cfg/m.yaml: `preprocessing.resize`: expected [width, height], found the number 224"),
+            ("name: a\nmodel_type: camera-health\npreprocessing: { resize: [224, &a] }\n", "/cfg/m.yaml: `preprocessing.resize[1]`: a list item is empty (found null)"),
+            ("name: a\nmodel_type: camera-health\npreprocessing: { mean: [1, ~, 1] }\n", "/cfg/m.yaml: `preprocessing.mean[1]`: a list item is empty (found null)"),
             ("name: a\nmodel_type: image-classification\nmodel_path: m\nbackend: tflite\n", "/cfg/m.yaml: `backend`: expected candle, onnx or dual, found `tflite`"),
             ("name: [\n", "/cfg/m.yaml: not valid YAML"),
             ("name: a\nmodel_type: camera-health\nmqtt: { input_topics: [\"azure-iot-operations/data/+/+\"] }\n", "/cfg/m.yaml: `MQTT_OUTPUT_TOPIC_TEMPLATE`: template `edge-ai/{business_unit}"),

@@ -320,8 +320,20 @@ impl Doc {
         let (width, height) = match &v["resize"] {
             Yaml::BadValue | Yaml::Null => (dw, dh),
             Yaml::Array(a) if a.len() == 2 => (
-                self.int(&a[0], "preprocessing.resize[0]", 0, 8, 8192)? as u32,
-                self.int(&a[1], "preprocessing.resize[1]", 0, 8, 8192)? as u32,
+                self.int(
+                    self.item(&a[0], "preprocessing.resize[0]")?,
+                    "preprocessing.resize[0]",
+                    0,
+                    8,
+                    8192,
+                )? as u32,
+                self.int(
+                    self.item(&a[1], "preprocessing.resize[1]")?,
+                    "preprocessing.resize[1]",
+                    0,
+                    8,
+                    8192,
+                )? as u32,
             ),
             other => {
                 return Err(self.err(
@@ -566,7 +578,10 @@ impl Doc {
                 Yaml::Array(a) if a.len() == fields.len() => a
                     .iter()
                     .enumerate()
-                    .map(|(i, x)| self.float(x, &format!("{k}[{i}]"), default, -1e30, 1e30))
+                    .map(|(i, x)| {
+                        let k = format!("{k}[{i}]");
+                        self.float(self.item(x, &k)?, &k, default, -1e30, 1e30)
+                    })
                     .collect(),
                 other => Err(self.err(
                     &k,
@@ -688,10 +703,13 @@ impl Doc {
                 .iter()
                 .enumerate()
                 .map(|(j, p)| match p {
-                    Yaml::Array(xy) if xy.len() == 2 => Ok([
-                        self.float(&xy[0], &format!("zones[{i}].polygon[{j}][0]"), 0.0, 0.0, 1.0)?,
-                        self.float(&xy[1], &format!("zones[{i}].polygon[{j}][1]"), 0.0, 0.0, 1.0)?,
-                    ]),
+                    Yaml::Array(xy) if xy.len() == 2 => {
+                        let coord = |c: usize| {
+                            let k = format!("zones[{i}].polygon[{j}][{c}]");
+                            self.float(self.item(&xy[c], &k)?, &k, 0.0, 0.0, 1.0)
+                        };
+                        Ok([coord(0)?, coord(1)?])
+                    }
                     _ => Err(self.err(&format!("zones[{i}].polygon[{j}]"), "expected [x, y]".into())),
                 })
                 .collect::<Result<_, _>>()?;

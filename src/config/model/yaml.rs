@@ -79,13 +79,23 @@ impl Doc {
         }
     }
 
+    /// A list item: unlike a key, an item is never absent, so an empty one (`[224, ~]`,
+    /// `[224, &a]`) is an error here instead of taking the key's default.
+    pub(super) fn item<'a>(&self, v: &'a Yaml, key: &str) -> Result<&'a Yaml, ConfigError> {
+        match v {
+            Yaml::BadValue | Yaml::Null => Err(self.err(key, format!("a list item is empty (found {})", kind(v)))),
+            v => Ok(v),
+        }
+    }
+
     pub(super) fn triple(&self, v: &Yaml, key: &str, default: [f32; 3]) -> Result<[f32; 3], ConfigError> {
         match v {
             Yaml::BadValue | Yaml::Null => Ok(default),
             Yaml::Array(a) if a.len() == 3 => {
                 let mut out = [0.0; 3];
                 for (i, x) in a.iter().enumerate() {
-                    out[i] = self.float(x, &format!("{key}[{i}]"), 0.0, -1e6, 1e6)?;
+                    let k = format!("{key}[{i}]");
+                    out[i] = self.float(self.item(x, &k)?, &k, 0.0, -1e6, 1e6)?;
                 }
                 Ok(out)
             }
