@@ -337,17 +337,26 @@ mod tests {
         ev.iter().map(|e| e.phase).collect()
     }
 
-    fn dir(tag: &str) -> PathBuf {
+    /// A scratch directory, removed when the test ends (pass or fail).
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(tag: &str) -> Scratch {
         let d = std::env::temp_dir().join(format!("aei-alert-state-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
-        d
+        Scratch(d)
     }
 
     #[test]
     fn an_open_alert_survives_a_restart_and_ends_once_with_its_id() {
         let d = dir("restart");
-        let path = d.join("m.json");
+        let path = d.0.join("m.json");
         let rules = [rule("r")];
         let (mut a, r) = Alerts::with_state_file(&path, "m", &rules);
         assert_eq!(r, Restored::Fresh);
@@ -376,7 +385,7 @@ mod tests {
     #[test]
     fn an_unreadable_file_is_set_aside_not_overwritten() {
         let d = dir("corrupt");
-        let path = d.join("m.json");
+        let path = d.0.join("m.json");
         std::fs::write(&path, "{not json").unwrap();
         let rules = [rule("r")];
         let (mut a, r) = Alerts::with_state_file(&path, "m", &rules);
@@ -397,7 +406,7 @@ mod tests {
     #[test]
     fn unchanged_state_is_saved_at_most_every_ten_seconds() {
         let d = dir("often");
-        let path = d.join("m.json");
+        let path = d.0.join("m.json");
         let rules = [rule("r")];
         let (mut a, _) = Alerts::with_state_file(&path, "m", &rules);
         step(&mut a, &rules, 100.0, 1, false);
@@ -411,7 +420,7 @@ mod tests {
         step(&mut a, &rules, 111.0, 1, false);
         assert_ne!(std::fs::read_to_string(&path).unwrap(), first);
         // A save that fails is reported once.
-        std::fs::remove_dir_all(&d).unwrap();
+        std::fs::remove_dir_all(&d.0).unwrap();
         assert!(a.save_if_due("m", 200.0, true).is_some());
         assert!(a.save_if_due("m", 300.0, true).is_none());
     }

@@ -263,6 +263,16 @@ impl Spec {
     }
 }
 
+/// Blocks whose expanded activation holds at least this many floats (4 MiB, several
+/// times a core's L2) run their expansion and depthwise fused over bands of rows
+/// (`Depthwise::run_expanded`), so that the expansion is never written out whole. At
+/// 224x224 that is block 1 (112x112x96); blocks 2 and 3 (56x56x144, 1.8 MiB) measured
+/// no faster fused, and block 3's 5x5 kernel slower (BENCHMARKS.md, issue 16, seventh step).
+const FUSE_FROM: usize = 1 << 20;
+
+/// About the floats a band of the fused blocks holds per thread (256 KiB).
+const BAND_FLOATS: usize = 64 * 1024;
+
 struct Block {
     expand: Option<nhwc::Pointwise>,
     depthwise: nhwc::Depthwise,
@@ -431,25 +441,43 @@ impl EfficientNetLite {
         for (i, b) in self.blocks.iter().enumerate() {
             let (bh, bw) = b.size;
             debug_assert_eq!((bh, bw), hw);
-            let mid = match &b.expand {
-                Some(e) => {
-                    e.run(isa, &ar.a, bh * bw, None, &mut ar.b);
-                    lap(&|| format!("pointwise 1x1 {}->{} @{bh}x{bw} (block{i} expand)", e.cin, e.cout));
-                    &ar.b
-                }
-                None => &ar.a,
-            };
             let dw = &b.depthwise;
-            dw.run(isa, mid, bh, bw, &mut ar.c);
             let g = dw.geo;
-            lap(&|| {
-                format!(
-                    "depthwise {k}x{k} s{} {c}->{c} @{bh}x{bw} (block{i})",
-                    g.stride,
-                    k = g.k,
-                    c = dw.c
-                )
-            });
+            let fused = match &b.expand {
+                Some(e) if bh * bw * e.cout >= FUSE_FROM => {
+                    dw.run_expanded(isa, e, &ar.a, (bh, bw), BAND_FLOATS, &mut ar.b, &mut ar.c)
+                }
+                _ => false,
+            };
+            if fused {
+                lap(&|| {
+                    format!(
+                        "fused 1x1 {}->{c} + depthwise {k}x{k} s{} @{bh}x{bw} (block{i} expand and depthwise)",
+                        b.expand.as_ref().map_or(0, |e| e.cin),
+                        g.stride,
+                        k = g.k,
+                        c = dw.c
+                    )
+                });
+            } else {
+                let mid = match &b.expand {
+                    Some(e) => {
+                        e.run(isa, &ar.a, bh * bw, None, &mut ar.b);
+                        lap(&|| format!("pointwise 1x1 {}->{} @{bh}x{bw} (block{i} expand)", e.cin, e.cout));
+                        &ar.b
+                    }
+                    None => &ar.a,
+                };
+                dw.run(isa, mid, bh, bw, &mut ar.c);
+                lap(&|| {
+                    format!(
+                        "depthwise {k}x{k} s{} {c}->{c} @{bh}x{bw} (block{i})",
+                        g.stride,
+                        k = g.k,
+                        c = dw.c
+                    )
+                });
+            }
             let out = g.out_size(bh, bw);
             let p = &b.project;
             p.run(isa, &ar.c, out.0 * out.1, b.skip.then_some(&ar.a[..]), &mut ar.d);

@@ -127,6 +127,17 @@ impl Pointwise {
         };
         nhwc_gemm::run(isa, &self.w, x, self.cin, pixels, epi, out);
     }
+
+    /// [`Pointwise::run`] on this thread alone, without a residual; `None` (nothing
+    /// computed) until a `run` has chosen the layer's GEMM form.
+    fn run_here(&self, isa: Isa, x: &[f32], pixels: usize, out: &mut [f32]) -> Option<()> {
+        let epi = Epilogue {
+            bias: &self.bias,
+            residual: None,
+            act: self.act,
+        };
+        nhwc_gemm::run_here(isa, &self.w, x, self.cin, pixels, epi, out)
+    }
 }
 
 /// Convolution geometry: kernel, stride, padding (top, bottom, left, right).
@@ -211,6 +222,76 @@ impl Depthwise {
         })
     }
 
+    /// `out` (`oh x ow x c`) from the expansion `e` of `x` (`h x w x e.cin`), never
+    /// written whole: each thread expands its rows a band at a time into its part of
+    /// `band` and runs the depthwise on them while they are in its cache, keeping the
+    /// rows the next band reads again. A band holds about `band_floats` floats.
+    /// `false` (nothing computed) until `e` has run once unfused, choosing its form,
+    /// or where `band` cannot hold a band for each thread.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_expanded(
+        &self,
+        isa: Isa,
+        e: &Pointwise,
+        x: &[f32],
+        (h, w): (usize, usize),
+        band_floats: usize,
+        band: &mut [f32],
+        out: &mut [f32],
+    ) -> bool {
+        assert_eq!(e.cout, self.c, "depthwise: the expansion's channels are not its own");
+        if !e.w.decided() {
+            return false;
+        }
+        let (g, c, cin) = (self.geo, self.c, e.cin);
+        let (oh, ow) = g.out_size(h, w);
+        let [pt, ..] = g.pad;
+        let (orow, irow) = (ow * c, w * c);
+        let (runs, per) = split(oh, oh.div_ceil(threads()));
+        // Output rows per band: `rows` of them read `(rows - 1) * stride + k` input rows.
+        let rows = ((band_floats / irow).saturating_sub(g.k) / g.stride + 1).min(per);
+        let band_len = ((rows - 1) * g.stride + g.k) * irow;
+        if band.len() < runs * band_len {
+            return false;
+        }
+        // The input rows output rows `a..b` read.
+        let reads = |a: usize, b: usize| {
+            (
+                (a * g.stride).saturating_sub(pt),
+                ((b - 1) * g.stride + g.k).saturating_sub(pt).min(h),
+            )
+        };
+        band[..runs * band_len]
+            .par_chunks_mut(band_len)
+            .zip(out[..oh * orow].par_chunks_mut(per * orow))
+            .enumerate()
+            .for_each(|(t, (band, out))| {
+                // Input rows `held` are in `band`, from its start.
+                let mut held = 0..0;
+                for (i, o) in out.chunks_mut(rows * orow).enumerate() {
+                    let oy0 = t * per + i * rows;
+                    let (lo, hi) = reads(oy0, oy0 + o.len() / orow);
+                    let new = match lo < held.end {
+                        true => {
+                            band.copy_within((lo - held.start) * irow..(held.end - held.start) * irow, 0);
+                            held.end
+                        }
+                        false => lo,
+                    };
+                    let done = e.run_here(
+                        isa,
+                        &x[new * w * cin..hi * w * cin],
+                        (hi - new) * w,
+                        &mut band[(new - lo) * irow..(hi - lo) * irow],
+                    );
+                    debug_assert!(done.is_some(), "decided above");
+                    held = lo..hi;
+                    depthwise_rows(isa, self, &band[..(hi - lo) * irow], lo, h, w, oy0, isa, true, o);
+                }
+            });
+        true
+    }
+
     /// `out` (`oh x ow x c`) from `x` (`h x w x c`).
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
         let (oh, ow) = self.geo.out_size(h, w);
@@ -219,17 +300,19 @@ impl Depthwise {
         out[..oh * row]
             .par_chunks_mut(per * row)
             .enumerate()
-            .for_each(|(t, o)| depthwise_rows(isa, self, x, h, w, t * per, isa, true, o));
+            .for_each(|(t, o)| depthwise_rows(isa, self, x, 0, h, w, t * per, isa, true, o));
     }
 }
 
 multiversion! {
-    /// Output rows from `oy0` on, as many as `out` holds. With `fast` on an AVX-512 or
+    /// Output rows from `oy0` on, as many as `out` holds, from `x`: rows `y0..` of the
+    /// `h x w` input, as many as those output rows read. With `fast` on an AVX-512 or
     /// AVX2 `kern`, the pixels whose taps all land inside the input run
     /// [`nhwc_depthwise::interior`] (`bench gemm` compares it with `fast` off).
     fn depthwise_rows(
         dw: &Depthwise,
         x: &[f32],
+        y0: usize,
         h: usize,
         w: usize,
         oy0: usize,
@@ -253,14 +336,15 @@ multiversion! {
             let mut skip = 0..0;
             if fast && ky0 == 0 && ky1 == g.k {
                 let (ox0, n) = (inner.0, inner.1 - inner.0);
-                let (iy0, ix0) = (oy * g.stride - pt, ox0 * g.stride - pl);
+                let ix0 = ox0 * g.stride - pl;
+                let iy0 = (oy * g.stride - pt).checked_sub(y0).expect("depthwise: a row above the band");
                 // SAFETY: `runs` checked the instruction set (AVX-512 F, or AVX2 and
-                // FMA) and k; input rows iy0..iy0 + k and columns ix0..ix0 + (n - 1)
-                // stride + k lie inside `x` (all taps of this row and of the `inner`
-                // pixels do), `w` apart; the weights hold `k * k * c` floats and the bias
+                // FMA) and k; band rows iy0..iy0 + k (asserted inside `x`) and columns
+                // ix0..ix0 + (n - 1) stride + k (inside the row: all taps of the `inner`
+                // pixels are), `w` apart; the weights hold `k * k * c` floats and the bias
                 // `c` (asserted); pixels ox0..ox0 + n lie inside `orow`.
                 unsafe {
-                    assert!(x.len() >= h * w * c && dw.w.len() >= g.k * g.k * c && dw.bias.len() >= c);
+                    assert!(x.len() >= (iy0 + g.k) * w * c && dw.w.len() >= g.k * g.k * c && dw.bias.len() >= c);
                     nhwc_depthwise::interior(
                         kern,
                         g.k,
@@ -279,7 +363,7 @@ multiversion! {
                 for ox in ox0..ox0 + n {
                     let o = &mut orow[ox * c..(ox + 1) * c];
                     for cb in whole..c {
-                        dw_block::<1, FMA>(dw, x, w, (oy, ox), (0, g.k, 0, g.k), cb, &mut o[cb..cb + 1]);
+                        dw_block::<1, FMA>(dw, x, (y0, w), (oy, ox), (0, g.k, 0, g.k), cb, &mut o[cb..cb + 1]);
                     }
                 }
                 if whole < c || !nhwc_depthwise::in_registers(dw.act) {
@@ -299,15 +383,15 @@ multiversion! {
                     let t = (ky0, ky1, kx0, kx1);
                     let mut cb = 0;
                     while cb + 64 <= c {
-                        dw_pair::<64, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        dw_pair::<64, FMA>(dw, x, (y0, w), (oy, ox), t, cb, orow);
                         cb += 64;
                     }
                     while cb + 16 <= c {
-                        dw_pair::<16, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        dw_pair::<16, FMA>(dw, x, (y0, w), (oy, ox), t, cb, orow);
                         cb += 16;
                     }
                     while cb < c {
-                        dw_pair::<1, FMA>(dw, x, w, (oy, ox), t, cb, orow);
+                        dw_pair::<1, FMA>(dw, x, (y0, w), (oy, ox), t, cb, orow);
                         cb += 1;
                     }
                     dw.act.apply_all(&mut orow[ox * c..(ox + 2) * c]);
@@ -318,15 +402,15 @@ multiversion! {
                 let mut cb = 0;
                 // Channel blocks held in registers across the taps: 64, then 16, then 1.
                 while cb + 64 <= c {
-                    dw_block::<64, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 64]);
+                    dw_block::<64, FMA>(dw, x, (y0, w), (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 64]);
                     cb += 64;
                 }
                 while cb + 16 <= c {
-                    dw_block::<16, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 16]);
+                    dw_block::<16, FMA>(dw, x, (y0, w), (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 16]);
                     cb += 16;
                 }
                 while cb < c {
-                    dw_block::<1, FMA>(dw, x, w, (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 1]);
+                    dw_block::<1, FMA>(dw, x, (y0, w), (oy, ox), (ky0, ky1, kx0, kx1), cb, &mut o[cb..cb + 1]);
                     cb += 1;
                 }
                 dw.act.apply_all(o);
@@ -337,12 +421,12 @@ multiversion! {
 }
 
 /// Channels `cb..cb + B` of output pixels `ox` and `ox + 1` of row `orow`, whose taps
-/// (the same for both) are `t`.
+/// (the same for both) are `t`; `x` holds input rows `y0..`, `w` pixels each.
 #[inline(always)]
 fn dw_pair<const B: usize, const FMA: bool>(
     dw: &Depthwise,
     x: &[f32],
-    w: usize,
+    (y0, w): (usize, usize),
     (oy, ox): (usize, usize),
     (ky0, ky1, kx0, kx1): (usize, usize, usize, usize),
     cb: usize,
@@ -354,7 +438,7 @@ fn dw_pair<const B: usize, const FMA: bool>(
     a0.copy_from_slice(&dw.bias[cb..cb + B]);
     let mut a1 = a0;
     for ky in ky0..ky1 {
-        let iy = oy * g.stride + ky - pt;
+        let iy = oy * g.stride + ky - pt - y0;
         for kx in kx0..kx1 {
             let ix = ox * g.stride + kx - pl;
             let i0 = &x[(iy * w + ix) * c + cb..][..B];
@@ -370,12 +454,12 @@ fn dw_pair<const B: usize, const FMA: bool>(
     orow[(ox + 1) * c + cb..][..B].copy_from_slice(&a1);
 }
 
-/// Channels `cb..cb + B` of one output pixel.
+/// Channels `cb..cb + B` of one output pixel; `x` holds input rows `y0..`, `w` pixels each.
 #[inline(always)]
 fn dw_block<const B: usize, const FMA: bool>(
     dw: &Depthwise,
     x: &[f32],
-    w: usize,
+    (y0, w): (usize, usize),
     (oy, ox): (usize, usize),
     (ky0, ky1, kx0, kx1): (usize, usize, usize, usize),
     cb: usize,
@@ -386,7 +470,7 @@ fn dw_block<const B: usize, const FMA: bool>(
     let mut acc = [0f32; B];
     acc.copy_from_slice(&dw.bias[cb..cb + B]);
     for ky in ky0..ky1 {
-        let iy = oy * g.stride + ky - pt;
+        let iy = oy * g.stride + ky - pt - y0;
         for kx in kx0..kx1 {
             let ix = ox * g.stride + kx - pl;
             let i = &x[(iy * w + ix) * c + cb..][..B];
@@ -436,7 +520,7 @@ pub fn bench_depthwise(iters: usize) -> String {
             for (i, fast) in [true, false].into_iter().enumerate() {
                 let t = Instant::now();
                 for _ in 0..reps {
-                    depthwise_rows(isa, &dw, &x, hw, hw, 0, isa, fast, &mut o);
+                    depthwise_rows(isa, &dw, &x, 0, hw, hw, 0, isa, fast, &mut o);
                 }
                 best[i] = best[i].min(t.elapsed().as_secs_f64() / reps as f64);
             }
@@ -709,6 +793,61 @@ mod tests {
                     &want,
                     &format!("{isa:?} depthwise {c}x{h}x{w} k{k} s{s} {pad:?} {act:?}"),
                 );
+            }
+        }
+    }
+
+    /// An expansion fused into the depthwise over bands of rows gives what the two
+    /// layers give run one after the other (tested against candle above), in both
+    /// GEMM forms, with bands of one output row, of a few, and of the whole image.
+    #[test]
+    fn expand_and_depthwise_fused_over_bands_match_the_two_layers() {
+        for isa in Isa::supported() {
+            for (n, &(c, h, w, k, s, pad)) in SHAPES.iter().enumerate() {
+                let cin = [16, 3, 24, 1][n % 4];
+                let geo = Geometry { k, stride: s, pad };
+                let x = randn(&[h, w, cin], 500 + n as u64);
+                let we = randn(&[c, cin], 600 + n as u64);
+                let be = randn(&[c], 700 + n as u64);
+                let wd = randn(&[c, 1, k, k], 800 + n as u64);
+                let bd = randn(&[c], 900 + n as u64);
+                let dw = Depthwise::new(&wd, &bd, c, geo, ACTS[n % ACTS.len()]).unwrap();
+                let (oh, ow) = geo.out_size(h, w);
+                let rows = transposed(&we, c, cin);
+                for form in 0..2 {
+                    let kept = match form {
+                        0 => nhwc_gemm::Kept::ours(&rows, cin, c),
+                        _ => nhwc_gemm::Kept::crate_form(rows.clone(), cin, c),
+                    };
+                    let e = Pointwise {
+                        w: nhwc_gemm::Weights::with_form(kept),
+                        bias: be.clone(),
+                        cin,
+                        cout: c,
+                        act: Act::Relu6,
+                    };
+                    let mut mid = vec![f32::NAN; h * w * c];
+                    e.run(isa, &x, h * w, None, &mut mid);
+                    let mut want = vec![f32::NAN; oh * ow * c];
+                    dw.run(isa, &mid, h, w, &mut want);
+                    for band_floats in [1, 3 * w * c, h * w * c] {
+                        let mut band = vec![f32::NAN; h * w * c * threads() + k * w * c * threads()];
+                        let mut got = vec![f32::NAN; oh * ow * c];
+                        assert!(dw.run_expanded(isa, &e, &x, (h, w), band_floats, &mut band, &mut got));
+                        close(
+                            &got,
+                            &want,
+                            &format!(
+                                "{isa:?} form {form} fused {cin}->{c} {h}x{w} k{k} s{s} {pad:?} band {band_floats}"
+                            ),
+                        );
+                    }
+                }
+                // Before its form is chosen, the fused run declines.
+                let e = Pointwise::new(&we, &be, c, cin, Act::None).unwrap();
+                let mut got = vec![0f32; oh * ow * c];
+                let mut band = vec![0f32; h * w * c * threads() + k * w * c * threads()];
+                assert!(!dw.run_expanded(isa, &e, &x, (h, w), 1, &mut band, &mut got));
             }
         }
     }

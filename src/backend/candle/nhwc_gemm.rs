@@ -88,6 +88,23 @@ impl Weights {
             kept: OnceLock::new(),
         }
     }
+
+    /// Weights already in the form `kept` (tests choose it instead of timing).
+    #[cfg(test)]
+    pub fn with_form(kept: Kept) -> Weights {
+        let (k, n) = kept.shape();
+        Weights {
+            k,
+            n,
+            source: Mutex::new(None),
+            kept: OnceLock::from(kept),
+        }
+    }
+
+    /// Whether the layer's form is chosen (by its first [`run`]).
+    pub fn decided(&self) -> bool {
+        self.kept.get().is_some()
+    }
 }
 
 impl Kept {
@@ -198,8 +215,39 @@ fn decide<'w>(
     w.kept.get_or_init(|| if best[0] <= best[1] { ours } else { theirs })
 }
 
-/// [`run`] in the form given.
-pub fn run_kept(isa: Isa, kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &mut [f32]) {
+/// [`run`] on the calling thread alone, for a caller that splits the work itself;
+/// `None` (nothing computed) until a [`run`] has chosen the layer's form.
+pub fn run_here(
+    isa: Isa,
+    w: &Weights,
+    x: &[f32],
+    lda: usize,
+    pixels: usize,
+    epi: Epilogue,
+    out: &mut [f32],
+) -> Option<()> {
+    let kept = w.kept.get()?;
+    check(kept, x, lda, pixels, epi, out);
+    if pixels == 0 || w.n == 0 {
+        return Some(());
+    }
+    match kept {
+        Kept::Ours(packed) => {
+            let o = Out(out.as_mut_ptr());
+            // SAFETY: all pixels and channels, inside `out`, `x` and the residual by
+            // `check`; no other task: this is the only one.
+            unsafe { task(isa, packed, x, lda, epi, o, 0..pixels, 0..packed.units()) }
+        }
+        Kept::Crate { rows, k, n } => {
+            super::gemm::gemm_set(pixels, *n, *k, x, lda, rows, &mut out[..pixels * n]);
+            epilogue(isa, &mut out[..pixels * n], &epi.bias[..*n], epi.residual, epi.act);
+        }
+    }
+    Some(())
+}
+
+/// The shapes [`run_kept`] and [`run_here`] rely on.
+fn check(kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &[f32]) {
     let (k, n) = kept.shape();
     assert!(
         pixels == 0 || (lda >= k && x.len() >= (pixels - 1) * lda + k),
@@ -209,6 +257,12 @@ pub fn run_kept(isa: Isa, kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi
         out.len() >= pixels * n && epi.bias.len() >= n && epi.residual.is_none_or(|r| r.len() >= pixels * n),
         "nhwc gemm: output, bias or residual smaller than its shape"
     );
+}
+
+/// [`run`] in the form given.
+pub fn run_kept(isa: Isa, kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &mut [f32]) {
+    check(kept, x, lda, pixels, epi, out);
+    let (k, n) = kept.shape();
     if pixels == 0 || n == 0 {
         return;
     }
