@@ -580,19 +580,34 @@ impl Conv {
     }
 
     /// `out` (`oh x ow x c_out`) from `x` (`h x w x c_in`); `col` is scratch of `scratch_len`.
+    /// Once the GEMM's form is chosen (on the first input, over the whole matrix), each
+    /// task multiplies its own part of the im2col matrix as soon as it has written it,
+    /// while that part is in its cache.
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, col: &mut [f32], out: &mut [f32]) {
         let (oh, ow) = self.geo.out_size(h, w);
-        let (pixels, kc) = (oh * ow, self.geo.k * self.geo.k * self.cin);
+        let (pixels, kc, n) = (oh * ow, self.geo.k * self.geo.k * self.cin, self.cout);
         let (_, per) = split(pixels, IM2COL_ROWS);
-        col[..pixels * kc]
-            .par_chunks_mut(per * kc)
-            .enumerate()
-            .for_each(|(t, col)| im2col(isa, self, x, h, w, t * per, col));
         let epi = Epilogue {
             bias: &self.bias,
             residual: None,
             act: self.act,
         };
+        if self.w.decided() {
+            col[..pixels * kc]
+                .par_chunks_mut(per * kc)
+                .zip(out[..pixels * n].par_chunks_mut(per * n))
+                .enumerate()
+                .for_each(|(t, (col, o))| {
+                    im2col(isa, self, x, h, w, t * per, col);
+                    let done = nhwc_gemm::run_here(isa, &self.w, col, kc, col.len() / kc, epi, o);
+                    debug_assert!(done.is_some(), "decided above");
+                });
+            return;
+        }
+        col[..pixels * kc]
+            .par_chunks_mut(per * kc)
+            .enumerate()
+            .for_each(|(t, col)| im2col(isa, self, x, h, w, t * per, col));
         nhwc_gemm::run(isa, &self.w, col, kc, pixels, epi, out);
     }
 }
@@ -867,13 +882,17 @@ mod tests {
                 let conv = Conv::new(&wt, &b, cout, cin, geo, act).unwrap();
                 let (oh, ow) = geo.out_size(h, w);
                 let mut col = vec![f32::NAN; conv.scratch_len(h, w)];
-                let mut got = vec![f32::NAN; oh * ow * cout];
-                conv.run(isa, &x, h, w, &mut col, &mut got);
-                close(
-                    &got,
-                    &want,
-                    &format!("{isa:?} conv {cin}->{cout} {h}x{w} k{k} s{s} {pad:?} {act:?}"),
-                );
+                // The first run chooses the GEMM's form over the whole matrix; the second
+                // multiplies each task's part as it is written.
+                for run in 0..2 {
+                    let mut got = vec![f32::NAN; oh * ow * cout];
+                    conv.run(isa, &x, h, w, &mut col, &mut got);
+                    close(
+                        &got,
+                        &want,
+                        &format!("{isa:?} conv {cin}->{cout} {h}x{w} k{k} s{s} {pad:?} {act:?} run {run}"),
+                    );
+                }
             }
         }
     }
