@@ -284,7 +284,6 @@ struct Block {
 
 /// The buffers a forward pass runs in, allocated once at load.
 struct Arena {
-    input: Vec<f32>,
     /// The block input (kept for the residual), then the block output.
     a: Vec<f32>,
     /// The expanded activation, and the head's output.
@@ -293,7 +292,7 @@ struct Arena {
     c: Vec<f32>,
     /// The projected output, swapped with `a`.
     d: Vec<f32>,
-    /// The stem's im2col scratch.
+    /// The stem's scratch (a stack of input rows per task).
     col: Vec<f32>,
     pooled: Vec<f32>,
     logits: Vec<f32>,
@@ -363,7 +362,6 @@ impl EfficientNetLite {
             .map_err(|e| format!("_fc: {e}"))?;
         let buf = |n: usize| vec![0f32; n];
         let arena = Arena {
-            input: buf(h * wd * 3),
             a: buf(io_max),
             b: buf(expanded_max),
             c: buf(dw_max),
@@ -396,7 +394,7 @@ impl EfficientNetLite {
     /// Bytes of the buffers allocated at load.
     pub fn arena_bytes(&self) -> usize {
         let a = &self.arena;
-        4 * [&a.input, &a.a, &a.b, &a.c, &a.d, &a.col, &a.pooled, &a.logits]
+        4 * [&a.a, &a.b, &a.c, &a.d, &a.col, &a.pooled, &a.logits]
             .iter()
             .map(|v| v.len())
             .sum::<usize>()
@@ -426,8 +424,7 @@ impl EfficientNetLite {
                 t0 = Instant::now();
             }
         };
-        nhwc::nchw_to_nhwc(isa, x, 3, &mut ar.input);
-        self.stem.run(isa, &ar.input, h, w, &mut ar.col, &mut ar.a);
+        self.stem.run(isa, x, h, w, &mut ar.col, &mut ar.a);
         let s = &self.stem;
         lap(&|| {
             format!(

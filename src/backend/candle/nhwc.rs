@@ -2,7 +2,8 @@
 //! their buffers.
 //!
 //! Owns: the pointwise (1x1) convolution as GEMM, the depthwise convolution,
-//! the general convolution (im2col + GEMM), each with bias, activation and
+//! the general convolution (a GEMM reading stacks of input rows in place, from
+//! NCHW), each with bias, activation and
 //! (pointwise) a residual fused in; global average pooling; the dense layer.
 //! Weights are packed once, at construction. No kernel allocates: outputs
 //! and scratch are the caller's (the GEMM, `nhwc_gemm.rs`, reads the pixels in
@@ -535,12 +536,19 @@ pub fn bench_depthwise(iters: usize) -> String {
     out
 }
 
-/// Output pixels per im2col task.
-const IM2COL_ROWS: usize = 1024;
+/// Output rows per convolution task (tasks are rounded to a multiple of the threads).
+const CONV_ROWS: usize = 8;
 
-/// A general convolution (groups = 1) as im2col + GEMM, bias and activation fused.
+/// A general convolution (groups = 1) as a GEMM read in place, bias and activation fused.
+///
+/// For each output row it gathers the `k` input rows that row reads into a *stack*,
+/// `[column][ky][c_in]`, zeros where padded. An output pixel's receptive field is then
+/// `k*k*c_in` contiguous floats of the stack, `stride*k*c_in` after its left
+/// neighbour's, so the GEMM reads its rows where they lie: no im2col matrix (9x the
+/// input for a 3x3 kernel), and the stack, a few KiB per row, is read from L1 just after
+/// it is written. The input is read as NCHW, as the model takes it.
 pub struct Conv {
-    /// `[k*k*c_in][c_out]`, rows in (ky, kx, c_in) order, matching the im2col rows.
+    /// `[k*k*c_in][c_out]`, rows in (kx, ky, c_in) order, matching a field in the stack.
     w: nhwc_gemm::Weights,
     bias: Vec<f32>,
     pub cin: usize,
@@ -558,8 +566,10 @@ impl Conv {
         let mut w = vec![0f32; k * k * cin * cout];
         for o in 0..cout {
             for i in 0..cin {
-                for t in 0..k * k {
-                    w[(t * cin + i) * cout + o] = w_oihw[(o * cin + i) * k * k + t];
+                for ky in 0..k {
+                    for kx in 0..k {
+                        w[((kx * k + ky) * cin + i) * cout + o] = w_oihw[((o * cin + i) * k + ky) * k + kx];
+                    }
                 }
             }
         }
@@ -573,68 +583,80 @@ impl Conv {
         })
     }
 
-    /// Scratch `run` needs for an `h x w` input.
-    pub fn scratch_len(&self, h: usize, w: usize) -> usize {
-        let (oh, ow) = self.geo.out_size(h, w);
-        oh * ow * self.geo.k * self.geo.k * self.cin
+    /// Floats of one output row's stack for a `w` wide input: the columns its fields span.
+    fn stack_len(&self, w: usize) -> usize {
+        let g = self.geo;
+        let ow = (w + g.pad[2] + g.pad[3] - g.k) / g.stride + 1;
+        (g.stride * (ow - 1) + g.k) * g.k * self.cin
     }
 
-    /// `out` (`oh x ow x c_out`) from `x` (`h x w x c_in`); `col` is scratch of `scratch_len`.
-    /// Once the GEMM's form is chosen (on the first input, over the whole matrix), each
-    /// task multiplies its own part of the im2col matrix as soon as it has written it,
-    /// while that part is in its cache.
+    /// Scratch `run` needs for an `h x w` input: a stack per task.
+    pub fn scratch_len(&self, h: usize, w: usize) -> usize {
+        let (oh, _) = self.geo.out_size(h, w);
+        split(oh, CONV_ROWS).0 * self.stack_len(w)
+    }
+
+    /// `out` (`oh x ow x c_out`, NHWC) from `x` (`c_in x h x w`, NCHW); `col` is scratch
+    /// of `scratch_len`. The first run chooses the GEMM's form on the first output row;
+    /// then each task gathers its rows' stacks one at a time and multiplies each at once.
     pub fn run(&self, isa: Isa, x: &[f32], h: usize, w: usize, col: &mut [f32], out: &mut [f32]) {
-        let (oh, ow) = self.geo.out_size(h, w);
-        let (pixels, kc, n) = (oh * ow, self.geo.k * self.geo.k * self.cin, self.cout);
-        let (_, per) = split(pixels, IM2COL_ROWS);
+        let g = self.geo;
+        let (oh, ow) = g.out_size(h, w);
+        let n = self.cout;
+        let (stack, lda) = (self.stack_len(w), g.stride * g.k * self.cin);
+        assert!(
+            x.len() >= self.cin * h * w,
+            "conv: input smaller than {}x{h}x{w}",
+            self.cin
+        );
         let epi = Epilogue {
             bias: &self.bias,
             residual: None,
             act: self.act,
         };
-        if self.w.decided() {
-            col[..pixels * kc]
-                .par_chunks_mut(per * kc)
-                .zip(out[..pixels * n].par_chunks_mut(per * n))
-                .enumerate()
-                .for_each(|(t, (col, o))| {
-                    im2col(isa, self, x, h, w, t * per, col);
-                    let done = nhwc_gemm::run_here(isa, &self.w, col, kc, col.len() / kc, epi, o);
-                    debug_assert!(done.is_some(), "decided above");
-                });
-            return;
+        if !self.w.decided() {
+            gather_stack(isa, self, x, h, w, 0, &mut col[..stack]);
+            nhwc_gemm::run(isa, &self.w, &col[..stack], lda, ow, epi, &mut out[..ow * n]);
         }
-        col[..pixels * kc]
-            .par_chunks_mut(per * kc)
+        let (_, per) = split(oh, CONV_ROWS);
+        col[..oh.div_ceil(per) * stack]
+            .par_chunks_mut(stack)
+            .zip(out[..oh * ow * n].par_chunks_mut(per * ow * n))
             .enumerate()
-            .for_each(|(t, col)| im2col(isa, self, x, h, w, t * per, col));
-        nhwc_gemm::run(isa, &self.w, col, kc, pixels, epi, out);
+            .for_each(|(t, (st, o))| {
+                for (i, row) in o.chunks_exact_mut(ow * n).enumerate() {
+                    gather_stack(isa, self, x, h, w, t * per + i, st);
+                    let done = nhwc_gemm::run_here(isa, &self.w, st, lda, ow, epi, row);
+                    debug_assert!(done.is_some(), "decided above");
+                }
+            });
     }
 }
 
 multiversion! {
-    /// The im2col rows of output pixels from `p0` on, as many as `col` holds; zeros where padded.
-    fn im2col(conv: &Conv, x: &[f32], h: usize, w: usize, p0: usize, col: &mut [f32]) {
+    /// Output row `oy`'s stack: `stack[(col * k + ky) * c_in + c]` = the NCHW input at
+    /// channel `c`, row `oy * stride + ky - pad_top`, column `col - pad_left`; zero outside.
+    fn gather_stack(conv: &Conv, x: &[f32], h: usize, w: usize, oy: usize, stack: &mut [f32]) {
         let (g, cin) = (conv.geo, conv.cin);
-        let (_, ow) = g.out_size(h, w);
         let [pt, _, pl, _] = g.pad;
-        for (i, row) in col.chunks_exact_mut(g.k * g.k * cin).enumerate() {
-            let (oy, ox) = ((p0 + i) / ow, (p0 + i) % ow);
-            let (ky0, ky1) = g.taps(oy, pt, h);
-            let (kx0, kx1) = g.taps(ox, pl, w);
-            for ky in 0..g.k {
-                let dst = &mut row[ky * g.k * cin..(ky + 1) * g.k * cin];
-                if ky < ky0 || ky >= ky1 {
-                    dst.fill(0.0);
+        let cols = stack.len() / (g.k * cin);
+        let step = g.k * cin;
+        for ky in 0..g.k {
+            let iy = (oy * g.stride + ky).checked_sub(pt).filter(|&iy| iy < h);
+            for c in 0..cin {
+                let at = ky * cin + c;
+                let Some(iy) = iy else {
+                    stack[at..].iter_mut().step_by(step).for_each(|v| *v = 0.0);
                     continue;
-                }
-                let iy = oy * g.stride + ky - pt;
-                dst[..kx0 * cin].fill(0.0);
-                dst[kx1.max(kx0) * cin..].fill(0.0);
-                if kx1 > kx0 {
-                    let ix = ox * g.stride + kx0 - pl;
-                    dst[kx0 * cin..kx1 * cin].copy_from_slice(&x[(iy * w + ix) * cin..(iy * w + ix + kx1 - kx0) * cin]);
-                }
+                };
+                let src = &x[(c * h + iy) * w..(c * h + iy + 1) * w];
+                // Columns `pl..pl + w` hold the row; those before and after are padding.
+                let lead = pl.min(cols);
+                let mut dst = stack[at..].iter_mut().step_by(step);
+                dst.by_ref().take(lead).for_each(|v| *v = 0.0);
+                // The source first: `zip` stops on it without taking a column more.
+                src[..(pl + w).min(cols) - lead].iter().zip(dst.by_ref()).for_each(|(s, v)| *v = *s);
+                dst.for_each(|v| *v = 0.0);
             }
         }
     }
@@ -709,18 +731,6 @@ multiversion! {
                 .map(|(a, b)| a * b)
                 .sum();
             *o = acc.iter().sum::<f32>() + tail + d.bias[r0 + i];
-        }
-    }
-}
-
-multiversion! {
-    /// `[c][h*w]` (NCHW, batch 1) -> `[h*w][c]`.
-    pub fn nchw_to_nhwc(x: &[f32], c: usize, out: &mut [f32]) {
-        let hw = x.len() / c;
-        for (p, o) in out[..hw * c].chunks_exact_mut(c).enumerate() {
-            for (ch, v) in o.iter_mut().enumerate() {
-                *v = x[ch * hw + p];
-            }
         }
     }
 }
@@ -882,8 +892,9 @@ mod tests {
                 let conv = Conv::new(&wt, &b, cout, cin, geo, act).unwrap();
                 let (oh, ow) = geo.out_size(h, w);
                 let mut col = vec![f32::NAN; conv.scratch_len(h, w)];
-                // The first run chooses the GEMM's form over the whole matrix; the second
-                // multiplies each task's part as it is written.
+                let x: Vec<f32> = nchw(&x, (cin, h, w)).flatten_all().unwrap().to_vec1().unwrap();
+                // The first run chooses the GEMM's form on the first output row; both
+                // runs then multiply each row's stack as it is gathered.
                 for run in 0..2 {
                     let mut got = vec![f32::NAN; oh * ow * cout];
                     conv.run(isa, &x, h, w, &mut col, &mut got);

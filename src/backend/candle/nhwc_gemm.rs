@@ -250,7 +250,8 @@ pub fn run_here(
 fn check(kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi: Epilogue, out: &[f32]) {
     let (k, n) = kept.shape();
     assert!(
-        pixels == 0 || (lda >= k && x.len() >= (pixels - 1) * lda + k),
+        // Rows may overlap (`lda < k`): a convolution's fields, read in place.
+        pixels == 0 || x.len() >= (pixels - 1) * lda + k,
         "nhwc gemm: input smaller than its shape"
     );
     assert!(
@@ -774,13 +775,13 @@ mod tests {
     }
 
     /// Against a triple loop in f64, on every instruction set this CPU runs: pixel
-    /// rows read `lda` apart, every activation, with and without a residual, on shapes
+    /// rows read `lda` apart (overlapping where `lda < k`), every activation, with and without a residual, on shapes
     /// split by pixels and by channels, with edges in both (a tile of fewer than 6
     /// pixels, a last vector of fewer than 8 channels).
     #[test]
     fn matches_a_plain_product_on_every_isa() {
         let acts = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
-        let shapes = [
+        let shapes: [(usize, usize, usize, isize); 15] = [
             // (pixels, k, n, lda pad)
             (1, 1, 1, 0),
             (7, 3, 5, 2),
@@ -795,11 +796,14 @@ mod tests {
             (31, 33, 200, 0),
             (37, 20, 16, 1),
             (130, 300, 64, 0),
+            // Overlapping rows, as a convolution's stack is read: 3x3 and 5x5 fields.
+            (112, 27, 32, -9),
+            (9, 75, 16, -60),
         ];
         for isa in Isa::supported() {
             for (s, &(m, k, n, pad)) in shapes.iter().enumerate() {
-                let lda = k + pad;
-                let x = lcg(m * lda, s as u64);
+                let lda = k.checked_add_signed(pad).unwrap();
+                let x = lcg((m - 1) * lda + k, s as u64);
                 let w = lcg(k * n, 100 + s as u64);
                 let bias = lcg(n, 200 + s as u64);
                 let res = lcg(m * n, 300 + s as u64);

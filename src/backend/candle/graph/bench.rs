@@ -48,8 +48,11 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (1, cin, h, h), &dev).map_err(e)?;
         let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).map_err(e)?;
-        let mut x_nhwc = vec![0f32; xs.len()];
-        nhwc::nchw_to_nhwc(isa, &xs, cin, &mut x_nhwc);
+        let x_nhwc: Vec<f32> = x
+            .permute((0, 2, 3, 1))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .map_err(e)?;
         // TF "same" padding, as EfficientNet-Lite's layers have it.
         let total = ((h.div_ceil(s) - 1) * s + k).saturating_sub(h);
         let pad = [total / 2, total - total / 2, total / 2, total - total / 2];
