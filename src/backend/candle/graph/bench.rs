@@ -47,7 +47,6 @@ pub fn bench_layouts(iters: usize) -> Result<String, String> {
     for (cin, cout, h, k, s) in shapes {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (1, cin, h, h), &dev).map_err(e)?;
-        let xs: Vec<f32> = x.flatten_all().and_then(|t| t.to_vec1()).map_err(e)?;
         let x_nhwc: Vec<f32> = x
             .permute((0, 2, 3, 1))
             .and_then(|t| t.flatten_all())
