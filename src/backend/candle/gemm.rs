@@ -581,28 +581,16 @@ unsafe fn v3<const SHIFT: bool>(s: &Step) {
             *row = [_mm256_set1_ps(unsafe { *s.bias.add(i) }); 2];
         }
     }
-    let (mut a, mut b) = (s.a, s.b);
-    for q in 0..s.k {
-        if SHIFT {
-            // SAFETY: `off` holds this block's `k` offsets, each a row inside `b`.
-            b = unsafe { s.b.add(*s.off.add(q) as usize) };
+    // A whole panel loads plainly; only an edge is masked (a masked load costs more
+    // than a plain one on AMD's cores, and this runs on every step of k).
+    // SAFETY: the panels hold `cols` floats per step of k (16 where `cols == NR`).
+    unsafe {
+        if s.cols == NR {
+            v3_sum::<SHIFT, MR, false>(s, &mut acc, m0, m1)
+        } else {
+            v3_sum::<SHIFT, MR, true>(s, &mut acc, m0, m1)
         }
-        // SAFETY: the panel holds `cols` floats per step of k; the masks load no more.
-        let (b0, b1) = unsafe { (_mm256_maskload_ps(b, m0), _mm256_maskload_ps(b.add(8), m1)) };
-        for (i, row) in acc.iter_mut().enumerate() {
-            // SAFETY: the panel holds MR floats per step of k.
-            let ai = _mm256_set1_ps(unsafe { *a.add(i) });
-            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-        }
-        // SAFETY: k steps stay inside both panels.
-        unsafe {
-            a = a.add(MR);
-            if !SHIFT {
-                b = b.add(s.ldb);
-            }
-        }
-    }
+    };
     for (i, row) in acc.iter().enumerate() {
         for (v, x) in row.iter().enumerate() {
             // SAFETY: `dst` is the full tile or the stage.
@@ -623,6 +611,52 @@ unsafe fn v3<const SHIFT: bool>(s: &Step) {
             for j in 0..s.cols {
                 // SAFETY: inside the tile.
                 unsafe { *s.c.add(i * s.ldc + j) = stage[i * NR + j] };
+            }
+        }
+    }
+}
+
+/// The AVX2 tile's sum over `k`: `acc += a b`, `b`'s two vectors loaded under the
+/// masks if `MASKED`, plainly otherwise.
+///
+/// # Safety
+/// As [`v3`]'s; without `MASKED`, the panel holds 16 floats per step of k.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn v3_sum<const SHIFT: bool, const MR: usize, const MASKED: bool>(
+    s: &Step,
+    acc: &mut [[std::arch::x86_64::__m256; 2]; MR],
+    m0: std::arch::x86_64::__m256i,
+    m1: std::arch::x86_64::__m256i,
+) {
+    use std::arch::x86_64::*;
+    let (mut a, mut b) = (s.a, s.b);
+    for q in 0..s.k {
+        if SHIFT {
+            // SAFETY: `off` holds this block's `k` offsets, each a row inside `b`.
+            b = unsafe { s.b.add(*s.off.add(q) as usize) };
+        }
+        // SAFETY: the panel holds `cols` floats per step of k; the masks load no more,
+        // and unmasked loads run only where `cols` is 16.
+        let (b0, b1) = unsafe {
+            if MASKED {
+                (_mm256_maskload_ps(b, m0), _mm256_maskload_ps(b.add(8), m1))
+            } else {
+                (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)))
+            }
+        };
+        for (i, row) in acc.iter_mut().enumerate() {
+            // SAFETY: the panel holds MR floats per step of k.
+            let ai = _mm256_set1_ps(unsafe { *a.add(i) });
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+        // SAFETY: k steps stay inside both panels.
+        unsafe {
+            a = a.add(MR);
+            if !SHIFT {
+                b = b.add(s.ldb);
             }
         }
     }
