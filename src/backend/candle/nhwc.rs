@@ -3,8 +3,8 @@
 //!
 //! Owns: the pointwise (1x1) convolution as GEMM, the depthwise convolution,
 //! the general convolution (a GEMM reading stacks of input rows in place, from
-//! NCHW), each with bias, activation and
-//! (pointwise) a residual fused in; global average pooling; the dense layer.
+//! NCHW), each with bias, activation and (pointwise) a residual fused in; global
+//! average pooling; the dense layer.
 //! Weights are packed once, at construction. No kernel allocates: outputs
 //! and scratch are the caller's (the GEMM, `nhwc_gemm.rs`, reads the pixels in
 //! place). Work is split across the CPU pool (`cpu::threads`) by output rows
@@ -272,12 +272,11 @@ impl Depthwise {
                 for (i, o) in out.chunks_mut(rows * orow).enumerate() {
                     let oy0 = t * per + i * rows;
                     let (lo, hi) = reads(oy0, oy0 + o.len() / orow);
-                    let new = match lo < held.end {
-                        true => {
-                            band.copy_within((lo - held.start) * irow..(held.end - held.start) * irow, 0);
-                            held.end
-                        }
-                        false => lo,
+                    let new = if lo < held.end {
+                        band.copy_within((lo - held.start) * irow..(held.end - held.start) * irow, 0);
+                        held.end
+                    } else {
+                        lo
                     };
                     let done = e.run_here(
                         isa,
@@ -583,17 +582,16 @@ impl Conv {
         })
     }
 
-    /// Floats of one output row's stack for a `w` wide input: the columns its fields span.
-    fn stack_len(&self, w: usize) -> usize {
+    /// Floats of the stack of an output row `ow` pixels wide: the columns its fields span.
+    fn stack_len(&self, ow: usize) -> usize {
         let g = self.geo;
-        let ow = (w + g.pad[2] + g.pad[3] - g.k) / g.stride + 1;
         (g.stride * (ow - 1) + g.k) * g.k * self.cin
     }
 
     /// Scratch `run` needs for an `h x w` input: a stack per task.
     pub fn scratch_len(&self, h: usize, w: usize) -> usize {
-        let (oh, _) = self.geo.out_size(h, w);
-        split(oh, CONV_ROWS).0 * self.stack_len(w)
+        let (oh, ow) = self.geo.out_size(h, w);
+        split(oh, CONV_ROWS).0 * self.stack_len(ow)
     }
 
     /// `out` (`oh x ow x c_out`, NHWC) from `x` (`c_in x h x w`, NCHW); `col` is scratch
@@ -603,7 +601,7 @@ impl Conv {
         let g = self.geo;
         let (oh, ow) = g.out_size(h, w);
         let n = self.cout;
-        let (stack, lda) = (self.stack_len(w), g.stride * g.k * self.cin);
+        let (stack, lda) = (self.stack_len(ow), g.stride * g.k * self.cin);
         assert!(
             x.len() >= self.cin * h * w,
             "conv: input smaller than {}x{h}x{w}",

@@ -238,12 +238,19 @@ pub fn run_here(
             // `check`; no other task: this is the only one.
             unsafe { task(isa, packed, x, lda, epi, o, 0..pixels, 0..packed.units()) }
         }
-        Kept::Crate { rows, k, n } => {
-            super::gemm::gemm_set(pixels, *n, *k, x, lda, rows, &mut out[..pixels * n]);
-            epilogue(isa, &mut out[..pixels * n], &epi.bias[..*n], epi.residual, epi.act);
-        }
+        Kept::Crate { rows, k, n } => crate_part(isa, (rows, *k, *n), x, lda, epi, &mut out[..pixels * n]),
     }
     Some(())
+}
+
+/// The crate's form (`w`, `k x n` row-major) on the `out.len() / n` pixels of `x` (`lda`
+/// apart) whose residual, if any, starts `epi.residual`: the product on this thread,
+/// then the epilogue pass.
+fn crate_part(isa: Isa, (w, k, n): (&[f32], usize, usize), x: &[f32], lda: usize, epi: Epilogue, out: &mut [f32]) {
+    let rows = out.len() / n;
+    super::gemm::gemm_set(rows, n, k, x, lda, w, out);
+    let res = epi.residual.map(|r| &r[..rows * n]);
+    epilogue(isa, out, &epi.bias[..n], res, epi.act);
 }
 
 /// The shapes [`run_kept`] and [`run_here`] rely on.
@@ -275,10 +282,12 @@ pub fn run_kept(isa: Isa, kept: &Kept, x: &[f32], lda: usize, pixels: usize, epi
                 .par_chunks_mut(per * n)
                 .enumerate()
                 .for_each(|(t, o)| {
-                    let (p0, rows) = (t * per, o.len() / n);
-                    super::gemm::gemm_set(rows, n, k, &x[p0 * lda..], lda, w, o);
-                    let res = epi.residual.map(|r| &r[p0 * n..(p0 + rows) * n]);
-                    epilogue(isa, o, &epi.bias[..n], res, epi.act);
+                    let p0 = t * per;
+                    let epi = Epilogue {
+                        residual: epi.residual.map(|r| &r[p0 * n..]),
+                        ..epi
+                    };
+                    crate_part(isa, (w, k, n), &x[p0 * lda..], lda, epi, o);
                 });
             return;
         }

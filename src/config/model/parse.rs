@@ -319,22 +319,13 @@ impl Doc {
         };
         let (width, height) = match &v["resize"] {
             Yaml::BadValue | Yaml::Null => (dw, dh),
-            Yaml::Array(a) if a.len() == 2 => (
-                self.int(
-                    self.item(&a[0], "preprocessing.resize[0]")?,
-                    "preprocessing.resize[0]",
-                    0,
-                    8,
-                    8192,
-                )? as u32,
-                self.int(
-                    self.item(&a[1], "preprocessing.resize[1]")?,
-                    "preprocessing.resize[1]",
-                    0,
-                    8,
-                    8192,
-                )? as u32,
-            ),
+            Yaml::Array(a) if a.len() == 2 => {
+                let side = |i: usize| {
+                    let k = format!("preprocessing.resize[{i}]");
+                    self.int(self.item(&a[i], &k)?, &k, 0, 8, 8192).map(|v| v as u32)
+                };
+                (side(0)?, side(1)?)
+            }
             other => {
                 return Err(self.err(
                     "preprocessing.resize",

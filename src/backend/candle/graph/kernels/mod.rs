@@ -45,62 +45,6 @@ pub(super) fn activate(isa: Isa, s: &mut [f32], act: Act) {
     activate_any(isa, s, act)
 }
 
-/// `x * sigmoid(x)` or `sigmoid(x)` on 8 lanes at a time, as [`sigmoid_v4`] with AVX2's
-/// instructions: `e^-x` as `2^k p(r)` (`-x` clamped to [-87, 88], so that `2^k` is a
-/// normal float built from its exponent bits; past there the sigmoid is 0 or 1 to f32's
-/// precision), `1 / (1 + e^-x)` as `vrcpps` (12 bits) plus one Newton step. Returns how
-/// many it did: all but the last `len % 8`, left to the caller. SiLU was 8 % of
-/// YOLOv12n on AVX2.
-///
-/// # Safety
-/// AVX2 and FMA on this CPU.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sigmoid_v3(s: &mut [f32], silu: bool) -> usize {
-    use std::arch::x86_64::*;
-    const C: [f32; 6] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
-    let one = _mm256_set1_ps(1.0);
-    let (lo, hi) = (_mm256_set1_ps(-87.0), _mm256_set1_ps(88.0));
-    let f = |x: __m256| {
-        let t = _mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), x), lo), hi);
-        // k = round(t log2 e); r = t - k ln 2 in two parts.
-        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-            t,
-            _mm256_set1_ps(std::f32::consts::LOG2_E),
-        ));
-        let r = _mm256_fnmadd_ps(
-            k,
-            _mm256_set1_ps(1.428_606_8e-6),
-            _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_145_75), t),
-        );
-        let mut p = _mm256_set1_ps(C[0]);
-        for c in &C[1..] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
-        }
-        p = _mm256_fmadd_ps(p, r, one);
-        // 2^k: k + 127 in the exponent field (k in -126..=127 after the clamp).
-        let two_k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(k),
-            _mm256_set1_epi32(127),
-        )));
-        let d = _mm256_fmadd_ps(p, two_k, one);
-        let y = _mm256_rcp_ps(d);
-        // One Newton step: y (2 - d y), from 12 bits to about 23.
-        let y = _mm256_fmadd_ps(y, _mm256_fnmadd_ps(d, y, one), y);
-        if silu {
-            _mm256_mul_ps(x, y)
-        } else {
-            y
-        }
-    };
-    let mut chunks = s.chunks_exact_mut(8);
-    for c in &mut chunks {
-        // SAFETY: 8 floats at `c`.
-        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), f(_mm256_loadu_ps(c.as_ptr()))) };
-    }
-    s.len() / 8 * 8
-}
-
 multiversion! {
     /// `act` on every element, from the portable body.
     fn activate_any(s: &mut [f32], act: Act) {
@@ -175,6 +119,72 @@ unsafe fn sigmoid_v4(s: &mut [f32], silu: bool) {
         let x = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
         _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, f(x));
     }
+}
+
+/// `e^t` on 8 lanes as [`exp_v4`] with AVX2's instructions: `t` clamped to [-87, 88], so
+/// that `2^k` is a normal float built from its exponent bits (where `e^t` leaves that
+/// range, a sigmoid's `1 + e^t` is 1 or past 1e38, the answer 0 or 1 to f32's precision).
+///
+/// # Safety
+/// AVX2 and FMA on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn exp_v3(t: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    const C: [f32; 6] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0];
+    let t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+    // k = round(t log2 e); r = t - k ln 2 in two parts.
+    let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        t,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_fnmadd_ps(
+        k,
+        _mm256_set1_ps(1.428_606_8e-6),
+        _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693_145_75), t),
+    );
+    let mut p = _mm256_set1_ps(C[0]);
+    for c in &C[1..] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+    }
+    // 2^k: k + 127 in the exponent field (k in -126..=127 after the clamp).
+    let two_k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(k),
+        _mm256_set1_epi32(127),
+    )));
+    _mm256_mul_ps(_mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0)), two_k)
+}
+
+/// [`sigmoid_v4`] on 8 lanes at a time with AVX2's instructions: `e^-x` by [`exp_v3`],
+/// `1 / (1 + e^-x)` as `vrcpps` (12 bits) plus one Newton step. Returns how many it did:
+/// all but the last `len % 8`, left to the caller. SiLU was 8 % of YOLOv12n on AVX2.
+///
+/// # Safety
+/// AVX2 and FMA on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_v3(s: &mut [f32], silu: bool) -> usize {
+    use std::arch::x86_64::*;
+    let one = _mm256_set1_ps(1.0);
+    let f = |x: __m256| {
+        // SAFETY: AVX2 and FMA, as this function's.
+        let d = _mm256_add_ps(one, unsafe { exp_v3(_mm256_sub_ps(_mm256_setzero_ps(), x)) });
+        let y = _mm256_rcp_ps(d);
+        // One Newton step: y (2 - d y), from 12 bits to about 23.
+        let y = _mm256_fmadd_ps(y, _mm256_fnmadd_ps(d, y, one), y);
+        if silu {
+            _mm256_mul_ps(x, y)
+        } else {
+            y
+        }
+    };
+    let mut chunks = s.chunks_exact_mut(8);
+    for c in &mut chunks {
+        // SAFETY: 8 floats at `c`.
+        unsafe { _mm256_storeu_ps(c.as_mut_ptr(), f(_mm256_loadu_ps(c.as_ptr()))) };
+    }
+    s.len() / 8 * 8
 }
 
 multiversion! {
