@@ -313,6 +313,7 @@ impl Arena {
                     matches!(
                         plan.steps[r].op,
                         Op::MatMul
+                            | Op::Attention { .. }
                             | Op::Transpose { .. }
                             | Op::Reshape { .. }
                             | Op::Flatten { .. }
@@ -440,6 +441,12 @@ impl Arena {
                         let (a, b) = (&arg_views[0], &arg_views[1]);
                         let r = a.dims.len();
                         r >= 2 && b.dims.len() == r && a.dims[..r - 2] == b.dims[..r - 2]
+                    }
+                    // The kernel's softmax runs over the scores' last axis only.
+                    Op::Attention { axis, .. } => {
+                        let r = x.dims.len();
+                        super::ops::axis(*axis, r).is_ok_and(|d| d + 1 == r)
+                            && kernels::Attention::out_dims(&x.dims, &arg_views[1].dims, &arg_views[2].dims).is_ok()
                     }
                     _ => false,
                 };
@@ -761,6 +768,17 @@ unsafe fn native(op: &Op, views: &[View], a: &ArenaStep, mem: &Mem) -> candle_co
             kernels::MatMul::forward(
                 (x, &xv.dims, &xv.strides),
                 (b, &bv.dims, &bv.strides),
+                &SharedOut::of(o),
+            )?
+        }
+        Op::Attention { scale, .. } => {
+            let (kv, vv) = (&views[a.args[1]], &views[a.args[2]]);
+            // SAFETY: the caller's.
+            let (k, v) = unsafe { (mem.read(kv), mem.read(vv)) };
+            kernels::Attention { scale: *scale }.forward(
+                (x, &xv.dims, &xv.strides),
+                (k, &kv.dims, &kv.strides),
+                (v, &vv.dims, &vv.strides),
                 &SharedOut::of(o),
             )?
         }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::super::cpu::Act;
 use super::super::onnx_proto::{self, AttrValue, NodeProto, TensorProto};
-use super::fuse::{compile_conv, fuse_activations, fuse_softmax, mark_transpose_views};
+use super::fuse::{compile_conv, fuse_activations, fuse_attention, fuse_softmax, mark_transpose_views};
 use super::{Bin, Op, Plan, Src, Step, MAX_CONV_PARAM, MAX_RESIZE_SCALE, R};
 
 fn attr_i(n: &NodeProto, k: &str, default: i64) -> i64 {
@@ -329,6 +329,9 @@ impl Plan {
             .ok_or("the graph output is produced by no node")?;
         fuse_activations(&mut steps, output_slot);
         fuse_softmax(&mut steps, output_slot);
+        if device.is_none() {
+            fuse_attention(&mut steps, output_slot);
+        }
         for step in &mut steps {
             match device {
                 None => compile_conv(step)?,

@@ -1,5 +1,6 @@
 //! The passes over a compiled plan's steps: activations folded into the
 //! convolution before them, softmax found where exports spell it out,
+//! attention (`MatMul`, softmax, `Transpose`, `MatMul`) run as one step,
 //! convolutions with constant weights put on our kernels, and transposes that
 //! only MatMuls read left as views.
 
@@ -195,6 +196,56 @@ fn match_softmax(
         }
     }
     Some(found)
+}
+
+/// Finds attention as YOLOv12 exports it, `MatMul(v, Transpose(softmax(MatMul(q, k))))`
+/// with the transpose swapping the last two axes, where nothing else reads the
+/// scores, the softmax or its transpose, and runs it as one `Attention` step (on the
+/// CPU plan: its kernel never writes the scores).
+pub(super) fn fuse_attention(steps: &mut Vec<Step>, graph_output: usize) {
+    let readers = readers(steps);
+    let read_by = |slot: usize| readers.get(&slot).map(Vec::as_slice).unwrap_or(&[]);
+    let producer = |slot: usize| steps.iter().position(|s| s.outputs == [slot]);
+    let mut dead = vec![false; steps.len()];
+    let mut fused = Vec::new();
+    for m2 in 0..steps.len() {
+        let (Op::MatMul, [Src::Slot(v), Src::Slot(pt)]) = (&steps[m2].op, steps[m2].inputs.as_slice()) else {
+            continue;
+        };
+        let only = |slot: usize, reader: usize| read_by(slot) == [reader] && slot != graph_output;
+        let Some(tr) = producer(*pt).filter(|_| only(*pt, m2)) else {
+            continue;
+        };
+        let (Op::Transpose { perm, .. }, [Src::Slot(p)]) = (&steps[tr].op, steps[tr].inputs.as_slice()) else {
+            continue;
+        };
+        let Some(sm) = producer(*p).filter(|_| swaps_last_two(perm) && only(*p, tr)) else {
+            continue;
+        };
+        let (&Op::FastSoftmax { axis, scale }, [Src::Slot(sc)]) = (&steps[sm].op, steps[sm].inputs.as_slice()) else {
+            continue;
+        };
+        let Some(m1) = producer(*sc).filter(|_| only(*sc, sm)) else {
+            continue;
+        };
+        let (Op::MatMul, [Src::Slot(q), Src::Slot(k)]) = (&steps[m1].op, steps[m1].inputs.as_slice()) else {
+            continue;
+        };
+        fused.push((m2, [*q, *k, *v], axis, scale));
+        for i in [m1, sm, tr] {
+            dead[i] = true;
+        }
+    }
+    for (m2, inputs, axis, scale) in fused {
+        steps[m2].op = Op::Attention { axis, scale };
+        steps[m2].name = format!("Attention (fused) {}", steps[m2].name.trim_start_matches("MatMul "));
+        steps[m2].inputs = inputs.into_iter().map(Src::Slot).collect();
+    }
+    let mut i = 0;
+    steps.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
 }
 
 /// Puts a convolution with constant weights on our kernels where they apply.

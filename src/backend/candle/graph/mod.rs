@@ -108,6 +108,13 @@ enum Op {
         view: bool,
     },
     MatMul,
+    /// `v softmax(scale q k)ᵀ`, the softmax over the scores' last axis (`axis` as the
+    /// softmax had it): inputs `q`, `k`, `v`; found at compile where a `MatMul` reads `v`
+    /// and the transpose of a softmax of `MatMul(q, k)`, and nothing else reads those.
+    Attention {
+        axis: i64,
+        scale: f32,
+    },
     Gemm {
         trans_b: bool,
     },
@@ -142,6 +149,7 @@ impl Op {
             Op::DeviceDepthwise { .. } => (3, 3),
             Op::FastConv(_) | Op::FastDepthwise(_) => (1, 1),
             Op::Binary(_) | Op::MatMul => (2, 2),
+            Op::Attention { .. } => (3, 3),
             Op::Concat { .. } => (1, usize::MAX),
             _ => (1, 1),
         }
@@ -321,6 +329,66 @@ mod tests {
         let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
         for (i, (a, e)) in got.iter().zip(&want).enumerate() {
             assert!((a - e).abs() <= 1e-4 * e.abs().max(1e-3), "at {i}: {a} vs {e}");
+        }
+    }
+
+    /// `tests/fixtures/attention.onnx` (made by `make_attention.py` beside it): YOLOv12's
+    /// attention fuses into one step, and both the first frame (over candle tensors, the
+    /// unfused ops) and the frames after (the arena, the fused kernel reading q, k and v
+    /// through the transposes' strides) match candle's own ops.
+    #[test]
+    fn attention_fuses_and_matches_candles_ops_on_both_paths() {
+        let bytes = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/attention.onnx")).unwrap();
+        let mut plan = Plan::from_onnx(&bytes).unwrap();
+        let names: Vec<&str> = plan.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "Reshape reshape",
+                "Split split",
+                "Transpose tq",
+                "Transpose tk",
+                "Transpose tv",
+                "Attention (fused) out"
+            ]
+        );
+        assert!(
+            matches!(plan.steps[5].op, Op::Attention { axis: -1, scale } if (scale - 8f32.powf(-0.5)).abs() < 1e-7)
+        );
+
+        let x = Tensor::randn(0f32, 2.0, (1, 100, 48), &Device::Cpu).unwrap();
+        let r = x.reshape((1, 100, 2, 24)).unwrap();
+        let part = |i: usize| r.narrow(3, 8 * i, 8).unwrap();
+        let q = part(0).permute((0, 2, 1, 3)).unwrap().contiguous().unwrap();
+        let k = part(1).permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        let v = part(2).permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        let s = (q.matmul(&k).unwrap() * 8f64.powf(-0.5)).unwrap();
+        let e = s.broadcast_sub(&s.max_keepdim(3).unwrap()).unwrap().exp().unwrap();
+        let p = e.broadcast_div(&e.sum_keepdim(3).unwrap()).unwrap();
+        let want: Vec<f32> = v
+            .matmul(&p.transpose(2, 3).unwrap().contiguous().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let input: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+        for frame in 0..3 {
+            let mut got = Vec::new();
+            let dims = plan
+                .run_slice(&input, &[1, 100, 48], &Device::Cpu, &mut got, None)
+                .unwrap();
+            assert_eq!(dims, [1, 2, 8, 100]);
+            if frame > 0 {
+                let a = plan.arena.as_ref().expect("the arena laid out after the first frame");
+                assert_eq!(a.fallbacks, 0, "the fused step runs on its kernel");
+            }
+            for (i, (a, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - e).abs() <= 1e-4 * e.abs().max(1e-2),
+                    "frame {frame} at {i}: {a} vs {e}"
+                );
+            }
         }
     }
 }

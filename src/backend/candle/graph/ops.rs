@@ -156,6 +156,18 @@ pub(super) fn apply(op: &Op, a: &[&Tensor]) -> candle_core::Result<Vec<Tensor>> 
                 Err(_) => mm(&kernels::contiguous(x)?, &b.contiguous()?)?,
             })
         }
+        Op::Attention { axis: ax, scale } => {
+            // As the unfused steps ran it: the scores, their softmax, its transpose's product.
+            let (k, v) = (arg(1)?, arg(2)?);
+            let s = apply(&Op::MatMul, &[x, k])?.remove(0);
+            let d = axis(*ax, s.rank())?;
+            let p = kernels::contiguous(&s)?.apply_op1_no_bwd(&kernels::Softmax {
+                axis: d as i64,
+                scale: *scale,
+            })?;
+            let r = p.rank();
+            apply(&Op::MatMul, &[v, &p.transpose(r - 2, r - 1)?])
+        }
         Op::Gemm { trans_b } => {
             let w = if *trans_b { arg(1)?.t()? } else { arg(1)?.clone() };
             let y = x.matmul(&w.contiguous()?)?;

@@ -18,10 +18,12 @@ use candle_core::{CpuStorage, Layout, Tensor};
 use super::super::cpu::{multiversion, Act, Isa, Level};
 use super::super::nhwc::{apply, Geometry};
 
+mod attention;
 mod conv;
 mod tensor;
 mod winograd;
 
+pub use attention::Attention;
 pub use conv::{Conv, Depthwise};
 pub use tensor::{contiguous, Activation, MatMul, Softmax, Transpose, Upsample, MAX_RANK};
 

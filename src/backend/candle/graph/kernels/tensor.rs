@@ -45,7 +45,7 @@ impl Activation {
 pub struct MatMul;
 
 /// The element offset of batch `b` (row-major over `dims`) under `strides`.
-fn batch_offset(mut b: usize, dims: &[usize], strides: &[usize]) -> usize {
+pub(super) fn batch_offset(mut b: usize, dims: &[usize], strides: &[usize]) -> usize {
     let mut off = 0;
     for (d, s) in dims.iter().zip(strides).rev() {
         off += (b % d) * s;
