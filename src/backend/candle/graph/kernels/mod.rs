@@ -375,6 +375,10 @@ mod tests {
         (5, 5, 67, 5, 2, [1, 2, 1, 2]),
         (6, 9, 21, 4, 1, [1, 2, 2, 1]),
         (3, 3, 40, 3, 1, [2, 0, 0, 2]),
+        // 1x1 stride 1 over several column tiles (the input packed per tile), one with an
+        // edge panel.
+        (48, 40, 40, 1, 1, [0, 0, 0, 0]),
+        (20, 33, 35, 1, 1, [0, 0, 0, 0]),
     ];
     const ACTS: [Act; 5] = [Act::None, Act::Relu, Act::Relu6, Act::Silu, Act::Sigmoid];
 
