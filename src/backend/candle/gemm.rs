@@ -557,14 +557,20 @@ unsafe fn v3<const SHIFT: bool>(s: &Step) {
     const MR: usize = 6;
     const NR: usize = 16;
     let full = s.rows == MR && s.cols == NR;
-    let mut stage = [0f32; MR * NR];
-    let (dst, ld) = if full { (s.c, s.ldc) } else { (stage.as_mut_ptr(), NR) };
-    if !full && !s.first {
-        // The earlier blocks' sums, for the adds at the end.
-        for i in 0..s.rows {
-            for j in 0..s.cols {
-                // SAFETY: inside the tile.
-                stage[i * NR + j] = unsafe { *s.c.add(i * s.ldc + j) };
+    // An edge tile's stage, left uninitialised for a full tile (zeroing it on every tile
+    // cost as much as the rest of a short tile's overhead); written before it is read.
+    let mut stage = std::mem::MaybeUninit::<[f32; MR * NR]>::uninit();
+    let stage = stage.as_mut_ptr().cast::<f32>();
+    let (dst, ld) = if full { (s.c, s.ldc) } else { (stage, NR) };
+    if !full {
+        for i in 0..MR {
+            for j in 0..NR {
+                // SAFETY: inside the stage; the earlier blocks' sums where inside the tile
+                // (for the adds at the end), zeros elsewhere.
+                unsafe {
+                    let v = if !s.first && i < s.rows && j < s.cols { *s.c.add(i * s.ldc + j) } else { 0.0 };
+                    stage.add(i * NR + j).write(v);
+                }
             }
         }
     }
@@ -609,8 +615,8 @@ unsafe fn v3<const SHIFT: bool>(s: &Step) {
     if !full {
         for i in 0..s.rows {
             for j in 0..s.cols {
-                // SAFETY: inside the tile.
-                unsafe { *s.c.add(i * s.ldc + j) = stage[i * NR + j] };
+                // SAFETY: inside the tile and the stage (written above and by the stores).
+                unsafe { *s.c.add(i * s.ldc + j) = *stage.add(i * NR + j) };
             }
         }
     }
