@@ -568,7 +568,11 @@ unsafe fn v3<const SHIFT: bool>(s: &Step) {
                 // SAFETY: inside the stage; the earlier blocks' sums where inside the tile
                 // (for the adds at the end), zeros elsewhere.
                 unsafe {
-                    let v = if !s.first && i < s.rows && j < s.cols { *s.c.add(i * s.ldc + j) } else { 0.0 };
+                    let v = if !s.first && i < s.rows && j < s.cols {
+                        *s.c.add(i * s.ldc + j)
+                    } else {
+                        0.0
+                    };
                     stage.add(i * NR + j).write(v);
                 }
             }
