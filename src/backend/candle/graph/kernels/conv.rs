@@ -34,7 +34,7 @@ pub struct Conv {
 }
 
 const UNDECIDED: u8 = 0;
-/// im2col tiles ([`Conv::im2col`]; a 1x1 stride-1 layer's input read in place).
+/// im2col tiles ([`Conv::im2col`]; a 1x1 stride-1 layer's input packed per tile, no im2col).
 const IM2COL: u8 = 1;
 const WINOGRAD: u8 = 2;
 /// Shifted phase planes ([`Conv::shifted`]).

@@ -1,12 +1,12 @@
 //! Kernels of our own on NCHW tensors, plugged into candle as custom ops so
 //! that graph code stays candle code: `conv.rs` (convolutions) and
-//! `tensor.rs` (element-wise activations, batched MatMul, nearest upsampling,
-//! softmax, transpose); here, what they share (input checks, fused bias and
+//! `attention.rs` (attention fused), `tensor.rs` (element-wise activations,
+//! batched MatMul, nearest upsampling, softmax, transpose); here, what they share (input checks, fused bias and
 //! activation, the output buffer threads write disjoint parts of).
 //!
 //! Convolutions: the general convolution (groups = 1; im2col + one GEMM, the weights
-//! already in GEMM order as OIHW; a 1x1 stride-1 convolution reads its input
-//! as the GEMM operand with no copy), the depthwise convolution (each channel
+//! already in GEMM order as OIHW; a 1x1 stride-1 convolution packs its input
+//! per column tile as the GEMM operand, with no im2col), the depthwise convolution (each channel
 //! as row-wise multiply-adds over contiguous slices), and element-wise
 //! activations, each with bias and activation fused in. candle runs a
 //! grouped convolution group by group and an ungrouped one as im2col, copy,
