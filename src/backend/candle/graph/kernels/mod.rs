@@ -1,8 +1,9 @@
 //! Kernels of our own on NCHW tensors, plugged into candle as custom ops so
-//! that graph code stays candle code: `conv.rs` (convolutions) and
-//! `attention.rs` (attention fused), `tensor.rs` (element-wise activations,
-//! batched MatMul, nearest upsampling, softmax, transpose); here, what they share (input checks, fused bias and
-//! activation, the output buffer threads write disjoint parts of).
+//! that graph code stays candle code: `conv.rs` (convolutions), `attention.rs`
+//! (attention fused) and `tensor.rs` (element-wise activations, batched MatMul,
+//! nearest upsampling, softmax, transpose); here, what they share (input
+//! checks, fused bias and activation, the output buffer threads write disjoint
+//! parts of).
 //!
 //! Convolutions: the general convolution (groups = 1; im2col + one GEMM, the weights
 //! already in GEMM order as OIHW; a 1x1 stride-1 convolution packs its input
