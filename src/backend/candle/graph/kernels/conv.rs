@@ -338,31 +338,26 @@ impl Conv {
             (0..tiles).into_par_iter().for_each(|t| {
                 let (c0, cols) = (t * per, per.min(ohw - t * per));
                 SCRATCH.with(|scratch| {
-                    if direct {
+                    let mut scratch = scratch.borrow_mut();
+                    let need = if direct { tile.b_len(k_len, cols) } else { k_len * cols };
+                    if scratch.len() < need {
+                        scratch.resize(need, 0.0);
+                    }
+                    let buf = &mut scratch[..need];
+                    let operand = if direct {
                         // The input's channel rows, `h w` floats apart, packed into panels: read
                         // in place, a panel's rows lie a multiple of 4 KB apart at 160x160 and
                         // share one L1 set, so the tile missed on nearly every row (packed,
                         // 1.6-1.7x faster there, and 0-10 % at 80x80 and 40x40).
-                        let mut scratch = scratch.borrow_mut();
-                        let len = tile.b_len(k_len, cols);
-                        if scratch.len() < len {
-                            scratch.resize(len, 0.0);
-                        }
-                        let panels = &mut scratch[..len];
-                        pack_b(tile, Strided::rows(&x[c0..], hw), k_len, cols, panels);
-                        // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output
-                        // row, so no two threads touch the same element.
-                        unsafe { self.tile(&dst, ohw, c0, cols, k_len, B::Packed(panels)) };
-                        return;
-                    }
-                    let mut scratch = scratch.borrow_mut();
-                    if scratch.len() < k_len * cols {
-                        scratch.resize(k_len * cols, 0.0);
-                    }
-                    let col = &mut scratch[..k_len * cols];
-                    im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, col);
-                    // SAFETY: as above, this tile's columns alone.
-                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, B::Rows(col, cols)) };
+                        pack_b(tile, Strided::rows(&x[c0..], hw), k_len, cols, buf);
+                        B::Packed(buf)
+                    } else {
+                        im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, buf);
+                        B::Rows(buf, cols)
+                    };
+                    // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output
+                    // row, so no two threads touch the same element.
+                    unsafe { self.tile(&dst, ohw, c0, cols, k_len, operand) };
                 });
             });
         }
