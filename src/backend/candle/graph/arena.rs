@@ -1126,7 +1126,10 @@ mod tests {
     fn the_arena_matches_candle_on_yolov12n() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/.cache/yolov12n.onnx");
         let bytes = std::fs::read(path).expect("run `bash models/fetch` for yolov12n.onnx");
-        let plan = arena_matches_candle(&bytes, &[1, 3, 640, 640], 1e-5);
+        // The arena runs attention fused (`kernels::Attention`), which sums the scores and
+        // the softmax in another order than the plan's candle ops: 0.85-1.3e-5 apart on an
+        // AVX-512 CPU, bit-identical with the fusion off. A step wired wrong is off by far more.
+        let plan = arena_matches_candle(&bytes, &[1, 3, 640, 640], 5e-5);
         let a = plan.arena.as_ref().unwrap();
         let aliases = a.steps.iter().filter(|s| matches!(s.exec, Exec::Alias)).count();
         assert!(aliases > 30, "{aliases} steps as views");
