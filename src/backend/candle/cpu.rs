@@ -205,3 +205,20 @@ pub fn split(n: usize, most: usize) -> (usize, usize) {
     let per = n.div_ceil(runs.clamp(1, n.max(1))).max(1);
     (n.div_ceil(per), per)
 }
+
+/// `o = x`, sixteen lanes at a time, inline: the rows the kernels copy are short (16
+/// to 320 floats), and a call to `memmove` per row cost more than the copy (7 % of
+/// YOLOv12n's time in the graph's rows, 3.7 % in `pack_b`'s panel rows).
+#[inline(always)]
+pub fn copy_short(x: &[f32], o: &mut [f32]) {
+    assert_eq!(x.len(), o.len(), "copy_short: lengths");
+    let mut oc = o.chunks_exact_mut(16);
+    let mut xc = x.chunks_exact(16);
+    for (o, x) in (&mut oc).zip(&mut xc) {
+        let (o, x): (&mut [f32; 16], &[f32; 16]) = (o.try_into().unwrap(), x.try_into().unwrap());
+        *o = *x;
+    }
+    for (o, x) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
+        *o = *x;
+    }
+}

@@ -16,7 +16,7 @@
 //! along `k`: the block's panels stay in L1, and a long sum is added up in
 //! parts (closer to the reference, where it has no FMA).
 
-use super::cpu::{Isa, Level};
+use super::cpu::{copy_short, Isa, Level};
 
 /// The depth of one pass of the register tile over `k`.
 pub const KC: usize = 256;
@@ -154,7 +154,7 @@ pub fn pack_b(t: Tile, b: Strided, k: usize, n: usize, dst: &mut [f32]) {
             for (q, lane) in panel.chunks_exact_mut(w).enumerate() {
                 let row = q * b.rs + c0 * b.cs;
                 if b.cs == 1 {
-                    lane[..cols].copy_from_slice(&b.data[row..row + cols]);
+                    copy_short(&b.data[row..row + cols], &mut lane[..cols]);
                 } else {
                     for (j, v) in lane[..cols].iter_mut().enumerate() {
                         *v = b.data[row + j * b.cs];

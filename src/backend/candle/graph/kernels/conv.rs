@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::winograd::{self, Winograd};
 
-use super::super::super::cpu::{multiversion, split, Act, Isa};
+use super::super::super::cpu::{multiversion, split, Act, Isa, Level};
 use super::super::super::gemm::{gemm_packed, pack_b, Packed, Strided, Tile, B};
 use super::super::super::nhwc::Geometry;
 use super::*;
@@ -247,6 +247,7 @@ impl Conv {
                     let planes = &mut planes[..planes_len];
                     phase_planes(
                         self.isa,
+                        self.isa,
                         x,
                         (c, h, w),
                         self.geo,
@@ -352,7 +353,7 @@ impl Conv {
                         pack_b(tile, Strided::rows(&x[c0..], hw), k_len, cols, buf);
                         B::Packed(buf)
                     } else {
-                        im2col_tile(self.isa, x, (c, h, w), self.geo, c0, cols, buf);
+                        im2col_tile(self.isa, self.isa, x, (c, h, w), self.geo, c0, cols, buf);
                         B::Rows(buf, cols)
                     };
                     // SAFETY: tiles are disjoint column ranges c0..c0+cols of every output
@@ -412,8 +413,16 @@ impl Conv {
 
 multiversion! {
     /// The im2col rows (`c * k * k` of them, `cols` long) of output pixels `p0..p0 + cols`;
-    /// zeros where padded.
-    fn im2col_tile(x: &[f32], chw: (usize, usize, usize), g: Geometry, p0: usize, cols: usize, col: &mut [f32]) {
+    /// zeros where padded. `kern` (the same `Isa`) picks [`every_other`]'s kernel.
+    fn im2col_tile(
+        kern: Isa,
+        x: &[f32],
+        chw: (usize, usize, usize),
+        g: Geometry,
+        p0: usize,
+        cols: usize,
+        col: &mut [f32],
+    ) {
         let (c, h, w) = chw;
         let (_, ow) = g.out_size(h, w);
         let [pt, _, pl, _] = g.pad;
@@ -446,7 +455,7 @@ multiversion! {
                 let first = a * g.stride + kx - pl;
                 match g.stride {
                     1 => copy_short(&irow[first..first + mid.len()], mid),
-                    2 => every_other(&irow[first..], mid),
+                    2 => every_other(kern, &irow[first..], mid),
                     s => {
                         for (j, o) in mid.iter_mut().enumerate() {
                             *o = irow[first + j * s];
@@ -462,8 +471,10 @@ multiversion! {
     /// [`Conv::shifted`]'s phase planes for the band of output rows from `oy0`: plane
     /// `(ci, py, px)` (`rows_len x wph`, in that order in `planes`), row `r`, column `j`
     /// holds input `(ci, (oy0 + r) s + py - pad_top, j s + px - pad_left)`, zero where
-    /// that lies outside; its first `rows` rows are written.
+    /// that lies outside; its first `rows` rows are written. `kern` (the same `Isa`)
+    /// picks [`every_other`]'s kernel.
     fn phase_planes(
+        kern: Isa,
         x: &[f32],
         chw: (usize, usize, usize),
         g: Geometry,
@@ -491,7 +502,7 @@ multiversion! {
                 let mid = &mut orow[lo..hi];
                 match s {
                     1 => copy_short(&irow[first..first + mid.len()], mid),
-                    2 => every_other(&irow[first..], mid),
+                    2 => every_other(kern, &irow[first..], mid),
                     s => {
                         for (j, o) in mid.iter_mut().enumerate() {
                             *o = irow[first + j * s];
@@ -503,20 +514,65 @@ multiversion! {
     }
 }
 
-/// `o[j] = x[2 j]`, sixteen at a time from fixed-size blocks, which the
-/// compiler turns into shuffles instead of one load per element.
-#[inline(always)]
-pub(super) fn every_other(x: &[f32], o: &mut [f32]) {
-    // Whole blocks only where all 32 inputs exist; the last output needs just 2 len - 1.
+/// `o[j] = x[2 j]`: on AVX-512 and AVX2 two vectors of `x` at a time, their even
+/// lanes permuted into one of `o`. (Left to the compiler, the loop became gathers and
+/// scatters on AVX-512, about half of the YOLOv12n stem's time in its phase planes.)
+pub(super) fn every_other(isa: Isa, x: &[f32], o: &mut [f32]) {
+    let done = match isa.level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa` of level V4 exists only where AVX-512 F was found.
+        Level::V4 => unsafe { every_other_v4(x, o) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: likewise, level V3 only where AVX2 was found.
+        Level::V3 => unsafe { every_other_v3(x, o) },
+        _ => 0,
+    };
+    // The rest one at a time: the last output needs just 2 len - 1 inputs.
+    for (j, o) in o.iter_mut().enumerate().skip(done) {
+        *o = x[2 * j];
+    }
+}
+
+/// [`every_other`]'s first `16 n` outputs, for the largest `n` whose `32 n` inputs exist; returns `16 n`.
+///
+/// # Safety
+/// AVX-512 F on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn every_other_v4(x: &[f32], o: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
     let blocks = (o.len() / 16).min(x.len() / 32);
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (o, x) in o.chunks_exact_mut(16).zip(x.chunks_exact(32)).take(blocks) {
-        for j in 0..16 {
-            o[j] = x[2 * j];
+        // SAFETY: `x` holds 32 floats and `o` 16 (exact chunks).
+        unsafe {
+            let (lo, hi) = (_mm512_loadu_ps(x.as_ptr()), _mm512_loadu_ps(x.as_ptr().add(16)));
+            _mm512_storeu_ps(o.as_mut_ptr(), _mm512_permutex2var_ps(lo, even, hi));
         }
     }
-    for (j, o) in o[blocks * 16..].iter_mut().enumerate() {
-        *o = x[2 * (blocks * 16 + j)];
+    blocks * 16
+}
+
+/// [`every_other`]'s first `8 n` outputs, for the largest `n` whose `16 n` inputs exist; returns `8 n`.
+///
+/// # Safety
+/// AVX2 on this CPU.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn every_other_v3(x: &[f32], o: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let blocks = (o.len() / 8).min(x.len() / 16);
+    for (o, x) in o.chunks_exact_mut(8).zip(x.chunks_exact(16)).take(blocks) {
+        // SAFETY: `x` holds 16 floats and `o` 8 (exact chunks).
+        unsafe {
+            let (lo, hi) = (_mm256_loadu_ps(x.as_ptr()), _mm256_loadu_ps(x.as_ptr().add(8)));
+            // [x0 x2 x8 x10 | x4 x6 x12 x14], then its 64-bit lanes in order 0, 2, 1, 3.
+            let s = _mm256_shuffle_ps::<0x88>(lo, hi);
+            let s = _mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(s));
+            _mm256_storeu_ps(o.as_mut_ptr(), _mm256_castpd_ps(s));
+        }
     }
+    blocks * 8
 }
 
 /// A depthwise convolution with its weights packed (`[c][k*k]`), its bias, padding and activation.

@@ -16,7 +16,7 @@
 
 use candle_core::{CpuStorage, Layout, Tensor};
 
-use super::super::cpu::{multiversion, Act, Isa, Level};
+use super::super::cpu::{copy_short, multiversion, Act, Isa, Level};
 use super::super::nhwc::{apply, Geometry};
 
 mod attention;
@@ -296,25 +296,18 @@ impl SharedOut {
             at.checked_add(src.len()).is_some_and(|end| end <= self.1),
             "SharedOut: copy past the end"
         );
+        if src.len() <= 64 {
+            // Short runs (a transpose's tile rows, an attention head's rows) inline: a
+            // `memcpy` call per run cost more than the copy.
+            // SAFETY: as below; the slice is this caller's alone while it lives.
+            copy_short(src, unsafe {
+                std::slice::from_raw_parts_mut(self.0.add(at), src.len())
+            });
+            return;
+        }
         // SAFETY: the range is inside the buffer (checked above), owned by the caller, and
         // `src` lies elsewhere.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) }
-    }
-}
-
-/// `o = x`, sixteen lanes at a time, inline: rows here are short (20 to 320), and a
-/// call to `memmove` per row cost more than the copy (7 % of YOLOv12n's time).
-#[inline(always)]
-pub(super) fn copy_short(x: &[f32], o: &mut [f32]) {
-    assert_eq!(x.len(), o.len(), "copy_short: lengths");
-    let mut oc = o.chunks_exact_mut(16);
-    let mut xc = x.chunks_exact(16);
-    for (o, x) in (&mut oc).zip(&mut xc) {
-        let (o, x): (&mut [f32; 16], &[f32; 16]) = (o.try_into().unwrap(), x.try_into().unwrap());
-        *o = *x;
-    }
-    for (o, x) in oc.into_remainder().iter_mut().zip(xc.remainder()) {
-        *o = *x;
     }
 }
 
@@ -534,10 +527,12 @@ mod tests {
         for len in [0usize, 1, 15, 16, 17, 33, 64, 99] {
             for extra in [0, 1, 2] {
                 let xs = &x[..(2 * len).saturating_sub(1) + extra];
-                let mut o = vec![f32::NAN; len];
-                every_other(xs, &mut o);
-                let want: Vec<f32> = (0..len).map(|j| (2 * j) as f32).collect();
-                assert_eq!(o, want, "len {len}, input {}", xs.len());
+                for isa in Isa::supported() {
+                    let mut o = vec![f32::NAN; len];
+                    every_other(isa, xs, &mut o);
+                    let want: Vec<f32> = (0..len).map(|j| (2 * j) as f32).collect();
+                    assert_eq!(o, want, "{isa:?}: len {len}, input {}", xs.len());
+                }
             }
         }
     }

@@ -516,7 +516,7 @@ impl Transpose {
                         let tk = TILE_T.min(n_last - k0);
                         for (k, tr) in t.iter_mut().enumerate().take(tk) {
                             let at = ib + j0 + (k0 + k) * sl;
-                            tr[..tj].copy_from_slice(&x[at..at + tj]);
+                            copy_short(&x[at..at + tj], &mut tr[..tj]);
                         }
                         // The whole fixed-size tile flipped, which the compiler does in registers.
                         let mut flipped = [[0f32; TILE_T]; TILE_T];
