@@ -190,14 +190,6 @@ unsafe fn sigmoid_v3(s: &mut [f32], silu: bool) -> usize {
     s.len() / 8 * 8
 }
 
-multiversion! {
-    /// `act(s + bias)` on every element.
-    pub(super) fn bias_activate(s: &mut [f32], bias: f32, act: Act) {
-        s.iter_mut().for_each(|v| *v += bias);
-        apply::<FMA>(s, act)
-    }
-}
-
 /// N, C, H, W.
 pub(super) type Dims4 = (usize, usize, usize, usize);
 
