@@ -26,10 +26,11 @@ pub struct Conv {
     isa: Isa,
     /// The weights (`[c_out][c_in k k]`) packed for the GEMM.
     packed: Packed,
-    /// Stride-1 3x3 layers: the Winograd form.
-    winograd: Option<Winograd>,
+    /// Stride-1 3x3 layers: the Winograd forms, F(2x2, 3x3) and F(4x4, 3x3) (boxed:
+    /// most layers have none).
+    winograd: Option<Box<[Winograd; 2]>>,
     /// Which form runs: [`UNDECIDED`] until the first input times them all, then
-    /// [`IM2COL`], [`SHIFTED`] or [`WINOGRAD`].
+    /// [`IM2COL`], [`SHIFTED`], [`WINOGRAD`] or [`WINOGRAD4`].
     choice: AtomicU8,
 }
 
@@ -39,6 +40,8 @@ const IM2COL: u8 = 1;
 const WINOGRAD: u8 = 2;
 /// Shifted phase planes ([`Conv::shifted`]).
 const SHIFTED: u8 = 3;
+/// Winograd F(4x4, 3x3): 4x fewer multiplications than the GEMM, where F(2x2) saves 2.25x.
+const WINOGRAD4: u8 = 4;
 
 /// `AEI_WINOGRAD`: `auto` (default: per layer, if it times fastest on its first input),
 /// `off` (never) or `on` (wherever it applies).
@@ -68,8 +71,9 @@ impl Conv {
         let w = f32s(weight)?;
         let isa = Isa::detect();
         let policy = winograd_policy();
-        let winograd = (winograd::applies(weight, stride) && policy != IM2COL)
-            .then(|| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa));
+        let applies = winograd::applies(weight, stride) && policy != IM2COL;
+        let winograd =
+            applies.then(|| Box::new([2, 4].map(|m| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa, m))));
         let pointwise = k == 1 && stride == 1 && pad == [0; 4];
         let choice = if pointwise {
             IM2COL
@@ -92,15 +96,28 @@ impl Conv {
         })
     }
 
-    /// A stride-1 3x3 layer that always runs as Winograd with `isa`'s kernels (for tests).
+    /// A stride-1 3x3 layer that always runs as Winograd F(`m`x`m`, 3x3) with `isa`'s
+    /// kernels (for tests).
     #[cfg(test)]
-    pub(super) fn winograd_only(weight: &Tensor, bias: &Tensor, pad: [usize; 4], act: Act, isa: Isa) -> Conv {
+    pub(super) fn winograd_only(weight: &Tensor, bias: &Tensor, pad: [usize; 4], act: Act, isa: Isa, m: usize) -> Conv {
         let mut c = Conv::new(weight, Some(bias), 1, pad, act).unwrap();
         let (cout, cin, ..) = weight.dims4().unwrap();
         let w = f32s(weight).unwrap();
-        c.winograd = Some(Winograd::new(&w, c.bias.clone(), cout, cin, pad, act, isa));
-        c.choice = AtomicU8::new(WINOGRAD);
+        c.winograd = Some(Box::new(
+            [2, 4].map(|m| Winograd::new(&w, c.bias.clone(), cout, cin, pad, act, isa, m)),
+        ));
+        c.choice = AtomicU8::new(if m == 4 { WINOGRAD4 } else { WINOGRAD });
         c
+    }
+
+    /// The Winograd form `form` names ([`WINOGRAD`] or [`WINOGRAD4`]), if this layer has it.
+    fn winograd_form(&self, form: u8) -> Option<&Winograd> {
+        let [f2, f4] = &**self.winograd.as_ref()?;
+        match form {
+            WINOGRAD => Some(f2),
+            WINOGRAD4 => Some(f4),
+            _ => None,
+        }
     }
 
     fn winograd_fwd(&self, wg: &Winograd, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), dst: &SharedOut) {
@@ -127,11 +144,13 @@ impl Conv {
     /// or shifted planes, or by Winograd: the first call on a layer times each that applies
     /// and keeps the fastest.
     pub fn forward(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
-        match (self.choice.load(Relaxed), &self.winograd) {
-            (IM2COL, _) => self.im2col(x, dims, ohw, dst),
-            (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
-            (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
-            _ => self.decide(x, dims, ohw, dst),
+        match self.choice.load(Relaxed) {
+            IM2COL => self.im2col(x, dims, ohw, dst),
+            SHIFTED => self.shifted(x, dims, ohw, dst),
+            form => match self.winograd_form(form) {
+                Some(wg) => self.winograd_fwd(wg, x, dims, ohw, dst),
+                None => self.decide(x, dims, ohw, dst),
+            },
         }
     }
 
@@ -139,14 +158,14 @@ impl Conv {
     /// fastest kept by its best of three timed runs, in rounds whose order alternates (one
     /// noisy run, or a machine slowing down, must not decide).
     fn decide(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
-        let run = |form: u8| match (form, &self.winograd) {
-            (WINOGRAD, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
-            (SHIFTED, _) => self.shifted(x, dims, ohw, dst),
+        let run = |form: u8| match (form, self.winograd_form(form)) {
+            (_, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
+            (SHIFTED, None) => self.shifted(x, dims, ohw, dst),
             _ => self.im2col(x, dims, ohw, dst),
         };
         let mut forms = vec![(IM2COL, Duration::MAX), (SHIFTED, Duration::MAX)];
         if self.winograd.is_some() {
-            forms.push((WINOGRAD, Duration::MAX));
+            forms.extend([(WINOGRAD, Duration::MAX), (WINOGRAD4, Duration::MAX)]);
         }
         for &(f, _) in &forms {
             run(f);
@@ -171,12 +190,13 @@ impl Conv {
                 .map_or("-".to_string(), |(_, t)| format!("{:.3} ms", t.as_secs_f64() * 1e3))
         };
         log::debug!(
-            "conv {}->{} {k}x{k} s{s} at {h}x{w}: im2col {}, shifted {}, Winograd {}",
+            "conv {}->{} {k}x{k} s{s} at {h}x{w}: im2col {}, shifted {}, Winograd F(2x2) {}, F(4x4) {}",
             self.cin,
             self.cout,
             ms(IM2COL),
             ms(SHIFTED),
             ms(WINOGRAD),
+            ms(WINOGRAD4),
             k = self.geo.k,
             s = self.geo.stride,
         );

@@ -462,12 +462,14 @@ mod tests {
                 let wt = Tensor::randn(0f32, 1.0 / ((cin * 9) as f32).sqrt(), (cout, cin, 3, 3), &dev).unwrap();
                 let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
                 let want = reference(&x, &wt, &b, 1, pad, 1, act);
-                let op = Conv::winograd_only(&wt, &b, pad, act, isa);
-                close(
-                    &x.apply_op1_no_bwd(&op).unwrap(),
-                    &want,
-                    &format!("winograd case {n} {act:?} {isa:?}"),
-                );
+                for m in [2, 4] {
+                    let op = Conv::winograd_only(&wt, &b, pad, act, isa, m);
+                    close(
+                        &x.apply_op1_no_bwd(&op).unwrap(),
+                        &want,
+                        &format!("winograd F({m}x{m}) case {n} {act:?} {isa:?}"),
+                    );
+                }
             }
         }
     }

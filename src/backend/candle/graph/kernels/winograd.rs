@@ -1,14 +1,17 @@
-//! Winograd F(2x2, 3x3) for stride-1 3x3 convolutions: each 2x2 block of
-//! outputs from a 4x4 input patch with 16 multiplications per input channel
-//! and filter instead of 36, so 2.25x fewer multiply-adds than im2col + GEMM.
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) for stride-1 3x3 convolutions: each
+//! 2x2 (4x4) block of outputs from a 4x4 (6x6) input patch with 16 (36)
+//! multiplications per input channel and filter instead of 36 (144), so 2.25x
+//! (4x) fewer multiply-adds than im2col + GEMM. F(4x4) uses Lavin and Gray's
+//! points 0, ±1, ±2, ∞ (its error stays inside the kernels' test bound, 1e-4).
 //!
-//! The filters are transformed once at load (`U = G g Gᵀ`, 16 matrices of
-//! `c_out x c_in`). Per frame, in chunks of output blocks that stay in cache:
-//! the input patches are transformed (`V = Bᵀ d B`, 16 matrices of `c_in x
-//! blocks`), multiplied (16 GEMMs `U[ξ] V[ξ]`), transformed back
-//! (`Y = Aᵀ M A`), and bias and activation applied before the block is
-//! written. Chunks run on the CPU pool, each into output pixels no other
-//! chunk writes.
+//! The filters are transformed once at load (`U = G g Gᵀ`, 16 or 36 matrices
+//! of `c_out x c_in`). Per frame, in chunks of output blocks that stay in cache:
+//! the input patches are transformed (`V = Bᵀ d B`, one `c_in x blocks` matrix
+//! per ξ), multiplied (a GEMM `U[ξ] V[ξ]` per ξ), transformed back
+//! (`Y = Aᵀ M A`), and bias and activation applied as each output row is
+//! written. Chunks run on the CPU pool, each into output pixels no other chunk
+//! writes. Each transform runs as vectors across a block row's blocks, in whole
+//! groups of [`L`] into padded rows.
 
 use candle_core::Tensor;
 use rayon::prelude::*;
@@ -18,9 +21,10 @@ use super::super::super::gemm::{gemm_packed, Packed, Strided, B};
 use super::conv::every_other;
 use super::*;
 
-/// Output blocks (2x2 pixels each) per chunk: `16 * (c_in + c_out)` floats a block must fit L2 with room.
-fn blocks_per_chunk(cin: usize, cout: usize) -> usize {
-    (16384 / (cin + cout).max(1)).clamp(16, 256)
+/// Output blocks per chunk, for `tt` transformed values a block (16 or 36): a chunk's
+/// `tt (c_in + c_out)` floats a block stay near 1 MB.
+fn blocks_per_chunk(tt: usize, cin: usize, cout: usize) -> usize {
+    (262144 / (tt * (cin + cout)).max(1)).clamp(16, 256)
 }
 
 /// A stride-1 3x3 convolution (groups = 1) as Winograd F(2x2, 3x3).
@@ -34,12 +38,70 @@ pub struct Winograd {
     pad: [usize; 4],
     act: Act,
     isa: Isa,
+    /// Output block side: 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)).
+    m: usize,
 }
 
+/// F(4x4, 3x3)'s filter transform `G` (6x3), as in Lavin and Gray's points 0, ±1, ±2, ∞.
+const G4: [[f64; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
+
 impl Winograd {
-    /// From a `[c_out, c_in, 3, 3]` weight (OIHW), a `[c_out]` bias, padding (top, bottom, left, right).
-    pub fn new(w: &[f32], bias: Vec<f32>, cout: usize, cin: usize, pad: [usize; 4], act: Act, isa: Isa) -> Winograd {
+    /// From a `[c_out, c_in, 3, 3]` weight (OIHW), a `[c_out]` bias, padding (top, bottom,
+    /// left, right), as F(`m`x`m`, 3x3), `m` 2 or 4.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        w: &[f32],
+        bias: Vec<f32>,
+        cout: usize,
+        cin: usize,
+        pad: [usize; 4],
+        act: Act,
+        isa: Isa,
+        m: usize,
+    ) -> Winograd {
         assert_eq!(w.len(), cout * cin * 9, "winograd: weights");
+        assert!(m == 2 || m == 4, "winograd: F(2x2) or F(4x4)");
+        if m == 4 {
+            // U = G g Gᵀ (6x6), in f64.
+            let mut u = vec![0f32; 36 * cout * cin];
+            for co in 0..cout {
+                for ci in 0..cin {
+                    let g = &w[(co * cin + ci) * 9..][..9];
+                    let mut t = [[0f64; 3]; 6];
+                    for (r, t) in t.iter_mut().enumerate() {
+                        for (c, t) in t.iter_mut().enumerate() {
+                            *t = (0..3).map(|k| G4[r][k] * g[3 * k + c] as f64).sum();
+                        }
+                    }
+                    for (r, t) in t.iter().enumerate() {
+                        for (c, gc) in G4.iter().enumerate() {
+                            let v: f64 = (0..3).map(|k| t[k] * gc[k]).sum();
+                            u[((6 * r + c) * cout + co) * cin + ci] = v as f32;
+                        }
+                    }
+                }
+            }
+            let u = (0..36)
+                .map(|xi| Packed::a(isa, Strided::rows(&u[xi * cout * cin..][..cout * cin], cin), cout, cin))
+                .collect();
+            return Winograd {
+                u,
+                bias,
+                cin,
+                cout,
+                pad,
+                act,
+                isa,
+                m,
+            };
+        }
         let mut u = vec![0f32; 16 * cout * cin];
         for co in 0..cout {
             for ci in 0..cin {
@@ -73,14 +135,16 @@ impl Winograd {
             pad,
             act,
             isa,
+            m,
         }
     }
 
     /// The convolution of one image `x` (`c_in x h x w`) into `out` (`c_out x oh x ow`).
     pub(super) fn run(&self, x: &[f32], (h, w): (usize, usize), (oh, ow): (usize, usize), out: &SharedOut) {
-        let (bh, bw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let (bh, bw) = (oh.div_ceil(self.m), ow.div_ceil(self.m));
         let blocks = bh * bw;
-        let per = blocks_per_chunk(self.cin, self.cout);
+        let tt = self.u.len();
+        let per = blocks_per_chunk(tt, self.cin, self.cout);
         let chunks = blocks.div_ceil(per);
         (0..chunks).into_par_iter().for_each(|ch| {
             let b0 = ch * per;
@@ -90,26 +154,20 @@ impl Winograd {
             let nn = padded(n);
             WINO.with(|s| {
                 let mut s = s.borrow_mut();
-                let (v_len, m_len) = (16 * self.cin * nn, 16 * self.cout * nn);
-                let t_len = row_scratch(bw);
+                let (v_len, m_len) = (tt * self.cin * nn, tt * self.cout * nn);
+                let t_len = row_scratch(self.m, bw);
                 if s.len() < v_len + m_len + t_len {
                     s.resize(v_len + m_len + t_len, 0.0);
                 }
                 let (v, rest) = s.split_at_mut(v_len);
                 let (m, rest) = rest.split_at_mut(m_len);
                 let tmp = &mut rest[..t_len];
-                input_transform(
-                    self.isa,
-                    self.isa,
-                    x,
-                    (self.cin, h, w),
-                    self.pad,
-                    (bw, nn),
-                    b0,
-                    n,
-                    v,
-                    tmp,
-                );
+                let geo = (self.cin, h, w);
+                if self.m == 4 {
+                    input_transform4(self.isa, self.isa, x, geo, self.pad, (bw, nn), b0, n, v, tmp);
+                } else {
+                    input_transform(self.isa, self.isa, x, geo, self.pad, (bw, nn), b0, n, v, tmp);
+                }
                 for (xi, u) in self.u.iter().enumerate() {
                     let m = &mut m[xi * self.cout * nn..][..self.cout * nn];
                     // SAFETY: `m` is this product's `cout` rows, `nn >= n` apart, this thread's scratch.
@@ -127,7 +185,13 @@ impl Winograd {
                 }
                 // Y = Aᵀ M A, plus the bias, activated, into the output rows.
                 // SAFETY: chunk `ch` owns output blocks b0..b0 + n, which no other chunk writes.
-                unsafe { self.output_rows(m, (n, nn), (oh, ow), bw, b0, tmp, out) };
+                unsafe {
+                    if self.m == 4 {
+                        self.output_rows4(m, (n, nn), (oh, ow), bw, b0, tmp, out)
+                    } else {
+                        self.output_rows(m, (n, nn), (oh, ow), bw, b0, tmp, out)
+                    }
+                };
             });
         });
     }
@@ -151,7 +215,7 @@ impl Winograd {
     /// took as long as the GEMMs.)
     ///
     /// # Safety
-    /// No other thread writes those blocks' pixels meanwhile; `tmp` holds [`row_scratch`]`(bw)`.
+    /// No other thread writes those blocks' pixels meanwhile; `tmp` holds [`row_scratch`]`(2, bw)`.
     #[allow(clippy::too_many_arguments)]
     unsafe fn output_rows(
         &self,
@@ -213,10 +277,16 @@ std::thread_local! {
 
 /// Floats of row scratch [`input_transform`] and [`Winograd::output_rows`] need for `bw`
 /// blocks a row.
-fn row_scratch(bw: usize) -> usize {
-    // In: one padded input row (2 ml), and the even and odd columns of four rows (ml
-    // each, eight arrays). Out: four outputs per block and two output rows (ml each).
-    10 * padded(bw + 1)
+fn row_scratch(m: usize, bw: usize) -> usize {
+    // F(2x2): in, one padded input row (2 ml), and the even and odd columns of four rows
+    // (ml each, eight arrays); out, four outputs per block and two output rows (ml each).
+    // F(4x4): in, a row (4 ml), its even and odd columns (2 ml each) and the four phases
+    // of six rows (24 ml); out, sixteen outputs per block and two rows' halves and a row.
+    if m == 4 {
+        32 * padded(bw + 1)
+    } else {
+        10 * padded(bw + 1)
+    }
 }
 
 multiversion! {
@@ -240,7 +310,7 @@ multiversion! {
         let ((c, h, w), (bw, nn)) = (chw, bw_nn);
         let (pt, pl) = (pad[0] as isize, pad[2] as isize);
         let ml = padded(bw + 1);
-        assert!(nn >= padded(n) && v.len() >= 16 * c * nn && tmp.len() >= 10 * ml);
+        assert!(nn >= padded(n) && v.len() >= 16 * c * nn && tmp.len() >= row_scratch(2, bw));
         let (row, eo) = tmp.split_at_mut(2 * ml);
         let (ev, od) = eo.split_at_mut(4 * ml);
         let mut j = 0;
@@ -316,6 +386,234 @@ multiversion! {
                             v2[i] = t2 - t1;
                             v3[i] = t1 - t3;
                         }
+                    }
+                }
+            }
+            j += span;
+        }
+    }
+}
+
+/// `Bᵀ d` of F(4x4, 3x3) on six values. Bᵀ = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0;
+/// 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1].
+#[inline(always)]
+fn bt4(d: [f32; 6]) -> [f32; 6] {
+    let [d0, d1, d2, d3, d4, d5] = d;
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        -4.0 * (d1 + d2) + d3 + d4,
+        4.0 * (d1 - d2) - d3 + d4,
+        2.0 * (d3 - d1) - d2 + d4,
+        2.0 * (d1 - d3) - d2 + d4,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// `Aᵀ m` of F(4x4, 3x3) on six values. Aᵀ = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0;
+/// 0 1 -1 8 -8 1].
+#[inline(always)]
+fn at4(m: [f32; 6]) -> [f32; 4] {
+    let [m0, m1, m2, m3, m4, m5] = m;
+    let (p12, n12, p34, n34) = (m1 + m2, m1 - m2, m3 + m4, m3 - m4);
+    [m0 + p12 + p34, n12 + 2.0 * n34, p12 + 4.0 * p34, n12 + 8.0 * n34 + m5]
+}
+
+multiversion! {
+    /// F(4x4, 3x3)'s `V = Bᵀ d B` of the 6x6 input patches of blocks `b0..b0 + n` (`bw`
+    /// blocks a row), into `v[ξ][ci][j]` (rows `nn` apart), as [`input_transform`] does
+    /// F(2x2)'s: a block row's six input rows are split into their four column phases
+    /// (block `j`'s columns are phase 0..4 at `j`, then phases 0 and 1 at `j + 1`), `Bᵀ`
+    /// applied down the rows in place, then across, in whole groups of [`L`] blocks.
+    fn input_transform4(
+        kern: Isa,
+        x: &[f32],
+        chw: (usize, usize, usize),
+        pad: [usize; 4],
+        bw_nn: (usize, usize),
+        b0: usize,
+        n: usize,
+        v: &mut [f32],
+        tmp: &mut [f32],
+    ) {
+        let ((c, h, w), (bw, nn)) = (chw, bw_nn);
+        let (pt, pl) = (pad[0] as isize, pad[2] as isize);
+        let ml = padded(bw + 1);
+        assert!(nn >= padded(n) && v.len() >= 36 * c * nn && tmp.len() >= row_scratch(4, bw));
+        let (row, rest) = tmp.split_at_mut(4 * ml);
+        let (half, ph) = rest.split_at_mut(4 * ml);
+        // Phase k of row r: ph[(6 k + r) ml..][..ml].
+        let ph = &mut ph[..24 * ml];
+        let mut j = 0;
+        while j < n {
+            let (by, bx0) = ((b0 + j) / bw, (b0 + j) % bw);
+            let span = (bw - bx0).min(n - j);
+            let m = span + 1;
+            let len = 4 * m;
+            let x0 = 4 * bx0 as isize - pl;
+            for ci in 0..c {
+                let plane = &x[ci * h * w..(ci + 1) * h * w];
+                // The same rows two channels on, asked for now (as in `input_transform`).
+                #[cfg(target_arch = "x86_64")]
+                if ci + 2 < c {
+                    for r in 0..6 {
+                        let iy = 4 * by as isize - pt + r as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        let at = ((ci + 2) * h + iy as usize) * w + x0.max(0) as usize;
+                        let end = (at + len).min(((ci + 2) * h + iy as usize + 1) * w);
+                        for p in (at..end).step_by(16) {
+                            // SAFETY: a prefetch only hints; `p` lies inside `x` (end <= its row's end).
+                            unsafe {
+                                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                                    x.as_ptr().add(p).cast(),
+                                )
+                            };
+                        }
+                    }
+                }
+                for r in 0..6 {
+                    let iy = 4 * by as isize - pt + r as isize;
+                    if iy < 0 || iy >= h as isize {
+                        for k in 0..4 {
+                            ph[(6 * k + r) * ml..][..m].fill(0.0);
+                        }
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..][..w];
+                    let row = &mut row[..len];
+                    let lo = (-x0).clamp(0, len as isize) as usize;
+                    let hi = (w as isize - x0).clamp(lo as isize, len as isize) as usize;
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    copy_short(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize], &mut row[lo..hi]);
+                    // Even and odd columns, then each split again: phase k holds columns 4 i + k.
+                    let (ev, od) = half.split_at_mut(2 * ml);
+                    every_other(kern, row, &mut ev[..2 * m]);
+                    every_other(kern, &row[1..], &mut od[..2 * m]);
+                    for (k, src) in [(0, &ev[..2 * m]), (2, &ev[1..2 * m]), (1, &od[..2 * m]), (3, &od[1..2 * m])] {
+                        every_other(kern, src, &mut ph[(6 * k + r) * ml..][..m]);
+                    }
+                }
+                // Bᵀ down each phase's six rows, in place (whole groups: the padding is scratch).
+                let mg = m.next_multiple_of(L);
+                for k in 0..4 {
+                    let rows = &mut ph[6 * k * ml..][..6 * ml];
+                    let (r0, rest) = rows.split_at_mut(ml);
+                    let (r1, rest) = rest.split_at_mut(ml);
+                    let (r2, rest) = rest.split_at_mut(ml);
+                    let (r3, rest) = rest.split_at_mut(ml);
+                    let (r4, r5) = rest.split_at_mut(ml);
+                    let (r0, r1, r2, r3, r4, r5) = (&mut r0[..mg], &mut r1[..mg], &mut r2[..mg], &mut r3[..mg], &mut r4[..mg], &mut r5[..mg]);
+                    for i in 0..mg {
+                        let t = bt4([r0[i], r1[i], r2[i], r3[i], r4[i], r5[i]]);
+                        (r0[i], r1[i], r2[i], r3[i], r4[i], r5[i]) = (t[0], t[1], t[2], t[3], t[4], t[5]);
+                    }
+                }
+                // Then across: row a's six patch columns through Bᵀ into v[6 a + k].
+                for q in (0..span).step_by(L) {
+                    for a in 0..6 {
+                        let p = |k: usize| &ph[(6 * k + a) * ml + q..][..L + 1];
+                        let (p0, p1, p2, p3) = (p(0), p(1), p(2), p(3));
+                        let at = ((6 * a) * c + ci) * nn + j + q;
+                        let (v0, rest) = v[at..].split_at_mut(c * nn);
+                        let (v1, rest) = rest.split_at_mut(c * nn);
+                        let (v2, rest) = rest.split_at_mut(c * nn);
+                        let (v3, rest) = rest.split_at_mut(c * nn);
+                        let (v4, v5) = rest.split_at_mut(c * nn);
+                        let (v0, v1, v2, v3, v4, v5) = (&mut v0[..L], &mut v1[..L], &mut v2[..L], &mut v3[..L], &mut v4[..L], &mut v5[..L]);
+                        for i in 0..L {
+                            let t = bt4([p0[i], p1[i], p2[i], p3[i], p0[i + 1], p1[i + 1]]);
+                            (v0[i], v1[i], v2[i], v3[i], v4[i], v5[i]) = (t[0], t[1], t[2], t[3], t[4], t[5]);
+                        }
+                    }
+                }
+            }
+            j += span;
+        }
+    }
+}
+
+multiversion! {
+    /// F(4x4, 3x3)'s `Y = Aᵀ M A` plus the bias for one filter across a segment's blocks,
+    /// in groups of [`L`]: `mm[ξ][j]` -> output `(a, b)` of each block in `o[4 a + b][j]`.
+    fn output_transform4(mm: [&[f32]; 36], bias: f32, o: &mut [f32], ml: usize, groups: usize) {
+        // Zeroed once a call, not once a group (each group overwrites all of them).
+        let (mut x, mut y) = ([[0f32; L]; 36], [[0f32; L]; 16]);
+        for q in (0..groups).step_by(L) {
+            for (x, m) in x.iter_mut().zip(&mm) {
+                x.copy_from_slice(&m[q..q + L]);
+            }
+            for i in 0..L {
+                // Aᵀ down each column of M, then across each row.
+                let mut t = [[0f32; 6]; 4];
+                for col in 0..6 {
+                    let c = at4([x[col][i], x[6 + col][i], x[12 + col][i], x[18 + col][i], x[24 + col][i], x[30 + col][i]]);
+                    for a in 0..4 {
+                        t[a][col] = c[a];
+                    }
+                }
+                for a in 0..4 {
+                    let r = at4(t[a]);
+                    for b in 0..4 {
+                        y[4 * a + b][i] = r[b] + bias;
+                    }
+                }
+            }
+            for (k, y) in y.iter().enumerate() {
+                o[k * ml + q..][..L].copy_from_slice(y);
+            }
+        }
+    }
+}
+
+impl Winograd {
+    /// F(4x4, 3x3)'s [`Winograd::output_rows`]: each block's sixteen outputs as vectors
+    /// across the segment, interleaved twice into its four output rows.
+    ///
+    /// # Safety
+    /// No other thread writes those blocks' pixels meanwhile; `tmp` holds [`row_scratch`]`(4, bw)`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn output_rows4(
+        &self,
+        m: &[f32],
+        (n, nn): (usize, usize),
+        (oh, ow): (usize, usize),
+        bw: usize,
+        b0: usize,
+        tmp: &mut [f32],
+        out: &SharedOut,
+    ) {
+        let (cout, ml) = (self.cout, padded(bw));
+        assert!(m.len() >= 36 * cout * nn && nn >= padded(n) && tmp.len() >= 24 * ml && cout * oh * ow <= out.1);
+        let (ys, rest) = tmp.split_at_mut(16 * ml);
+        let (halves, row) = rest.split_at_mut(4 * ml);
+        let (ev, od) = halves.split_at_mut(2 * ml);
+        let mut j = 0;
+        while j < n {
+            let (by, bx0) = ((b0 + j) / bw, (b0 + j) % bw);
+            let span = (bw - bx0).min(n - j);
+            let groups = span.next_multiple_of(L);
+            let (x0, cols) = (4 * bx0, (4 * span).min(ow - 4 * bx0));
+            for co in 0..cout {
+                let mm: [&[f32]; 36] = std::array::from_fn(|xi| &m[(xi * cout + co) * nn + j..][..groups]);
+                output_transform4(self.isa, mm, self.bias[co], ys, ml, groups);
+                for a in 0..4 {
+                    let y = 4 * by + a;
+                    if y >= oh {
+                        break;
+                    }
+                    let yb = |b: usize| &ys[(4 * a + b) * ml..][..span];
+                    interleave(self.isa, yb(0), yb(2), &mut ev[..2 * span]);
+                    interleave(self.isa, yb(1), yb(3), &mut od[..2 * span]);
+                    interleave(self.isa, &ev[..2 * span], &od[..2 * span], &mut row[..4 * span]);
+                    let at = (co * oh + y) * ow + x0;
+                    // SAFETY: inside the output (asserted: x0 + cols <= ow, y < oh, co < cout);
+                    // these pixels belong to this chunk's blocks, the caller's alone.
+                    let o = unsafe { std::slice::from_raw_parts_mut(out.at(at), cols) };
+                    copy_short(&row[..cols], o);
+                    if self.act != Act::None {
+                        activate(self.isa, o, self.act);
                     }
                 }
             }
