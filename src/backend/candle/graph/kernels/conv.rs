@@ -1,6 +1,6 @@
 //! Convolutions: the general one (GEMM over the input read as the im2col
-//! matrix, shifted per tap or copied into column tiles, or Winograd for
-//! stride-1 3x3 where it measures faster) and depthwise.
+//! matrix, shifted per tap or copied into column tiles, or Winograd F(2x2) or
+//! F(4x4) for stride-1 3x3 where it measures faster) and depthwise.
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::OnceLock;
