@@ -3,7 +3,7 @@
 //! F(4x4) for stride-1 3x3 where it measures faster) and depthwise.
 
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -26,9 +26,11 @@ pub struct Conv {
     isa: Isa,
     /// The weights (`[c_out][c_in k k]`) packed for the GEMM.
     packed: Packed,
-    /// Stride-1 3x3 layers: the Winograd forms, F(2x2, 3x3) and F(4x4, 3x3) (boxed:
-    /// most layers have none).
-    winograd: Option<Box<[Winograd; 2]>>,
+    /// Stride-1 3x3 layers: the Winograd forms, F(2x2, 3x3) and F(4x4, 3x3), until the
+    /// first input has chosen a form; then the chosen one alone (the others' transformed
+    /// filters, 1.8x and 4x the layer's weights, are dropped). Locked for reading on each
+    /// frame, for writing once.
+    winograd: RwLock<[Option<Box<Winograd>>; 2]>,
     /// Which form runs: [`UNDECIDED`] until the first input times them all, then
     /// [`IM2COL`], [`SHIFTED`], [`WINOGRAD`] or [`WINOGRAD4`].
     choice: AtomicU8,
@@ -73,11 +75,11 @@ impl Conv {
         let policy = winograd_policy();
         let applies = winograd::applies(weight, stride) && policy != IM2COL;
         let winograd =
-            applies.then(|| Box::new([2, 4].map(|m| Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa, m))));
+            [2, 4].map(|m| applies.then(|| Box::new(Winograd::new(&w, bias.clone(), cout, cin, pad, act, isa, m))));
         let pointwise = k == 1 && stride == 1 && pad == [0; 4];
         let choice = if pointwise {
             IM2COL
-        } else if winograd.is_some() && policy == WINOGRAD {
+        } else if applies && policy == WINOGRAD {
             WINOGRAD
         } else {
             UNDECIDED
@@ -91,7 +93,7 @@ impl Conv {
             geo: Geometry { k, stride, pad },
             act,
             isa,
-            winograd,
+            winograd: RwLock::new(winograd),
             choice: AtomicU8::new(choice),
         })
     }
@@ -103,21 +105,22 @@ impl Conv {
         let mut c = Conv::new(weight, Some(bias), 1, pad, act).unwrap();
         let (cout, cin, ..) = weight.dims4().unwrap();
         let w = f32s(weight).unwrap();
-        c.winograd = Some(Box::new(
-            [2, 4].map(|m| Winograd::new(&w, c.bias.clone(), cout, cin, pad, act, isa, m)),
-        ));
+        c.winograd =
+            RwLock::new([2, 4].map(|m| Some(Box::new(Winograd::new(&w, c.bias.clone(), cout, cin, pad, act, isa, m)))));
         c.choice = AtomicU8::new(if m == 4 { WINOGRAD4 } else { WINOGRAD });
         c
     }
 
-    /// The Winograd form `form` names ([`WINOGRAD`] or [`WINOGRAD4`]), if this layer has it.
-    fn winograd_form(&self, form: u8) -> Option<&Winograd> {
-        let [f2, f4] = &**self.winograd.as_ref()?;
-        match form {
-            WINOGRAD => Some(f2),
-            WINOGRAD4 => Some(f4),
+    /// Runs the Winograd form `form` names ([`WINOGRAD`] or [`WINOGRAD4`]); false (nothing
+    /// run) if this layer has not got it.
+    fn run_winograd(&self, form: u8, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) -> bool {
+        let forms = self.winograd.read().unwrap_or_else(|e| e.into_inner());
+        let wg = match form {
+            WINOGRAD => forms[0].as_deref(),
+            WINOGRAD4 => forms[1].as_deref(),
             _ => None,
-        }
+        };
+        wg.inspect(|wg| self.winograd_fwd(wg, x, dims, ohw, dst)).is_some()
     }
 
     fn winograd_fwd(&self, wg: &Winograd, x: &[f32], (n, c, h, w): Dims4, (oh, ow): (usize, usize), dst: &SharedOut) {
@@ -147,10 +150,11 @@ impl Conv {
         match self.choice.load(Relaxed) {
             IM2COL => self.im2col(x, dims, ohw, dst),
             SHIFTED => self.shifted(x, dims, ohw, dst),
-            form => match self.winograd_form(form) {
-                Some(wg) => self.winograd_fwd(wg, x, dims, ohw, dst),
-                None => self.decide(x, dims, ohw, dst),
-            },
+            form => {
+                if !self.run_winograd(form, x, dims, ohw, dst) {
+                    self.decide(x, dims, ohw, dst)
+                }
+            }
         }
     }
 
@@ -158,14 +162,22 @@ impl Conv {
     /// fastest kept by its best of three timed runs, in rounds whose order alternates (one
     /// noisy run, or a machine slowing down, must not decide).
     fn decide(&self, x: &[f32], dims: Dims4, ohw: (usize, usize), dst: &SharedOut) {
-        let run = |form: u8| match (form, self.winograd_form(form)) {
-            (_, Some(wg)) => self.winograd_fwd(wg, x, dims, ohw, dst),
-            (SHIFTED, None) => self.shifted(x, dims, ohw, dst),
+        let run = |form: u8| match form {
+            WINOGRAD | WINOGRAD4 if self.run_winograd(form, x, dims, ohw, dst) => {}
+            SHIFTED => self.shifted(x, dims, ohw, dst),
             _ => self.im2col(x, dims, ohw, dst),
         };
         let mut forms = vec![(IM2COL, Duration::MAX), (SHIFTED, Duration::MAX)];
-        if self.winograd.is_some() {
-            forms.extend([(WINOGRAD, Duration::MAX), (WINOGRAD4, Duration::MAX)]);
+        let have = self
+            .winograd
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .each_ref()
+            .map(|f| f.is_some());
+        for (form, have) in [WINOGRAD, WINOGRAD4].into_iter().zip(have) {
+            if have {
+                forms.push((form, Duration::MAX));
+            }
         }
         for &(f, _) in &forms {
             run(f);
@@ -181,6 +193,15 @@ impl Conv {
         // The last round ran forwards: its last form's answer is in `dst`.
         let last = forms.last().expect("two forms at least").0;
         let (pick, _) = *forms.iter().min_by_key(|(_, t)| *t).expect("two forms at least");
+        // The forms not chosen are never run again: their filters go.
+        for (form, slot) in [WINOGRAD, WINOGRAD4]
+            .into_iter()
+            .zip(self.winograd.write().unwrap_or_else(|e| e.into_inner()).iter_mut())
+        {
+            if form != pick {
+                *slot = None;
+            }
+        }
         self.choice.store(pick, Relaxed);
         let (_, _, h, w) = dims;
         let ms = |f: u8| {
