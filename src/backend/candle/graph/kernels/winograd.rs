@@ -206,6 +206,59 @@ fn padded(n: usize) -> usize {
     n.next_multiple_of(L) + L
 }
 
+/// `row` from input row `src`: its columns `x0..x0 + row.len()`, zeros outside the row.
+#[inline(always)]
+fn padded_row(src: &[f32], x0: isize, row: &mut [f32]) {
+    let len = row.len() as isize;
+    let lo = (-x0).clamp(0, len) as usize;
+    let hi = (src.len() as isize - x0).clamp(lo as isize, len) as usize;
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+    copy_short(
+        &src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize],
+        &mut row[lo..hi],
+    );
+}
+
+/// Asks for rows `y0..y0 + rows` of `plane` (rows `w` floats long), columns `x0..x0 + len`
+/// of each, those inside it: the next channels' rows a transform reads, a plane apart, a
+/// stride the hardware prefetcher does not follow. (A no-op off x86-64.)
+#[inline(always)]
+fn prefetch_rows(plane: &[f32], w: usize, (y0, rows): (isize, usize), (x0, len): (isize, usize)) {
+    #[cfg(target_arch = "x86_64")]
+    for r in 0..rows as isize {
+        let y = y0 + r;
+        if y < 0 || (y as usize + 1) * w > plane.len() {
+            continue;
+        }
+        let at = y as usize * w + x0.max(0) as usize;
+        let end = (at + len).min((y as usize + 1) * w);
+        for p in (at..end).step_by(16) {
+            // SAFETY: a prefetch only hints; `p` lies inside `plane` (end <= its row's end).
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(plane.as_ptr().add(p).cast())
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (plane, w, y0, rows, x0, len);
+}
+
+impl Winograd {
+    /// Writes `row` to the output at `at`, activated.
+    ///
+    /// # Safety
+    /// `at..at + row.len()` lies inside `out`, and no other thread touches it meanwhile.
+    unsafe fn put_row(&self, row: &[f32], at: usize, out: &SharedOut) {
+        // SAFETY: the caller's.
+        let o = unsafe { std::slice::from_raw_parts_mut(out.at(at), row.len()) };
+        copy_short(row, o);
+        if self.act != Act::None {
+            activate(self.isa, o, self.act);
+        }
+    }
+}
+
 impl Winograd {
     /// `Y = Aᵀ M A` of blocks `b0..b0 + n` (`bw` a row) from the products `m[ξ][co][j]`
     /// (rows `nn` apart), the bias added and the activation applied, written into the
@@ -256,13 +309,9 @@ impl Winograd {
                     }
                     interleave(self.isa, &a[..span], &b[..span], &mut row[..2 * span]);
                     let at = (co * oh + y + r) * ow + x0;
-                    // SAFETY: inside the output (asserted: x0 + cols <= ow, y + r < oh, co < cout);
-                    // these pixels belong to this chunk's blocks, the caller's alone.
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.at(at), cols) };
-                    copy_short(&row[..cols], o);
-                    if self.act != Act::None {
-                        activate(self.isa, o, self.act);
-                    }
+                    // SAFETY: inside the output (asserted: x0 + cols <= ow, the row < oh, co <
+                    // cout); these pixels belong to this chunk's blocks, the caller's alone.
+                    unsafe { self.put_row(&row[..cols], at, out) };
                 }
             }
             j += span;
@@ -322,26 +371,9 @@ multiversion! {
             let x0 = 2 * bx0 as isize - pl;
             for ci in 0..c {
                 let plane = &x[ci * h * w..(ci + 1) * h * w];
-                // The same rows two channels on, asked for now: a channel's rows lie a plane
-                // apart, a stride the hardware prefetcher does not follow.
-                #[cfg(target_arch = "x86_64")]
+                // The same rows two channels on, asked for now.
                 if ci + 2 < c {
-                    for r in 0..4 {
-                        let iy = 2 * by as isize - pt + r as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let at = ((ci + 2) * h + iy as usize) * w + x0.max(0) as usize;
-                        let end = (at + len).min(((ci + 2) * h + iy as usize + 1) * w);
-                        for p in (at..end).step_by(16) {
-                            // SAFETY: a prefetch only hints; `p` lies inside `x` (end <= its row's end).
-                            unsafe {
-                                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                                    x.as_ptr().add(p).cast(),
-                                )
-                            };
-                        }
-                    }
+                    prefetch_rows(&x[(ci + 2) * h * w..(ci + 3) * h * w], w, (2 * by as isize - pt, 4), (x0, len));
                 }
                 // The four input rows of this block row, zero outside the image, as even and
                 // odd columns.
@@ -355,11 +387,7 @@ multiversion! {
                     }
                     let src = &plane[iy as usize * w..][..w];
                     let row = &mut row[..len];
-                    let lo = (-x0).clamp(0, len as isize) as usize;
-                    let hi = (w as isize - x0).clamp(lo as isize, len as isize) as usize;
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    copy_short(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize], &mut row[lo..hi]);
+                    padded_row(src, x0, row);
                     every_other(kern, row, e);
                     every_other(kern, &row[1..], o);
                 }
@@ -453,24 +481,8 @@ multiversion! {
             for ci in 0..c {
                 let plane = &x[ci * h * w..(ci + 1) * h * w];
                 // The same rows two channels on, asked for now (as in `input_transform`).
-                #[cfg(target_arch = "x86_64")]
                 if ci + 2 < c {
-                    for r in 0..6 {
-                        let iy = 4 * by as isize - pt + r as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let at = ((ci + 2) * h + iy as usize) * w + x0.max(0) as usize;
-                        let end = (at + len).min(((ci + 2) * h + iy as usize + 1) * w);
-                        for p in (at..end).step_by(16) {
-                            // SAFETY: a prefetch only hints; `p` lies inside `x` (end <= its row's end).
-                            unsafe {
-                                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                                    x.as_ptr().add(p).cast(),
-                                )
-                            };
-                        }
-                    }
+                    prefetch_rows(&x[(ci + 2) * h * w..(ci + 3) * h * w], w, (4 * by as isize - pt, 6), (x0, len));
                 }
                 for r in 0..6 {
                     let iy = 4 * by as isize - pt + r as isize;
@@ -482,11 +494,7 @@ multiversion! {
                     }
                     let src = &plane[iy as usize * w..][..w];
                     let row = &mut row[..len];
-                    let lo = (-x0).clamp(0, len as isize) as usize;
-                    let hi = (w as isize - x0).clamp(lo as isize, len as isize) as usize;
-                    row[..lo].fill(0.0);
-                    row[hi..].fill(0.0);
-                    copy_short(&src[(x0 + lo as isize) as usize..(x0 + hi as isize) as usize], &mut row[lo..hi]);
+                    padded_row(src, x0, row);
                     // Even and odd columns, then each split again: phase k holds columns 4 i + k.
                     let (ev, od) = half.split_at_mut(2 * ml);
                     every_other(kern, row, &mut ev[..2 * m]);
@@ -608,13 +616,9 @@ impl Winograd {
                     interleave(self.isa, yb(1), yb(3), &mut od[..2 * span]);
                     interleave(self.isa, &ev[..2 * span], &od[..2 * span], &mut row[..4 * span]);
                     let at = (co * oh + y) * ow + x0;
-                    // SAFETY: inside the output (asserted: x0 + cols <= ow, y < oh, co < cout);
-                    // these pixels belong to this chunk's blocks, the caller's alone.
-                    let o = unsafe { std::slice::from_raw_parts_mut(out.at(at), cols) };
-                    copy_short(&row[..cols], o);
-                    if self.act != Act::None {
-                        activate(self.isa, o, self.act);
-                    }
+                    // SAFETY: inside the output (asserted: x0 + cols <= ow, the row < oh, co <
+                    // cout); these pixels belong to this chunk's blocks, the caller's alone.
+                    unsafe { self.put_row(&row[..cols], at, out) };
                 }
             }
             j += span;
